@@ -1,0 +1,704 @@
+//! `skiff.toml`: parsing, validation with every problem reported at once, and
+//! command-line overrides.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Value;
+
+use crate::name::ServiceName;
+use crate::units::{format_size, parse_duration, parse_size};
+use crate::{DEFAULT_PORT, MANIFEST_FILE};
+
+/// How the platform runs a service (CONTRACT.md §2 and §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Short-lived HTTP, read-only file system but `/tmp`, CPU suspended while idle.
+    Serverless,
+    /// Long-lived: writable file system, streaming, no request timeout.
+    Persistent,
+}
+
+impl Mode {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "serverless" => Some(Self::Serverless),
+            "persistent" => Some(Self::Persistent),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Serverless => "serverless",
+            Self::Persistent => "persistent",
+        }
+    }
+}
+
+/// The `[limits]` table. Defaults are those of INTERFACE.md.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Memory of one instance, in bytes (cgroup memory limit).
+    pub memory: u64,
+    /// How long one request may run.
+    pub request_timeout: Duration,
+    /// Largest response body the gateway passes on, in bytes.
+    pub max_response: u64,
+    /// Most instances of one service at once.
+    pub max_instances: u32,
+    /// Requests in flight one instance takes before another is started.
+    pub concurrency: u32,
+    /// Serverless: freeze the CPU this long after the last request ends.
+    pub idle_suspend: Duration,
+    /// Stop an idle instance entirely after this long (scale to zero).
+    pub idle_stop: Duration,
+    /// How long the start command has to make the port answer.
+    pub start_timeout: Duration,
+    /// CPU time of one instance, in cores (cgroup CPU quota).
+    pub cpu: f64,
+    /// Size of the instance's private `/tmp`, in bytes.
+    pub tmp_size: u64,
+    /// Most processes and threads one instance may have.
+    pub pids: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            memory: 512 << 20,
+            request_timeout: Duration::from_secs(15 * 60),
+            max_response: 6 << 20,
+            max_instances: 10,
+            concurrency: 80,
+            idle_suspend: Duration::ZERO,
+            idle_stop: Duration::from_secs(5 * 60),
+            start_timeout: Duration::from_secs(60),
+            cpu: 1.0,
+            tmp_size: 512 << 20,
+            pids: 1024,
+        }
+    }
+}
+
+/// A service, fully resolved from the manifest and the command line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceSpec {
+    pub name: ServiceName,
+    /// The source directory, absolute.
+    pub source: PathBuf,
+    /// Runs as root at build time, through `bash -c`.
+    pub build: Option<String>,
+    /// Runs as the non-root user, through `bash -c`.
+    pub start: String,
+    pub port: u16,
+    pub mode: Mode,
+    /// `[env]`, passed to build and start.
+    pub env: BTreeMap<String, String>,
+    pub limits: Limits,
+}
+
+/// Fields given on the command line; each one wins over the manifest.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub name: Option<String>,
+    pub build: Option<String>,
+    pub start: Option<String>,
+    pub port: Option<u32>,
+    pub mode: Option<String>,
+}
+
+/// One thing wrong with a manifest: where, which field, what is wrong and the fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line and column in the file, when the problem has a place there.
+    pub position: Option<(usize, usize)>,
+    /// The field, e.g. `port` or `limits.memory`, or `--port` for a flag.
+    pub field: String,
+    /// What is wrong and what to do, in one or two sentences.
+    pub message: String,
+}
+
+/// Everything wrong with a service's configuration, reported together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ManifestError {
+    /// The manifest file (it may not exist when everything came from flags).
+    pub file: PathBuf,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.problems.len();
+        write!(
+            f,
+            "{} has {} problem{}:",
+            self.file.display(),
+            n,
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            match p.position {
+                Some((line, col)) => write!(
+                    f,
+                    "\n  {}:{line}:{col}: {}: {}",
+                    self.file.display(),
+                    p.field,
+                    p.message
+                )?,
+                None => write!(f, "\n  {}: {}", p.field, p.message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+const TOP_FIELDS: &[&str] = &["name", "build", "start", "port", "mode", "env", "limits"];
+const LIMIT_FIELDS: &[&str] = &[
+    "memory",
+    "request_timeout",
+    "max_response",
+    "max_instances",
+    "concurrency",
+    "idle_suspend",
+    "idle_stop",
+    "start_timeout",
+    "cpu",
+    "tmp_size",
+    "pids",
+];
+/// Variables the platform sets itself; `[env]` may not override them.
+const RESERVED_ENV: &[(&str, &str)] = &[
+    ("PORT", "set `port = ...` instead; skiff passes it to the service as PORT"),
+    ("HOME", "HOME is always /tmp, the only writable directory"),
+];
+
+/// Reads `DIR/skiff.toml` (if present) and applies `overrides`.
+pub fn load(dir: &Path, overrides: &Overrides) -> Result<ServiceSpec, ManifestError> {
+    let source = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let file = source.join(MANIFEST_FILE);
+    let fail = |message: String| ManifestError {
+        file: file.clone(),
+        problems: vec![Problem {
+            position: None,
+            field: "source directory".into(),
+            message,
+        }],
+    };
+    match std::fs::metadata(&source) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(fail(format!(
+                "{} is a file; give the directory that holds the service's source",
+                source.display()
+            )))
+        }
+        Err(e) => {
+            return Err(fail(format!(
+                "cannot read {}: {e}; check the path you passed to skiff",
+                source.display()
+            )))
+        }
+    }
+    let text = match std::fs::read_to_string(&file) {
+        Ok(t) => Some(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            return Err(ManifestError {
+                file: file.clone(),
+                problems: vec![Problem {
+                    position: None,
+                    field: MANIFEST_FILE.into(),
+                    message: format!("cannot read the file: {e}"),
+                }],
+            })
+        }
+    };
+    parse(text.as_deref(), &file, &source, overrides)
+}
+
+/// Validates manifest text (or its absence) plus overrides. `file` is used for
+/// messages only; `source` is the service's source directory.
+pub fn parse(
+    text: Option<&str>,
+    file: &Path,
+    source: &Path,
+    overrides: &Overrides,
+) -> Result<ServiceSpec, ManifestError> {
+    let mut v = Validator {
+        text: text.unwrap_or(""),
+        spans: None,
+        problems: Vec::new(),
+    };
+    let table = match text {
+        None => toml::Table::new(),
+        Some(t) => match t.parse::<toml::Table>() {
+            Ok(table) => {
+                v.spans = toml::de::DeTable::parse(t).ok();
+                table
+            }
+            Err(e) => {
+                let position = e.span().map(|s| line_col(t, s.start));
+                return Err(ManifestError {
+                    file: file.to_path_buf(),
+                    problems: vec![Problem {
+                        position,
+                        field: "syntax".into(),
+                        message: format!(
+                            "{}; fix the TOML syntax (strings need quotes, tables are [name])",
+                            e.message().trim_end()
+                        ),
+                    }],
+                });
+            }
+        },
+    };
+    let spec = v.validate(&table, source, overrides);
+    match spec {
+        Some(spec) if v.problems.is_empty() => Ok(spec),
+        _ => Err(ManifestError {
+            file: file.to_path_buf(),
+            problems: v.problems,
+        }),
+    }
+}
+
+struct Validator<'a> {
+    text: &'a str,
+    spans: Option<toml::Spanned<toml::de::DeTable<'a>>>,
+    problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    /// Where `path` (e.g. `["limits", "memory"]`) stands in the file: the value's position.
+    fn position(&self, path: &[&str]) -> Option<(usize, usize)> {
+        let spans = self.spans.as_ref()?;
+        let mut table = spans.get_ref();
+        let mut span = None;
+        for (i, key) in path.iter().enumerate() {
+            let value = table.get(*key)?;
+            span = Some(value.span());
+            if i + 1 < path.len() {
+                match value.get_ref() {
+                    toml::de::DeValue::Table(t) => table = t,
+                    _ => return None,
+                }
+            }
+        }
+        span.map(|s| line_col(self.text, s.start))
+    }
+
+    fn problem(&mut self, path: &[&str], message: String) {
+        let position = self.position(path);
+        self.problems.push(Problem {
+            position,
+            field: path.join("."),
+            message,
+        });
+    }
+
+    fn flag_problem(&mut self, flag: &str, message: String) {
+        self.problems.push(Problem {
+            position: None,
+            field: flag.into(),
+            message,
+        });
+    }
+
+    fn unknown_fields(&mut self, table: &toml::Table, prefix: &[&str], known: &[&str]) {
+        for key in table.keys() {
+            if !known.contains(&key.as_str()) {
+                let mut path = prefix.to_vec();
+                path.push(key);
+                let hint = match closest(key, known) {
+                    Some(k) => format!("did you mean `{k}`?"),
+                    None => format!("known fields are: {}", known.join(", ")),
+                };
+                self.problem(&path, format!("unknown field `{key}`; {hint}"));
+            }
+        }
+    }
+
+    fn string(&mut self, table: &toml::Table, path: &[&str]) -> Option<String> {
+        match table.get(*path.last()?)? {
+            Value::String(s) => Some(s.clone()),
+            other => {
+                self.problem(
+                    path,
+                    format!(
+                        "expected a string in quotes, found {}; write {} = \"...\"",
+                        other.type_str(),
+                        path.last().unwrap_or(&"")
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn validate(
+        &mut self,
+        table: &toml::Table,
+        source: &Path,
+        o: &Overrides,
+    ) -> Option<ServiceSpec> {
+        self.unknown_fields(table, &[], TOP_FIELDS);
+
+        // name
+        let name = match &o.name {
+            Some(n) => ServiceName::parse(n)
+                .map_err(|e| self.flag_problem("--name", e.to_string()))
+                .ok(),
+            None => match self.string(table, &["name"]) {
+                Some(n) => ServiceName::parse(&n)
+                    .map_err(|e| self.problem(&["name"], e.to_string()))
+                    .ok(),
+                None if table.contains_key("name") => None,
+                None => {
+                    let dir = source.file_name().map(|s| s.to_string_lossy().into_owned());
+                    let derived = dir.as_deref().and_then(ServiceName::derive_from);
+                    if derived.is_none() {
+                        self.flag_problem(
+                            "name",
+                            "no name given and none can be made from the directory name; \
+                             add name = \"my-service\" to skiff.toml or pass --name"
+                                .into(),
+                        );
+                    }
+                    derived
+                }
+            },
+        };
+
+        // build
+        let build = match &o.build {
+            Some(b) => Some(b.clone()),
+            None => self.string(table, &["build"]),
+        }
+        .filter(|b| !b.trim().is_empty());
+
+        // start
+        let start = match &o.start {
+            Some(s) if s.trim().is_empty() => {
+                self.flag_problem(
+                    "--start",
+                    "the start command is empty; pass the command that starts your server, \
+                     e.g. --start \"python3 app.py\""
+                        .into(),
+                );
+                None
+            }
+            Some(s) => Some(s.clone()),
+            None => match self.string(table, &["start"]) {
+                Some(s) if s.trim().is_empty() => {
+                    self.problem(
+                        &["start"],
+                        "the start command is empty; set it to the command that starts your \
+                         server, e.g. start = \"python3 app.py\""
+                            .into(),
+                    );
+                    None
+                }
+                Some(s) => Some(s),
+                None if table.contains_key("start") => None,
+                None => {
+                    self.flag_problem(
+                        "start",
+                        "no start command; add start = \"<command that starts your server>\" \
+                         to skiff.toml, or pass --start"
+                            .into(),
+                    );
+                    None
+                }
+            },
+        };
+
+        // port
+        let port = match o.port {
+            Some(p) => self.check_port(p as i64, None),
+            None => match table.get("port") {
+                None => Some(DEFAULT_PORT),
+                Some(Value::Integer(p)) => self.check_port(*p, Some(&["port"])),
+                Some(other) => {
+                    self.problem(
+                        &["port"],
+                        format!(
+                            "expected a number, found {}; write port = 8080 (no quotes)",
+                            other.type_str()
+                        ),
+                    );
+                    None
+                }
+            },
+        };
+
+        // mode
+        let mode_str = match &o.mode {
+            Some(m) => Some((m.clone(), true)),
+            None => self.string(table, &["mode"]).map(|m| (m, false)),
+        };
+        let mode = match mode_str {
+            None => Some(Mode::Serverless),
+            Some((m, from_flag)) => match Mode::parse(&m) {
+                Some(mode) => Some(mode),
+                None => {
+                    let msg = format!(
+                        "{m:?} is not a mode; use \"serverless\" (the default) or \"persistent\""
+                    );
+                    if from_flag {
+                        self.flag_problem("--mode", msg);
+                    } else {
+                        self.problem(&["mode"], msg);
+                    }
+                    None
+                }
+            },
+        };
+
+        let env = self.env(table);
+        let limits = self.limits(table);
+
+        Some(ServiceSpec {
+            name: name?,
+            source: source.to_path_buf(),
+            build,
+            start: start?,
+            port: port?,
+            mode: mode?,
+            env: env?,
+            limits: limits?,
+        })
+    }
+
+    fn check_port(&mut self, p: i64, path: Option<&[&str]>) -> Option<u16> {
+        if (1..=65535).contains(&p) {
+            return Some(p as u16);
+        }
+        let msg = format!(
+            "{p} is not a usable port; use a number from 1 to 65535, e.g. 8080 \
+             (your server must listen on it)"
+        );
+        match path {
+            Some(path) => self.problem(path, msg),
+            None => self.flag_problem("--port", msg),
+        }
+        None
+    }
+
+    fn sub_table<'t>(&mut self, table: &'t toml::Table, key: &str) -> Option<Option<&'t toml::Table>> {
+        match table.get(key) {
+            None => Some(None),
+            Some(Value::Table(t)) => Some(Some(t)),
+            Some(other) => {
+                self.problem(
+                    &[key],
+                    format!(
+                        "expected a table, found {}; write it as a [{key}] section",
+                        other.type_str()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn env(&mut self, table: &toml::Table) -> Option<BTreeMap<String, String>> {
+        let t = self.sub_table(table, "env")?;
+        let mut env = BTreeMap::new();
+        let mut ok = true;
+        for (k, v) in t.into_iter().flatten() {
+            let path = ["env", k.as_str()];
+            let valid_name = k
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid_name {
+                self.problem(
+                    &path,
+                    format!(
+                        "{k:?} is not a valid environment variable name; use letters, digits \
+                         and '_', not starting with a digit"
+                    ),
+                );
+                ok = false;
+                continue;
+            }
+            if let Some((_, why)) = RESERVED_ENV.iter().find(|(r, _)| r == k) {
+                self.problem(&path, format!("{k} is set by skiff; {why}"));
+                ok = false;
+                continue;
+            }
+            let value = match v {
+                Value::String(s) => s.clone(),
+                Value::Integer(i) => i.to_string(),
+                Value::Float(f) => f.to_string(),
+                Value::Boolean(b) => b.to_string(),
+                other => {
+                    self.problem(
+                        &path,
+                        format!(
+                            "expected a string, found {}; environment values are text: \
+                             {k} = \"...\"",
+                            other.type_str()
+                        ),
+                    );
+                    ok = false;
+                    continue;
+                }
+            };
+            if value.contains('\0') {
+                self.problem(&path, "the value contains a NUL byte, which no environment can hold; remove it".into());
+                ok = false;
+                continue;
+            }
+            env.insert(k.clone(), value);
+        }
+        ok.then_some(env)
+    }
+
+    fn limits(&mut self, table: &toml::Table) -> Option<Limits> {
+        let t = self.sub_table(table, "limits")?;
+        let mut limits = Limits::default();
+        let Some(t) = t else { return Some(limits) };
+        self.unknown_fields(t, &["limits"], LIMIT_FIELDS);
+        let before = self.problems.len();
+
+        let size = |v: &mut Self, key: &str, min: u64| -> Option<u64> {
+            let s = v.string(t, &["limits", key])?;
+            match parse_size(&s) {
+                Ok(n) if n >= min => Some(n),
+                Ok(_) => {
+                    v.problem(
+                        &["limits", key],
+                        format!("{s:?} is too small; the least is {}", format_size(min)),
+                    );
+                    None
+                }
+                Err(e) => {
+                    v.problem(&["limits", key], e);
+                    None
+                }
+            }
+        };
+        let duration = |v: &mut Self, key: &str| -> Option<Duration> {
+            let s = v.string(t, &["limits", key])?;
+            parse_duration(&s)
+                .map_err(|e| v.problem(&["limits", key], e))
+                .ok()
+        };
+        let count = |v: &mut Self, key: &str, max: i64| -> Option<u32> {
+            match t.get(key)? {
+                Value::Integer(n) if (1..=max).contains(n) => Some(*n as u32),
+                Value::Integer(n) => {
+                    v.problem(
+                        &["limits", key],
+                        format!("{n} is out of range; use a whole number from 1 to {max}"),
+                    );
+                    None
+                }
+                other => {
+                    v.problem(
+                        &["limits", key],
+                        format!(
+                            "expected a whole number, found {}; write {key} = 10 (no quotes)",
+                            other.type_str()
+                        ),
+                    );
+                    None
+                }
+            }
+        };
+
+        if let Some(n) = size(self, "memory", 16 << 20) {
+            limits.memory = n;
+        }
+        if let Some(n) = size(self, "max_response", 1) {
+            limits.max_response = n;
+        }
+        if let Some(n) = size(self, "tmp_size", 1 << 20) {
+            limits.tmp_size = n;
+        }
+        if let Some(d) = duration(self, "request_timeout") {
+            limits.request_timeout = d;
+        }
+        if let Some(d) = duration(self, "idle_suspend") {
+            limits.idle_suspend = d;
+        }
+        if let Some(d) = duration(self, "idle_stop") {
+            limits.idle_stop = d;
+        }
+        if let Some(d) = duration(self, "start_timeout") {
+            limits.start_timeout = d;
+        }
+        for (key, d) in [
+            ("request_timeout", limits.request_timeout),
+            ("start_timeout", limits.start_timeout),
+        ] {
+            if t.contains_key(key) && d.is_zero() {
+                self.problem(
+                    &["limits", key],
+                    format!("{key} cannot be 0; give a duration such as \"30s\""),
+                );
+            }
+        }
+        if let Some(n) = count(self, "max_instances", 1000) {
+            limits.max_instances = n;
+        }
+        if let Some(n) = count(self, "concurrency", 100_000) {
+            limits.concurrency = n;
+        }
+        if let Some(n) = count(self, "pids", 1 << 20) {
+            limits.pids = n;
+        }
+        match t.get("cpu") {
+            None => {}
+            Some(Value::Float(f)) if *f >= 0.01 && *f <= 1024.0 => limits.cpu = *f,
+            Some(Value::Integer(i)) if (1..=1024).contains(i) => limits.cpu = *i as f64,
+            Some(other) => self.problem(
+                &["limits", "cpu"],
+                format!(
+                    "{other} is not a CPU share; write the number of cores, e.g. cpu = 0.5 or cpu = 2"
+                ),
+            ),
+        }
+        (self.problems.len() == before).then_some(limits)
+    }
+}
+
+/// The known name closest to `key`, when it is close enough to be a typo.
+fn closest<'k>(key: &str, known: &[&'k str]) -> Option<&'k str> {
+    known
+        .iter()
+        .map(|k| (edit_distance(key, k), *k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4))
+        .min()
+        .map(|(_, k)| k)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+#[cfg(test)]
+#[path = "manifest_tests.rs"]
+mod tests;

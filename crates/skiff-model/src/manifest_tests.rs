@@ -1,0 +1,150 @@
+use super::*;
+
+fn check(text: &str, o: &Overrides) -> Result<ServiceSpec, ManifestError> {
+    parse(
+        Some(text),
+        Path::new("/src/hello/skiff.toml"),
+        Path::new("/src/hello"),
+        o,
+    )
+}
+
+#[test]
+fn full_manifest_from_interface_md() {
+    let spec = check(
+        r#"
+name = "hello"
+build = "pip install -r requirements.txt"
+start = "python3 app.py"
+port = 8080
+mode = "serverless"
+
+[env]
+GREETING = "hi"
+DEBUG = 1
+
+[limits]
+memory = "512MiB"
+request_timeout = "15m"
+max_response = "6MiB"
+max_instances = 10
+concurrency = 80
+idle_suspend = "0s"
+idle_stop = "5m"
+"#,
+        &Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(spec.name.as_str(), "hello");
+    assert_eq!(spec.build.as_deref(), Some("pip install -r requirements.txt"));
+    assert_eq!(spec.start, "python3 app.py");
+    assert_eq!(spec.port, 8080);
+    assert_eq!(spec.mode, Mode::Serverless);
+    assert_eq!(spec.env["GREETING"], "hi");
+    assert_eq!(spec.env["DEBUG"], "1");
+    assert_eq!(spec.limits, Limits::default());
+    assert_eq!(spec.limits.max_response, 6_291_456);
+}
+
+#[test]
+fn defaults_and_derived_name() {
+    let spec = check("start = \"./server\"", &Overrides::default()).unwrap();
+    assert_eq!(spec.name.as_str(), "hello");
+    assert_eq!(spec.port, 8080);
+    assert_eq!(spec.mode, Mode::Serverless);
+    assert!(spec.build.is_none());
+}
+
+#[test]
+fn overrides_win_and_allow_no_manifest() {
+    let o = Overrides {
+        name: Some("other".into()),
+        start: Some("node index.js".into()),
+        port: Some(3000),
+        mode: Some("persistent".into()),
+        build: Some("npm install".into()),
+    };
+    let spec = check("name = \"hello\"\nstart = \"x\"\nport = 1", &o).unwrap();
+    assert_eq!(spec.name.as_str(), "other");
+    assert_eq!(spec.start, "node index.js");
+    assert_eq!(spec.port, 3000);
+    assert_eq!(spec.mode, Mode::Persistent);
+    assert_eq!(spec.build.as_deref(), Some("npm install"));
+
+    let spec = parse(None, Path::new("/s/a/skiff.toml"), Path::new("/s/a"), &o).unwrap();
+    assert_eq!(spec.start, "node index.js");
+}
+
+#[test]
+fn reports_every_problem_at_once_with_position() {
+    let err = check(
+        "name = \"Bad_Name\"\nstart = \"\"\nport = 0\nprot = 1\n[limits]\nmemory = \"lots\"\n",
+        &Overrides::default(),
+    )
+    .unwrap_err();
+    let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(fields.len(), 5, "{err}");
+    for f in ["name", "start", "port", "prot", "limits.memory"] {
+        assert!(fields.contains(&f), "{f} missing from {fields:?}");
+    }
+    let text = err.to_string();
+    assert!(text.starts_with("/src/hello/skiff.toml has 5 problems:"), "{text}");
+    assert!(text.contains("skiff.toml:3:8: port: 0 is not a usable port; use a number from 1 to 65535"), "{text}");
+    assert!(text.contains("unknown field `prot`; did you mean `port`?"), "{text}");
+    assert!(text.contains("skiff.toml:6:10: limits.memory"), "{text}");
+}
+
+#[test]
+fn bad_values_table() {
+    let cases: &[(&str, &str, &str)] = &[
+        ("start = \"x\"\nport = 70000", "port", "70000 is not a usable port"),
+        ("start = \"x\"\nport = \"8080\"", "port", "expected a number"),
+        ("start = 3", "start", "expected a string"),
+        ("name = \"x\"", "start", "no start command"),
+        ("start = \"  \"", "start", "the start command is empty"),
+        ("start = \"x\"\nmode = \"fast\"", "mode", "\"fast\" is not a mode"),
+        ("start = \"x\"\n[env]\nPORT = \"1\"", "env.PORT", "set `port = ...` instead"),
+        ("start = \"x\"\n[env]\n1A = \"1\"", "env.1A", "not a valid environment variable name"),
+        ("start = \"x\"\nenv = 3", "env", "write it as a [env] section"),
+        ("start = \"x\"\n[limits]\nmax_instances = 0", "limits.max_instances", "out of range"),
+        ("start = \"x\"\n[limits]\nidle_stop = \"5\"", "limits.idle_stop", "has no unit"),
+        ("start = \"x\"\n[limits]\nrequest_timeout = \"0s\"", "limits.request_timeout", "cannot be 0"),
+        ("start = \"x\"\n[limits]\nmemory = \"1MiB\"", "limits.memory", "too small"),
+        ("start = \"x\"\n[limits]\ncpu = -1", "limits.cpu", "not a CPU share"),
+        ("start = \"x\"\n[limits]\nconcurency = 5", "limits.concurency", "did you mean `concurrency`?"),
+    ];
+    for (text, field, needle) in cases {
+        let err = check(text, &Overrides::default()).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{text:?}: {err}");
+        assert_eq!(err.problems[0].field, *field, "{text:?}: {err}");
+        assert!(err.problems[0].message.contains(needle), "{text:?}: {err}");
+    }
+}
+
+#[test]
+fn syntax_error_names_line() {
+    let err = check("start = \"x\"\nport = = 3\n", &Overrides::default()).unwrap_err();
+    assert_eq!(err.problems.len(), 1);
+    assert_eq!(err.problems[0].field, "syntax");
+    assert_eq!(err.problems[0].position.map(|p| p.0), Some(2), "{err}");
+}
+
+#[test]
+fn bad_flags_are_named() {
+    let o = Overrides {
+        port: Some(0),
+        name: Some("UPPER".into()),
+        mode: Some("x".into()),
+        start: Some("".into()),
+        ..Default::default()
+    };
+    let err = check("start = \"ok\"", &o).unwrap_err();
+    let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();
+    assert_eq!(fields, ["--name", "--start", "--port", "--mode"], "{err}");
+}
+
+#[test]
+fn missing_source_dir_is_explained() {
+    let err = load(Path::new("/nonexistent/skiff-test-dir"), &Overrides::default()).unwrap_err();
+    assert!(err.to_string().contains("cannot read /nonexistent/skiff-test-dir"), "{err}");
+}

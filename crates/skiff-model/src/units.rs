@@ -1,0 +1,147 @@
+//! Sizes (`512MiB`) and durations (`15m`) as they are written in `skiff.toml`.
+
+use std::time::Duration;
+
+/// Parses a size such as `512MiB`, `6MB`, `1GiB` or `1024` (bytes).
+/// Binary (`KiB`, `MiB`, `GiB`) and decimal (`KB`, `MB`, `GB`) units are accepted.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    if digits.is_empty() {
+        return Err(format!(
+            "{s:?} is not a size; write a number with a unit, such as \"512MiB\" or \"1GiB\""
+        ));
+    }
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{digits:?} is too large a number"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" | "k" | "kB" => 1_000,
+        "KiB" | "Ki" => 1 << 10,
+        "M" | "MB" => 1_000_000,
+        "MiB" | "Mi" => 1 << 20,
+        "G" | "GB" => 1_000_000_000,
+        "GiB" | "Gi" => 1 << 30,
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?} in {s:?}; use B, KiB, MiB, GiB (or KB, MB, GB)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+/// Parses a duration such as `15m`, `30s`, `500ms`, `1h` or `1m30s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let bad = || {
+        format!("{s:?} is not a duration; write a number with a unit, such as \"30s\", \"15m\", \"500ms\" or \"1h\"")
+    };
+    if t.is_empty() {
+        return Err(bad());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let digits_end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        if digits_end == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits_end].parse().map_err(|_| bad())?;
+        rest = &rest[digits_end..];
+        let unit_end = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit = &rest[..unit_end];
+        rest = &rest[unit_end..];
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "" => return Err(format!("{s:?} has no unit; write for example \"{n}s\" for seconds")),
+            _ => return Err(bad()),
+        };
+        total = total.saturating_add(part);
+    }
+    Ok(total)
+}
+
+/// Formats a size the way a user would write it, e.g. `6MiB` or `6291457B`.
+pub fn format_size(bytes: u64) -> String {
+    for (unit, mult) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if bytes >= mult && bytes % mult == 0 {
+            return format!("{}{unit}", bytes / mult);
+        }
+    }
+    format!("{bytes}B")
+}
+
+/// Formats a duration the way a user would write it, e.g. `15m` or `1500ms`.
+pub fn format_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms == 0 {
+        "0s".into()
+    } else if ms % 3_600_000 == 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        let table = [
+            ("512MiB", 512 << 20),
+            ("6MiB", 6_291_456),
+            ("6MB", 6_000_000),
+            ("1GiB", 1 << 30),
+            ("100", 100),
+            ("64KiB", 65536),
+        ];
+        for (input, want) in table {
+            assert_eq!(parse_size(input), Ok(want), "{input}");
+        }
+        for bad in ["", "MiB", "12 parsecs", "1.5GiB", "-1"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} should be rejected");
+        }
+        assert!(parse_size("99999999999999GiB").unwrap_err().contains("too large"));
+    }
+
+    #[test]
+    fn durations() {
+        let table = [
+            ("15m", 900_000),
+            ("0s", 0),
+            ("500ms", 500),
+            ("1h", 3_600_000),
+            ("1m30s", 90_000),
+        ];
+        for (input, want) in table {
+            assert_eq!(parse_duration(input), Ok(Duration::from_millis(want)), "{input}");
+        }
+        for bad in ["", "15", "m", "3 days", "1.5s", "10x"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
+        }
+        assert!(parse_duration("15").unwrap_err().contains("\"15s\""));
+    }
+
+    #[test]
+    fn formats_round_trip() {
+        for s in ["6MiB", "512MiB", "1GiB", "100B"] {
+            assert_eq!(format_size(parse_size(s).unwrap()), s);
+        }
+        for s in ["15m", "0s", "500ms", "1h", "90s"] {
+            assert_eq!(format_duration(parse_duration(s).unwrap()), s);
+        }
+    }
+}
