@@ -1,1 +1,17 @@
-//! placeholder
+//! The gateway: the only code that touches user traffic.
+//!
+//! It accepts HTTP/1.1 connections, finds the service from the `Host`
+//! header (`NAME.<domain>[:port]`), and forwards the request to one of the
+//! service's healthy instances over a pooled keep-alive connection. When it
+//! cannot, it answers itself with a status, a one-line reason and an
+//! `x-skiff-error` header, so its answers are never mistaken for the
+//! service's own.
+#![forbid(unsafe_code)]
+
+mod error;
+mod proxy;
+mod route;
+
+pub use error::ErrorKind;
+pub use proxy::{Gateway, GatewayError};
+pub use route::{host_to_service, Connect, ConnectFuture, Route, Router, Upstream};

@@ -1,0 +1,79 @@
+//! What the gateway asks the platform: where does this Host go?
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+/// A boxed connect future, so the platform can hide how it reaches an
+/// instance (here: a socket made inside the instance's network namespace).
+pub type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
+
+/// Opens a new connection to one instance.
+pub trait Connect: Send + Sync + 'static {
+    fn connect(&self) -> ConnectFuture;
+}
+
+/// One instance the gateway may send a request to.
+#[derive(Clone)]
+pub struct Upstream {
+    /// Unique per instance; connections are pooled by it.
+    pub key: String,
+    pub connect: Arc<dyn Connect>,
+}
+
+/// The platform's answer for one service name.
+#[derive(Clone)]
+pub enum Route {
+    /// Forward to this healthy instance.
+    Instance(Upstream),
+    /// No service of that name; the list of those that exist.
+    Unknown { deployed: Vec<String> },
+    /// The service exists but cannot serve; why, in a sentence.
+    Unavailable { reason: String },
+}
+
+/// Implemented by the platform; called once per request, so it must be cheap.
+pub trait Router: Send + Sync + 'static {
+    fn route(&self, service: &str) -> Route;
+    /// The upstream registered under `key`, for opening new pooled connections.
+    fn upstream(&self, key: &str) -> Option<Upstream>;
+}
+
+/// The service name in a Host header, when the host is `NAME.<domain>` with
+/// or without a port. Case does not matter in host names.
+pub fn host_to_service<'h>(host: &'h str, domain: &str) -> Option<&'h str> {
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let (name, rest) = host.split_once('.')?;
+    (rest.eq_ignore_ascii_case(domain) && !name.is_empty()).then_some(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts() {
+        let cases = [
+            ("hello.localhost", Some("hello")),
+            ("hello.localhost:8000", Some("hello")),
+            ("hello.LOCALHOST:8000", Some("hello")),
+            ("hello.localhost.", Some("hello")),
+            ("localhost:8000", None),
+            ("a.b.localhost", None),
+            (".localhost", None),
+            ("hello.example.com", None),
+            ("", None),
+        ];
+        for (host, want) in cases {
+            assert_eq!(host_to_service(host, "localhost"), want, "{host:?}");
+        }
+        assert_eq!(host_to_service("x.apps.test:1", "apps.test"), Some("x"));
+    }
+}

@@ -1,0 +1,402 @@
+//! The helper side: runs in a fresh, single-threaded process, builds the
+//! instance and executes its start command. Nothing here returns to the caller.
+//!
+//! Control socket protocol (fd 3, one line per message, helper to platform):
+//! `ns` once the namespaces exist, `exec` right before the start command is
+//! executed, `err <text>` when something failed. The platform sends the
+//! configuration as JSON and closes its writing side first.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::Signal;
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::{
+    chdir, execvpe, fork, pivot_root, setgroups, sethostname, setresgid, setresuid, ForkResult,
+    Gid, Pid, Uid,
+};
+
+use crate::SandboxConfig;
+
+/// The control socket's number in the helper.
+pub(crate) const CONTROL_FD: i32 = 3;
+
+/// Exit code of the helper when the sandbox could not be built (the reason
+/// went over the control socket).
+pub const SETUP_FAILED: i32 = 125;
+
+type Res<T> = Result<T, String>;
+
+fn ctx<T, E: std::fmt::Display>(r: Result<T, E>, what: impl FnOnce() -> String) -> Res<T> {
+    r.map_err(|e| format!("{}: {e}", what()))
+}
+
+/// Entry point of `skiff __sandbox-init`. Must run before any thread exists.
+pub fn init_main() -> ! {
+    // SAFETY: fd 3 was placed there by `Sandbox::spawn` (dup2 in pre_exec) and
+    // nothing else in this fresh process owns it.
+    let mut control = unsafe { UnixStream::from_raw_fd(CONTROL_FD) };
+    // The start command must not inherit the control socket: once it has been
+    // executed, the platform sees the socket close.
+    // SAFETY: fcntl on a descriptor this process owns.
+    unsafe { libc::fcntl(CONTROL_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let code = match helper(&mut control) {
+        Ok(code) => code,
+        Err(e) => {
+            let _ = writeln!(control, "err {}", e.replace('\n', " "));
+            SETUP_FAILED
+        }
+    };
+    std::process::exit(code)
+}
+
+fn helper(control: &mut UnixStream) -> Res<i32> {
+    let mut buf = Vec::new();
+    ctx(control.read_to_end(&mut buf), || "reading the sandbox configuration".into())?;
+    let config: SandboxConfig =
+        ctx(serde_json::from_slice(&buf), || "parsing the sandbox configuration".into())?;
+
+    ctx(
+        unshare(
+            CloneFlags::CLONE_NEWNS
+                | CloneFlags::CLONE_NEWPID
+                | CloneFlags::CLONE_NEWIPC
+                | CloneFlags::CLONE_NEWUTS
+                | CloneFlags::CLONE_NEWNET
+                | CloneFlags::CLONE_NEWCGROUP,
+        ),
+        || "creating namespaces".into(),
+    )?;
+    ctx(control.write_all(b"ns\n"), || "control socket".into())?;
+
+    // SAFETY: this process is single-threaded (a fresh exec of the skiff
+    // binary that has started no threads), so fork cannot inherit a lock.
+    match ctx(unsafe { fork() }, || "forking the instance's pid 1".into())? {
+        ForkResult::Child => {
+            let code = match pid1(&config, control) {
+                Ok(code) => code,
+                Err(e) => {
+                    let _ = writeln!(control, "err {}", e.replace('\n', " "));
+                    SETUP_FAILED
+                }
+            };
+            std::process::exit(code)
+        }
+        ForkResult::Parent { child } => {
+            close_control();
+            Ok(wait_for(child))
+        }
+    }
+}
+
+/// Closes this process's copy of the control socket without shutting the
+/// socket down for the children that still hold it. Callers only leave
+/// through `std::process::exit`, so the `UnixStream` is never dropped after.
+fn close_control() {
+    // SAFETY: closing a descriptor this process owns; see above for why the
+    // owning UnixStream is not used again.
+    unsafe { libc::close(CONTROL_FD) };
+}
+
+/// Waits for `pid` and turns its end into an exit code the way a shell does.
+fn wait_for(pid: Pid) -> i32 {
+    loop {
+        match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => return code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return SETUP_FAILED,
+        }
+    }
+}
+
+/// The instance's pid 1: builds the file system, starts the command in a
+/// child, reaps orphans and exits with the command's status.
+fn pid1(config: &SandboxConfig, control: &mut UnixStream) -> Res<i32> {
+    // If the helper dies (the platform was killed), the whole instance goes:
+    // pid 1 dying takes every process of its pid namespace with it.
+    ctx(nix::sys::prctl::set_pdeathsig(Signal::SIGKILL), || "prctl".into())?;
+    build_root(config)?;
+    ctx(sethostname(&config.hostname), || "setting the host name".into())?;
+    loopback_up()?;
+
+    // SAFETY: still single-threaded (see `helper`).
+    match ctx(unsafe { fork() }, || "forking the start command".into())? {
+        ForkResult::Child => {
+            let e = exec_command(config, control);
+            let _ = writeln!(control, "err {}", e.replace('\n', " "));
+            std::process::exit(127)
+        }
+        ForkResult::Parent { child } => {
+            // Reap everything; leave with the start command's status. Our
+            // copy of the control socket must close so the platform sees EOF.
+            close_control();
+            loop {
+                match waitpid(Pid::from_raw(-1), None) {
+                    Ok(WaitStatus::Exited(pid, code)) if pid == child => return Ok(code),
+                    Ok(WaitStatus::Signaled(pid, sig, _)) if pid == child => {
+                        return Ok(128 + sig as i32)
+                    }
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(format!("waiting for the start command: {e}")),
+                }
+            }
+        }
+    }
+}
+
+fn mnt(
+    src: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Res<()> {
+    ctx(mount(src, target, fstype, flags, data), || {
+        format!(
+            "mounting {} on {}",
+            src.map_or_else(|| fstype.unwrap_or("?").to_string(), |s| s.display().to_string()),
+            target.display()
+        )
+    })
+}
+
+fn bind_ro(src: &Path, target: &Path, extra: MsFlags) -> Res<()> {
+    mnt(Some(src), target, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+    mnt(
+        None,
+        target,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | extra,
+        None,
+    )
+}
+
+fn build_root(config: &SandboxConfig) -> Res<()> {
+    // Nothing mounted from here on may leak back to the host.
+    mnt(
+        None,
+        Path::new("/"),
+        None,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None,
+    )?;
+    let root = &config.mount_point;
+    let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    match config.layers.as_slice() {
+        [] => return Err("the image has no layers".into()),
+        [only] => bind_ro(only, root, nosuid_nodev)?,
+        layers => {
+            let lower = layers
+                .iter()
+                .map(|l| l.display().to_string())
+                .collect::<Vec<_>>()
+                .join(":");
+            mnt(
+                Some(Path::new("overlay")),
+                root,
+                Some("overlay"),
+                MsFlags::MS_RDONLY | nosuid_nodev,
+                Some(&format!("lowerdir={lower}")),
+            )?;
+        }
+    }
+    let inside = |p: &str| -> PathBuf { root.join(p.trim_start_matches('/')) };
+
+    let app = inside(&config.app_path);
+    if !app.is_dir() {
+        return Err(format!("the image has no {} directory", config.app_path));
+    }
+    bind_ro(&config.app_dir, &app, nosuid_nodev)?;
+
+    mnt(
+        Some(Path::new("tmpfs")),
+        &inside("/tmp"),
+        Some("tmpfs"),
+        nosuid_nodev,
+        Some(&format!("size={},mode=1777", config.tmp_size)),
+    )?;
+
+    let proc_dir = inside("/proc");
+    mnt(
+        Some(Path::new("proc")),
+        &proc_dir,
+        Some("proc"),
+        nosuid_nodev | MsFlags::MS_NOEXEC,
+        None,
+    )?;
+    // Defence in depth: the instance is not root, but /proc/sys and friends
+    // stay read-only even if that ever changed.
+    for p in ["sys", "sysrq-trigger", "irq", "bus"] {
+        let path = proc_dir.join(p);
+        if path.exists() {
+            bind_ro(&path, &path, nosuid_nodev | MsFlags::MS_NOEXEC)?;
+        }
+    }
+
+    mnt(
+        Some(Path::new("sysfs")),
+        &inside("/sys"),
+        Some("sysfs"),
+        MsFlags::MS_RDONLY | nosuid_nodev | MsFlags::MS_NOEXEC,
+        None,
+    )?;
+
+    build_dev(&inside("/dev"))?;
+
+    ctx(chdir(root), || "entering the root file system".into())?;
+    // pivot_root(".", ".") stacks the old root under the new one; detaching
+    // it leaves only the image visible. No directory in the image is needed.
+    ctx(pivot_root(".", "."), || "pivot_root".into())?;
+    ctx(umount2(".", MntFlags::MNT_DETACH), || "detaching the host's root".into())?;
+    ctx(chdir("/"), || "chdir /".into())?;
+    Ok(())
+}
+
+/// A minimal `/dev`: the usual character devices, and a read-only `/dev/shm`
+/// (CONTRACT.md: shared memory is not supported).
+fn build_dev(dev: &Path) -> Res<()> {
+    mnt(
+        Some(Path::new("tmpfs")),
+        dev,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("size=64k,mode=755"),
+    )?;
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ] {
+        let path = dev.join(name);
+        ctx(
+            mknod(
+                &path,
+                SFlag::S_IFCHR,
+                Mode::from_bits_truncate(0o666),
+                makedev(major, minor),
+            ),
+            || format!("creating /dev/{name}"),
+        )?;
+        // mknod is subject to the umask; the devices must be usable by anyone.
+        ctx(
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666)),
+            || format!("chmod /dev/{name}"),
+        )?;
+    }
+    for (link, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        ctx(std::os::unix::fs::symlink(target, dev.join(link)), || {
+            format!("creating /dev/{link}")
+        })?;
+    }
+    let shm = dev.join("shm");
+    ctx(std::fs::create_dir(&shm), || "creating /dev/shm".into())?;
+    mnt(
+        Some(Path::new("shm")),
+        &shm,
+        Some("tmpfs"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("size=4k,mode=1777"),
+    )?;
+    mnt(
+        None,
+        dev,
+        None,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("size=64k,mode=755"),
+    )
+}
+
+/// A new network namespace starts with `lo` down; the service and the
+/// platform's health checks both need it up.
+fn loopback_up() -> Res<()> {
+    // SAFETY: plain socket/ioctl calls on a zeroed, correctly sized ifreq
+    // whose name is a NUL-terminated "lo"; the socket is closed by OwnedFd.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(format!("socket: {}", std::io::Error::last_os_error()));
+        }
+        let _guard = OwnedFd::from_raw_fd(fd);
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo\0".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(format!("reading lo flags: {}", std::io::Error::last_os_error()));
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(format!("bringing lo up: {}", std::io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
+/// Drops to the service's identity with no capabilities and runs the command.
+/// Returns only on failure, with the reason.
+fn exec_command(config: &SandboxConfig, control: &mut UnixStream) -> String {
+    match prepare_exec(config) {
+        Ok((argv, env)) => {
+            let _ = control.write_all(b"exec\n");
+            let e = execvpe(&argv[0], &argv, &env).unwrap_err();
+            format!("cannot run {:?}: {e}", config.argv[0])
+        }
+        Err(e) => e,
+    }
+}
+
+fn prepare_exec(config: &SandboxConfig) -> Res<(Vec<CString>, Vec<CString>)> {
+    let cstr = |s: &str| CString::new(s).map_err(|_| format!("{s:?} contains a NUL byte"));
+    let argv = config
+        .argv
+        .iter()
+        .map(|a| cstr(a))
+        .collect::<Res<Vec<_>>>()?;
+    if argv.is_empty() {
+        return Err("empty command".into());
+    }
+    let env = config
+        .env
+        .iter()
+        .map(|(k, v)| cstr(&format!("{k}={v}")))
+        .collect::<Res<Vec<_>>>()?;
+
+    // stdin is /dev/null: a service reads requests from its port, not a terminal.
+    let null = ctx(File::open("/dev/null"), || "opening /dev/null".into())?;
+    ctx(nix::unistd::dup2_stdin(&null), || "stdin".into())?;
+    drop(null);
+
+    let app = Path::new(&config.app_path);
+    ctx(chdir(app), || format!("chdir {}", config.app_path))?;
+
+    // The bounding set first (needs CAP_SETPCAP, which we lose with setuid).
+    ctx(caps::clear(None, caps::CapSet::Bounding), || "dropping capabilities".into())?;
+    let (uid, gid) = (Uid::from_raw(config.uid), Gid::from_raw(config.gid));
+    ctx(setgroups(&[gid]), || "setgroups".into())?;
+    ctx(setresgid(gid, gid, gid), || "setresgid".into())?;
+    ctx(setresuid(uid, uid, uid), || "setresuid".into())?;
+    // setuid away from 0 cleared effective and permitted; inheritable and
+    // ambient are cleared explicitly.
+    for set in [caps::CapSet::Inheritable, caps::CapSet::Ambient] {
+        ctx(caps::clear(None, set), || "clearing capabilities".into())?;
+    }
+    ctx(nix::sys::prctl::set_no_new_privs(), || "no_new_privs".into())?;
+    Ok((argv, env))
+}

@@ -1,0 +1,301 @@
+//! The platform side of a sandbox: start the helper, hand it the
+//! configuration, follow it until the start command runs, stop it again.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+
+use crate::cgroup::{CgroupError, CgroupLimits, Cgroups};
+use crate::init::CONTROL_FD;
+use crate::netns::NetNs;
+use crate::{SandboxConfig, INIT_ARG};
+
+/// Why an instance could not be started or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("cannot start the sandbox helper {helper}: {source}")]
+    Helper { helper: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Cgroup(#[from] CgroupError),
+    /// Building the sandbox failed before the start command ran.
+    #[error("the sandbox could not be set up: {0}")]
+    Setup(String),
+    #[error("talking to the sandbox helper: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// Where the time went while an instance was being started.
+#[derive(Debug, Clone, Copy)]
+pub struct StartTimings {
+    /// When `spawn` was called.
+    pub requested: Instant,
+    /// Namespaces created (helper running, cgroups joined).
+    pub namespaces: Duration,
+    /// The start command was executed: the sandbox's own start cost.
+    pub started: Duration,
+}
+
+/// How an instance ended, from the start command's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// The exit code, or 128 + signal number, as a shell reports it.
+    pub code: i32,
+}
+
+impl Exit {
+    /// The signal that ended the command, when it was killed by one.
+    pub fn signal(self) -> Option<i32> {
+        (self.code > 128 && self.code < 128 + 65).then_some(self.code - 128)
+    }
+}
+
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.signal().and_then(|s| Signal::try_from(s).ok()) {
+            Some(sig) => write!(f, "exit code {} (killed by {sig})", self.code),
+            None => write!(f, "exit code {}", self.code),
+        }
+    }
+}
+
+/// Starts sandboxed instances. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    helper: PathBuf,
+    cgroup_root: PathBuf,
+}
+
+impl Sandbox {
+    /// `helper` is the skiff binary (it is started as `helper __sandbox-init`).
+    pub fn new(helper: PathBuf) -> Self {
+        Self {
+            helper,
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+        }
+    }
+
+    /// Starts one instance and returns once its command has been executed.
+    /// `id` names its cgroups and must be unique on this host.
+    pub async fn spawn(
+        &self,
+        id: &str,
+        config: &SandboxConfig,
+        limits: CgroupLimits,
+    ) -> Result<Instance, SandboxError> {
+        let requested = Instant::now();
+        let cgroups = Cgroups::create(&self.cgroup_root, id, limits)?;
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        let theirs_fd = theirs.as_raw_fd();
+
+        let mut cmd = Command::new(&self.helper);
+        cmd.arg(INIT_ARG)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: only async-signal-safe calls (setsid, prctl, dup2, fcntl)
+        // between fork and exec; no allocation, no locks.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Own session: Ctrl-C in the user's terminal reaches skiff,
+                // which stops instances gracefully, not the instances directly.
+                if libc::setsid() < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                // If skiff dies, so does the helper, and with it the instance.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if theirs_fd == CONTROL_FD {
+                    if libc::fcntl(CONTROL_FD, libc::F_SETFD, 0) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                } else if libc::dup2(theirs_fd, CONTROL_FD) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let spawned = cmd.spawn();
+        drop(theirs);
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(source) => {
+                let _ = cgroups.remove(Duration::ZERO);
+                return Err(SandboxError::Helper {
+                    helper: self.helper.clone(),
+                    source,
+                });
+            }
+        };
+        let pid = child.id().unwrap_or(0);
+        let mut instance = Instance {
+            id: id.to_string(),
+            pid,
+            stdout: child.stdout.take(),
+            stderr: child.stderr.take(),
+            child,
+            netns: None,
+            cgroups: Some(cgroups),
+            timings: StartTimings {
+                requested,
+                namespaces: Duration::ZERO,
+                started: Duration::ZERO,
+            },
+        };
+        match instance.handshake(ours, config).await {
+            Ok(()) => Ok(instance),
+            Err(e) => {
+                let _ = instance.stop(Duration::ZERO).await;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// A running instance: its helper process, namespaces and cgroups.
+/// Dropping it kills everything; [`Instance::stop`] does so gracefully.
+#[derive(Debug)]
+pub struct Instance {
+    pub id: String,
+    pid: u32,
+    child: Child,
+    netns: Option<Arc<NetNs>>,
+    cgroups: Option<Cgroups>,
+    /// The command's output; take them to read the logs.
+    pub stdout: Option<ChildStdout>,
+    pub stderr: Option<ChildStderr>,
+    pub timings: StartTimings,
+}
+
+impl Instance {
+    async fn handshake(
+        &mut self,
+        ours: std::os::unix::net::UnixStream,
+        config: &SandboxConfig,
+    ) -> Result<(), SandboxError> {
+        if let Some(cg) = &self.cgroups {
+            cg.add(self.pid)?;
+        }
+        ours.set_nonblocking(true)?;
+        let mut control = tokio::net::UnixStream::from_std(ours)?;
+        let json = serde_json::to_vec(config).map_err(io::Error::other)?;
+        control.write_all(&json).await?;
+        control.shutdown().await?;
+
+        let mut lines = BufReader::new(control).lines();
+        let mut error = None;
+        let mut exec_seen = false;
+        while let Some(line) = lines.next_line().await? {
+            let elapsed = self.timings.requested.elapsed();
+            match line.split_once(' ').unwrap_or((line.as_str(), "")) {
+                ("ns", _) => {
+                    self.netns = Some(Arc::new(NetNs::of_pid(self.pid)?));
+                    self.timings.namespaces = elapsed;
+                }
+                ("exec", _) => exec_seen = true,
+                ("err", msg) => error = Some(msg.to_string()),
+                _ => error = Some(format!("unexpected message from the helper: {line:?}")),
+            }
+        }
+        // EOF: every copy of the control socket is closed, which after
+        // `exec` means the command is running.
+        self.timings.started = self.timings.requested.elapsed();
+        match error {
+            Some(e) => Err(SandboxError::Setup(e)),
+            None if exec_seen && self.netns.is_some() => Ok(()),
+            None => {
+                // The helper died without a word: report what it printed.
+                let status = self.child.wait().await?;
+                let mut text = String::new();
+                if let Some(mut err) = self.stderr.take() {
+                    let _ = err.read_to_string(&mut text).await;
+                }
+                Err(SandboxError::Setup(format!(
+                    "the sandbox helper ended ({status}) before starting the command: {}",
+                    text.trim()
+                )))
+            }
+        }
+    }
+
+    /// The helper's process id on the host.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The instance's network namespace, to reach its port; `None` once stopped.
+    pub fn netns(&self) -> Option<Arc<NetNs>> {
+        self.netns.clone()
+    }
+
+    pub fn cgroups(&self) -> Option<&Cgroups> {
+        self.cgroups.as_ref()
+    }
+
+    /// Waits for the start command to end. Cancel-safe.
+    pub async fn wait(&mut self) -> io::Result<Exit> {
+        let status = self.child.wait().await?;
+        use std::os::unix::process::ExitStatusExt;
+        let code = status
+            .code()
+            .or_else(|| status.signal().map(|s| 128 + s))
+            .unwrap_or(-1);
+        Ok(Exit { code })
+    }
+
+    /// Asks every process to stop (SIGTERM), kills what is left after
+    /// `grace`, and removes the cgroups. Nothing of the instance remains.
+    pub async fn stop(&mut self, grace: Duration) -> Result<Exit, SandboxError> {
+        if let Some(cg) = &self.cgroups {
+            if !grace.is_zero() {
+                for pid in cg.pids() {
+                    // Not the helper: its death would kill the instance at once.
+                    if pid as u32 != self.pid {
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+                    }
+                }
+            }
+        }
+        let exit = match tokio::time::timeout(grace, self.wait()).await {
+            Ok(exit) => exit?,
+            Err(_) => {
+                if let Some(cg) = &self.cgroups {
+                    let _ = cg.kill();
+                }
+                let _ = self.child.start_kill();
+                self.wait().await?
+            }
+        };
+        if let Some(cg) = self.cgroups.take() {
+            // Processes of the instance that outlived pid 1 (none should)
+            // are killed; removal waits for the kernel.
+            tokio::task::spawn_blocking(move || cg.remove(Duration::from_secs(5)))
+                .await
+                .map_err(io::Error::other)??;
+        }
+        self.netns = None;
+        Ok(exit)
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        // The safety net when `stop` was not called: kill_on_drop ends the
+        // helper, the kernel the rest; the cgroups go once they are empty.
+        if let Some(cg) = self.cgroups.take() {
+            let _ = cg.kill();
+            let _ = self.child.start_kill();
+            let _ = cg.remove(Duration::from_secs(1));
+        }
+    }
+}
+
