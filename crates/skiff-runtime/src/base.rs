@@ -1,0 +1,248 @@
+//! The base image: a Debian root file system with bash, python3 (pip, venv)
+//! and node (npm), made once with `debootstrap` and cached. It is built from
+//! Debian's packages only, so nothing of the host (its users, home
+//! directories, secrets, skiff's own state) is in it.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+
+/// Bump when the recipe changes: a new version is built beside the old one.
+const RECIPE_VERSION: &str = "1";
+const SUITE: &str = "bookworm";
+/// Installed by debootstrap itself.
+const DEBOOTSTRAP_PACKAGES: &str = "python3,python3-pip,python3-venv,ca-certificates";
+/// Installed with apt afterwards: npm's dependency graph is too much for
+/// debootstrap's own resolver.
+const APT_PACKAGES: &[&str] = &["nodejs", "npm"];
+
+/// The user instances run as (never root). Added to the image's passwd so
+/// tools that look up their user (pip, npm, getpass) work.
+pub const RUN_UID: u32 = 10001;
+pub const RUN_GID: u32 = 10001;
+/// Where the service's files appear inside the sandbox.
+pub const APP_PATH: &str = "/app";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BaseImageError {
+    #[error(
+        "debootstrap is not installed, and skiff needs it once to build its base image; \
+         install it with `apt-get install debootstrap`"
+    )]
+    NoDebootstrap,
+    #[error("preparing the base image failed at `{step}` ({status}); the full log is {log}. \
+             Check that the Debian mirror {mirror} is reachable (set SKIFF_DEBIAN_MIRROR to use another) \
+             and run the command again")]
+    StepFailed {
+        step: String,
+        status: String,
+        log: PathBuf,
+        mirror: String,
+    },
+    #[error("base image cache {dir}: {source}")]
+    Io {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A ready base image.
+#[derive(Debug, Clone)]
+pub struct BaseImage {
+    /// The root file system.
+    pub root: PathBuf,
+    /// How long preparing it took, or `None` when it came from the cache.
+    pub built_in: Option<Duration>,
+}
+
+/// The directory name of the current recipe, e.g. `base-bookworm-1`.
+pub fn image_dir_name() -> String {
+    format!("base-{SUITE}-{RECIPE_VERSION}")
+}
+
+/// Returns the cached base image, building it first when needed. Concurrent
+/// callers (other skiff processes too) wait for one build through a lock.
+/// `progress` receives each line of the build's output.
+pub async fn ensure(
+    cache: &Path,
+    mirror: &str,
+    progress: impl Fn(&str) + Send + Sync,
+) -> Result<BaseImage, BaseImageError> {
+    let io = |dir: &Path| {
+        let dir = dir.to_path_buf();
+        move |source| BaseImageError::Io { dir, source }
+    };
+    let name = image_dir_name();
+    let root = cache.join(&name).join("rootfs");
+    if root.join("app").is_dir() {
+        return Ok(BaseImage { root, built_in: None });
+    }
+    tokio::fs::create_dir_all(cache).await.map_err(io(cache))?;
+    let lock_path = cache.join(format!("{name}.lock"));
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io(&lock_path))?;
+    progress("waiting for another skiff that is preparing the base image");
+    let _lock = tokio::task::spawn_blocking(move || {
+        nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| std::io::Error::from(e))
+    })
+    .await
+    .map_err(|e| io(&lock_path)(std::io::Error::other(e)))?
+    .map_err(io(&lock_path))?;
+    if root.join("app").is_dir() {
+        return Ok(BaseImage { root, built_in: None });
+    }
+
+    let debootstrap = which("debootstrap").ok_or(BaseImageError::NoDebootstrap)?;
+    let debootstrap = debootstrap.to_string_lossy().into_owned();
+    let chroot = which("chroot").map_or_else(
+        || "/usr/sbin/chroot".to_string(),
+        |p| p.to_string_lossy().into_owned(),
+    );
+    let started = Instant::now();
+    let work = cache.join(format!("{name}.partial"));
+    if work.exists() {
+        tokio::fs::remove_dir_all(&work).await.map_err(io(&work))?;
+    }
+    let work_root = work.join("rootfs");
+    tokio::fs::create_dir_all(&work_root).await.map_err(io(&work))?;
+    let log = cache.join(format!("{name}.log"));
+    let mut logf = tokio::fs::File::create(&log).await.map_err(io(&log))?;
+    let fail = |step: &str, status: String| BaseImageError::StepFailed {
+        step: step.to_string(),
+        status,
+        log: log.clone(),
+        mirror: mirror.to_string(),
+    };
+
+    let root_str = work_root.to_string_lossy().into_owned();
+    let include = format!("--include={DEBOOTSTRAP_PACKAGES}");
+    let steps: Vec<(String, Vec<String>)> = vec![
+        (
+            "debootstrap".into(),
+            [
+                debootstrap.as_str(),
+                "--variant=minbase",
+                &include,
+                SUITE,
+                &root_str,
+                mirror,
+            ]
+            .map(String::from)
+            .to_vec(),
+        ),
+        (
+            "apt-get install".into(),
+            [
+                chroot.as_str(),
+                &root_str,
+                "apt-get",
+                "install",
+                "-y",
+                "--no-install-recommends",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(APT_PACKAGES.iter().map(|s| s.to_string()))
+            .collect(),
+        ),
+    ];
+    for (step, argv) in steps {
+        progress(&format!("running {step}"));
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| fail(&step, e.to_string()))?;
+        let out = child.stdout.take().map(|o| BufReader::new(o).lines());
+        let err = child.stderr.take().map(|o| BufReader::new(o).lines());
+        let (Some(mut out), Some(mut err)) = (out, err) else {
+            return Err(fail(&step, "no output pipes".into()));
+        };
+        let (mut out_done, mut err_done) = (false, false);
+        while !(out_done && err_done) {
+            let line = tokio::select! {
+                l = out.next_line(), if !out_done => l.ok().flatten().ok_or(&mut out_done),
+                l = err.next_line(), if !err_done => l.ok().flatten().ok_or(&mut err_done),
+            };
+            match line {
+                Ok(line) => {
+                    let _ = logf.write_all(format!("{line}\n").as_bytes()).await;
+                    progress(&line);
+                }
+                Err(done) => *done = true,
+            }
+        }
+        let status = child.wait().await.map_err(|e| fail(&step, e.to_string()))?;
+        if !status.success() {
+            return Err(fail(&step, status.to_string()));
+        }
+    }
+    progress("finishing the image");
+    finish(&work_root).map_err(io(&work_root))?;
+    let final_dir = cache.join(&name);
+    if final_dir.exists() {
+        tokio::fs::remove_dir_all(&final_dir)
+            .await
+            .map_err(io(&final_dir))?;
+    }
+    tokio::fs::rename(&work, &final_dir)
+        .await
+        .map_err(io(&final_dir))?;
+    Ok(BaseImage {
+        root,
+        built_in: Some(started.elapsed()),
+    })
+}
+
+/// The last touches: the run user, `/app`, and no package caches.
+fn finish(root: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(root.join(APP_PATH.trim_start_matches('/')))?;
+    let append = |file: &str, line: String| -> std::io::Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(root.join(file))?;
+        f.write_all(line.as_bytes())
+    };
+    append(
+        "etc/passwd",
+        format!("app:x:{RUN_UID}:{RUN_GID}:skiff service:/tmp:/bin/bash\n"),
+    )?;
+    append("etc/group", format!("app:x:{RUN_GID}:\n"))?;
+    std::fs::write(root.join("etc/hostname"), "skiff\n")?;
+    for dir in ["var/cache/apt/archives", "var/lib/apt/lists"] {
+        let dir = root.join(dir);
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+    }
+    for file in ["var/cache/apt/pkgcache.bin", "var/cache/apt/srcpkgcache.bin"] {
+        let _ = std::fs::remove_file(root.join(file));
+    }
+    Ok(())
+}
+
+fn which(cmd: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(cmd))
+        .find(|p| p.is_file())
+}

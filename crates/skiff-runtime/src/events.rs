@@ -1,0 +1,64 @@
+//! What the platform reports while it works: the CLI renders these, tests
+//! read them, and logs are written from them.
+
+use std::time::{Duration, SystemTime};
+
+use skiff_sandbox::Exit;
+
+/// Which output stream a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+impl Stream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stdout => "stdout",
+            Self::Stderr => "stderr",
+        }
+    }
+}
+
+/// Where the time of one instance start went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartReport {
+    /// From the request to start until the start command was executed: the
+    /// sandbox's own cost (namespaces, mounts, cgroups, dropping privileges).
+    pub sandbox: Duration,
+    /// From then until the first answer to the health check: the service's
+    /// own start time.
+    pub app: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A line of output while the base image is being prepared.
+    BaseImage { line: String },
+    /// The base image is there; `built_in` is `None` when it was cached.
+    BaseImageReady { built_in: Option<Duration> },
+    /// An instance of `service` is being started.
+    Starting { service: String, instance: String },
+    /// A line the service wrote.
+    Log {
+        service: String,
+        stream: Stream,
+        line: String,
+        at: SystemTime,
+    },
+    /// The service answers and receives traffic at `url`.
+    Ready {
+        service: String,
+        url: String,
+        report: StartReport,
+    },
+    /// The service could not be started; `reason` says why and what to do.
+    Failed { service: String, reason: String },
+    /// A running instance ended by itself.
+    Exited {
+        service: String,
+        instance: String,
+        exit: Exit,
+    },
+}

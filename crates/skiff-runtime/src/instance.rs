@@ -1,0 +1,260 @@
+//! Starting one instance of a service: sandbox, log capture, health check,
+//! and the reasons a start fails, told the way CONTRACT.md tells them.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use skiff_model::ServiceSpec;
+use skiff_sandbox::{CgroupLimits, Exit, Instance, NetNs, Sandbox, SandboxConfig, SandboxError};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+
+use crate::base::{APP_PATH, RUN_GID, RUN_UID};
+use crate::events::{Event, StartReport, Stream};
+use crate::health;
+
+/// How often the health check polls while an instance starts. Refused
+/// connections inside a network namespace cost microseconds, so polling
+/// often costs little and shortens every cold start.
+const HEALTH_INTERVAL: Duration = Duration::from_millis(5);
+/// Lines of output kept per instance for error messages.
+const TAIL_LINES: usize = 20;
+/// Longest log line kept; longer lines are cut (memory stays bounded).
+const MAX_LINE: usize = 16 * 1024;
+
+/// Why a service did not start. Each message says what happened and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    /// The start command ended before the port answered.
+    #[error("{}", early_exit_message(*exit, *port, tail))]
+    EarlyExit {
+        exit: Exit,
+        port: u16,
+        tail: Vec<String>,
+    },
+    /// The port never answered within the start timeout.
+    #[error("Port Some({port}) is not being listened to by the service\n{}", health::describe_listeners(listeners, *port))]
+    PortNotListening {
+        port: u16,
+        listeners: Vec<SocketAddr>,
+        waited: Duration,
+    },
+}
+
+fn early_exit_message(exit: Exit, port: u16, tail: &[String]) -> String {
+    let mut s = format!(
+        "The start command exited ({exit}) before the service listened on port {port}."
+    );
+    if tail.is_empty() {
+        s.push_str("\nIt printed nothing.");
+    } else {
+        s.push_str("\nIts last output:");
+        for line in tail {
+            s.push_str("\n  | ");
+            s.push_str(line);
+        }
+    }
+    s.push_str(
+        "\nCheck whether the build command left out dependencies the start command needs, \
+         and that the start command runs a server that keeps running.",
+    );
+    s
+}
+
+/// The last lines an instance wrote, for error messages.
+#[derive(Clone, Default)]
+pub struct Tail(Arc<Mutex<VecDeque<String>>>);
+
+impl Tail {
+    fn push(&self, line: String) {
+        if let Ok(mut t) = self.0.lock() {
+            if t.len() == TAIL_LINES {
+                t.pop_front();
+            }
+            t.push_back(line);
+        }
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default()
+    }
+}
+
+/// An instance that answered its health check.
+pub struct Started {
+    pub instance: Instance,
+    pub netns: Arc<NetNs>,
+    pub report: StartReport,
+    pub tail: Tail,
+    /// The log readers; they end when the instance's output closes.
+    pub pumps: Vec<JoinHandle<()>>,
+}
+
+impl fmt::Debug for Started {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Started").field("id", &self.instance.id).finish()
+    }
+}
+
+/// What `start` needs from the platform.
+pub struct StartContext<'a> {
+    pub sandbox: &'a Sandbox,
+    pub base_root: &'a Path,
+    pub mount_point: &'a Path,
+    pub log_file: Arc<Mutex<std::fs::File>>,
+    pub events: broadcast::Sender<Event>,
+}
+
+/// The environment of the start command: the contract's variables, then `[env]`.
+pub fn environment(spec: &ServiceSpec) -> Vec<(String, String)> {
+    let mut env = vec![
+        (
+            "PATH".to_string(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        ),
+        ("LANG".into(), "C.UTF-8".into()),
+    ];
+    env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    // Set last so nothing overrides them (the manifest forbids it anyway).
+    env.push(("PORT".into(), spec.port.to_string()));
+    env.push(("HOME".into(), "/tmp".into()));
+    env
+}
+
+/// Starts one instance of `spec` and waits until its port answers.
+pub async fn start(
+    ctx: &StartContext<'_>,
+    spec: &ServiceSpec,
+    id: &str,
+) -> Result<Started, StartError> {
+    let service = spec.name.to_string();
+    let _ = ctx.events.send(Event::Starting {
+        service: service.clone(),
+        instance: id.to_string(),
+    });
+    let config = SandboxConfig {
+        hostname: service.clone(),
+        mount_point: ctx.mount_point.to_path_buf(),
+        layers: vec![ctx.base_root.to_path_buf()],
+        app_dir: spec.source.clone(),
+        app_path: APP_PATH.into(),
+        tmp_size: spec.limits.tmp_size,
+        uid: RUN_UID,
+        gid: RUN_GID,
+        argv: vec!["bash".into(), "-c".into(), spec.start.clone()],
+        env: environment(spec),
+    };
+    let limits = CgroupLimits {
+        memory_bytes: spec.limits.memory,
+        pids: spec.limits.pids,
+        cpu: spec.limits.cpu,
+    };
+    let mut instance = ctx.sandbox.spawn(id, &config, limits).await?;
+    let tail = Tail::default();
+    let mut pumps = Vec::new();
+    if let Some(out) = instance.stdout.take() {
+        pumps.push(pump(out, Stream::Stdout, &service, &tail, ctx));
+    }
+    if let Some(err) = instance.stderr.take() {
+        pumps.push(pump(err, Stream::Stderr, &service, &tail, ctx));
+    }
+    let Some(netns) = instance.netns() else {
+        return Err(SandboxError::Setup("the instance has no network namespace".into()).into());
+    };
+    let started_at = instance.timings.requested + instance.timings.started;
+    let deadline = started_at + spec.limits.start_timeout;
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if health::probe(&netns, spec.port, remaining.min(Duration::from_secs(2))).await {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let listeners = health::listening(instance.pid());
+            let _ = instance.stop(Duration::from_secs(1)).await;
+            return Err(StartError::PortNotListening {
+                port: spec.port,
+                listeners,
+                waited: spec.limits.start_timeout,
+            });
+        }
+        tokio::select! {
+            exit = instance.wait() => {
+                let exit = exit.map_err(SandboxError::from)?;
+                // The output pipes close with the last process: let the
+                // readers finish so the message shows the last lines.
+                for p in pumps {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
+                }
+                let _ = instance.stop(Duration::ZERO).await;
+                return Err(StartError::EarlyExit { exit, port: spec.port, tail: tail.lines() });
+            }
+            _ = tokio::time::sleep(HEALTH_INTERVAL.min(remaining)) => {}
+        }
+    }
+    let report = StartReport {
+        sandbox: instance.timings.started,
+        app: started_at.elapsed(),
+    };
+    Ok(Started {
+        instance,
+        netns,
+        report,
+        tail,
+        pumps,
+    })
+}
+
+fn pump(
+    reader: impl AsyncRead + Unpin + Send + 'static,
+    stream: Stream,
+    service: &str,
+    tail: &Tail,
+    ctx: &StartContext<'_>,
+) -> JoinHandle<()> {
+    let (service, tail, file, events) = (
+        service.to_string(),
+        tail.clone(),
+        ctx.log_file.clone(),
+        ctx.events.clone(),
+    );
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(reader);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            // At most MAX_LINE bytes at a time: a service that never writes a
+            // newline gets its output cut into pieces, not buffered forever.
+            match (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let text = String::from_utf8_lossy(&buf);
+            let line = text.trim_end_matches(['\n', '\r']).to_string();
+            let at = SystemTime::now();
+            if let Ok(mut f) = file.lock() {
+                let _ = writeln!(
+                    f,
+                    "{} {} {}",
+                    humantime::format_rfc3339_millis(at),
+                    stream.as_str(),
+                    line
+                );
+            }
+            tail.push(line.clone());
+            let _ = events.send(Event::Log {
+                service: service.clone(),
+                stream,
+                line,
+                at,
+            });
+        }
+    })
+}

@@ -1,0 +1,381 @@
+//! The platform: one gateway, the services deployed on it, their instances.
+//! `skiff up` runs it in the foreground; the daemon will run the same code.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use skiff_gateway::{Connect, ConnectFuture, Gateway, GatewayError, Route, Router, Upstream};
+use skiff_model::ServiceSpec;
+use skiff_sandbox::{Exit, NetNs, Sandbox};
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+use crate::base::{self, BaseImageError};
+use crate::events::{Event, StartReport};
+use crate::instance::{self, StartContext, StartError};
+
+/// How long instances get to stop after SIGTERM before they are killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Where the platform keeps things and how it is reached.
+#[derive(Debug, Clone)]
+pub struct PlatformConfig {
+    /// All platform state (logs, mount points); never visible to instances.
+    pub state_dir: PathBuf,
+    /// Cached images (the base image), shared between runs.
+    pub cache_dir: PathBuf,
+    /// The gateway's address; port 0 picks a free one.
+    pub listen: SocketAddr,
+    /// Services are reached at `NAME.<domain>`.
+    pub domain: String,
+    /// The skiff binary, started as the sandbox helper.
+    pub helper: PathBuf,
+    /// Debian mirror for building the base image.
+    pub mirror: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlatformError {
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+    #[error("state directory {dir}: {source}; pass another with --state")]
+    State {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Why a deploy failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error(transparent)]
+    BaseImage(#[from] BaseImageError),
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error("a service named {0:?} is already running here; give this one another name (name = \"...\" or --name)")]
+    AlreadyDeployed(String),
+    #[error("the platform is shutting down")]
+    ShuttingDown,
+    #[error("log file {path}: {source}")]
+    Log {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A service that serves.
+#[derive(Debug, Clone)]
+pub struct Deployed {
+    pub url: String,
+    pub report: StartReport,
+}
+
+enum ServiceState {
+    Starting,
+    Ready(Upstream),
+    Failed(String),
+}
+
+struct Shared {
+    config: PlatformConfig,
+    sandbox: Sandbox,
+    events: broadcast::Sender<Event>,
+    services: RwLock<HashMap<String, ServiceState>>,
+    upstreams: RwLock<HashMap<String, Upstream>>,
+    /// Senders that tell instance supervisors to stop.
+    stops: Mutex<Vec<(watch::Sender<bool>, JoinHandle<()>)>>,
+    shutting_down: AtomicBool,
+    next_instance: AtomicU64,
+    gateway_addr: SocketAddr,
+}
+
+impl Router for Shared {
+    fn route(&self, service: &str) -> Route {
+        let services = match self.services.read() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        match services.get(service) {
+            Some(ServiceState::Ready(up)) => Route::Instance(up.clone()),
+            Some(ServiceState::Starting) => Route::Unavailable {
+                reason: "it is starting and not yet answering its health check; try again in a moment".into(),
+            },
+            Some(ServiceState::Failed(reason)) => Route::Unavailable {
+                reason: reason.clone(),
+            },
+            None => {
+                let mut deployed: Vec<String> = services.keys().cloned().collect();
+                deployed.sort();
+                Route::Unknown { deployed }
+            }
+        }
+    }
+
+    fn upstream(&self, key: &str) -> Option<Upstream> {
+        let ups = match self.upstreams.read() {
+            Ok(u) => u,
+            Err(p) => p.into_inner(),
+        };
+        ups.get(key).cloned()
+    }
+}
+
+/// Reaches an instance's port from inside its network namespace.
+struct NetnsConnect {
+    netns: Arc<NetNs>,
+    port: u16,
+}
+
+impl Connect for NetnsConnect {
+    fn connect(&self) -> ConnectFuture {
+        let (netns, port) = (self.netns.clone(), self.port);
+        Box::pin(async move { netns.connect(port).await })
+    }
+}
+
+/// A running platform. Dropping it without [`Platform::shutdown`] still
+/// kills every instance (their helpers die with this process).
+pub struct Platform {
+    shared: Arc<Shared>,
+    gateway_stop: watch::Sender<bool>,
+    gateway_task: JoinHandle<()>,
+}
+
+impl Platform {
+    /// Prepares the state directory and starts the gateway.
+    pub async fn start(config: PlatformConfig) -> Result<Self, PlatformError> {
+        for dir in [config.state_dir.join("logs"), config.state_dir.join("mnt")] {
+            std::fs::create_dir_all(&dir).map_err(|source| PlatformError::State {
+                dir: dir.clone(),
+                source,
+            })?;
+        }
+        let listener = Gateway::bind(config.listen).await?;
+        let gateway_addr = listener.local_addr().map_err(|source| GatewayError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let (events, _) = broadcast::channel(4096);
+        let shared = Arc::new(Shared {
+            sandbox: Sandbox::new(config.helper.clone()),
+            config,
+            events,
+            services: RwLock::default(),
+            upstreams: RwLock::default(),
+            stops: Mutex::default(),
+            shutting_down: AtomicBool::new(false),
+            next_instance: AtomicU64::new(1),
+            gateway_addr,
+        });
+        let gateway = Gateway::new(shared.clone(), &shared.config.domain);
+        let (gateway_stop, mut stop_rx) = watch::channel(false);
+        let gateway_task = tokio::spawn(gateway.serve(listener, async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        }));
+        Ok(Self {
+            shared,
+            gateway_stop,
+            gateway_task,
+        })
+    }
+
+    /// The address the gateway really listens on.
+    pub fn gateway_addr(&self) -> SocketAddr {
+        self.shared.gateway_addr
+    }
+
+    /// Everything the platform reports from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.shared.events.subscribe()
+    }
+
+    /// The URL a service is reached at.
+    pub fn url(&self, service: &str) -> String {
+        let addr = self.shared.gateway_addr;
+        let port = if addr.port() == 80 {
+            String::new()
+        } else {
+            format!(":{}", addr.port())
+        };
+        format!("http://{service}.{}{port}/", self.shared.config.domain)
+    }
+
+    /// Builds nothing yet (that is the build issue): runs `spec.start` on the
+    /// base image with the source at /app, waits until it answers, routes to it.
+    pub async fn deploy(&self, spec: &ServiceSpec) -> Result<Deployed, DeployError> {
+        let shared = &self.shared;
+        let name = spec.name.to_string();
+        if shared.shutting_down.load(Ordering::SeqCst) {
+            return Err(DeployError::ShuttingDown);
+        }
+        {
+            let mut services = shared.services.write().unwrap_or_else(|p| p.into_inner());
+            if services.contains_key(&name) {
+                return Err(DeployError::AlreadyDeployed(name));
+            }
+            services.insert(name.clone(), ServiceState::Starting);
+        }
+        let result = self.start_service(spec).await;
+        if let Err(e) = &result {
+            let reason = e.to_string();
+            self.set_state(&name, ServiceState::Failed(reason.clone()));
+            let _ = shared.events.send(Event::Failed {
+                service: name,
+                reason,
+            });
+        }
+        result
+    }
+
+    fn set_state(&self, name: &str, state: ServiceState) {
+        let mut services = self.shared.services.write().unwrap_or_else(|p| p.into_inner());
+        services.insert(name.to_string(), state);
+    }
+
+    async fn start_service(&self, spec: &ServiceSpec) -> Result<Deployed, DeployError> {
+        let shared = &self.shared;
+        let name = spec.name.to_string();
+        let events = shared.events.clone();
+        let base = base::ensure(&shared.config.cache_dir, &shared.config.mirror, |line| {
+            let _ = events.send(Event::BaseImage {
+                line: line.to_string(),
+            });
+        })
+        .await?;
+        let _ = shared.events.send(Event::BaseImageReady {
+            built_in: base.built_in,
+        });
+
+        let log_path = shared.config.state_dir.join("logs").join(format!("{name}.log"));
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|source| DeployError::Log {
+                path: log_path.clone(),
+                source,
+            })?;
+        let id = format!(
+            "{name}-{}-{}",
+            std::process::id(),
+            shared.next_instance.fetch_add(1, Ordering::SeqCst)
+        );
+        let ctx = StartContext {
+            sandbox: &shared.sandbox,
+            base_root: &base.root,
+            mount_point: &shared.config.state_dir.join("mnt"),
+            log_file: Arc::new(Mutex::new(log_file)),
+            events: shared.events.clone(),
+        };
+        let started = instance::start(&ctx, spec, &id).await?;
+        let report = started.report;
+
+        let upstream = Upstream {
+            key: id.clone(),
+            connect: Arc::new(NetnsConnect {
+                netns: started.netns.clone(),
+                port: spec.port,
+            }),
+        };
+        shared
+            .upstreams
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), upstream.clone());
+        self.set_state(&name, ServiceState::Ready(upstream));
+        let url = self.url(&name);
+        let _ = shared.events.send(Event::Ready {
+            service: name.clone(),
+            url: url.clone(),
+            report,
+        });
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(supervise(shared.clone(), name, started, stop_rx));
+        shared
+            .stops
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((stop_tx, task));
+        Ok(Deployed { url, report })
+    }
+
+    /// Stops every instance (SIGTERM, then SIGKILL after a grace period),
+    /// removes their cgroups and stops the gateway. Nothing is left running.
+    pub async fn shutdown(self) {
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
+        let stops = std::mem::take(&mut *self.shared.stops.lock().unwrap_or_else(|p| p.into_inner()));
+        for (tx, _) in &stops {
+            let _ = tx.send(true);
+        }
+        for (_, task) in stops {
+            let _ = task.await;
+        }
+        let _ = self.gateway_stop.send(true);
+        let _ = self.gateway_task.await;
+    }
+}
+
+/// Owns one running instance: notices when it ends, stops it when told.
+async fn supervise(
+    shared: Arc<Shared>,
+    service: String,
+    mut started: instance::Started,
+    mut stop: watch::Receiver<bool>,
+) {
+    let id = started.instance.id.clone();
+    let ended = tokio::select! {
+        exit = started.instance.wait() => Some(exit),
+        _ = stop.wait_for(|s| *s) => None,
+    };
+    shared
+        .upstreams
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&id);
+    match ended {
+        Some(exit) => {
+            let exit = exit.unwrap_or(Exit { code: -1 });
+            for p in started.pumps.drain(..) {
+                let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
+            }
+            let mut reason = format!("its instance exited ({exit}) after it had started.");
+            let tail = started.tail.lines();
+            if !tail.is_empty() {
+                reason.push_str(" Its last output:");
+                for l in tail.iter().rev().take(5).rev() {
+                    reason.push_str(&format!(" | {l}"));
+                }
+            }
+            reason.push_str(&format!(" See `skiff logs {service}`."));
+            if !shared.shutting_down.load(Ordering::SeqCst) {
+                shared
+                    .services
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(service.clone(), ServiceState::Failed(reason));
+                let _ = shared.events.send(Event::Exited {
+                    service,
+                    instance: id.clone(),
+                    exit,
+                });
+            }
+            if let Err(e) = started.instance.stop(Duration::ZERO).await {
+                warn!("cleaning up instance {id}: {e}");
+            }
+        }
+        None => {
+            if let Err(e) = started.instance.stop(STOP_GRACE).await {
+                warn!("stopping instance {id}: {e}");
+            }
+            for p in started.pumps.drain(..) {
+                let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! `skiff up [DIR]...`: the whole platform in one foreground process.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use skiff_model::Overrides;
+use skiff_runtime::{Event, Platform};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::broadcast::error::RecvError;
+
+use super::PlatformArgs;
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Source directories to deploy, each with its skiff.toml (default: `.`).
+    pub dirs: Vec<PathBuf>,
+    /// Service name (overrides `name` in skiff.toml).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Build command (overrides `build`).
+    #[arg(long)]
+    pub build: Option<String>,
+    /// Start command (overrides `start`).
+    #[arg(long)]
+    pub start: Option<String>,
+    /// Port the service listens on (overrides `port`).
+    #[arg(long)]
+    pub port: Option<u32>,
+    /// serverless or persistent (overrides `mode`).
+    #[arg(long)]
+    pub mode: Option<String>,
+    #[command(flatten)]
+    pub platform: PlatformArgs,
+}
+
+pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let dirs = if args.dirs.is_empty() {
+        vec![PathBuf::from(".")]
+    } else {
+        args.dirs.clone()
+    };
+    if dirs.len() > 1 && args.name.is_some() {
+        anyhow::bail!("--name names one service, but {} directories were given; put name = \"...\" in each skiff.toml instead", dirs.len());
+    }
+    let overrides = Overrides {
+        name: args.name.clone(),
+        build: args.build.clone(),
+        start: args.start.clone(),
+        port: args.port,
+        mode: args.mode.clone(),
+    };
+    let mut specs = Vec::new();
+    let mut bad = 0;
+    for dir in &dirs {
+        match skiff_model::load(dir, &overrides) {
+            Ok(spec) => specs.push(spec),
+            Err(e) => {
+                eprintln!("error: {e}");
+                bad += 1;
+            }
+        }
+    }
+    if bad > 0 {
+        return Ok(ExitCode::FAILURE);
+    }
+    for (i, s) in specs.iter().enumerate() {
+        if let Some(other) = specs[..i].iter().find(|o| o.name == s.name) {
+            anyhow::bail!(
+                "{} and {} are both named {:?}; service names must differ (set name = \"...\" in skiff.toml)",
+                other.source.display(),
+                s.source.display(),
+                s.name.as_str()
+            );
+        }
+    }
+
+    let config = args.platform.config()?;
+    let platform = Platform::start(config).await?;
+    let renderer = tokio::spawn(render(platform.subscribe()));
+
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot watch for Ctrl-C")?;
+    let stop = async move {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+    };
+    tokio::pin!(stop);
+
+    let mut failed = 0;
+    let mut interrupted = false;
+    for spec in &specs {
+        tokio::select! {
+            result = platform.deploy(spec) => match result {
+                Ok(deployed) => {
+                    eprintln!(
+                        "skiff: {} is ready (sandbox {}, app start {})",
+                        spec.name,
+                        ms(deployed.report.sandbox),
+                        ms(deployed.report.app)
+                    );
+                    println!("{}", deployed.url);
+                }
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("error: {} failed to start:\n{}", spec.name, indent(&e.to_string()));
+                }
+            },
+            _ = &mut stop => {
+                interrupted = true;
+                break;
+            }
+        }
+    }
+    if !interrupted && failed < specs.len() {
+        eprintln!("skiff: serving on http://{}; press Ctrl-C to stop", platform.gateway_addr());
+        (&mut stop).await;
+    }
+    eprintln!("skiff: stopping");
+    platform.shutdown().await;
+    renderer.abort();
+    Ok(if failed > 0 && failed == specs.len() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1}ms", d.as_secs_f64() * 1000.0)
+}
+
+fn indent(text: &str) -> String {
+    text.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+}
+
+/// Prints what the platform reports: base image progress, service logs.
+async fn render(mut events: tokio::sync::broadcast::Receiver<Event>) {
+    let tty = std::io::stderr().is_terminal();
+    let mut spinner: Option<ProgressBar> = None;
+    loop {
+        let event = match events.recv().await {
+            Ok(e) => e,
+            Err(RecvError::Lagged(n)) => {
+                eprintln!("skiff: ({n} log lines skipped: output too fast to show)");
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        match event {
+            Event::BaseImage { line } => {
+                let bar = spinner.get_or_insert_with(|| {
+                    eprintln!(
+                        "skiff: preparing the base image (Debian with bash, python3, node); \
+                         this happens once and takes a few minutes"
+                    );
+                    let bar = ProgressBar::new_spinner();
+                    bar.set_style(
+                        ProgressStyle::with_template("{spinner} [{elapsed}] {wide_msg}")
+                            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                    );
+                    bar.enable_steady_tick(Duration::from_millis(120));
+                    bar
+                });
+                if tty {
+                    bar.set_message(line);
+                }
+            }
+            Event::BaseImageReady { built_in } => {
+                if let (Some(bar), Some(d)) = (spinner.take(), built_in) {
+                    bar.finish_and_clear();
+                    eprintln!("skiff: base image ready in {:.0}s", d.as_secs_f64());
+                }
+            }
+            Event::Starting { service, .. } => eprintln!("skiff: starting {service}"),
+            Event::Log { service, line, .. } => println!("{service} | {line}"),
+            Event::Exited { service, exit, .. } => eprintln!(
+                "skiff: {service} exited ({exit}); requests to it get 503 until it is started again"
+            ),
+            Event::Ready { .. } | Event::Failed { .. } => {}
+        }
+    }
+}
