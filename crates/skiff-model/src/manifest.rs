@@ -171,7 +171,10 @@ const LIMIT_FIELDS: &[&str] = &[
 ];
 /// Variables the platform sets itself; `[env]` may not override them.
 const RESERVED_ENV: &[(&str, &str)] = &[
-    ("PORT", "set `port = ...` instead; skiff passes it to the service as PORT"),
+    (
+        "PORT",
+        "set `port = ...` instead; skiff passes it to the service as PORT",
+    ),
     ("HOME", "HOME is always /tmp, the only writable directory"),
 ];
 
@@ -487,7 +490,11 @@ impl Validator<'_> {
         None
     }
 
-    fn sub_table<'t>(&mut self, table: &'t toml::Table, key: &str) -> Option<Option<&'t toml::Table>> {
+    fn sub_table<'t>(
+        &mut self,
+        table: &'t toml::Table,
+        key: &str,
+    ) -> Option<Option<&'t toml::Table>> {
         match table.get(key) {
             None => Some(None),
             Some(Value::Table(t)) => Some(Some(t)),
@@ -550,7 +557,11 @@ impl Validator<'_> {
                 }
             };
             if value.contains('\0') {
-                self.problem(&path, "the value contains a NUL byte, which no environment can hold; remove it".into());
+                self.problem(
+                    &path,
+                    "the value contains a NUL byte, which no environment can hold; remove it"
+                        .into(),
+                );
                 ok = false;
                 continue;
             }

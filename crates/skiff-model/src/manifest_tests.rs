@@ -36,7 +36,10 @@ idle_stop = "5m"
     )
     .unwrap();
     assert_eq!(spec.name.as_str(), "hello");
-    assert_eq!(spec.build.as_deref(), Some("pip install -r requirements.txt"));
+    assert_eq!(
+        spec.build.as_deref(),
+        Some("pip install -r requirements.txt")
+    );
     assert_eq!(spec.start, "python3 app.py");
     assert_eq!(spec.port, 8080);
     assert_eq!(spec.mode, Mode::Serverless);
@@ -88,30 +91,87 @@ fn reports_every_problem_at_once_with_position() {
         assert!(fields.contains(&f), "{f} missing from {fields:?}");
     }
     let text = err.to_string();
-    assert!(text.starts_with("/src/hello/skiff.toml has 5 problems:"), "{text}");
-    assert!(text.contains("skiff.toml:3:8: port: 0 is not a usable port; use a number from 1 to 65535"), "{text}");
-    assert!(text.contains("unknown field `prot`; did you mean `port`?"), "{text}");
+    assert!(
+        text.starts_with("/src/hello/skiff.toml has 5 problems:"),
+        "{text}"
+    );
+    assert!(
+        text.contains("skiff.toml:3:8: port: 0 is not a usable port; use a number from 1 to 65535"),
+        "{text}"
+    );
+    assert!(
+        text.contains("unknown field `prot`; did you mean `port`?"),
+        "{text}"
+    );
     assert!(text.contains("skiff.toml:6:10: limits.memory"), "{text}");
 }
 
 #[test]
 fn bad_values_table() {
     let cases: &[(&str, &str, &str)] = &[
-        ("start = \"x\"\nport = 70000", "port", "70000 is not a usable port"),
-        ("start = \"x\"\nport = \"8080\"", "port", "expected a number"),
+        (
+            "start = \"x\"\nport = 70000",
+            "port",
+            "70000 is not a usable port",
+        ),
+        (
+            "start = \"x\"\nport = \"8080\"",
+            "port",
+            "expected a number",
+        ),
         ("start = 3", "start", "expected a string"),
         ("name = \"x\"", "start", "no start command"),
         ("start = \"  \"", "start", "the start command is empty"),
-        ("start = \"x\"\nmode = \"fast\"", "mode", "\"fast\" is not a mode"),
-        ("start = \"x\"\n[env]\nPORT = \"1\"", "env.PORT", "set `port = ...` instead"),
-        ("start = \"x\"\n[env]\n1A = \"1\"", "env.1A", "not a valid environment variable name"),
-        ("start = \"x\"\nenv = 3", "env", "write it as a [env] section"),
-        ("start = \"x\"\n[limits]\nmax_instances = 0", "limits.max_instances", "out of range"),
-        ("start = \"x\"\n[limits]\nidle_stop = \"5\"", "limits.idle_stop", "has no unit"),
-        ("start = \"x\"\n[limits]\nrequest_timeout = \"0s\"", "limits.request_timeout", "cannot be 0"),
-        ("start = \"x\"\n[limits]\nmemory = \"1MiB\"", "limits.memory", "too small"),
-        ("start = \"x\"\n[limits]\ncpu = -1", "limits.cpu", "not a CPU share"),
-        ("start = \"x\"\n[limits]\nconcurency = 5", "limits.concurency", "did you mean `concurrency`?"),
+        (
+            "start = \"x\"\nmode = \"fast\"",
+            "mode",
+            "\"fast\" is not a mode",
+        ),
+        (
+            "start = \"x\"\n[env]\nPORT = \"1\"",
+            "env.PORT",
+            "set `port = ...` instead",
+        ),
+        (
+            "start = \"x\"\n[env]\n1A = \"1\"",
+            "env.1A",
+            "not a valid environment variable name",
+        ),
+        (
+            "start = \"x\"\nenv = 3",
+            "env",
+            "write it as a [env] section",
+        ),
+        (
+            "start = \"x\"\n[limits]\nmax_instances = 0",
+            "limits.max_instances",
+            "out of range",
+        ),
+        (
+            "start = \"x\"\n[limits]\nidle_stop = \"5\"",
+            "limits.idle_stop",
+            "has no unit",
+        ),
+        (
+            "start = \"x\"\n[limits]\nrequest_timeout = \"0s\"",
+            "limits.request_timeout",
+            "cannot be 0",
+        ),
+        (
+            "start = \"x\"\n[limits]\nmemory = \"1MiB\"",
+            "limits.memory",
+            "too small",
+        ),
+        (
+            "start = \"x\"\n[limits]\ncpu = -1",
+            "limits.cpu",
+            "not a CPU share",
+        ),
+        (
+            "start = \"x\"\n[limits]\nconcurency = 5",
+            "limits.concurency",
+            "did you mean `concurrency`?",
+        ),
     ];
     for (text, field, needle) in cases {
         let err = check(text, &Overrides::default()).unwrap_err();
@@ -145,6 +205,14 @@ fn bad_flags_are_named() {
 
 #[test]
 fn missing_source_dir_is_explained() {
-    let err = load(Path::new("/nonexistent/skiff-test-dir"), &Overrides::default()).unwrap_err();
-    assert!(err.to_string().contains("cannot read /nonexistent/skiff-test-dir"), "{err}");
+    let err = load(
+        Path::new("/nonexistent/skiff-test-dir"),
+        &Overrides::default(),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("cannot read /nonexistent/skiff-test-dir"),
+        "{err}"
+    );
 }

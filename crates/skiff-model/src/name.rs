@@ -11,7 +11,9 @@ pub struct ServiceName(String);
 pub enum ServiceNameError {
     #[error("the name is empty; give the service a name such as \"hello\"")]
     Empty,
-    #[error("{0:?} is {1} characters long; a name is at most 63 characters (it becomes a DNS label)")]
+    #[error(
+        "{0:?} is {1} characters long; a name is at most 63 characters (it becomes a DNS label)"
+    )]
     TooLong(String, usize),
     #[error("{0:?} contains {1:?}; use only lowercase letters a-z, digits and '-' (it becomes a DNS label)")]
     BadChar(String, char),
@@ -80,7 +82,8 @@ mod tests {
 
     #[test]
     fn rejects_with_reason() {
-        let cases: &[(&str, fn(&ServiceNameError) -> bool)] = &[
+        type Check = fn(&ServiceNameError) -> bool;
+        let cases: &[(&str, Check)] = &[
             ("", |e| matches!(e, ServiceNameError::Empty)),
             ("Hello", |e| matches!(e, ServiceNameError::BadChar(_, 'H'))),
             ("a_b", |e| matches!(e, ServiceNameError::BadChar(_, '_'))),
@@ -101,10 +104,22 @@ mod tests {
 
     #[test]
     fn derives_from_directory_names() {
-        assert_eq!(ServiceName::derive_from("My_App").unwrap().as_str(), "my-app");
-        assert_eq!(ServiceName::derive_from("hello-python").unwrap().as_str(), "hello-python");
+        assert_eq!(
+            ServiceName::derive_from("My_App").unwrap().as_str(),
+            "my-app"
+        );
+        assert_eq!(
+            ServiceName::derive_from("hello-python").unwrap().as_str(),
+            "hello-python"
+        );
         assert_eq!(ServiceName::derive_from("__x__").unwrap().as_str(), "x");
         assert!(ServiceName::derive_from("___").is_none());
-        assert_eq!(ServiceName::derive_from(&"b".repeat(80)).unwrap().as_str().len(), 63);
+        assert_eq!(
+            ServiceName::derive_from(&"b".repeat(80))
+                .unwrap()
+                .as_str()
+                .len(),
+            63
+        );
     }
 }

@@ -46,13 +46,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = t;
     while !rest.is_empty() {
-        let digits_end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits_end = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits_end == 0 {
             return Err(bad());
         }
         let n: u64 = rest[..digits_end].parse().map_err(|_| bad())?;
         rest = &rest[digits_end..];
-        let unit_end = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = &rest[..unit_end];
         rest = &rest[unit_end..];
         let part = match unit {
@@ -60,7 +64,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "s" => Duration::from_secs(n),
             "m" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
-            "" => return Err(format!("{s:?} has no unit; write for example \"{n}s\" for seconds")),
+            "" => {
+                return Err(format!(
+                    "{s:?} has no unit; write for example \"{n}s\" for seconds"
+                ))
+            }
             _ => return Err(bad()),
         };
         total = total.saturating_add(part);
@@ -71,7 +79,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 /// Formats a size the way a user would write it, e.g. `6MiB` or `6291457B`.
 pub fn format_size(bytes: u64) -> String {
     for (unit, mult) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-        if bytes >= mult && bytes % mult == 0 {
+        if bytes >= mult && bytes.is_multiple_of(mult) {
             return format!("{}{unit}", bytes / mult);
         }
     }
@@ -83,11 +91,11 @@ pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
     if ms == 0 {
         "0s".into()
-    } else if ms % 3_600_000 == 0 {
+    } else if ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 {
+    } else if ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
@@ -114,7 +122,9 @@ mod tests {
         for bad in ["", "MiB", "12 parsecs", "1.5GiB", "-1"] {
             assert!(parse_size(bad).is_err(), "{bad:?} should be rejected");
         }
-        assert!(parse_size("99999999999999GiB").unwrap_err().contains("too large"));
+        assert!(parse_size("99999999999999GiB")
+            .unwrap_err()
+            .contains("too large"));
     }
 
     #[test]
@@ -127,7 +137,11 @@ mod tests {
             ("1m30s", 90_000),
         ];
         for (input, want) in table {
-            assert_eq!(parse_duration(input), Ok(Duration::from_millis(want)), "{input}");
+            assert_eq!(
+                parse_duration(input),
+                Ok(Duration::from_millis(want)),
+                "{input}"
+            );
         }
         for bad in ["", "15", "m", "3 days", "1.5s", "10x"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");

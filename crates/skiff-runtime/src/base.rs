@@ -78,7 +78,10 @@ pub async fn ensure(
     let name = image_dir_name();
     let root = cache.join(&name).join("rootfs");
     if root.join("app").is_dir() {
-        return Ok(BaseImage { root, built_in: None });
+        return Ok(BaseImage {
+            root,
+            built_in: None,
+        });
     }
     tokio::fs::create_dir_all(cache).await.map_err(io(cache))?;
     let lock_path = cache.join(format!("{name}.lock"));
@@ -97,22 +100,13 @@ pub async fn ensure(
     .map_err(|e| io(&lock_path)(std::io::Error::other(e)))?
     .map_err(io(&lock_path))?;
     if root.join("app").is_dir() {
-        return Ok(BaseImage { root, built_in: None });
+        return Ok(BaseImage {
+            root,
+            built_in: None,
+        });
     }
 
-    let debootstrap = which("debootstrap").ok_or(BaseImageError::NoDebootstrap)?;
-    let debootstrap = debootstrap.to_string_lossy().into_owned();
-    let chroot = which("chroot").map_or_else(
-        || "/usr/sbin/chroot".to_string(),
-        |p| p.to_string_lossy().into_owned(),
-    );
     let started = Instant::now();
-    let work = cache.join(format!("{name}.partial"));
-    if work.exists() {
-        tokio::fs::remove_dir_all(&work).await.map_err(io(&work))?;
-    }
-    let work_root = work.join("rootfs");
-    tokio::fs::create_dir_all(&work_root).await.map_err(io(&work))?;
     let log = cache.join(format!("{name}.log"));
     let mut logf = tokio::fs::File::create(&log).await.map_err(io(&log))?;
     let fail = |step: &str, status: String| BaseImageError::StepFailed {
@@ -121,6 +115,42 @@ pub async fn ensure(
         log: log.clone(),
         mirror: mirror.to_string(),
     };
+    if which("debootstrap").is_none() && which("apt-get").is_some() {
+        // A fresh Debian host: bring the one tool skiff needs from the host's
+        // own package sources, as the user would have been told to.
+        progress("debootstrap is missing; installing it with apt-get");
+        let apt = |args: &[&str]| -> Vec<String> {
+            std::iter::once("apt-get")
+                .chain(args.iter().copied())
+                .map(String::from)
+                .collect()
+        };
+        run_step("apt-get update", &apt(&["update"]), &mut logf, &progress)
+            .await
+            .map_err(|s| fail("apt-get update", s))?;
+        run_step(
+            "apt-get install debootstrap",
+            &apt(&["install", "-y", "--no-install-recommends", "debootstrap"]),
+            &mut logf,
+            &progress,
+        )
+        .await
+        .map_err(|s| fail("apt-get install debootstrap", s))?;
+    }
+    let debootstrap = which("debootstrap").ok_or(BaseImageError::NoDebootstrap)?;
+    let debootstrap = debootstrap.to_string_lossy().into_owned();
+    let chroot = which("chroot").map_or_else(
+        || "/usr/sbin/chroot".to_string(),
+        |p| p.to_string_lossy().into_owned(),
+    );
+    let work = cache.join(format!("{name}.partial"));
+    if work.exists() {
+        tokio::fs::remove_dir_all(&work).await.map_err(io(&work))?;
+    }
+    let work_root = work.join("rootfs");
+    tokio::fs::create_dir_all(&work_root)
+        .await
+        .map_err(io(&work))?;
 
     let root_str = work_root.to_string_lossy().into_owned();
     let include = format!("--include={DEBOOTSTRAP_PACKAGES}");
@@ -155,39 +185,9 @@ pub async fn ensure(
         ),
     ];
     for (step, argv) in steps {
-        progress(&format!("running {step}"));
-        let mut child = Command::new(&argv[0])
-            .args(&argv[1..])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| fail(&step, e.to_string()))?;
-        let out = child.stdout.take().map(|o| BufReader::new(o).lines());
-        let err = child.stderr.take().map(|o| BufReader::new(o).lines());
-        let (Some(mut out), Some(mut err)) = (out, err) else {
-            return Err(fail(&step, "no output pipes".into()));
-        };
-        let (mut out_done, mut err_done) = (false, false);
-        while !(out_done && err_done) {
-            let line = tokio::select! {
-                l = out.next_line(), if !out_done => l.ok().flatten().ok_or(&mut out_done),
-                l = err.next_line(), if !err_done => l.ok().flatten().ok_or(&mut err_done),
-            };
-            match line {
-                Ok(line) => {
-                    let _ = logf.write_all(format!("{line}\n").as_bytes()).await;
-                    progress(&line);
-                }
-                Err(done) => *done = true,
-            }
-        }
-        let status = child.wait().await.map_err(|e| fail(&step, e.to_string()))?;
-        if !status.success() {
-            return Err(fail(&step, status.to_string()));
-        }
+        run_step(&step, &argv, &mut logf, &progress)
+            .await
+            .map_err(|status| fail(&step, status))?;
     }
     progress("finishing the image");
     finish(&work_root).map_err(io(&work_root))?;
@@ -204,6 +204,51 @@ pub async fn ensure(
         root,
         built_in: Some(started.elapsed()),
     })
+}
+
+/// Runs one preparation command, passing each output line to the log and
+/// to `progress`. The error is the command's status in words.
+async fn run_step(
+    step: &str,
+    argv: &[String],
+    logf: &mut tokio::fs::File,
+    progress: &(impl Fn(&str) + Send + Sync),
+) -> Result<(), String> {
+    progress(&format!("running {step}"));
+    let _ = logf.write_all(format!("$ {}\n", argv.join(" ")).as_bytes()).await;
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", argv[0]))?;
+    let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
+        return Err("no output pipes".into());
+    };
+    let (mut out, mut err) = (BufReader::new(out).lines(), BufReader::new(err).lines());
+    let (mut out_done, mut err_done) = (false, false);
+    while !(out_done && err_done) {
+        let line = tokio::select! {
+            l = out.next_line(), if !out_done => l.ok().flatten().ok_or(&mut out_done),
+            l = err.next_line(), if !err_done => l.ok().flatten().ok_or(&mut err_done),
+        };
+        match line {
+            Ok(line) => {
+                let _ = logf.write_all(format!("{line}\n").as_bytes()).await;
+                progress(&line);
+            }
+            Err(done) => *done = true,
+        }
+    }
+    let status = child.wait().await.map_err(|e| e.to_string())?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(status.to_string())
+    }
 }
 
 /// The last touches: the run user, `/app`, and no package caches.
@@ -231,7 +276,10 @@ fn finish(root: &Path) -> std::io::Result<()> {
             }
         }
     }
-    for file in ["var/cache/apt/pkgcache.bin", "var/cache/apt/srcpkgcache.bin"] {
+    for file in [
+        "var/cache/apt/pkgcache.bin",
+        "var/cache/apt/srcpkgcache.bin",
+    ] {
         let _ = std::fs::remove_file(root.join(file));
     }
     Ok(())

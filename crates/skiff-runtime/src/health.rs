@@ -144,7 +144,10 @@ mod tests {
     #[test]
     fn describes() {
         let s = describe_listeners(&["127.0.0.1:3000".parse().unwrap()], 8080);
-        assert!(s.contains("listening on 127.0.0.1:3000, not on port 8080"), "{s}");
+        assert!(
+            s.contains("listening on 127.0.0.1:3000, not on port 8080"),
+            "{s}"
+        );
         assert!(describe_listeners(&[], 8080).contains("not listening on any TCP port"));
     }
 }

@@ -50,9 +50,8 @@ pub enum StartError {
 }
 
 fn early_exit_message(exit: Exit, port: u16, tail: &[String]) -> String {
-    let mut s = format!(
-        "The start command exited ({exit}) before the service listened on port {port}."
-    );
+    let mut s =
+        format!("The start command exited ({exit}) before the service listened on port {port}.");
     if tail.is_empty() {
         s.push_str("\nIt printed nothing.");
     } else {
@@ -84,7 +83,10 @@ impl Tail {
     }
 
     pub fn lines(&self) -> Vec<String> {
-        self.0.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default()
+        self.0
+            .lock()
+            .map(|t| t.iter().cloned().collect())
+            .unwrap_or_default()
     }
 }
 
@@ -100,7 +102,9 @@ pub struct Started {
 
 impl fmt::Debug for Started {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Started").field("id", &self.instance.id).finish()
+        f.debug_struct("Started")
+            .field("id", &self.instance.id)
+            .finish()
     }
 }
 
@@ -232,7 +236,11 @@ fn pump(
             buf.clear();
             // At most MAX_LINE bytes at a time: a service that never writes a
             // newline gets its output cut into pieces, not buffered forever.
-            match (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut buf).await {
+            match (&mut reader)
+                .take(MAX_LINE as u64)
+                .read_until(b'\n', &mut buf)
+                .await
+            {
                 Ok(0) | Err(_) => return,
                 Ok(_) => {}
             }

@@ -3,17 +3,17 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use skiff_gateway::{Connect, ConnectFuture, Gateway, GatewayError, Route, Router, Upstream};
 use skiff_model::ServiceSpec;
-use skiff_sandbox::{Exit, NetNs, Sandbox};
+use skiff_sandbox::{Cgroups, Exit, NetNs, Sandbox, CGROUP_ROOT};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::base::{self, BaseImageError};
 use crate::events::{Event, StartReport};
@@ -103,7 +103,9 @@ impl Router for Shared {
         match services.get(service) {
             Some(ServiceState::Ready(up)) => Route::Instance(up.clone()),
             Some(ServiceState::Starting) => Route::Unavailable {
-                reason: "it is starting and not yet answering its health check; try again in a moment".into(),
+                reason:
+                    "it is starting and not yet answering its health check; try again in a moment"
+                        .into(),
             },
             Some(ServiceState::Failed(reason)) => Route::Unavailable {
                 reason: reason.clone(),
@@ -154,6 +156,10 @@ impl Platform {
                 dir: dir.clone(),
                 source,
             })?;
+        }
+        let swept = Cgroups::sweep(Path::new(CGROUP_ROOT), owner_is_gone);
+        if !swept.is_empty() {
+            info!("removed cgroups left by a platform that was killed: {swept:?}");
         }
         let listener = Gateway::bind(config.listen).await?;
         let gateway_addr = listener.local_addr().map_err(|source| GatewayError::Bind {
@@ -233,7 +239,11 @@ impl Platform {
     }
 
     fn set_state(&self, name: &str, state: ServiceState) {
-        let mut services = self.shared.services.write().unwrap_or_else(|p| p.into_inner());
+        let mut services = self
+            .shared
+            .services
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         services.insert(name.to_string(), state);
     }
 
@@ -251,7 +261,11 @@ impl Platform {
             built_in: base.built_in,
         });
 
-        let log_path = shared.config.state_dir.join("logs").join(format!("{name}.log"));
+        let log_path = shared
+            .config
+            .state_dir
+            .join("logs")
+            .join(format!("{name}.log"));
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -260,11 +274,7 @@ impl Platform {
                 path: log_path.clone(),
                 source,
             })?;
-        let id = format!(
-            "{name}-{}-{}",
-            std::process::id(),
-            shared.next_instance.fetch_add(1, Ordering::SeqCst)
-        );
+        let id = instance_id(&name, shared.next_instance.fetch_add(1, Ordering::SeqCst));
         let ctx = StartContext {
             sandbox: &shared.sandbox,
             base_root: &base.root,
@@ -309,7 +319,8 @@ impl Platform {
     /// removes their cgroups and stops the gateway. Nothing is left running.
     pub async fn shutdown(self) {
         self.shared.shutting_down.store(true, Ordering::SeqCst);
-        let stops = std::mem::take(&mut *self.shared.stops.lock().unwrap_or_else(|p| p.into_inner()));
+        let stops =
+            std::mem::take(&mut *self.shared.stops.lock().unwrap_or_else(|p| p.into_inner()));
         for (tx, _) in &stops {
             let _ = tx.send(true);
         }
@@ -318,6 +329,24 @@ impl Platform {
         }
         let _ = self.gateway_stop.send(true);
         let _ = self.gateway_task.await;
+    }
+}
+
+/// Instance ids carry the platform's pid (`NAME-PID-N`), so that cgroups
+/// left by a killed platform can be told from those of a live one.
+fn instance_id(service: &str, n: u64) -> String {
+    format!("{service}-{}-{n}", std::process::id())
+}
+
+/// Whether the platform that made instance `id` no longer runs.
+fn owner_is_gone(id: &str) -> bool {
+    let mut parts = id.rsplitn(3, '-');
+    let (Some(_n), Some(pid), Some(_service)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    match pid.parse::<u32>() {
+        Ok(pid) => pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists(),
+        Err(_) => false,
     }
 }
 
@@ -377,5 +406,21 @@ async fn supervise(
                 let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instance_ids_name_their_platform() {
+        let id = instance_id("my-svc", 3);
+        assert_eq!(id, format!("my-svc-{}-3", std::process::id()));
+        assert!(!owner_is_gone(&id), "our own instances are never stale");
+        // pid_max is at most 2^22, so this pid cannot run.
+        assert!(owner_is_gone("my-svc-99999999-1"));
+        assert!(!owner_is_gone("not-an-id"));
+        assert!(!owner_is_gone("x"));
     }
 }

@@ -86,6 +86,36 @@ impl Cgroups {
         Ok(me)
     }
 
+    /// Removes the cgroups of instances whose platform died without removing
+    /// them (it was SIGKILLed), as `is_stale` tells from the instance id.
+    /// Their processes died with the platform (parent-death signal); any
+    /// left are killed. Returns the ids removed.
+    pub fn sweep(root: &Path, is_stale: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut ids: Vec<String> = V1_CONTROLLERS
+            .iter()
+            .chain(std::iter::once(&"unified"))
+            .filter_map(|c| fs::read_dir(root.join(c).join("skiff")).ok())
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|id| is_stale(id))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids.retain(|id| {
+            let stale = Self {
+                v1: V1_CONTROLLERS
+                    .iter()
+                    .map(|c| root.join(c).join("skiff").join(id))
+                    .collect(),
+                unified: root.join("unified").join("skiff").join(id),
+            };
+            stale.remove(Duration::from_secs(2)).is_ok()
+        });
+        ids
+    }
+
     fn dirs(&self) -> impl Iterator<Item = &PathBuf> {
         self.v1.iter().chain(std::iter::once(&self.unified))
     }
@@ -101,7 +131,11 @@ impl Cgroups {
         // Without swap accounting this file is absent; with it, swap may not
         // be used to exceed the limit.
         if memory.join("memory.memsw.limit_in_bytes").exists() {
-            Self::write(memory, "memory.memsw.limit_in_bytes", &l.memory_bytes.to_string())?;
+            Self::write(
+                memory,
+                "memory.memsw.limit_in_bytes",
+                &l.memory_bytes.to_string(),
+            )?;
         }
         Self::write(pids, "pids.max", &l.pids.to_string())?;
         let period = 100_000u64;
@@ -142,7 +176,11 @@ impl Cgroups {
 
     /// Freezes (true) or thaws (false) every process of the instance.
     pub fn freeze(&self, frozen: bool) -> Result<(), CgroupError> {
-        Self::write(&self.unified, "cgroup.freeze", if frozen { "1" } else { "0" })
+        Self::write(
+            &self.unified,
+            "cgroup.freeze",
+            if frozen { "1" } else { "0" },
+        )
     }
 
     /// Memory the instance uses now, in bytes.
@@ -165,7 +203,7 @@ impl Cgroups {
     /// Removes the groups; kills what is left first. Waits up to `grace` for
     /// the kernel to let go of them.
     pub fn remove(&self, grace: Duration) -> Result<(), CgroupError> {
-        if self.populated() {
+        if self.unified.exists() && self.populated() {
             let _ = self.kill();
         }
         let deadline = Instant::now() + grace.max(Duration::from_secs(2));
@@ -174,7 +212,9 @@ impl Cgroups {
                 match fs::remove_dir(dir) {
                     Ok(()) => break,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+                    {
                         std::thread::sleep(Duration::from_millis(2));
                     }
                     Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {

@@ -59,9 +59,12 @@ pub fn init_main() -> ! {
 
 fn helper(control: &mut UnixStream) -> Res<i32> {
     let mut buf = Vec::new();
-    ctx(control.read_to_end(&mut buf), || "reading the sandbox configuration".into())?;
-    let config: SandboxConfig =
-        ctx(serde_json::from_slice(&buf), || "parsing the sandbox configuration".into())?;
+    ctx(control.read_to_end(&mut buf), || {
+        "reading the sandbox configuration".into()
+    })?;
+    let config: SandboxConfig = ctx(serde_json::from_slice(&buf), || {
+        "parsing the sandbox configuration".into()
+    })?;
 
     ctx(
         unshare(
@@ -123,9 +126,13 @@ fn wait_for(pid: Pid) -> i32 {
 fn pid1(config: &SandboxConfig, control: &mut UnixStream) -> Res<i32> {
     // If the helper dies (the platform was killed), the whole instance goes:
     // pid 1 dying takes every process of its pid namespace with it.
-    ctx(nix::sys::prctl::set_pdeathsig(Signal::SIGKILL), || "prctl".into())?;
+    ctx(nix::sys::prctl::set_pdeathsig(Signal::SIGKILL), || {
+        "prctl".into()
+    })?;
     build_root(config)?;
-    ctx(sethostname(&config.hostname), || "setting the host name".into())?;
+    ctx(sethostname(&config.hostname), || {
+        "setting the host name".into()
+    })?;
     loopback_up()?;
 
     // SAFETY: still single-threaded (see `helper`).
@@ -163,14 +170,23 @@ fn mnt(
     ctx(mount(src, target, fstype, flags, data), || {
         format!(
             "mounting {} on {}",
-            src.map_or_else(|| fstype.unwrap_or("?").to_string(), |s| s.display().to_string()),
+            src.map_or_else(
+                || fstype.unwrap_or("?").to_string(),
+                |s| s.display().to_string()
+            ),
             target.display()
         )
     })
 }
 
 fn bind_ro(src: &Path, target: &Path, extra: MsFlags) -> Res<()> {
-    mnt(Some(src), target, None, MsFlags::MS_BIND | MsFlags::MS_REC, None)?;
+    mnt(
+        Some(src),
+        target,
+        None,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None,
+    )?;
     mnt(
         None,
         target,
@@ -256,7 +272,9 @@ fn build_root(config: &SandboxConfig) -> Res<()> {
     // pivot_root(".", ".") stacks the old root under the new one; detaching
     // it leaves only the image visible. No directory in the image is needed.
     ctx(pivot_root(".", "."), || "pivot_root".into())?;
-    ctx(umount2(".", MntFlags::MNT_DETACH), || "detaching the host's root".into())?;
+    ctx(umount2(".", MntFlags::MNT_DETACH), || {
+        "detaching the host's root".into()
+    })?;
     ctx(chdir("/"), || "chdir /".into())?;
     Ok(())
 }
@@ -339,11 +357,17 @@ fn loopback_up() -> Res<()> {
             req.ifr_name[i] = *b as libc::c_char;
         }
         if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
-            return Err(format!("reading lo flags: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "reading lo flags: {}",
+                std::io::Error::last_os_error()
+            ));
         }
         req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
         if libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) < 0 {
-            return Err(format!("bringing lo up: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "bringing lo up: {}",
+                std::io::Error::last_os_error()
+            ));
         }
     }
     Ok(())
@@ -387,7 +411,9 @@ fn prepare_exec(config: &SandboxConfig) -> Res<(Vec<CString>, Vec<CString>)> {
     ctx(chdir(app), || format!("chdir {}", config.app_path))?;
 
     // The bounding set first (needs CAP_SETPCAP, which we lose with setuid).
-    ctx(caps::clear(None, caps::CapSet::Bounding), || "dropping capabilities".into())?;
+    ctx(caps::clear(None, caps::CapSet::Bounding), || {
+        "dropping capabilities".into()
+    })?;
     let (uid, gid) = (Uid::from_raw(config.uid), Gid::from_raw(config.gid));
     ctx(setgroups(&[gid]), || "setgroups".into())?;
     ctx(setresgid(gid, gid, gid), || "setresgid".into())?;
@@ -397,6 +423,8 @@ fn prepare_exec(config: &SandboxConfig) -> Res<(Vec<CString>, Vec<CString>)> {
     for set in [caps::CapSet::Inheritable, caps::CapSet::Ambient] {
         ctx(caps::clear(None, set), || "clearing capabilities".into())?;
     }
-    ctx(nix::sys::prctl::set_no_new_privs(), || "no_new_privs".into())?;
+    ctx(nix::sys::prctl::set_no_new_privs(), || {
+        "no_new_privs".into()
+    })?;
     Ok((argv, env))
 }

@@ -26,6 +26,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+/// Where the cgroup hierarchies are mounted on this kind of host.
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
 /// The argument that makes the skiff binary act as the sandbox helper.
 pub const INIT_ARG: &str = "__sandbox-init";
 

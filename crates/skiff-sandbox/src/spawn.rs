@@ -78,7 +78,7 @@ impl Sandbox {
     pub fn new(helper: PathBuf) -> Self {
         Self {
             helper,
-            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            cgroup_root: PathBuf::from(crate::CGROUP_ROOT),
         }
     }
 
@@ -298,4 +298,3 @@ impl Drop for Instance {
         }
     }
 }
-

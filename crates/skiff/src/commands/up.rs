@@ -119,7 +119,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if !interrupted && failed < specs.len() {
-        eprintln!("skiff: serving on http://{}; press Ctrl-C to stop", platform.gateway_addr());
+        eprintln!(
+            "skiff: serving on http://{}; press Ctrl-C to stop",
+            platform.gateway_addr()
+        );
         (&mut stop).await;
     }
     eprintln!("skiff: stopping");
@@ -137,7 +140,10 @@ fn ms(d: Duration) -> String {
 }
 
 fn indent(text: &str) -> String {
-    text.lines().map(|l| format!("  {l}")).collect::<Vec<_>>().join("\n")
+    text.lines()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Prints what the platform reports: base image progress, service logs.

@@ -1,0 +1,338 @@
+//! Drives the real `skiff` binary like a user: starts it on a free port with
+//! temporary state, reads what it prints, sends HTTP through its gateway.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+pub const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
+
+/// The platform's tests need real namespaces, mounts and cgroups.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "the end-to-end tests start real sandboxes and must run as root"
+    );
+}
+
+/// A test service: a directory with files and a skiff.toml.
+pub struct App {
+    pub dir: tempfile::TempDir,
+}
+
+impl App {
+    pub fn new(manifest: &str, files: &[(&str, &str)]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("skiff-app-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::write(dir.path().join("skiff.toml"), manifest).expect("write manifest");
+        for (name, content) in files {
+            std::fs::write(dir.path().join(name), content).expect("write app file");
+        }
+        // The sandbox user must be able to read the source.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        Self { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// A running `skiff up`.
+pub struct Up {
+    pub child: Child,
+    pub state: tempfile::TempDir,
+    stdout: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+    lines: mpsc::Receiver<(bool, String)>,
+    pub port: Option<u16>,
+}
+
+/// A unique name for a test's service, so tests never see each other's leftovers.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+impl Up {
+    /// Starts `skiff up` on `dirs` with a free gateway port and new state.
+    pub fn start(dirs: &[&Path], extra: &[&str]) -> Self {
+        require_root();
+        let state = tempfile::Builder::new()
+            .prefix("skiff-state-")
+            .tempdir()
+            .expect("tempdir");
+        let mut cmd = Command::new(SKIFF);
+        cmd.arg("up")
+            .args(dirs)
+            .args(["--listen", "127.0.0.1:0", "--state"])
+            .arg(state.path())
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("start skiff");
+        let (tx, lines) = mpsc::channel();
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        for (is_out, reader, store) in [
+            (
+                true,
+                Box::new(child.stdout.take().unwrap()) as Box<dyn Read + Send>,
+                stdout.clone(),
+            ),
+            (
+                false,
+                Box::new(child.stderr.take().unwrap()),
+                stderr.clone(),
+            ),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(reader).lines().map_while(Result::ok) {
+                    store.lock().unwrap().push(line.clone());
+                    let _ = tx.send((is_out, line));
+                }
+            });
+        }
+        Self {
+            child,
+            state,
+            stdout,
+            stderr,
+            lines,
+            port: None,
+        }
+    }
+
+    /// Waits until `n` service URLs were printed (or skiff ended); returns them.
+    pub fn wait_urls(&mut self, n: usize, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut urls = Vec::new();
+        while urls.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((true, line)) if line.starts_with("http://") => {
+                    let port = line
+                        .trim_end_matches('/')
+                        .rsplit(':')
+                        .next()
+                        .and_then(|p| p.parse().ok());
+                    self.port = port;
+                    urls.push(line);
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        urls
+    }
+
+    /// Waits for a line of output (either stream) containing `needle`.
+    pub fn wait_output(&mut self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        if self.stderr().contains(needle) || self.stdout().contains(needle) {
+            return true;
+        }
+        while let Ok((_, line)) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            if line.contains(needle) {
+                return true;
+            }
+        }
+        false
+    }
+
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().join("\n")
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+
+    /// Waits for skiff to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                // Let the reader threads take the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "skiff did not exit within {timeout:?}\nstdout:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `sig` to skiff and waits for it to exit.
+    pub fn signal_and_wait(&mut self, sig: Signal) -> ExitStatus {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), sig);
+        self.wait_exit(Duration::from_secs(30))
+    }
+
+    pub fn get(&self, host: &str, path: &str) -> Response {
+        http_get(self.port.expect("no gateway port yet"), host, path)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.state.path().to_path_buf()
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        // A failed assertion must not leave a platform running: SIGTERM
+        // makes skiff stop its instances and remove their cgroups.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A plain HTTP/1.1 GET to the gateway on loopback with the given Host.
+pub fn http_get(port: u16, host: &str, path: &str) -> Response {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to gateway");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read response");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let chunked = text
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Response {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Cgroup directories on this host whose name contains `needle`.
+pub fn cgroups_named(needle: &str) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for controller in ["memory", "pids", "cpu", "unified"] {
+        let dir = Path::new("/sys/fs/cgroup").join(controller).join("skiff");
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().contains(needle) {
+                    found.push(e.path());
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Processes on this host whose command line contains `needle`.
+pub fn processes_with(needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            if String::from_utf8_lossy(&cmd).contains(needle) {
+                found.push(pid);
+            }
+        }
+    }
+    found
+}
+
+/// Host mounts whose mount point or source mentions `needle`.
+pub fn mounts_with(needle: &str) -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
