@@ -11,6 +11,7 @@
 mod error;
 mod proxy;
 mod route;
+mod upstream_io;
 
 pub use error::ErrorKind;
 pub use proxy::{Gateway, GatewayError};

@@ -19,6 +19,7 @@ use tracing::debug;
 
 use crate::error::{error_response, Body, ErrorKind};
 use crate::route::{host_to_service, Route, Router};
+use crate::upstream_io::UpstreamIo;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -34,7 +35,7 @@ struct Connector {
 }
 
 impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<tokio::net::TcpStream>;
+    type Response = UpstreamIo;
     type Error = io::Error;
     type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
 
@@ -46,7 +47,7 @@ impl tower_service::Service<Uri> for Connector {
         let upstream = uri.host().and_then(|key| self.router.upstream(key));
         Box::pin(async move {
             match upstream {
-                Some(up) => Ok(TokioIo::new(up.connect.connect().await?)),
+                Some(up) => Ok(UpstreamIo::new(up.connect.connect().await?)),
                 None => Err(io::Error::new(
                     io::ErrorKind::NotFound,
                     "the instance is gone",

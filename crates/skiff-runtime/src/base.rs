@@ -215,7 +215,9 @@ async fn run_step(
     progress: &(impl Fn(&str) + Send + Sync),
 ) -> Result<(), String> {
     progress(&format!("running {step}"));
-    let _ = logf.write_all(format!("$ {}\n", argv.join(" ")).as_bytes()).await;
+    let _ = logf
+        .write_all(format!("$ {}\n", argv.join(" ")).as_bytes())
+        .await;
     let mut child = Command::new(&argv[0])
         .args(&argv[1..])
         .env("DEBIAN_FRONTEND", "noninteractive")

@@ -92,6 +92,7 @@ impl Sandbox {
     ) -> Result<Instance, SandboxError> {
         let requested = Instant::now();
         let cgroups = Cgroups::create(&self.cgroup_root, id, limits)?;
+        let cgroups_at = requested.elapsed();
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         let theirs_fd = theirs.as_raw_fd();
 
@@ -137,6 +138,7 @@ impl Sandbox {
             }
         };
         let pid = child.id().unwrap_or(0);
+        let spawned_at = requested.elapsed();
         let mut instance = Instance {
             id: id.to_string(),
             pid,
@@ -152,7 +154,17 @@ impl Sandbox {
             },
         };
         match instance.handshake(ours, config).await {
-            Ok(()) => Ok(instance),
+            Ok(()) => {
+                tracing::debug!(
+                    instance = id,
+                    ?cgroups_at,
+                    ?spawned_at,
+                    namespaces = ?instance.timings.namespaces,
+                    started = ?instance.timings.started,
+                    "sandbox ready"
+                );
+                Ok(instance)
+            }
             Err(e) => {
                 let _ = instance.stop(Duration::ZERO).await;
                 Err(e)

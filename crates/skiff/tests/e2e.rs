@@ -102,7 +102,10 @@ fn bundled_example_answers_through_the_gateway() {
     assert!(r.body.contains("\"path\": \"/hi\""), "{r:?}");
     // The service's own log reaches the user, prefixed with its name.
     assert!(
-        up.wait_output("hello-python | listening on 0.0.0.0:8080", Duration::from_secs(10)),
+        up.wait_output(
+            "hello-python | listening on 0.0.0.0:8080",
+            Duration::from_secs(10)
+        ),
         "{}",
         up.stdout()
     );
@@ -356,11 +359,21 @@ fn sigkill_of_skiff_still_takes_the_instances_down() {
     );
     // A killed platform cannot remove its cgroups; the next one to start
     // on this host does.
-    assert!(!cgroups_named(&name).is_empty(), "expected the killed platform's cgroups");
-    let other = App::new(&format!("name = \"{}\"\nstart = \"exit 1\"\n", unique("next")), &[]);
+    assert!(
+        !cgroups_named(&name).is_empty(),
+        "expected the killed platform's cgroups"
+    );
+    let other = App::new(
+        &format!("name = \"{}\"\nstart = \"exit 1\"\n", unique("next")),
+        &[],
+    );
     let mut next = Up::start(&[other.path()], &[]);
     next.wait_exit(FIRST_START);
-    assert!(cgroups_named(&name).is_empty(), "{:?}", cgroups_named(&name));
+    assert!(
+        cgroups_named(&name).is_empty(),
+        "{:?}",
+        cgroups_named(&name)
+    );
 }
 
 #[test]
