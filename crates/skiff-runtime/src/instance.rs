@@ -33,6 +33,12 @@ const MAX_LINE: usize = 16 * 1024;
 pub enum StartError {
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    /// The run user cannot read the source directory mounted at /app.
+    #[error(
+        "the service runs as uid {RUN_UID}, which cannot read {dir} (mode {mode:o}); \
+         make it readable to all, e.g. `chmod a+rX {dir}`"
+    )]
+    SourceNotReadable { dir: String, mode: u32 },
     /// The start command ended before the port answered.
     #[error("{}", early_exit_message(*exit, *port, tail))]
     EarlyExit {
@@ -140,6 +146,7 @@ pub async fn start(
     id: &str,
 ) -> Result<Started, StartError> {
     let service = spec.name.to_string();
+    check_readable(&spec.source)?;
     let _ = ctx.events.send(Event::Starting {
         service: service.clone(),
         instance: id.to_string(),
@@ -214,6 +221,24 @@ pub async fn start(
         tail,
         pumps,
     })
+}
+
+/// The source is mounted as it is; the non-root run user needs to read and
+/// enter it, which a directory under a private home often forbids.
+fn check_readable(dir: &Path) -> Result<(), StartError> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return Ok(()); // the manifest loader already reported a missing directory
+    };
+    let mode = meta.permissions().mode() & 0o7777;
+    let owned_by_run_user = std::os::unix::fs::MetadataExt::uid(&meta) == RUN_UID;
+    if mode & 0o005 != 0o005 && !owned_by_run_user {
+        return Err(StartError::SourceNotReadable {
+            dir: dir.display().to_string(),
+            mode,
+        });
+    }
+    Ok(())
 }
 
 fn pump(

@@ -18,6 +18,9 @@ use crate::init::CONTROL_FD;
 use crate::netns::NetNs;
 use crate::{SandboxConfig, INIT_ARG};
 
+/// How long building a sandbox may take before it counts as failed.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Why an instance could not be started or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
@@ -153,7 +156,17 @@ impl Sandbox {
                 started: Duration::ZERO,
             },
         };
-        match instance.handshake(ours, config).await {
+        // A helper that neither finishes nor fails (a hung mount, a kernel
+        // stuck in D state) must not hang the deploy forever.
+        let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, instance.handshake(ours, config))
+            .await
+            .unwrap_or_else(|_| {
+                Err(SandboxError::Setup(format!(
+                    "the sandbox was not ready after {}s; the host may be overloaded",
+                    HANDSHAKE_TIMEOUT.as_secs()
+                )))
+            });
+        match handshake {
             Ok(()) => {
                 tracing::debug!(
                     instance = id,

@@ -54,6 +54,19 @@ class H(BaseHTTPRequestHandler):
             body = status_fields()
         elif u.path == "/exists":
             body = {"exists": os.path.exists(q["path"])}
+        elif u.path == "/read":
+            try:
+                with open(q["path"]) as f:
+                    body = {"result": "read %d bytes" % len(f.read())}
+            except OSError as e:
+                body = {"result": e.strerror}
+        elif u.path == "/ls":
+            try:
+                body = {"result": sorted(os.listdir(q["path"]))}
+            except OSError as e:
+                body = {"result": e.strerror}
+        elif u.path == "/exit":
+            os._exit(int(q["code"]))
         elif u.path == "/env":
             body = {k: os.environ.get(k) for k in ("PORT", "HOME", "GREETING")}
         else:
@@ -177,6 +190,16 @@ fn sandbox_is_read_only_unprivileged_and_private() {
     assert!(env.body.contains("\"GREETING\": \"hi\""), "{}", env.body);
 
     // Nothing of the host or the platform is visible inside.
+    let shadow = up.get(&h, "/read?path=/etc/shadow");
+    assert!(shadow.body.contains("Permission denied"), "{}", shadow.body);
+    let home = up.get(&h, "/ls?path=/home");
+    assert!(
+        home.body.contains("\"result\": []"),
+        "/home must be empty: {}",
+        home.body
+    );
+    let root = up.get(&h, "/ls?path=/root");
+    assert!(root.body.contains("Permission denied"), "{}", root.body);
     let state = up.state_dir();
     for path in [
         state.to_str().unwrap(),
@@ -391,4 +414,43 @@ fn bad_manifest_lists_every_problem_and_starts_nothing() {
     assert!(err.contains("port: 0 is not a usable port"), "{err}");
     assert!(err.contains("the start command is empty"), "{err}");
     assert!(err.contains("unknown field `colour`"), "{err}");
+}
+
+#[test]
+fn a_service_that_dies_after_starting_gets_503_with_its_exit() {
+    let name = unique("dies");
+    let app = probe_app(&name, 8080);
+    let mut up = Up::start(&[app.path()], &[]);
+    assert_eq!(up.wait_urls(1, FIRST_START).len(), 1, "{}", up.stderr());
+    let r = up.get(&host(&name), "/exit?code=5");
+    assert_eq!(r.status, 502, "the request in flight fails: {r:?}");
+    assert_eq!(r.header("x-skiff-error"), Some("upstream-failed"));
+    assert!(up.wait_output(
+        &format!("{name} exited (exit code 5)"),
+        Duration::from_secs(10)
+    ));
+    let r = up.get(&host(&name), "/");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.body.contains("exited (exit code 5)"), "{r:?}");
+    assert!(
+        cgroups_named(&name).is_empty(),
+        "{:?}",
+        cgroups_named(&name)
+    );
+}
+
+#[test]
+fn a_source_the_run_user_cannot_read_is_explained() {
+    let name = unique("private");
+    let app = App::new(&format!("name = \"{name}\"\nstart = \"exit 0\"\n"), &[]);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(app.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut up = Up::start(&[app.path()], &[]);
+    assert!(!up.wait_exit(FIRST_START).success());
+    let err = up.stderr();
+    assert!(
+        err.contains("runs as uid 10001, which cannot read"),
+        "{err}"
+    );
+    assert!(err.contains("chmod a+rX"), "{err}");
 }
