@@ -57,6 +57,8 @@ pub struct Limits {
     pub idle_stop: Duration,
     /// How long the start command has to make the port answer.
     pub start_timeout: Duration,
+    /// How long the build command may run before it is stopped.
+    pub build_timeout: Duration,
     /// CPU time of one instance, in cores (cgroup CPU quota).
     pub cpu: f64,
     /// Size of the instance's private `/tmp`, in bytes.
@@ -76,6 +78,7 @@ impl Default for Limits {
             idle_suspend: Duration::ZERO,
             idle_stop: Duration::from_secs(5 * 60),
             start_timeout: Duration::from_secs(60),
+            build_timeout: Duration::from_secs(30 * 60),
             cpu: 1.0,
             tmp_size: 512 << 20,
             pids: 1024,
@@ -165,6 +168,7 @@ const LIMIT_FIELDS: &[&str] = &[
     "idle_suspend",
     "idle_stop",
     "start_timeout",
+    "build_timeout",
     "cpu",
     "tmp_size",
     "pids",
@@ -644,9 +648,13 @@ impl Validator<'_> {
         if let Some(d) = duration(self, "start_timeout") {
             limits.start_timeout = d;
         }
+        if let Some(d) = duration(self, "build_timeout") {
+            limits.build_timeout = d;
+        }
         for (key, d) in [
             ("request_timeout", limits.request_timeout),
             ("start_timeout", limits.start_timeout),
+            ("build_timeout", limits.build_timeout),
         ] {
             if t.contains_key(key) && d.is_zero() {
                 self.problem(

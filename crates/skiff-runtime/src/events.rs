@@ -21,6 +21,13 @@ impl Stream {
     }
 }
 
+/// Whether output came from a build or from a running instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Build,
+    Run,
+}
+
 /// Where the time of one instance start went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StartReport {
@@ -38,11 +45,23 @@ pub enum Event {
     BaseImage { line: String },
     /// The base image is there; `built_in` is `None` when it was cached.
     BaseImageReady { built_in: Option<Duration> },
+    /// The build command of `service` started.
+    BuildStarted { service: String },
+    /// The build finished (or was found in the cache: `elapsed` is `None`).
+    BuildFinished {
+        service: String,
+        elapsed: Option<Duration>,
+        /// Bytes the build wrote (`None` when the image was reused).
+        written: Option<u64>,
+        /// Bytes in the build's layer, after caches were dropped.
+        layer_size: u64,
+    },
     /// An instance of `service` is being started.
     Starting { service: String, instance: String },
-    /// A line the service wrote.
+    /// A line the service (or its build) wrote.
     Log {
         service: String,
+        phase: Phase,
         stream: Stream,
         line: String,
         at: SystemTime,

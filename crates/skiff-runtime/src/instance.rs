@@ -5,18 +5,20 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use skiff_model::ServiceSpec;
-use skiff_sandbox::{CgroupLimits, Exit, Instance, NetNs, Sandbox, SandboxConfig, SandboxError};
+use skiff_sandbox::{
+    CgroupLimits, Exit, Identity, Instance, NetNs, Sandbox, SandboxConfig, SandboxError,
+};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use crate::base::{APP_PATH, RUN_GID, RUN_UID};
-use crate::events::{Event, StartReport, Stream};
+use crate::events::{Event, Phase, StartReport, Stream};
 use crate::health;
 
 /// How often the health check polls while an instance starts. Refused
@@ -33,12 +35,6 @@ const MAX_LINE: usize = 16 * 1024;
 pub enum StartError {
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
-    /// The run user cannot read the source directory mounted at /app.
-    #[error(
-        "the service runs as uid {RUN_UID}, which cannot read {dir} (mode {mode:o}); \
-         make it readable to all, e.g. `chmod a+rX {dir}`"
-    )]
-    SourceNotReadable { dir: String, mode: u32 },
     /// The start command ended before the port answered.
     #[error("{}", early_exit_message(*exit, *port, tail))]
     EarlyExit {
@@ -117,7 +113,8 @@ impl fmt::Debug for Started {
 /// What `start` needs from the platform.
 pub struct StartContext<'a> {
     pub sandbox: &'a Sandbox,
-    pub base_root: &'a Path,
+    /// The service's image, top layer first.
+    pub layers: &'a [PathBuf],
     pub mount_point: &'a Path,
     pub log_file: Arc<Mutex<std::fs::File>>,
     pub events: broadcast::Sender<Event>,
@@ -146,7 +143,6 @@ pub async fn start(
     id: &str,
 ) -> Result<Started, StartError> {
     let service = spec.name.to_string();
-    check_readable(&spec.source)?;
     let _ = ctx.events.send(Event::Starting {
         service: service.clone(),
         instance: id.to_string(),
@@ -154,12 +150,16 @@ pub async fn start(
     let config = SandboxConfig {
         hostname: service.clone(),
         mount_point: ctx.mount_point.to_path_buf(),
-        layers: vec![ctx.base_root.to_path_buf()],
-        app_dir: spec.source.clone(),
-        app_path: APP_PATH.into(),
+        layers: ctx.layers.to_vec(),
+        writable: None,
+        binds: Vec::new(),
+        cwd: APP_PATH.into(),
         tmp_size: spec.limits.tmp_size,
-        uid: RUN_UID,
-        gid: RUN_GID,
+        identity: Identity::User {
+            uid: RUN_UID,
+            gid: RUN_GID,
+        },
+        host_network: false,
         argv: vec!["bash".into(), "-c".into(), spec.start.clone()],
         env: environment(spec),
     };
@@ -170,13 +170,14 @@ pub async fn start(
     };
     let mut instance = ctx.sandbox.spawn(id, &config, limits).await?;
     let tail = Tail::default();
-    let mut pumps = Vec::new();
-    if let Some(out) = instance.stdout.take() {
-        pumps.push(pump(out, Stream::Stdout, &service, &tail, ctx));
-    }
-    if let Some(err) = instance.stderr.take() {
-        pumps.push(pump(err, Stream::Stderr, &service, &tail, ctx));
-    }
+    let sink = LogSink {
+        service: service.clone(),
+        phase: Phase::Run,
+        tail: tail.clone(),
+        file: ctx.log_file.clone(),
+        events: ctx.events.clone(),
+    };
+    let pumps = sink.pump_output(&mut instance);
     let Some(netns) = instance.netns() else {
         return Err(SandboxError::Setup("the instance has no network namespace".into()).into());
     };
@@ -223,71 +224,72 @@ pub async fn start(
     })
 }
 
-/// The source is mounted as it is; the non-root run user needs to read and
-/// enter it, which a directory under a private home often forbids.
-fn check_readable(dir: &Path) -> Result<(), StartError> {
-    use std::os::unix::fs::PermissionsExt;
-    let Ok(meta) = std::fs::metadata(dir) else {
-        return Ok(()); // the manifest loader already reported a missing directory
-    };
-    let mode = meta.permissions().mode() & 0o7777;
-    let owned_by_run_user = std::os::unix::fs::MetadataExt::uid(&meta) == RUN_UID;
-    if mode & 0o005 != 0o005 && !owned_by_run_user {
-        return Err(StartError::SourceNotReadable {
-            dir: dir.display().to_string(),
-            mode,
-        });
-    }
-    Ok(())
+/// Where an instance's or a build's output goes: a timestamped log file,
+/// the last lines for error messages, and the platform's events.
+#[derive(Clone)]
+pub(crate) struct LogSink {
+    pub service: String,
+    pub phase: Phase,
+    pub tail: Tail,
+    pub file: Arc<Mutex<std::fs::File>>,
+    pub events: broadcast::Sender<Event>,
 }
 
-fn pump(
-    reader: impl AsyncRead + Unpin + Send + 'static,
-    stream: Stream,
-    service: &str,
-    tail: &Tail,
-    ctx: &StartContext<'_>,
-) -> JoinHandle<()> {
-    let (service, tail, file, events) = (
-        service.to_string(),
-        tail.clone(),
-        ctx.log_file.clone(),
-        ctx.events.clone(),
-    );
-    tokio::spawn(async move {
-        let mut reader = BufReader::new(reader);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            // At most MAX_LINE bytes at a time: a service that never writes a
-            // newline gets its output cut into pieces, not buffered forever.
-            match (&mut reader)
-                .take(MAX_LINE as u64)
-                .read_until(b'\n', &mut buf)
-                .await
-            {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-            let text = String::from_utf8_lossy(&buf);
-            let line = text.trim_end_matches(['\n', '\r']).to_string();
-            let at = SystemTime::now();
-            if let Ok(mut f) = file.lock() {
-                let _ = writeln!(
-                    f,
-                    "{} {} {}",
-                    humantime::format_rfc3339_millis(at),
-                    stream.as_str(),
-                    line
-                );
-            }
-            tail.push(line.clone());
-            let _ = events.send(Event::Log {
-                service: service.clone(),
-                stream,
-                line,
-                at,
-            });
+impl LogSink {
+    /// Starts reading the sandbox's stdout and stderr.
+    pub fn pump_output(&self, instance: &mut Instance) -> Vec<JoinHandle<()>> {
+        let mut pumps = Vec::new();
+        if let Some(out) = instance.stdout.take() {
+            pumps.push(self.pump(out, Stream::Stdout));
         }
-    })
+        if let Some(err) = instance.stderr.take() {
+            pumps.push(self.pump(err, Stream::Stderr));
+        }
+        pumps
+    }
+
+    fn pump(
+        &self,
+        reader: impl AsyncRead + Unpin + Send + 'static,
+        stream: Stream,
+    ) -> JoinHandle<()> {
+        let sink = self.clone();
+        tokio::spawn(async move {
+            let mut reader = BufReader::new(reader);
+            let mut buf = Vec::new();
+            loop {
+                buf.clear();
+                // At most MAX_LINE bytes at a time: a service that never writes a
+                // newline gets its output cut into pieces, not buffered forever.
+                match (&mut reader)
+                    .take(MAX_LINE as u64)
+                    .read_until(b'\n', &mut buf)
+                    .await
+                {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                let text = String::from_utf8_lossy(&buf);
+                let line = text.trim_end_matches(['\n', '\r']).to_string();
+                let at = SystemTime::now();
+                if let Ok(mut f) = sink.file.lock() {
+                    let _ = writeln!(
+                        f,
+                        "{} {} {}",
+                        humantime::format_rfc3339_millis(at),
+                        stream.as_str(),
+                        line
+                    );
+                }
+                sink.tail.push(line.clone());
+                let _ = sink.events.send(Event::Log {
+                    service: sink.service.clone(),
+                    phase: sink.phase,
+                    stream,
+                    line,
+                    at,
+                });
+            }
+        })
+    }
 }

@@ -4,11 +4,14 @@
 #![forbid(unsafe_code)]
 
 pub mod base;
+mod build;
 mod events;
 pub mod health;
+pub mod image;
 mod instance;
 mod platform;
 
-pub use events::{Event, StartReport, Stream};
+pub use build::BuildError;
+pub use events::{Event, Phase, StartReport, Stream};
 pub use instance::{environment, StartError};
 pub use platform::{DeployError, Deployed, Platform, PlatformConfig, PlatformError};

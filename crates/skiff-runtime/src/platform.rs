@@ -16,7 +16,9 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::base::{self, BaseImageError};
+use crate::build::{self, BuildContext, BuildError};
 use crate::events::{Event, StartReport};
+use crate::image::{self, ImageStore};
 use crate::instance::{self, StartContext, StartError};
 
 /// How long instances get to stop after SIGTERM before they are killed.
@@ -48,6 +50,11 @@ pub enum PlatformError {
         dir: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "another skiff is running on the state directory {0}; stop it first, \
+         or give this one its own with --state"
+    )]
+    StateInUse(PathBuf),
 }
 
 /// Why a deploy failed.
@@ -56,7 +63,14 @@ pub enum DeployError {
     #[error(transparent)]
     BaseImage(#[from] BaseImageError),
     #[error(transparent)]
+    Build(#[from] BuildError),
+    #[error(transparent)]
     Start(#[from] StartError),
+    #[error("cannot snapshot the source directory {dir}: {source}")]
+    Source {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     #[error("a service named {0:?} is already running here; give this one another name (name = \"...\" or --name)")]
     AlreadyDeployed(String),
     #[error("the platform is shutting down")]
@@ -92,6 +106,9 @@ struct Shared {
     shutting_down: AtomicBool,
     next_instance: AtomicU64,
     gateway_addr: SocketAddr,
+    images: ImageStore,
+    /// Held while the platform runs: one platform per state directory.
+    _state_lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 impl Router for Shared {
@@ -157,6 +174,21 @@ impl Platform {
                 source,
             })?;
         }
+        let state_err = |dir: &Path| {
+            let dir = dir.to_path_buf();
+            move |source| PlatformError::State { dir, source }
+        };
+        let lock_path = config.state_dir.join("lock");
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(state_err(&lock_path))?;
+        let state_lock =
+            nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                .map_err(|_| PlatformError::StateInUse(config.state_dir.clone()))?;
+        let images = ImageStore::open(&config.state_dir).map_err(state_err(&config.state_dir))?;
         let swept = Cgroups::sweep(Path::new(CGROUP_ROOT), owner_is_gone);
         if !swept.is_empty() {
             info!("removed cgroups left by a platform that was killed: {swept:?}");
@@ -177,6 +209,8 @@ impl Platform {
             shutting_down: AtomicBool::new(false),
             next_instance: AtomicU64::new(1),
             gateway_addr,
+            images,
+            _state_lock: state_lock,
         });
         let gateway = Gateway::new(shared.clone(), &shared.config.domain);
         let (gateway_stop, mut stop_rx) = watch::channel(false);
@@ -261,28 +295,32 @@ impl Platform {
             built_in: base.built_in,
         });
 
-        let log_path = shared
-            .config
-            .state_dir
-            .join("logs")
-            .join(format!("{name}.log"));
-        let log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|source| DeployError::Log {
-                path: log_path.clone(),
-                source,
-            })?;
+        let mount_point = shared.config.state_dir.join("mnt");
+        let layers = self.image(spec, &base, &mount_point).await?;
+
+        let log_file = open_log(&shared.config.state_dir, &format!("{name}.log"))?;
         let id = instance_id(&name, shared.next_instance.fetch_add(1, Ordering::SeqCst));
         let ctx = StartContext {
             sandbox: &shared.sandbox,
-            base_root: &base.root,
-            mount_point: &shared.config.state_dir.join("mnt"),
-            log_file: Arc::new(Mutex::new(log_file)),
+            layers: &layers,
+            mount_point: &mount_point,
+            log_file,
             events: shared.events.clone(),
         };
         let started = instance::start(&ctx, spec, &id).await?;
+        let store = shared.images.clone();
+        let service = name.clone();
+        match tokio::task::spawn_blocking(move || {
+            let refs: Vec<&Path> = layers.iter().map(PathBuf::as_path).collect();
+            store.set_ref_and_collect(&service, &refs)
+        })
+        .await
+        {
+            Ok(Ok(removed)) if !removed.is_empty() => info!("removed unused images: {removed:?}"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!("collecting unused images: {e}"),
+            Err(e) => warn!("collecting unused images: {e}"),
+        }
         let report = started.report;
 
         let upstream = Upstream {
@@ -315,6 +353,63 @@ impl Platform {
         Ok(Deployed { url, report })
     }
 
+    /// The service's image, top layer first: its build layer (built now,
+    /// or reused when the same source, build command and base were built
+    /// before), its source snapshot, the base.
+    async fn image(
+        &self,
+        spec: &ServiceSpec,
+        base: &base::BaseImage,
+        mount_point: &Path,
+    ) -> Result<Vec<PathBuf>, DeployError> {
+        let shared = &self.shared;
+        let name = spec.name.to_string();
+        let store = shared.images.clone();
+        let source_dir = spec.source.clone();
+        let source = tokio::task::spawn_blocking(move || store.snapshot(&source_dir))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map_err(|source| DeployError::Source {
+                dir: spec.source.clone(),
+                source,
+            })?;
+        let Some(build) = &spec.build else {
+            return Ok(vec![source.dir, base.root.clone()]);
+        };
+        let image = shared
+            .images
+            .image_for(&base::image_dir_name(), &source, build, &spec.env);
+        let lower = vec![source.dir.clone(), base.root.clone()];
+        if image.is_ready() {
+            let _ = shared.events.send(Event::BuildFinished {
+                service: name,
+                elapsed: None,
+                written: None,
+                layer_size: image::tree_size(&image.upper()),
+            });
+        } else {
+            let ctx = BuildContext {
+                sandbox: &shared.sandbox,
+                mount_point,
+                log_file: open_log(&shared.config.state_dir, &format!("{name}.build.log"))?,
+                events: shared.events.clone(),
+            };
+            let id = instance_id(
+                &format!("{name}-build"),
+                shared.next_instance.fetch_add(1, Ordering::SeqCst),
+            );
+            let report = build::run(&ctx, spec, build, &lower, &image, &id).await?;
+            let _ = shared.events.send(Event::BuildFinished {
+                service: name,
+                elapsed: Some(report.elapsed),
+                written: Some(report.written),
+                layer_size: report.layer_size,
+            });
+        }
+        Ok([vec![image.upper()], lower].concat())
+    }
+
     /// Stops every instance (SIGTERM, then SIGKILL after a grace period),
     /// removes their cgroups and stops the gateway. Nothing is left running.
     pub async fn shutdown(self) {
@@ -330,6 +425,16 @@ impl Platform {
         let _ = self.gateway_stop.send(true);
         let _ = self.gateway_task.await;
     }
+}
+
+fn open_log(state_dir: &Path, file: &str) -> Result<Arc<Mutex<std::fs::File>>, DeployError> {
+    let path = state_dir.join("logs").join(file);
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map(|f| Arc::new(Mutex::new(f)))
+        .map_err(|source| DeployError::Log { path, source })
 }
 
 /// Instance ids carry the platform's pid (`NAME-PID-N`), so that cgroups

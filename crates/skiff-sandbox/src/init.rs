@@ -23,7 +23,26 @@ use nix::unistd::{
     Gid, Pid, Uid,
 };
 
-use crate::SandboxConfig;
+use crate::{Identity, SandboxConfig};
+
+/// What a build's root keeps: the default set of container engines, enough
+/// for apt, dpkg, pip and npm, and nothing that reaches past the sandbox
+/// (no SYS_ADMIN, SYS_MODULE, SYS_PTRACE, NET_ADMIN, NET_RAW, SYS_TIME...).
+const BUILD_CAPS: &[caps::Capability] = &[
+    caps::Capability::CAP_CHOWN,
+    caps::Capability::CAP_DAC_OVERRIDE,
+    caps::Capability::CAP_FOWNER,
+    caps::Capability::CAP_FSETID,
+    caps::Capability::CAP_KILL,
+    caps::Capability::CAP_SETGID,
+    caps::Capability::CAP_SETUID,
+    caps::Capability::CAP_SETPCAP,
+    caps::Capability::CAP_SETFCAP,
+    caps::Capability::CAP_NET_BIND_SERVICE,
+    caps::Capability::CAP_SYS_CHROOT,
+    caps::Capability::CAP_MKNOD,
+    caps::Capability::CAP_AUDIT_WRITE,
+];
 
 /// The control socket's number in the helper.
 pub(crate) const CONTROL_FD: i32 = 3;
@@ -66,17 +85,15 @@ fn helper(control: &mut UnixStream) -> Res<i32> {
         "parsing the sandbox configuration".into()
     })?;
 
-    ctx(
-        unshare(
-            CloneFlags::CLONE_NEWNS
-                | CloneFlags::CLONE_NEWPID
-                | CloneFlags::CLONE_NEWIPC
-                | CloneFlags::CLONE_NEWUTS
-                | CloneFlags::CLONE_NEWNET
-                | CloneFlags::CLONE_NEWCGROUP,
-        ),
-        || "creating namespaces".into(),
-    )?;
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWCGROUP;
+    if !config.host_network {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    ctx(unshare(flags), || "creating namespaces".into())?;
     ctx(control.write_all(b"ns\n"), || "control socket".into())?;
 
     // SAFETY: this process is single-threaded (a fresh exec of the skiff
@@ -207,31 +224,60 @@ fn build_root(config: &SandboxConfig) -> Res<()> {
     )?;
     let root = &config.mount_point;
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    match config.layers.as_slice() {
-        [] => return Err("the image has no layers".into()),
-        [only] => bind_ro(only, root, nosuid_nodev)?,
-        layers => {
-            let lower = layers
-                .iter()
-                .map(|l| l.display().to_string())
-                .collect::<Vec<_>>()
-                .join(":");
-            mnt(
-                Some(Path::new("overlay")),
-                root,
-                Some("overlay"),
-                MsFlags::MS_RDONLY | nosuid_nodev,
-                Some(&format!("lowerdir={lower}")),
-            )?;
-        }
+    let lower = || {
+        config
+            .layers
+            .iter()
+            .map(|l| l.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    match (config.layers.as_slice(), &config.writable) {
+        ([], _) => return Err("the image has no layers".into()),
+        (_, Some(w)) => mnt(
+            Some(Path::new("overlay")),
+            root,
+            Some("overlay"),
+            nosuid_nodev,
+            Some(&format!(
+                "lowerdir={},upperdir={},workdir={}",
+                lower(),
+                w.upper.display(),
+                w.work.display()
+            )),
+        )?,
+        ([only], None) => bind_ro(only, root, nosuid_nodev)?,
+        (_, None) => mnt(
+            Some(Path::new("overlay")),
+            root,
+            Some("overlay"),
+            MsFlags::MS_RDONLY | nosuid_nodev,
+            Some(&format!("lowerdir={}", lower())),
+        )?,
     }
     let inside = |p: &str| -> PathBuf { root.join(p.trim_start_matches('/')) };
 
-    let app = inside(&config.app_path);
-    if !app.is_dir() {
-        return Err(format!("the image has no {} directory", config.app_path));
+    for bind in &config.binds {
+        let target = inside(&bind.target);
+        if !target.exists() {
+            return Err(format!(
+                "the image has no {} to mount {} on",
+                bind.target,
+                bind.source.display()
+            ));
+        }
+        if bind.writable {
+            mnt(
+                Some(&bind.source),
+                &target,
+                None,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None,
+            )?;
+        } else {
+            bind_ro(&bind.source, &target, nosuid_nodev)?;
+        }
     }
-    bind_ro(&config.app_dir, &app, nosuid_nodev)?;
 
     mnt(
         Some(Path::new("tmpfs")),
@@ -407,21 +453,49 @@ fn prepare_exec(config: &SandboxConfig) -> Res<(Vec<CString>, Vec<CString>)> {
     ctx(nix::unistd::dup2_stdin(&null), || "stdin".into())?;
     drop(null);
 
-    let app = Path::new(&config.app_path);
-    ctx(chdir(app), || format!("chdir {}", config.app_path))?;
-
-    // The bounding set first (needs CAP_SETPCAP, which we lose with setuid).
-    ctx(caps::clear(None, caps::CapSet::Bounding), || {
-        "dropping capabilities".into()
+    ctx(chdir(Path::new(&config.cwd)), || {
+        format!("chdir {}", config.cwd)
     })?;
-    let (uid, gid) = (Uid::from_raw(config.uid), Gid::from_raw(config.gid));
-    ctx(setgroups(&[gid]), || "setgroups".into())?;
-    ctx(setresgid(gid, gid, gid), || "setresgid".into())?;
-    ctx(setresuid(uid, uid, uid), || "setresuid".into())?;
-    // setuid away from 0 cleared effective and permitted; inheritable and
-    // ambient are cleared explicitly.
-    for set in [caps::CapSet::Inheritable, caps::CapSet::Ambient] {
-        ctx(caps::clear(None, set), || "clearing capabilities".into())?;
+
+    match config.identity {
+        Identity::User { uid, gid } => {
+            // The bounding set first (needs CAP_SETPCAP, which we lose with setuid).
+            ctx(caps::clear(None, caps::CapSet::Bounding), || {
+                "dropping capabilities".into()
+            })?;
+            let (uid, gid) = (Uid::from_raw(uid), Gid::from_raw(gid));
+            ctx(setgroups(&[gid]), || "setgroups".into())?;
+            ctx(setresgid(gid, gid, gid), || "setresgid".into())?;
+            ctx(setresuid(uid, uid, uid), || "setresuid".into())?;
+            // setuid away from 0 cleared effective and permitted; inheritable
+            // and ambient are cleared explicitly.
+            for set in [caps::CapSet::Inheritable, caps::CapSet::Ambient] {
+                ctx(caps::clear(None, set), || "clearing capabilities".into())?;
+            }
+        }
+        Identity::BuildRoot => {
+            let keep: caps::CapsHashSet = BUILD_CAPS.iter().copied().collect();
+            for cap in caps::all() {
+                if !keep.contains(&cap) {
+                    ctx(caps::drop(None, caps::CapSet::Bounding, cap), || {
+                        format!("dropping {cap}")
+                    })?;
+                }
+            }
+            ctx(setgroups(&[Gid::from_raw(0)]), || "setgroups".into())?;
+            for set in [
+                caps::CapSet::Effective,
+                caps::CapSet::Permitted,
+                caps::CapSet::Inheritable,
+            ] {
+                ctx(caps::set(None, set, &keep), || {
+                    "setting capabilities".into()
+                })?;
+            }
+            ctx(caps::clear(None, caps::CapSet::Ambient), || {
+                "clearing capabilities".into()
+            })?;
+        }
     }
     ctx(nix::sys::prctl::set_no_new_privs(), || {
         "no_new_privs".into()

@@ -41,20 +41,54 @@ pub struct SandboxConfig {
     /// An empty directory on the host where the root file system is mounted
     /// inside the instance's mount namespace. Many instances can share it.
     pub mount_point: PathBuf,
-    /// Image layers, top first. One layer is bind-mounted read-only; several
-    /// are stacked with a read-only overlay.
+    /// Image layers, top first. Without `writable`, one layer is
+    /// bind-mounted read-only and several are stacked with a read-only
+    /// overlay (no upper directory: read-only by construction).
     pub layers: Vec<PathBuf>,
-    /// Host directory mounted read-only at [`SandboxConfig::app_path`].
-    pub app_dir: PathBuf,
-    /// Where the application's files appear inside, e.g. `/app`.
-    pub app_path: String,
+    /// Makes the root writable: writes land in this overlay upper directory
+    /// (a build's new layer, or a persistent instance's own layer).
+    pub writable: Option<WritableLayer>,
+    /// Host paths mounted into the sandbox, e.g. the host's resolv.conf
+    /// during a build.
+    pub binds: Vec<Bind>,
+    /// The working directory inside, e.g. `/app`.
+    pub cwd: String,
     /// Size of the private, writable `/tmp`, in bytes.
     pub tmp_size: u64,
-    /// The non-root identity the start command runs as.
-    pub uid: u32,
-    pub gid: u32,
+    /// Who the command runs as.
+    pub identity: Identity,
+    /// Use the host's network (builds fetch packages). Otherwise the
+    /// sandbox gets its own network namespace with only loopback.
+    pub host_network: bool,
     /// The command, e.g. `["bash", "-c", "python3 app.py"]`.
     pub argv: Vec<String>,
     /// The whole environment of the command.
     pub env: Vec<(String, String)>,
+}
+
+/// An overlay upper and work directory pair on the host (same file system).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WritableLayer {
+    pub upper: PathBuf,
+    pub work: PathBuf,
+}
+
+/// A host path mounted at `target` inside the sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Bind {
+    pub source: PathBuf,
+    pub target: String,
+    pub writable: bool,
+}
+
+/// The identity of the sandboxed command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Identity {
+    /// A non-root user with no capabilities at all: every service instance.
+    User { uid: u32, gid: u32 },
+    /// Root with the capabilities a package manager needs (the default set
+    /// of container engines: chown, setuid for apt's sandbox user, ...) and
+    /// nothing that could leave the sandbox (no mount, no module loading,
+    /// no raw network, no ptrace of the host): builds.
+    BuildRoot,
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use skiff_sandbox::{CgroupLimits, Sandbox, SandboxConfig};
+use skiff_sandbox::{Bind, CgroupLimits, Identity, Sandbox, SandboxConfig};
 
 const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
 
@@ -72,11 +72,19 @@ fn sandbox_cost(runs: usize) -> PathBuf {
         hostname: "bench".into(),
         mount_point: mnt.path().to_path_buf(),
         layers: vec![base.root.clone()],
-        app_dir: app.path().to_path_buf(),
-        app_path: "/app".into(),
+        writable: None,
+        binds: vec![Bind {
+            source: app.path().to_path_buf(),
+            target: "/app".into(),
+            writable: false,
+        }],
+        cwd: "/app".into(),
         tmp_size: 64 << 20,
-        uid: 10001,
-        gid: 10001,
+        identity: Identity::User {
+            uid: 10001,
+            gid: 10001,
+        },
+        host_network: false,
         argv: vec!["/bin/true".into()],
         env: vec![("PATH".into(), "/usr/bin:/bin".into())],
     };

@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use skiff_model::Overrides;
-use skiff_runtime::{Event, Platform};
+use skiff_runtime::{Event, Phase, Platform};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::broadcast::error::RecvError;
 
@@ -139,6 +139,10 @@ fn ms(d: Duration) -> String {
     format!("{:.1}ms", d.as_secs_f64() * 1000.0)
 }
 
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+}
+
 fn indent(text: &str) -> String {
     text.lines()
         .map(|l| format!("  {l}"))
@@ -184,8 +188,58 @@ async fn render(mut events: tokio::sync::broadcast::Receiver<Event>) {
                     eprintln!("skiff: base image ready in {:.0}s", d.as_secs_f64());
                 }
             }
+            Event::BuildStarted { service } => {
+                eprintln!("skiff: building {service}");
+                let bar = ProgressBar::new_spinner();
+                bar.set_style(
+                    ProgressStyle::with_template("{spinner} building [{elapsed}] {wide_msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                );
+                bar.set_message(service);
+                bar.enable_steady_tick(Duration::from_millis(120));
+                spinner = Some(bar);
+            }
+            Event::BuildFinished {
+                service,
+                elapsed,
+                written,
+                layer_size,
+            } => {
+                if let Some(bar) = spinner.take() {
+                    bar.finish_and_clear();
+                }
+                match elapsed {
+                    Some(d) => eprintln!(
+                        "skiff: built {service} in {:.1}s (image layer {}; the build wrote {}, \
+                         package caches dropped)",
+                        d.as_secs_f64(),
+                        mib(layer_size),
+                        mib(written.unwrap_or(layer_size))
+                    ),
+                    None => eprintln!(
+                        "skiff: {service}: same source and build command as before; \
+                         reusing the built image (layer {})",
+                        mib(layer_size)
+                    ),
+                }
+            }
             Event::Starting { service, .. } => eprintln!("skiff: starting {service}"),
-            Event::Log { service, line, .. } => println!("{service} | {line}"),
+            Event::Log {
+                service,
+                phase,
+                line,
+                ..
+            } => {
+                let text = match phase {
+                    Phase::Build => format!("{service} build | {line}"),
+                    Phase::Run => format!("{service} | {line}"),
+                };
+                // Above the spinner, when one is showing.
+                match &spinner {
+                    Some(bar) if tty => bar.println(text),
+                    _ => println!("{text}"),
+                }
+            }
             Event::Exited { service, exit, .. } => eprintln!(
                 "skiff: {service} exited ({exit}); requests to it get 503 until it is started again"
             ),

@@ -53,7 +53,8 @@ impl App {
 /// A running `skiff up`.
 pub struct Up {
     pub child: Child,
-    pub state: tempfile::TempDir,
+    state: PathBuf,
+    _temp_state: Option<tempfile::TempDir>,
     stdout: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<Vec<String>>>,
     lines: mpsc::Receiver<(bool, String)>,
@@ -74,16 +75,27 @@ pub fn unique(prefix: &str) -> String {
 impl Up {
     /// Starts `skiff up` on `dirs` with a free gateway port and new state.
     pub fn start(dirs: &[&Path], extra: &[&str]) -> Self {
-        require_root();
         let state = tempfile::Builder::new()
             .prefix("skiff-state-")
             .tempdir()
             .expect("tempdir");
+        let path = state.path().to_path_buf();
+        Self::start_in(dirs, &path, extra, Some(state))
+    }
+
+    /// Starts `skiff up` on `dirs` with a free gateway port and the given state.
+    pub fn start_in(
+        dirs: &[&Path],
+        state: &Path,
+        extra: &[&str],
+        temp: Option<tempfile::TempDir>,
+    ) -> Self {
+        require_root();
         let mut cmd = Command::new(SKIFF);
         cmd.arg("up")
             .args(dirs)
             .args(["--listen", "127.0.0.1:0", "--state"])
-            .arg(state.path())
+            .arg(state)
             .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -114,7 +126,8 @@ impl Up {
         }
         Self {
             child,
-            state,
+            state: state.to_path_buf(),
+            _temp_state: temp,
             stdout,
             stderr,
             lines,
@@ -202,7 +215,7 @@ impl Up {
     }
 
     pub fn state_dir(&self) -> PathBuf {
-        self.state.path().to_path_buf()
+        self.state.clone()
     }
 }
 

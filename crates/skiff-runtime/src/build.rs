@@ -1,0 +1,256 @@
+//! Running a service's build command as root in a build sandbox whose
+//! writes become the image's top layer (CONTRACT.md §1.1).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use skiff_model::{format_duration, ServiceSpec};
+use skiff_sandbox::{
+    Bind, CgroupLimits, Exit, Identity, Sandbox, SandboxConfig, SandboxError, WritableLayer,
+};
+use tokio::sync::broadcast;
+
+use crate::base::APP_PATH;
+use crate::events::{Event, Phase};
+use crate::image::{tree_size, ImageDir};
+use crate::instance::{LogSink, Tail};
+
+/// What a build leaves that no instance needs: package-manager downloads,
+/// indexes and caches. Paths inside the build's layer; globs are not used,
+/// each entry's contents are removed.
+const DROPPED_AFTER_BUILD: &[&str] = &[
+    "var/cache/apt",
+    "var/lib/apt/lists",
+    "var/cache/debconf",
+    "var/log",
+    "root/.cache",
+    "root/.npm",
+    "tmp",
+    "var/tmp",
+];
+
+/// Host files a build sees in place of the image's, read-only: name
+/// resolution and the trusted certificate authorities. Both are public.
+const HOST_FILES_FOR_BUILDS: &[&str] = &["/etc/resolv.conf", "/etc/ssl/certs/ca-certificates.crt"];
+
+/// Memory and processes a build may use, whatever the service's own limits:
+/// compilers and package managers need more than a small service does.
+const BUILD_MEMORY: u64 = 4 << 30;
+const BUILD_PIDS: u32 = 4096;
+/// Size of the build's private `/tmp` (not part of the image).
+const BUILD_TMP: u64 = 2 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
+    #[error("{}", failed_message(*exit, tail))]
+    Failed { exit: Exit, tail: Vec<String> },
+    #[error(
+        "The build ran longer than the build timeout of {} and was stopped. \
+         Make the build faster or raise limits.build_timeout in skiff.toml. \
+         The running version of the service, if any, was not changed.",
+        format_duration(*after)
+    )]
+    TimedOut { after: Duration },
+    #[error("preparing the build layer {dir}: {source}")]
+    Io {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn failed_message(exit: Exit, tail: &[String]) -> String {
+    let mut s = format!("The build command failed ({exit}).");
+    if !tail.is_empty() {
+        s.push_str("\nIts last output:");
+        for line in tail {
+            s.push_str("\n  | ");
+            s.push_str(line);
+        }
+    }
+    s.push_str(
+        "\nFix the build command (build = \"...\" in skiff.toml) or what it installs; \
+         it runs as root with bash -c in /app. The running version of the service, \
+         if any, was not changed.",
+    );
+    s
+}
+
+/// What a finished build reports.
+#[derive(Debug, Clone, Copy)]
+pub struct BuildReport {
+    pub elapsed: Duration,
+    /// Bytes the build wrote.
+    pub written: u64,
+    /// Bytes in the new layer, after dropping caches.
+    pub layer_size: u64,
+}
+
+pub struct BuildContext<'a> {
+    pub sandbox: &'a Sandbox,
+    pub mount_point: &'a Path,
+    pub log_file: Arc<Mutex<fs::File>>,
+    pub events: broadcast::Sender<Event>,
+}
+
+/// The environment of the build command.
+fn environment(spec: &ServiceSpec) -> Vec<(String, String)> {
+    let mut env = vec![
+        (
+            "PATH".to_string(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        ),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("DEBIAN_FRONTEND".into(), "noninteractive".into()),
+        // Node ships its own CA list; make it also trust the system bundle.
+        (
+            "NODE_EXTRA_CA_CERTS".into(),
+            "/etc/ssl/certs/ca-certificates.crt".into(),
+        ),
+    ];
+    env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.push(("PORT".into(), spec.port.to_string()));
+    env.push(("HOME".into(), "/root".into()));
+    env
+}
+
+/// Runs `spec.build` over `lower` (top first) and leaves its writes in
+/// `image.upper()`. On any failure the partial layer is removed.
+pub async fn run(
+    ctx: &BuildContext<'_>,
+    spec: &ServiceSpec,
+    build: &str,
+    lower: &[PathBuf],
+    image: &ImageDir,
+    id: &str,
+) -> Result<BuildReport, BuildError> {
+    let started = Instant::now();
+    let io = |dir: &Path| {
+        let dir = dir.to_path_buf();
+        move |source| BuildError::Io { dir, source }
+    };
+    if image.dir.exists() {
+        fs::remove_dir_all(&image.dir).map_err(io(&image.dir))?;
+    }
+    for dir in [image.upper(), image.work()] {
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+    }
+    let result = run_sandboxed(ctx, spec, build, lower, image, id).await;
+    let written = tree_size(&image.upper());
+    let cleanup = match &result {
+        Ok(()) => finish_layer(image).map_err(io(&image.dir)),
+        Err(_) => fs::remove_dir_all(&image.dir).map_err(io(&image.dir)),
+    };
+    result?;
+    cleanup?;
+    Ok(BuildReport {
+        elapsed: started.elapsed(),
+        written,
+        layer_size: tree_size(&image.upper()),
+    })
+}
+
+async fn run_sandboxed(
+    ctx: &BuildContext<'_>,
+    spec: &ServiceSpec,
+    build: &str,
+    lower: &[PathBuf],
+    image: &ImageDir,
+    id: &str,
+) -> Result<(), BuildError> {
+    let service = spec.name.to_string();
+    // The build resolves names and trusts certificate authorities as the
+    // host does (a host behind a TLS-inspecting proxy has its CA in its
+    // bundle); the image keeps its own files for later.
+    let binds = HOST_FILES_FOR_BUILDS
+        .iter()
+        .filter(|p| Path::new(p).exists())
+        .map(|p| Bind {
+            source: PathBuf::from(p),
+            target: p.to_string(),
+            writable: false,
+        })
+        .collect();
+    let config = SandboxConfig {
+        hostname: format!("build-{service}"),
+        mount_point: ctx.mount_point.to_path_buf(),
+        layers: lower.to_vec(),
+        writable: Some(WritableLayer {
+            upper: image.upper(),
+            work: image.work(),
+        }),
+        binds,
+        cwd: APP_PATH.into(),
+        tmp_size: BUILD_TMP,
+        identity: Identity::BuildRoot,
+        host_network: true,
+        argv: vec!["bash".into(), "-c".into(), build.to_string()],
+        env: environment(spec),
+    };
+    let limits = CgroupLimits {
+        memory_bytes: BUILD_MEMORY.max(spec.limits.memory),
+        pids: BUILD_PIDS,
+        cpu: std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64),
+    };
+    let _ = ctx.events.send(Event::BuildStarted {
+        service: service.clone(),
+    });
+    let mut instance = ctx.sandbox.spawn(id, &config, limits).await?;
+    let tail = Tail::default();
+    let sink = LogSink {
+        service,
+        phase: Phase::Build,
+        tail: tail.clone(),
+        file: ctx.log_file.clone(),
+        events: ctx.events.clone(),
+    };
+    let pumps = sink.pump_output(&mut instance);
+    let waited = tokio::time::timeout(spec.limits.build_timeout, instance.wait()).await;
+    let exit = match waited {
+        Ok(exit) => exit.map_err(SandboxError::from)?,
+        Err(_) => {
+            let _ = instance.stop(Duration::ZERO).await;
+            return Err(BuildError::TimedOut {
+                after: spec.limits.build_timeout,
+            });
+        }
+    };
+    for p in pumps {
+        let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
+    }
+    instance.stop(Duration::ZERO).await?;
+    if exit.code != 0 {
+        return Err(BuildError::Failed {
+            exit,
+            tail: tail.lines(),
+        });
+    }
+    Ok(())
+}
+
+/// Drops caches from the new layer and removes the overlay work directory.
+fn finish_layer(image: &ImageDir) -> std::io::Result<()> {
+    let upper = image.upper();
+    for rel in DROPPED_AFTER_BUILD {
+        let dir = upper.join(rel);
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            // Whiteouts (character devices) record deletions of lower
+            // files and must stay; everything else the build left goes.
+            let ft = entry.file_type()?;
+            if ft.is_dir() {
+                fs::remove_dir_all(&path)?;
+            } else if ft.is_file() || ft.is_symlink() {
+                fs::remove_file(&path)?;
+            }
+        }
+    }
+    fs::remove_dir_all(image.work())?;
+    image.mark_ready()
+}

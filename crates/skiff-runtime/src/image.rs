@@ -1,0 +1,356 @@
+//! The image store: content-addressed source snapshots and build layers.
+//!
+//! A service's image is a stack of read-only layers: the build's layer (what
+//! the build command wrote), the source snapshot (the source directory as
+//! `/app`) and the base image. Each is keyed by a hash of what made it, so a
+//! redeploy of the same source with the same build command and base reuses
+//! the image without building. Layout under `<state>/images/`:
+//!
+//! - `src-<hash>/app/...`: a source snapshot;
+//! - `img-<hash>/upper/`: a build's layer, `img-<hash>/ready` once complete;
+//! - `refs/<service>`: the image key the service's current version uses.
+//!   Images no ref names are garbage.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::base::APP_PATH;
+
+/// Directories of a source tree that never belong in an image.
+const SKIPPED_DIRS: &[&str] = &[".git", ".hg", ".svn"];
+
+/// The image store under `<state>/images`.
+#[derive(Debug, Clone)]
+pub struct ImageStore {
+    root: PathBuf,
+}
+
+/// A source snapshot, ready to be a layer.
+#[derive(Debug, Clone)]
+pub struct SourceLayer {
+    pub key: String,
+    /// The layer's root (it holds `app/`).
+    pub dir: PathBuf,
+}
+
+/// Where one image's build layer lives.
+#[derive(Debug, Clone)]
+pub struct ImageDir {
+    pub key: String,
+    pub dir: PathBuf,
+}
+
+impl ImageDir {
+    pub fn upper(&self) -> PathBuf {
+        self.dir.join("upper")
+    }
+
+    pub fn work(&self) -> PathBuf {
+        self.dir.join("work")
+    }
+
+    fn marker(&self) -> PathBuf {
+        self.dir.join("ready")
+    }
+
+    /// Whether a complete build layer is there.
+    pub fn is_ready(&self) -> bool {
+        self.marker().is_file()
+    }
+
+    /// Marks the build layer complete; from now on it is reused.
+    pub fn mark_ready(&self) -> io::Result<()> {
+        fs::write(self.marker(), "")
+    }
+}
+
+fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl ImageStore {
+    pub fn open(state_dir: &Path) -> io::Result<Self> {
+        let root = state_dir.join("images");
+        fs::create_dir_all(root.join("refs"))?;
+        Ok(Self { root })
+    }
+
+    /// Snapshots `source` (unless a snapshot of the same content exists).
+    /// Modes are normalised so that the non-root run user can read
+    /// everything (and run what was executable); owners become root.
+    pub fn snapshot(&self, source: &Path) -> io::Result<SourceLayer> {
+        let key = hash_tree(source)?;
+        let dir = self.root.join(format!("src-{}", &key[..32]));
+        if !dir.join(".complete").is_file() {
+            let partial = self.root.join(format!("src-{}.partial", &key[..32]));
+            if partial.exists() {
+                fs::remove_dir_all(&partial)?;
+            }
+            let app = partial.join(APP_PATH.trim_start_matches('/'));
+            fs::create_dir_all(&app)?;
+            fs::set_permissions(&app, fs::Permissions::from_mode(0o755))?;
+            copy_tree(source, &app)?;
+            fs::write(partial.join(".complete"), "")?;
+            if dir.exists() {
+                fs::remove_dir_all(&dir)?;
+            }
+            fs::rename(&partial, &dir)?;
+        }
+        Ok(SourceLayer { key, dir })
+    }
+
+    /// The image made by running `build` with `env` on `source` over `base`.
+    pub fn image_for(
+        &self,
+        base: &str,
+        source: &SourceLayer,
+        build: &str,
+        env: &BTreeMap<String, String>,
+    ) -> ImageDir {
+        let mut h = Sha256::new();
+        h.update(b"skiff-image-v1\0");
+        for part in [base, &source.key, build] {
+            h.update(part.as_bytes());
+            h.update(b"\0");
+        }
+        for (k, v) in env {
+            h.update(format!("{k}={v}\0").as_bytes());
+        }
+        let key = hex(&h.finalize())[..32].to_string();
+        ImageDir {
+            dir: self.root.join(format!("img-{key}")),
+            key,
+        }
+    }
+
+    /// Records that `service` now runs on the image made of `layers`
+    /// (directory names under the store), then removes every image and
+    /// snapshot no service refers to. Returns what was removed.
+    pub fn set_ref_and_collect(&self, service: &str, layers: &[&Path]) -> io::Result<Vec<String>> {
+        // The entry directly under the store (`img-…` for `img-…/upper`);
+        // layers outside the store (the base image) are not collected.
+        let names: Vec<String> = layers
+            .iter()
+            .filter_map(|l| l.strip_prefix(&self.root).ok()?.components().next())
+            .map(|c| c.as_os_str().to_string_lossy().into_owned())
+            .collect();
+        fs::write(self.root.join("refs").join(service), names.join("\n"))?;
+        self.collect()
+    }
+
+    /// Removes images and snapshots that no ref names.
+    pub fn collect(&self) -> io::Result<Vec<String>> {
+        let mut live = HashSet::new();
+        for entry in fs::read_dir(self.root.join("refs"))? {
+            let text = fs::read_to_string(entry?.path())?;
+            live.extend(text.lines().map(str::to_string));
+        }
+        let mut removed = Vec::new();
+        for entry in fs::read_dir(&self.root)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let layer = name.starts_with("src-") || name.starts_with("img-");
+            if layer && !live.contains(&name) {
+                fs::remove_dir_all(entry.path())?;
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// A hash of everything in a tree that ends up in the image: relative
+/// paths, kinds, executable bits, symlink targets and contents.
+pub fn hash_tree(dir: &Path) -> io::Result<String> {
+    let mut h = Sha256::new();
+    walk(dir, Path::new(""), &mut |rel, path, meta| {
+        h.update(rel.as_os_str().as_encoded_bytes());
+        h.update(b"\0");
+        if meta.is_dir() {
+            h.update(b"d");
+        } else if meta.file_type().is_symlink() {
+            h.update(b"l");
+            h.update(fs::read_link(path)?.as_os_str().as_encoded_bytes());
+        } else if meta.is_file() {
+            h.update(if meta.mode() & 0o111 != 0 { b"x" } else { b"f" });
+            h.update(meta.len().to_le_bytes());
+            let mut f = fs::File::open(path)?;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+        }
+        h.update(b"\0");
+        Ok(())
+    })?;
+    Ok(hex(&h.finalize()))
+}
+
+/// Copies `src` into `dst` (which exists): regular files, directories and
+/// symlinks (as links, never followed); sockets and devices are skipped.
+fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
+    walk(src, Path::new(""), &mut |rel, path, meta| {
+        let target = dst.join(rel);
+        if meta.is_dir() {
+            fs::create_dir(&target)?;
+            fs::set_permissions(&target, fs::Permissions::from_mode(0o755))?;
+        } else if meta.file_type().is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(path)?, &target)?;
+        } else if meta.is_file() {
+            fs::copy(path, &target)?;
+            let mode = if meta.mode() & 0o111 != 0 {
+                0o755
+            } else {
+                0o644
+            };
+            fs::set_permissions(&target, fs::Permissions::from_mode(mode))?;
+        }
+        Ok(())
+    })
+}
+
+/// Visits every entry under `dir` in sorted order, parents before children.
+fn walk(
+    dir: &Path,
+    rel: &Path,
+    visit: &mut dyn FnMut(&Path, &Path, &fs::Metadata) -> io::Result<()>,
+) -> io::Result<()> {
+    let mut entries: Vec<_> = fs::read_dir(dir.join(rel))?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = entry.file_name();
+        if SKIPPED_DIRS.iter().any(|s| name == *s) {
+            continue;
+        }
+        let rel = rel.join(&name);
+        let path = entry.path();
+        let meta = fs::symlink_metadata(&path)?;
+        visit(&rel, &path, &meta)?;
+        if meta.is_dir() {
+            walk(dir, &rel, visit)?;
+        }
+    }
+    Ok(())
+}
+
+/// Bytes in regular files under `dir` (a layer's size).
+pub fn tree_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let _ = walk(dir, Path::new(""), &mut |_, _, meta| {
+        if meta.is_file() {
+            total += meta.len();
+        }
+        Ok(())
+    });
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for (name, content) in files {
+            let p = d.path().join(name);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(p, content).unwrap();
+        }
+        d
+    }
+
+    #[test]
+    fn hash_follows_content_not_time_and_skips_git() {
+        let a = tree(&[
+            ("app.py", "print(1)"),
+            ("lib/x.py", "x"),
+            (".git/HEAD", "a"),
+        ]);
+        let b = tree(&[
+            ("app.py", "print(1)"),
+            ("lib/x.py", "x"),
+            (".git/HEAD", "b"),
+        ]);
+        assert_eq!(hash_tree(a.path()).unwrap(), hash_tree(b.path()).unwrap());
+        fs::write(b.path().join("lib/x.py"), "y").unwrap();
+        assert_ne!(hash_tree(a.path()).unwrap(), hash_tree(b.path()).unwrap());
+        let c = tree(&[("app.py", "print(1)"), ("lib/y.py", "x")]);
+        assert_ne!(hash_tree(a.path()).unwrap(), hash_tree(c.path()).unwrap());
+        fs::set_permissions(a.path().join("app.py"), fs::Permissions::from_mode(0o755)).unwrap();
+        let h = hash_tree(a.path()).unwrap();
+        assert_ne!(
+            h,
+            hash_tree(tree(&[("app.py", "print(1)"), ("lib/x.py", "x")]).path()).unwrap()
+        );
+    }
+
+    #[test]
+    fn snapshot_normalises_modes_and_is_reused() {
+        let state = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(state.path()).unwrap();
+        let src = tree(&[("run.sh", "#!/bin/sh"), ("secret/data.txt", "d")]);
+        fs::set_permissions(src.path().join("run.sh"), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::set_permissions(src.path().join("secret"), fs::Permissions::from_mode(0o700)).unwrap();
+        fs::set_permissions(
+            src.path().join("secret/data.txt"),
+            fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("run.sh", src.path().join("link")).unwrap();
+
+        let layer = store.snapshot(src.path()).unwrap();
+        let app = layer.dir.join("app");
+        let mode = |p: &str| fs::symlink_metadata(app.join(p)).unwrap().mode() & 0o777;
+        assert_eq!(mode("run.sh"), 0o755);
+        assert_eq!(mode("secret"), 0o755);
+        assert_eq!(mode("secret/data.txt"), 0o644);
+        assert_eq!(
+            fs::read_link(app.join("link")).unwrap(),
+            Path::new("run.sh")
+        );
+
+        let again = store.snapshot(src.path()).unwrap();
+        assert_eq!(again.dir, layer.dir);
+    }
+
+    #[test]
+    fn image_keys_and_garbage_collection() {
+        let state = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(state.path()).unwrap();
+        let v1 = store.snapshot(tree(&[("a", "1")]).path()).unwrap();
+        let v2 = store.snapshot(tree(&[("a", "2")]).path()).unwrap();
+        let env = BTreeMap::new();
+        let i1 = store.image_for("base-1", &v1, "make", &env);
+        assert_eq!(i1.key, store.image_for("base-1", &v1, "make", &env).key);
+        assert_ne!(i1.key, store.image_for("base-2", &v1, "make", &env).key);
+        assert_ne!(i1.key, store.image_for("base-1", &v1, "make all", &env).key);
+        let env2 = BTreeMap::from([("A".to_string(), "1".to_string())]);
+        assert_ne!(i1.key, store.image_for("base-1", &v1, "make", &env2).key);
+        let i2 = store.image_for("base-1", &v2, "make", &env);
+        for i in [&i1, &i2] {
+            fs::create_dir_all(i.upper()).unwrap();
+            i.mark_ready().unwrap();
+        }
+        store
+            .set_ref_and_collect("svc", &[&i1.upper(), &v1.dir, Path::new("/base/rootfs")])
+            .unwrap();
+        assert!(i1.is_ready() && v1.dir.exists());
+        assert!(
+            !i2.dir.exists() && !v2.dir.exists(),
+            "unreferenced layers are removed"
+        );
+        // Another service keeps its own layers.
+        let removed = store.set_ref_and_collect("other", &[&v1.dir]).unwrap();
+        assert!(removed.is_empty(), "{removed:?}");
+        assert!(i1.is_ready());
+    }
+}
