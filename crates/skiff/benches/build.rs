@@ -54,7 +54,10 @@ fn skiff_up(dir: &Path, state: &Path) -> (Vec<String>, Duration) {
         }
     });
     let out = BufReader::new(up.stdout.take().expect("stdout"));
-    let url = out.lines().map_while(Result::ok).find(|l| l.starts_with("http://"));
+    let url = out
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("http://"));
     let elapsed = t.elapsed();
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(up.id() as i32),
@@ -127,8 +130,14 @@ fn main() {
     let mut cached = Vec::new();
     for _ in 0..5 {
         let (lines, total) = skiff_up(dir.path(), state.path());
-        assert!(lines.iter().any(|l| l.contains("reusing the built image")), "{lines:?}");
-        let ready = lines.iter().find(|l| l.contains("is ready")).expect("ready line");
+        assert!(
+            lines.iter().any(|l| l.contains("reusing the built image")),
+            "{lines:?}"
+        );
+        let ready = lines
+            .iter()
+            .find(|l| l.contains("is ready"))
+            .expect("ready line");
         let app_ms = number_after(ready, "app start").expect("app start");
         cached.push(total.saturating_sub(Duration::from_secs_f64(app_ms / 1000.0)));
     }
@@ -142,7 +151,10 @@ fn main() {
     )
     .expect("write");
     let (lines, _) = skiff_up(apt.path(), state.path());
-    let built = lines.iter().find(|l| l.contains("skiff: built")).expect("build line");
+    let built = lines
+        .iter()
+        .find(|l| l.contains("skiff: built"))
+        .expect("build line");
     let apt_sizes = (
         number_after(built, "image layer").unwrap_or(0.0),
         number_after(built, "the build wrote").unwrap_or(0.0),
@@ -157,7 +169,10 @@ fn main() {
         "cached redeploy (same source): platform time {} median of 5 (target under 1 s)",
         secs(median(cached))
     );
-    for (what, (layer, wrote)) in [("python-gunicorn", sizes), ("apt-get install jq", apt_sizes)] {
+    for (what, (layer, wrote)) in [
+        ("python-gunicorn", sizes),
+        ("apt-get install jq", apt_sizes),
+    ] {
         println!(
             "{what}: image layer {layer:.1} MiB against {wrote:.1} MiB the build wrote ({:.0}%)",
             100.0 * layer / wrote.max(0.001)
