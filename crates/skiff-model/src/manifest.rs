@@ -55,6 +55,10 @@ pub struct Limits {
     pub idle_suspend: Duration,
     /// Stop an idle instance entirely after this long (scale to zero).
     pub idle_stop: Duration,
+    /// How long a request waits for a free instance when all are busy.
+    pub queue_timeout: Duration,
+    /// How many requests may wait for a free instance at once.
+    pub max_queue: u32,
     /// How long the start command has to make the port answer.
     pub start_timeout: Duration,
     /// How long the build command may run before it is stopped.
@@ -77,6 +81,8 @@ impl Default for Limits {
             concurrency: 80,
             idle_suspend: Duration::ZERO,
             idle_stop: Duration::from_secs(5 * 60),
+            queue_timeout: Duration::from_secs(30),
+            max_queue: 1000,
             start_timeout: Duration::from_secs(60),
             build_timeout: Duration::from_secs(30 * 60),
             cpu: 1.0,
@@ -167,6 +173,8 @@ const LIMIT_FIELDS: &[&str] = &[
     "concurrency",
     "idle_suspend",
     "idle_stop",
+    "queue_timeout",
+    "max_queue",
     "start_timeout",
     "build_timeout",
     "cpu",
@@ -645,6 +653,9 @@ impl Validator<'_> {
         if let Some(d) = duration(self, "idle_stop") {
             limits.idle_stop = d;
         }
+        if let Some(d) = duration(self, "queue_timeout") {
+            limits.queue_timeout = d;
+        }
         if let Some(d) = duration(self, "start_timeout") {
             limits.start_timeout = d;
         }
@@ -668,6 +679,9 @@ impl Validator<'_> {
         }
         if let Some(n) = count(self, "concurrency", 100_000) {
             limits.concurrency = n;
+        }
+        if let Some(n) = count(self, "max_queue", 1_000_000) {
+            limits.max_queue = n;
         }
         if let Some(n) = count(self, "pids", 1 << 20) {
             limits.pids = n;

@@ -10,6 +10,7 @@ pub mod health;
 pub mod image;
 mod instance;
 mod platform;
+pub mod scaler;
 
 pub use build::BuildError;
 pub use events::{Event, Phase, StartReport, Stream};
