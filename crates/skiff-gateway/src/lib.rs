@@ -15,4 +15,7 @@ mod upstream_io;
 
 pub use error::ErrorKind;
 pub use proxy::{Gateway, GatewayError};
-pub use route::{host_to_service, Connect, ConnectFuture, Route, Router, Upstream};
+pub use route::{
+    host_to_service, Connect, ConnectFuture, FailureFuture, Lease, Route, RouteFuture, Router,
+    Upstream,
+};

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tracing::debug;
 
 use crate::error::{error_response, Body, ErrorKind};
-use crate::route::{host_to_service, Route, Router};
+use crate::route::{host_to_service, Lease, Route, Router};
 use crate::upstream_io::UpstreamIo;
 
 #[derive(Debug, thiserror::Error)]
@@ -148,26 +148,32 @@ impl Gateway {
             );
         };
         let service = service.to_ascii_lowercase();
-        let upstream = match self.router.route(&service) {
-            Route::Instance(up) => up,
-            Route::Unknown { deployed } => {
-                let list = if deployed.is_empty() {
-                    "none is deployed yet".to_string()
-                } else {
-                    format!("deployed: {}", deployed.join(", "))
-                };
-                return error_response(
-                    ErrorKind::UnknownService,
-                    &format!("No service named {service:?} is deployed here ({list})."),
-                );
-            }
-            Route::Unavailable { reason } => {
-                return error_response(
-                    ErrorKind::Unavailable,
-                    &format!("Service {service:?} is unavailable: {reason}"),
-                );
-            }
+        let mut route = self.router.route(&service);
+        let lease = loop {
+            route = match route {
+                Route::Instance(lease) => break lease,
+                // Starting or thawing an instance: the client sees latency only.
+                Route::Wait(next) => next.await,
+                Route::Unknown { deployed } => {
+                    let list = if deployed.is_empty() {
+                        "none is deployed yet".to_string()
+                    } else {
+                        format!("deployed: {}", deployed.join(", "))
+                    };
+                    return error_response(
+                        ErrorKind::UnknownService,
+                        &format!("No service named {service:?} is deployed here ({list})."),
+                    );
+                }
+                Route::Unavailable { reason } => {
+                    return error_response(
+                        ErrorKind::Unavailable,
+                        &format!("Service {service:?} is unavailable: {reason}"),
+                    );
+                }
+            };
         };
+        let upstream = lease.upstream.clone();
 
         let path = req
             .uri()
@@ -195,21 +201,60 @@ impl Gateway {
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.boxed())
+                // The request stays in flight until its body has been sent.
+                Response::from_parts(
+                    parts,
+                    LeasedBody {
+                        inner: body,
+                        _lease: lease,
+                    }
+                    .boxed(),
+                )
             }
             Err(e) => {
                 let cause = std::error::Error::source(&e)
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| e.to_string());
-                error_response(
-                    ErrorKind::UpstreamFailed,
-                    &format!(
+                let message = match upstream.connect.failure().await {
+                    Some(exit) => format!(
+                        "Service {service:?} did not answer the request: its instance {exit} \
+                         while handling it. See `skiff logs {service}`."
+                    ),
+                    None => format!(
                         "Service {service:?} did not answer the request: {cause}. \
                          The instance may have crashed or closed the connection; see `skiff logs {service}`."
                     ),
-                )
+                };
+                error_response(ErrorKind::UpstreamFailed, &message)
             }
         }
+    }
+}
+
+/// A response body that holds the request's lease until it is dropped
+/// (sent completely, or abandoned by the client).
+struct LeasedBody {
+    inner: Incoming,
+    _lease: Lease,
+}
+
+impl hyper::body::Body for LeasedBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

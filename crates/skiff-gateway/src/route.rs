@@ -11,10 +11,40 @@ use tokio::net::TcpStream;
 /// instance (here: a socket made inside the instance's network namespace).
 pub type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;
 
+/// Why an instance failed, once known (it may take a moment to learn).
+pub type FailureFuture = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
+
 /// Opens a new connection to one instance.
 pub trait Connect: Send + Sync + 'static {
     fn connect(&self) -> ConnectFuture;
+
+    /// When a request to the instance broke: did the instance end, and how?
+    /// Used to name the exit in the 502 answer.
+    fn failure(&self) -> FailureFuture {
+        Box::pin(async { None })
+    }
 }
+
+/// The right to send one request to one instance. The platform counts the
+/// request as in flight until the lease is dropped, which the gateway does
+/// when the response has been sent (or the client went away).
+pub struct Lease {
+    pub upstream: Upstream,
+    _guard: Box<dyn std::any::Any + Send + Sync>,
+}
+
+impl Lease {
+    /// `guard` is dropped when the request is over.
+    pub fn new(upstream: Upstream, guard: impl std::any::Any + Send + Sync) -> Self {
+        Self {
+            upstream,
+            _guard: Box::new(guard),
+        }
+    }
+}
+
+/// A route that is not known yet: an instance is starting or thawing.
+pub type RouteFuture = Pin<Box<dyn Future<Output = Route> + Send>>;
 
 /// One instance the gateway may send a request to.
 #[derive(Clone)]
@@ -25,10 +55,11 @@ pub struct Upstream {
 }
 
 /// The platform's answer for one service name.
-#[derive(Clone)]
 pub enum Route {
     /// Forward to this healthy instance.
-    Instance(Upstream),
+    Instance(Lease),
+    /// Wait for the answer (the client sees only latency).
+    Wait(RouteFuture),
     /// No service of that name; the list of those that exist.
     Unknown { deployed: Vec<String> },
     /// The service exists but cannot serve; why, in a sentence.

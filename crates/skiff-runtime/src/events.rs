@@ -74,6 +74,14 @@ pub enum Event {
     },
     /// The service could not be started; `reason` says why and what to do.
     Failed { service: String, reason: String },
+    /// Another instance was started (scale out, or from zero).
+    InstanceStarted {
+        service: String,
+        instance: String,
+        report: StartReport,
+    },
+    /// An idle instance was stopped (scale down, or to zero).
+    InstanceStopped { service: String, instance: String },
     /// A running instance ended by itself.
     Exited {
         service: String,

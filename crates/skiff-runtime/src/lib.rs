@@ -11,6 +11,7 @@ pub mod image;
 mod instance;
 mod platform;
 pub mod scaler;
+mod service;
 
 pub use build::BuildError;
 pub use events::{Event, Phase, StartReport, Stream};

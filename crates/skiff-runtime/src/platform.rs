@@ -6,11 +6,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
 
-use skiff_gateway::{Connect, ConnectFuture, Gateway, GatewayError, Route, Router, Upstream};
+use skiff_gateway::{Gateway, GatewayError, Route, Router, Upstream};
 use skiff_model::ServiceSpec;
-use skiff_sandbox::{Cgroups, Exit, NetNs, Sandbox, CGROUP_ROOT};
+use skiff_sandbox::{Cgroups, Sandbox, CGROUP_ROOT};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -19,10 +18,8 @@ use crate::base::{self, BaseImageError};
 use crate::build::{self, BuildContext, BuildError};
 use crate::events::{Event, StartReport};
 use crate::image::{self, ImageStore};
-use crate::instance::{self, StartContext, StartError};
-
-/// How long instances get to stop after SIGTERM before they are killed.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+use crate::instance::StartError;
+use crate::service::ServiceRuntime;
 
 /// Where the platform keeps things and how it is reached.
 #[derive(Debug, Clone)]
@@ -91,24 +88,48 @@ pub struct Deployed {
 
 enum ServiceState {
     Starting,
-    Ready(Upstream),
+    Ready(Arc<ServiceRuntime>),
     Failed(String),
 }
 
-struct Shared {
+pub(crate) struct Shared {
     config: PlatformConfig,
-    sandbox: Sandbox,
-    events: broadcast::Sender<Event>,
+    pub(crate) sandbox: Sandbox,
+    pub(crate) events: broadcast::Sender<Event>,
     services: RwLock<HashMap<String, ServiceState>>,
     upstreams: RwLock<HashMap<String, Upstream>>,
-    /// Senders that tell instance supervisors to stop.
-    stops: Mutex<Vec<(watch::Sender<bool>, JoinHandle<()>)>>,
     shutting_down: AtomicBool,
     next_instance: AtomicU64,
     gateway_addr: SocketAddr,
     images: ImageStore,
     /// Held while the platform runs: one platform per state directory.
     _state_lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl Shared {
+    /// A new instance id, unique on this host (see `instance_id`).
+    pub(crate) fn instance_id(&self, service: &str) -> String {
+        instance_id(service, self.next_instance.fetch_add(1, Ordering::SeqCst))
+    }
+
+    /// Where sandboxes mount their root inside their own mount namespace.
+    pub(crate) fn mount_point(&self) -> PathBuf {
+        self.config.state_dir.join("mnt")
+    }
+
+    pub(crate) fn register_upstream(&self, upstream: &Upstream) {
+        self.upstreams
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(upstream.key.clone(), upstream.clone());
+    }
+
+    pub(crate) fn forget_upstream(&self, key: &str) {
+        self.upstreams
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
 }
 
 impl Router for Shared {
@@ -118,7 +139,11 @@ impl Router for Shared {
             Err(p) => p.into_inner(),
         };
         match services.get(service) {
-            Some(ServiceState::Ready(up)) => Route::Instance(up.clone()),
+            Some(ServiceState::Ready(service)) => {
+                let service = service.clone();
+                drop(services);
+                service.route()
+            }
             Some(ServiceState::Starting) => Route::Unavailable {
                 reason:
                     "it is starting and not yet answering its health check; try again in a moment"
@@ -141,19 +166,6 @@ impl Router for Shared {
             Err(p) => p.into_inner(),
         };
         ups.get(key).cloned()
-    }
-}
-
-/// Reaches an instance's port from inside its network namespace.
-struct NetnsConnect {
-    netns: Arc<NetNs>,
-    port: u16,
-}
-
-impl Connect for NetnsConnect {
-    fn connect(&self) -> ConnectFuture {
-        let (netns, port) = (self.netns.clone(), self.port);
-        Box::pin(async move { netns.connect(port).await })
     }
 }
 
@@ -205,7 +217,6 @@ impl Platform {
             events,
             services: RwLock::default(),
             upstreams: RwLock::default(),
-            stops: Mutex::default(),
             shutting_down: AtomicBool::new(false),
             next_instance: AtomicU64::new(1),
             gateway_addr,
@@ -295,21 +306,32 @@ impl Platform {
             built_in: base.built_in,
         });
 
-        let mount_point = shared.config.state_dir.join("mnt");
-        let layers = self.image(spec, &base, &mount_point).await?;
-
+        let layers = self.image(spec, &base, &shared.mount_point()).await?;
         let log_file = open_log(&shared.config.state_dir, &format!("{name}.log"))?;
-        let id = instance_id(&name, shared.next_instance.fetch_add(1, Ordering::SeqCst));
-        let ctx = StartContext {
-            sandbox: &shared.sandbox,
-            layers: &layers,
-            mount_point: &mount_point,
-            log_file,
-            events: shared.events.clone(),
+        let service = ServiceRuntime::new(spec.clone(), layers.clone(), shared.clone(), log_file);
+        let report = match service.start_first().await {
+            Ok(report) => report,
+            Err(e) => {
+                service.shutdown().await;
+                return Err(e.into());
+            }
         };
-        let started = instance::start(&ctx, spec, &id).await?;
-        let store = shared.images.clone();
-        let service = name.clone();
+        self.collect_images(&name, layers).await;
+        self.set_state(&name, ServiceState::Ready(service));
+        let url = self.url(&name);
+        let _ = shared.events.send(Event::Ready {
+            service: name.clone(),
+            url: url.clone(),
+            report,
+        });
+        Ok(Deployed { url, report })
+    }
+
+    /// Records the image `service` now runs on and removes images no
+    /// service uses any more.
+    async fn collect_images(&self, service: &str, layers: Vec<PathBuf>) {
+        let store = self.shared.images.clone();
+        let service = service.to_string();
         match tokio::task::spawn_blocking(move || {
             let refs: Vec<&Path> = layers.iter().map(PathBuf::as_path).collect();
             store.set_ref_and_collect(&service, &refs)
@@ -321,36 +343,6 @@ impl Platform {
             Ok(Err(e)) => warn!("collecting unused images: {e}"),
             Err(e) => warn!("collecting unused images: {e}"),
         }
-        let report = started.report;
-
-        let upstream = Upstream {
-            key: id.clone(),
-            connect: Arc::new(NetnsConnect {
-                netns: started.netns.clone(),
-                port: spec.port,
-            }),
-        };
-        shared
-            .upstreams
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.clone(), upstream.clone());
-        self.set_state(&name, ServiceState::Ready(upstream));
-        let url = self.url(&name);
-        let _ = shared.events.send(Event::Ready {
-            service: name.clone(),
-            url: url.clone(),
-            report,
-        });
-
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(supervise(shared.clone(), name, started, stop_rx));
-        shared
-            .stops
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((stop_tx, task));
-        Ok(Deployed { url, report })
     }
 
     /// The service's image, top layer first: its build layer (built now,
@@ -395,10 +387,7 @@ impl Platform {
                 log_file: open_log(&shared.config.state_dir, &format!("{name}.build.log"))?,
                 events: shared.events.clone(),
             };
-            let id = instance_id(
-                &format!("{name}-build"),
-                shared.next_instance.fetch_add(1, Ordering::SeqCst),
-            );
+            let id = shared.instance_id(&format!("{name}-build"));
             let report = build::run(&ctx, spec, build, &lower, &image, &id).await?;
             let _ = shared.events.send(Event::BuildFinished {
                 service: name,
@@ -414,13 +403,19 @@ impl Platform {
     /// removes their cgroups and stops the gateway. Nothing is left running.
     pub async fn shutdown(self) {
         self.shared.shutting_down.store(true, Ordering::SeqCst);
-        let stops =
-            std::mem::take(&mut *self.shared.stops.lock().unwrap_or_else(|p| p.into_inner()));
-        for (tx, _) in &stops {
-            let _ = tx.send(true);
-        }
-        for (_, task) in stops {
-            let _ = task.await;
+        let services: Vec<Arc<ServiceRuntime>> = self
+            .shared
+            .services
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter_map(|s| match s {
+                ServiceState::Ready(rt) => Some(rt.clone()),
+                _ => None,
+            })
+            .collect();
+        for service in services {
+            service.shutdown().await;
         }
         let _ = self.gateway_stop.send(true);
         let _ = self.gateway_task.await;
@@ -452,65 +447,6 @@ fn owner_is_gone(id: &str) -> bool {
     match pid.parse::<u32>() {
         Ok(pid) => pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists(),
         Err(_) => false,
-    }
-}
-
-/// Owns one running instance: notices when it ends, stops it when told.
-async fn supervise(
-    shared: Arc<Shared>,
-    service: String,
-    mut started: instance::Started,
-    mut stop: watch::Receiver<bool>,
-) {
-    let id = started.instance.id.clone();
-    let ended = tokio::select! {
-        exit = started.instance.wait() => Some(exit),
-        _ = stop.wait_for(|s| *s) => None,
-    };
-    shared
-        .upstreams
-        .write()
-        .unwrap_or_else(|p| p.into_inner())
-        .remove(&id);
-    match ended {
-        Some(exit) => {
-            let exit = exit.unwrap_or(Exit { code: -1 });
-            for p in started.pumps.drain(..) {
-                let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
-            }
-            let mut reason = format!("its instance exited ({exit}) after it had started.");
-            let tail = started.tail.lines();
-            if !tail.is_empty() {
-                reason.push_str(" Its last output:");
-                for l in tail.iter().rev().take(5).rev() {
-                    reason.push_str(&format!(" | {l}"));
-                }
-            }
-            reason.push_str(&format!(" See `skiff logs {service}`."));
-            if !shared.shutting_down.load(Ordering::SeqCst) {
-                shared
-                    .services
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(service.clone(), ServiceState::Failed(reason));
-                let _ = shared.events.send(Event::Exited {
-                    service,
-                    instance: id.clone(),
-                    exit,
-                });
-            }
-            if let Err(e) = started.instance.stop(Duration::ZERO).await {
-                warn!("cleaning up instance {id}: {e}");
-            }
-        }
-        None => {
-            if let Err(e) = started.instance.stop(STOP_GRACE).await {
-                warn!("stopping instance {id}: {e}");
-            }
-            for p in started.pumps.drain(..) {
-                let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
-            }
-        }
     }
 }
 

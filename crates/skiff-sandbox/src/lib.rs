@@ -17,7 +17,7 @@ mod init;
 mod netns;
 mod spawn;
 
-pub use cgroup::{CgroupError, CgroupLimits, Cgroups};
+pub use cgroup::{CgroupError, CgroupLimits, Cgroups, Freezer};
 pub use init::init_main;
 pub use netns::NetNs;
 pub use spawn::{Exit, Instance, Sandbox, SandboxError, StartTimings};

@@ -281,6 +281,8 @@ impl Instance {
     /// `grace`, and removes the cgroups. Nothing of the instance remains.
     pub async fn stop(&mut self, grace: Duration) -> Result<Exit, SandboxError> {
         if let Some(cg) = &self.cgroups {
+            // A frozen process cannot act on SIGTERM.
+            let _ = cg.freeze(false);
             if !grace.is_zero() {
                 for pid in cg.pids() {
                     // Not the helper: its death would kill the instance at once.

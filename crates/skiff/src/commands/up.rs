@@ -240,9 +240,21 @@ async fn render(mut events: tokio::sync::broadcast::Receiver<Event>) {
                     _ => println!("{text}"),
                 }
             }
-            Event::Exited { service, exit, .. } => eprintln!(
-                "skiff: {service} exited ({exit}); requests to it get 503 until it is started again"
+            Event::Exited { service, exit, instance } => eprintln!(
+                "skiff: {service}: instance {instance} exited ({exit}); the next request starts a new one"
             ),
+            Event::InstanceStarted {
+                service,
+                instance,
+                report,
+            } => eprintln!(
+                "skiff: {service}: started instance {instance} (sandbox {}, app start {})",
+                ms(report.sandbox),
+                ms(report.app)
+            ),
+            Event::InstanceStopped { service, instance } => {
+                eprintln!("skiff: {service}: stopped idle instance {instance}")
+            }
             Event::Ready { .. } | Event::Failed { .. } => {}
         }
     }

@@ -5,6 +5,7 @@
 
 mod build;
 mod sandbox;
+mod scaling;
 mod support;
 
 use std::time::Duration;

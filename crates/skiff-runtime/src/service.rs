@@ -1,0 +1,423 @@
+//! One deployed service at run time: carries out the scaler's decisions
+//! (start, freeze, thaw, stop instances; hand waiting requests over) and
+//! feeds it the events (requests, instance ready, exited). The decisions
+//! themselves are in `scaler.rs`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use skiff_gateway::{Connect, ConnectFuture, FailureFuture, Lease, Route, Upstream};
+use skiff_model::ServiceSpec;
+use skiff_sandbox::{Freezer, NetNs};
+use tokio::sync::{oneshot, watch, Notify};
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+use crate::events::{Event, StartReport};
+use crate::instance::{self, StartContext, StartError};
+use crate::platform::Shared;
+use crate::scaler::{Action, InstanceNo, Outcome, Rejection, ScaleConfig, Scaler, WaiterId};
+
+/// How long instances get to stop after SIGTERM before they are killed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// What is decided and what must follow the decisions' order: the freezer
+/// writes happen under the same lock, so a freeze decided before a thaw is
+/// never carried out after it.
+struct Core {
+    scaler: Scaler,
+    freezers: HashMap<InstanceNo, Freezer>,
+}
+
+/// A running instance as the executor knows it.
+struct Running {
+    upstream: Upstream,
+    stop: watch::Sender<bool>,
+}
+
+pub(crate) struct ServiceRuntime {
+    pub name: String,
+    spec: ServiceSpec,
+    layers: Vec<PathBuf>,
+    shared: Arc<Shared>,
+    log_file: Arc<Mutex<std::fs::File>>,
+    core: Mutex<Core>,
+    running: Mutex<HashMap<InstanceNo, Running>>,
+    waiters: Mutex<HashMap<WaiterId, oneshot::Sender<Result<InstanceNo, Rejection>>>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// Wakes the timer when the next deadline may have moved.
+    wake: Notify,
+    shutdown: watch::Sender<bool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ServiceRuntime {
+    pub fn new(
+        spec: ServiceSpec,
+        layers: Vec<PathBuf>,
+        shared: Arc<Shared>,
+        log_file: Arc<Mutex<std::fs::File>>,
+    ) -> Arc<Self> {
+        let l = &spec.limits;
+        let cfg = ScaleConfig {
+            concurrency: l.concurrency,
+            max_instances: l.max_instances,
+            idle_suspend: l.idle_suspend,
+            idle_stop: l.idle_stop,
+            queue_timeout: l.queue_timeout,
+            max_queue: l.max_queue,
+            persistent: spec.mode == skiff_model::Mode::Persistent,
+        };
+        Arc::new(Self {
+            name: spec.name.to_string(),
+            spec,
+            layers,
+            shared,
+            log_file,
+            core: Mutex::new(Core {
+                scaler: Scaler::new(cfg),
+                freezers: HashMap::new(),
+            }),
+            running: Mutex::default(),
+            waiters: Mutex::default(),
+            tasks: Mutex::default(),
+            wake: Notify::new(),
+            shutdown: watch::channel(false).0,
+        })
+    }
+
+    /// Starts the first instance and waits until it answers (a deploy).
+    pub async fn start_first(self: &Arc<Self>) -> Result<StartReport, StartError> {
+        let (n, _) = lock(&self.core).scaler.start_first(Instant::now());
+        let (tx, rx) = oneshot::channel();
+        self.spawn_instance(n, Some(tx));
+        let timer = tokio::spawn(self.clone().timer());
+        lock(&self.tasks).push(timer);
+        rx.await.unwrap_or_else(|_| {
+            Err(StartError::Sandbox(skiff_sandbox::SandboxError::Setup(
+                "the instance task ended without a result".into(),
+            )))
+        })
+    }
+
+    /// Runs `f` on the scaler; freezes and thaws at once, in order, under
+    /// the lock; everything else after it.
+    fn decide<R>(self: &Arc<Self>, f: impl FnOnce(&mut Scaler) -> (R, Vec<Action>)) -> R {
+        let (result, rest) = {
+            let mut core = lock(&self.core);
+            let (result, actions) = f(&mut core.scaler);
+            let mut rest = Vec::new();
+            for action in actions {
+                match action {
+                    Action::Freeze(n) | Action::Thaw(n) => {
+                        let frozen = matches!(action, Action::Freeze(_));
+                        if let Some(fz) = core.freezers.get(&n) {
+                            if let Err(e) = fz.set(frozen) {
+                                warn!("{}: freezer of instance {n}: {e}", self.name);
+                            }
+                        }
+                    }
+                    other => rest.push(other),
+                }
+            }
+            (result, rest)
+        };
+        self.apply(rest);
+        self.wake.notify_one();
+        result
+    }
+
+    fn apply(self: &Arc<Self>, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Start(n) => self.spawn_instance(n, None),
+                Action::Stop(n) => {
+                    if let Some(r) = lock(&self.running).get(&n) {
+                        let _ = r.stop.send(true);
+                    }
+                }
+                Action::Dispatch { waiter, instance } => {
+                    let tx = lock(&self.waiters).remove(&waiter);
+                    // A client that went away leaves no receiver: give the
+                    // instance's slot back.
+                    if tx.is_none_or(|tx| tx.send(Ok(instance)).is_err()) {
+                        self.release(instance);
+                    }
+                }
+                Action::Reject { waiter, reason } => {
+                    if let Some(tx) = lock(&self.waiters).remove(&waiter) {
+                        let _ = tx.send(Err(reason));
+                    }
+                }
+                Action::Freeze(_) | Action::Thaw(_) => {
+                    unreachable!("decide() carries out freezer actions")
+                }
+            }
+        }
+    }
+
+    fn release(self: &Arc<Self>, n: InstanceNo) {
+        self.decide(|s| ((), s.on_done(n, Instant::now())));
+    }
+
+    /// The gateway's question: where does the next request go?
+    pub fn route(self: &Arc<Self>) -> Route {
+        let outcome = {
+            let now = Instant::now();
+            let this = self.clone();
+            self.decide(move |s| {
+                let (outcome, actions) = s.on_request(now);
+                if let Outcome::Queued(w) = outcome {
+                    // Registered while the scaler is locked, so no Dispatch
+                    // for it can be carried out before it exists.
+                    let (tx, rx) = oneshot::channel();
+                    lock(&this.waiters).insert(w, tx);
+                    return ((outcome, Some(rx)), actions);
+                }
+                ((outcome, None), actions)
+            })
+        };
+        match outcome {
+            (Outcome::Dispatched(n), _) => self.lease(n),
+            (Outcome::Rejected(reason), _) => Route::Unavailable {
+                reason: reason.to_string(),
+            },
+            (Outcome::Queued(_), Some(rx)) => {
+                let this = self.clone();
+                Route::Wait(Box::pin(async move {
+                    match rx.await {
+                        Ok(Ok(n)) => this.lease(n),
+                        Ok(Err(reason)) => Route::Unavailable {
+                            reason: reason.to_string(),
+                        },
+                        Err(_) => Route::Unavailable {
+                            reason: Rejection::ShuttingDown.to_string(),
+                        },
+                    }
+                }))
+            }
+            (Outcome::Queued(_), None) => Route::Unavailable {
+                reason: "internal error: a queued request without a waiter".into(),
+            },
+        }
+    }
+
+    fn lease(self: &Arc<Self>, n: InstanceNo) -> Route {
+        let upstream = lock(&self.running).get(&n).map(|r| r.upstream.clone());
+        let guard = LeaseGuard {
+            service: self.clone(),
+            instance: n,
+        };
+        match upstream {
+            Some(upstream) => Route::Instance(Lease::new(upstream, guard)),
+            None => Route::Unavailable {
+                reason: "its instance ended just now; retry the request".into(),
+            },
+        }
+    }
+
+    fn spawn_instance(
+        self: &Arc<Self>,
+        n: InstanceNo,
+        first: Option<oneshot::Sender<Result<StartReport, StartError>>>,
+    ) {
+        let task = tokio::spawn(self.clone().run_instance(n, first));
+        let mut tasks = lock(&self.tasks);
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
+    }
+
+    /// Starts instance `n`, reports it ready, supervises it until it ends.
+    async fn run_instance(
+        self: Arc<Self>,
+        n: InstanceNo,
+        first: Option<oneshot::Sender<Result<StartReport, StartError>>>,
+    ) {
+        let shared = &self.shared;
+        let id = shared.instance_id(&self.name);
+        let ctx = StartContext {
+            sandbox: &shared.sandbox,
+            layers: &self.layers,
+            mount_point: &shared.mount_point(),
+            log_file: self.log_file.clone(),
+            events: shared.events.clone(),
+        };
+        let mut started = match instance::start(&ctx, &self.spec, &id).await {
+            Ok(s) => s,
+            Err(e) => {
+                let reason = e.to_string();
+                self.decide(|s| ((), s.on_start_failed(n, reason, Instant::now())));
+                if let Some(tx) = first {
+                    let _ = tx.send(Err(e));
+                }
+                return;
+            }
+        };
+        let (exit_tx, exit_rx) = watch::channel(None);
+        let upstream = Upstream {
+            key: id.clone(),
+            connect: Arc::new(NetnsConnect {
+                netns: started.netns.clone(),
+                port: self.spec.port,
+                exit: exit_rx,
+            }),
+        };
+        shared.register_upstream(&upstream);
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        lock(&self.running).insert(
+            n,
+            Running {
+                upstream,
+                stop: stop_tx,
+            },
+        );
+        // The freezer first: on_ready may decide to freeze at once.
+        if let Some(fz) = started.instance.cgroups().map(|c| c.freezer()) {
+            lock(&self.core).freezers.insert(n, fz);
+        }
+        let report = started.report;
+        self.decide(|s| ((), s.on_ready(n, Instant::now())));
+        if first.is_none() {
+            let _ = shared.events.send(Event::InstanceStarted {
+                service: self.name.clone(),
+                instance: id.clone(),
+                report,
+            });
+        }
+        if let Some(tx) = first {
+            let _ = tx.send(Ok(report));
+        }
+
+        let mut shutdown = self.shutdown.subscribe();
+        let stopped = tokio::select! {
+            exit = started.instance.wait() => Err(exit),
+            _ = stop_rx.wait_for(|s| *s) => Ok(()),
+            _ = shutdown.wait_for(|s| *s) => Ok(()),
+        };
+        match stopped {
+            Ok(()) => {
+                if let Err(e) = started.instance.stop(STOP_GRACE).await {
+                    warn!("stopping instance {id}: {e}");
+                }
+                self.forget(n, &id, "stopped".into());
+                if !*self.shutdown.borrow() {
+                    let _ = shared.events.send(Event::InstanceStopped {
+                        service: self.name.clone(),
+                        instance: id.clone(),
+                    });
+                }
+            }
+            Err(exit) => {
+                let exit = exit.unwrap_or(skiff_sandbox::Exit { code: -1 });
+                for p in started.pumps.drain(..) {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
+                }
+                let mut reason = format!("exited ({exit})");
+                if let Some(last) = started.tail.lines().last() {
+                    reason.push_str(&format!(", last output: {last:?}"));
+                }
+                let _ = exit_tx.send(Some(reason.clone()));
+                self.forget(n, &id, reason);
+                let _ = shared.events.send(Event::Exited {
+                    service: self.name.clone(),
+                    instance: id.clone(),
+                    exit,
+                });
+                if let Err(e) = started.instance.stop(Duration::ZERO).await {
+                    warn!("cleaning up instance {id}: {e}");
+                }
+            }
+        }
+    }
+
+    /// The instance is gone: the scaler learns it first (so no request is
+    /// sent to it any more), then its handles go.
+    fn forget(self: &Arc<Self>, n: InstanceNo, id: &str, reason: String) {
+        self.decide(|s| ((), s.on_exit(n, reason, Instant::now())));
+        lock(&self.core).freezers.remove(&n);
+        lock(&self.running).remove(&n);
+        self.shared.forget_upstream(id);
+    }
+
+    /// Freezes and stops idle instances, times out waiters, restarts.
+    async fn timer(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            let deadline = lock(&self.core).scaler.next_deadline();
+            let sleep = async {
+                match deadline {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = sleep => {
+                    self.decide(|s| ((), s.on_tick(Instant::now())));
+                }
+                _ = self.wake.notified() => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// Stops every instance and waits until they are gone.
+    pub async fn shutdown(self: &Arc<Self>) {
+        self.decide(|s| ((), s.shutdown()));
+        let _ = self.shutdown.send(true);
+        loop {
+            let tasks: Vec<_> = lock(&self.tasks).drain(..).collect();
+            if tasks.is_empty() {
+                break;
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        }
+    }
+}
+
+/// Dropped when a request's response is over: the instance has one request
+/// less in flight.
+struct LeaseGuard {
+    service: Arc<ServiceRuntime>,
+    instance: InstanceNo,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        self.service.release(self.instance);
+    }
+}
+
+/// Reaches an instance's port from inside its network namespace.
+struct NetnsConnect {
+    netns: Arc<NetNs>,
+    port: u16,
+    exit: watch::Receiver<Option<String>>,
+}
+
+impl Connect for NetnsConnect {
+    fn connect(&self) -> ConnectFuture {
+        let (netns, port) = (self.netns.clone(), self.port);
+        Box::pin(async move { netns.connect(port).await })
+    }
+
+    fn failure(&self) -> FailureFuture {
+        let mut exit = self.exit.clone();
+        Box::pin(async move {
+            // The exit is noticed a moment after the connection breaks.
+            let waited =
+                tokio::time::timeout(Duration::from_millis(500), exit.wait_for(|e| e.is_some()))
+                    .await;
+            match waited {
+                Ok(Ok(reason)) => reason.clone(),
+                _ => None,
+            }
+        })
+    }
+}

@@ -1,0 +1,248 @@
+//! Instances on demand: CPU suspension while idle, scale to zero and back,
+//! scale out, queueing, crashes, and never cutting a request short.
+
+use std::time::{Duration, Instant};
+
+use crate::sandbox::host;
+use crate::support::*;
+use crate::FIRST_START;
+
+/// A service that tells which instance answered, counts ticks of a
+/// background thread, answers slowly on demand and exits on demand.
+const APP: &str = r#"
+import os, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse, parse_qs
+
+TOKEN = os.urandom(6).hex()
+ticks = 0
+
+def ticker():
+    global ticks
+    while True:
+        time.sleep(0.01)
+        ticks += 1
+
+threading.Thread(target=ticker, daemon=True).start()
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        u = urlparse(self.path)
+        q = {k: v[0] for k, v in parse_qs(u.query).items()}
+        if u.path == "/slow":
+            time.sleep(int(q["ms"]) / 1000)
+        if u.path == "/exit":
+            os._exit(int(q["code"]))
+        if u.path == "/tmp-write":
+            open("/tmp/mark", "w").write(TOKEN)
+        if u.path == "/tmp-read":
+            body = open("/tmp/mark").read() if os.path.exists("/tmp/mark") else "none"
+        elif u.path == "/ticks":
+            body = str(ticks)
+        else:
+            body = TOKEN
+        data = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    def log_message(self, *a):
+        pass
+
+ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+fn app(name: &str, limits: &str) -> App {
+    App::new(
+        &format!("name = \"{name}\"\nstart = \"exec python3 app.py\"\n[limits]\n{limits}\n"),
+        &[("app.py", APP)],
+    )
+}
+
+fn up_one(app: &App) -> Up {
+    let mut up = Up::start(&[app.path()], &[]);
+    assert_eq!(up.wait_urls(1, FIRST_START).len(), 1, "{}", up.stderr());
+    up
+}
+
+fn ok_body(up: &Up, name: &str, path: &str) -> String {
+    let r = up.get(&host(name), path);
+    assert_eq!(r.status, 200, "{path}: {r:?}");
+    r.body
+}
+
+fn ticks(up: &Up, name: &str) -> u64 {
+    ok_body(up, name, "/ticks").parse().expect("ticks")
+}
+
+/// Polls `cond` every 50 ms until it holds or `timeout` passes.
+fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cond()
+}
+
+fn frozen(name: &str) -> bool {
+    cgroups_named(name)
+        .iter()
+        .filter(|p| p.starts_with("/sys/fs/cgroup/unified"))
+        .any(|p| {
+            std::fs::read_to_string(p.join("cgroup.events"))
+                .is_ok_and(|e| e.lines().any(|l| l == "frozen 1"))
+        })
+}
+
+#[test]
+fn an_idle_instance_gets_no_cpu_and_a_busy_one_does() {
+    let (cold, warm) = (unique("frozen"), unique("awake"));
+    let (a, b) = (
+        app(&cold, "idle_suspend = \"0s\""),
+        app(&warm, "idle_suspend = \"1h\""),
+    );
+    let mut up = Up::start(&[a.path(), b.path()], &[]);
+    assert_eq!(up.wait_urls(2, FIRST_START).len(), 2, "{}", up.stderr());
+
+    let before = (ticks(&up, &cold), ticks(&up, &warm));
+    assert!(
+        eventually(Duration::from_secs(5), || frozen(&cold)),
+        "the idle instance is not frozen"
+    );
+    std::thread::sleep(Duration::from_millis(600));
+    let after = (ticks(&up, &cold), ticks(&up, &warm));
+    // The ticker runs every 10 ms: ~60 ticks in 600 ms when awake. Frozen,
+    // it gets only what the two requests themselves let it run.
+    assert!(
+        after.0 - before.0 < 15,
+        "frozen ticker advanced {} ticks",
+        after.0 - before.0
+    );
+    assert!(
+        after.1 - before.1 > 30,
+        "awake ticker advanced only {} ticks",
+        after.1 - before.1
+    );
+    assert!(!frozen(&warm));
+
+    // During a request, the instance runs: its ticker advances.
+    let start = ticks(&up, &cold);
+    ok_body(&up, &cold, "/slow?ms=500");
+    let during = ticks(&up, &cold) - start;
+    assert!(
+        during > 20,
+        "the ticker advanced only {during} ticks during a 500 ms request"
+    );
+}
+
+#[test]
+fn scales_to_zero_and_back_with_a_fresh_tmp() {
+    let name = unique("zero");
+    let app = app(&name, "idle_stop = \"1s\"");
+    let up = up_one(&app);
+    let first = ok_body(&up, &name, "/tmp-write");
+    assert_eq!(ok_body(&up, &name, "/tmp-read"), first);
+    assert!(
+        eventually(Duration::from_secs(15), || cgroups_named(&name).is_empty()),
+        "the idle instance was not stopped: {:?}",
+        cgroups_named(&name)
+    );
+    // From zero: the request waits for a new instance, then succeeds.
+    let second = ok_body(&up, &name, "/");
+    assert_ne!(second, first, "a new instance answers");
+    assert_eq!(
+        ok_body(&up, &name, "/tmp-read"),
+        "none",
+        "/tmp does not carry over"
+    );
+}
+
+#[test]
+fn scales_out_when_instances_are_busy() {
+    let name = unique("out");
+    let app = app(&name, "concurrency = 1\nmax_instances = 3");
+    let up = up_one(&app);
+    let port = up.port.unwrap();
+    let h = host(&name);
+    let handles: Vec<_> = (0..3)
+        .map(|_| {
+            let h = h.clone();
+            std::thread::spawn(move || http_get(port, &h, "/slow?ms=1500"))
+        })
+        .collect();
+    let tokens: std::collections::HashSet<String> = handles
+        .into_iter()
+        .map(|t| {
+            let r = t.join().unwrap();
+            assert_eq!(r.status, 200, "{r:?}");
+            r.body
+        })
+        .collect();
+    assert_eq!(tokens.len(), 3, "three instances served: {tokens:?}");
+}
+
+#[test]
+fn at_capacity_a_waiting_request_times_out_with_503() {
+    let name = unique("full");
+    let app = app(
+        &name,
+        "concurrency = 1\nmax_instances = 1\nqueue_timeout = \"1s\"",
+    );
+    let up = up_one(&app);
+    let port = up.port.unwrap();
+    let h = host(&name);
+    let slow = {
+        let h = h.clone();
+        std::thread::spawn(move || http_get(port, &h, "/slow?ms=3000"))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let r = http_get(port, &h, "/");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.header("x-skiff-error"), Some("service-unavailable"));
+    assert!(r.body.contains("at capacity"), "{r:?}");
+    assert!(r.body.contains("limits.queue_timeout"), "{r:?}");
+    assert_eq!(
+        slow.join().unwrap().status,
+        200,
+        "the running request is not disturbed"
+    );
+}
+
+#[test]
+fn a_request_in_flight_is_never_cut_by_scale_down() {
+    let name = unique("drain");
+    let app = app(&name, "idle_stop = \"1s\"");
+    let up = up_one(&app);
+    let token = ok_body(&up, &name, "/");
+    // Longer than idle_stop: the instance must not be stopped under it.
+    let slow = ok_body(&up, &name, "/slow?ms=2500");
+    assert_eq!(slow, token);
+}
+
+#[test]
+fn repeated_crashes_back_off_and_say_so() {
+    let name = unique("crashy");
+    let app = app(&name, "");
+    let up = up_one(&app);
+    for crash in 1..=3 {
+        if crash > 1 {
+            // The crashed instance is replaced on demand.
+            ok_body(&up, &name, "/");
+        }
+        let r = up.get(&host(&name), "/exit?code=9");
+        assert_eq!(r.status, 502, "{r:?}");
+        assert!(r.body.contains("exited (exit code 9)"), "{r:?}");
+        assert!(eventually(Duration::from_secs(5), || {
+            up.stderr().matches("exited (exit code 9)").count() == crash
+        }));
+    }
+    // Three in a row: no hot restart loop; the client is told why.
+    let r = up.get(&host(&name), "/");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert!(r.body.contains("keeps crashing"), "{r:?}");
+    assert!(r.body.contains("exit code 9"), "{r:?}");
+}
