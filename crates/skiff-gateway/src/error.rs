@@ -16,6 +16,8 @@ pub enum ErrorKind {
     Unavailable,
     /// The instance could not be reached or broke the exchange (upstream).
     UpstreamFailed,
+    /// An upgrade (WebSocket) to a serverless service (client side).
+    StreamingNeedsPersistent,
 }
 
 impl ErrorKind {
@@ -25,6 +27,7 @@ impl ErrorKind {
             Self::BadHost => "bad-host",
             Self::Unavailable => "service-unavailable",
             Self::UpstreamFailed => "upstream-failed",
+            Self::StreamingNeedsPersistent => "streaming-needs-persistent",
         }
     }
 
@@ -34,6 +37,7 @@ impl ErrorKind {
             Self::BadHost => StatusCode::BAD_REQUEST,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
+            Self::StreamingNeedsPersistent => StatusCode::NOT_IMPLEMENTED,
         }
     }
 }

@@ -112,6 +112,7 @@ impl Gateway {
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
                     .await
                 {
                     debug!("connection from {remote}: {e}");
@@ -148,6 +149,20 @@ impl Gateway {
             );
         };
         let service = service.to_ascii_lowercase();
+        let upgrade = req.headers().get(header::UPGRADE).cloned();
+        if let Some(proto) = &upgrade {
+            if !self.router.allows_streaming(&service) {
+                let proto = proto.to_str().unwrap_or("protocol");
+                return error_response(
+                    ErrorKind::StreamingNeedsPersistent,
+                    &format!(
+                        "Service {service:?} runs in serverless mode, which serves short \
+                         request/response exchanges only; a long-lived {proto} connection \
+                         (Upgrade) needs mode = \"persistent\" in its skiff.toml."
+                    ),
+                );
+            }
+        }
         let mut route = self.router.route(&service);
         let lease = loop {
             route = match route {
@@ -193,11 +208,35 @@ impl Gateway {
         };
         *req.uri_mut() = uri;
         *req.version_mut() = http::Version::HTTP_11;
+        let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
+        if let Some(proto) = &upgrade {
+            // The one hop-by-hop exchange that must pass: the upgrade itself.
+            headers.insert(header::UPGRADE, proto.clone());
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
         add_forwarded(headers, remote, &host);
 
         match self.client.request(req).await {
+            Ok(mut resp) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+                let Some(client_side) = client_side else {
+                    return error_response(
+                        ErrorKind::UpstreamFailed,
+                        &format!("Service {service:?} switched protocols without being asked to."),
+                    );
+                };
+                let upstream_side = hyper::upgrade::on(&mut resp);
+                tokio::spawn(async move {
+                    if let (Ok(c), Ok(u)) = (client_side.await, upstream_side.await) {
+                        let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                    }
+                    // The connection was in flight all along.
+                    drop(lease);
+                });
+                resp.map(|b| b.boxed())
+            }
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);

@@ -71,6 +71,9 @@ pub trait Router: Send + Sync + 'static {
     fn route(&self, service: &str) -> Route;
     /// The upstream registered under `key`, for opening new pooled connections.
     fn upstream(&self, key: &str) -> Option<Upstream>;
+    /// Whether the service takes long-lived connections (WebSocket and other
+    /// upgrades): only persistent services do.
+    fn allows_streaming(&self, service: &str) -> bool;
 }
 
 /// The service name in a Host header, when the host is `NAME.<domain>` with

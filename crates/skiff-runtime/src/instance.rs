@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use skiff_model::ServiceSpec;
 use skiff_sandbox::{
     CgroupLimits, Exit, Identity, Instance, NetNs, Sandbox, SandboxConfig, SandboxError,
+    WritableLayer,
 };
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::sync::broadcast;
@@ -115,6 +116,8 @@ pub struct StartContext<'a> {
     pub sandbox: &'a Sandbox,
     /// The service's image, top layer first.
     pub layers: &'a [PathBuf],
+    /// Persistent mode: the instance's own writable layer.
+    pub writable: Option<WritableLayer>,
     pub mount_point: &'a Path,
     pub log_file: Arc<Mutex<std::fs::File>>,
     pub events: broadcast::Sender<Event>,
@@ -151,7 +154,7 @@ pub async fn start(
         hostname: service.clone(),
         mount_point: ctx.mount_point.to_path_buf(),
         layers: ctx.layers.to_vec(),
-        writable: None,
+        writable: ctx.writable.clone(),
         binds: Vec::new(),
         cwd: APP_PATH.into(),
         tmp_size: spec.limits.tmp_size,

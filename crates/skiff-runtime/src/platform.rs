@@ -63,6 +63,11 @@ pub enum DeployError {
     Build(#[from] BuildError),
     #[error(transparent)]
     Start(#[from] StartError),
+    #[error("cannot prepare the writable layer {dir} of the persistent service: {source}")]
+    Writable {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot snapshot the source directory {dir}: {source}")]
     Source {
         dir: PathBuf,
@@ -117,6 +122,11 @@ impl Shared {
         self.config.state_dir.join("mnt")
     }
 
+    /// Where a persistent service keeps its writable layers.
+    pub(crate) fn writable_dir(&self, service: &str) -> PathBuf {
+        self.config.state_dir.join("writable").join(service)
+    }
+
     pub(crate) fn register_upstream(&self, upstream: &Upstream) {
         self.upstreams
             .write()
@@ -158,6 +168,11 @@ impl Router for Shared {
                 Route::Unknown { deployed }
             }
         }
+    }
+
+    fn allows_streaming(&self, service: &str) -> bool {
+        let services = self.services.read().unwrap_or_else(|p| p.into_inner());
+        matches!(services.get(service), Some(ServiceState::Ready(s)) if s.persistent())
     }
 
     fn upstream(&self, key: &str) -> Option<Upstream> {
@@ -308,7 +323,11 @@ impl Platform {
 
         let layers = self.image(spec, &base, &shared.mount_point()).await?;
         let log_file = open_log(&shared.config.state_dir, &format!("{name}.log"))?;
-        let service = ServiceRuntime::new(spec.clone(), layers.clone(), shared.clone(), log_file);
+        let service = ServiceRuntime::new(spec.clone(), layers.clone(), shared.clone(), log_file)
+            .map_err(|source| DeployError::Writable {
+            dir: shared.writable_dir(&name),
+            source,
+        })?;
         let report = match service.start_first().await {
             Ok(report) => report,
             Err(e) => {

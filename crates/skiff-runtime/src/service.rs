@@ -4,17 +4,18 @@
 //! themselves are in `scaler.rs`.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use skiff_gateway::{Connect, ConnectFuture, FailureFuture, Lease, Route, Upstream};
 use skiff_model::ServiceSpec;
-use skiff_sandbox::{Freezer, NetNs};
+use skiff_sandbox::{Freezer, NetNs, WritableLayer};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
+use crate::base::{APP_PATH, RUN_GID, RUN_UID};
 use crate::events::{Event, StartReport};
 use crate::instance::{self, StartContext, StartError};
 use crate::platform::Shared;
@@ -50,6 +51,8 @@ pub(crate) struct ServiceRuntime {
     /// Wakes the timer when the next deadline may have moved.
     wake: Notify,
     shutdown: watch::Sender<bool>,
+    /// Persistent mode: the instance's writable layer, kept across restarts.
+    writable: Option<WritableLayer>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -62,18 +65,29 @@ impl ServiceRuntime {
         layers: Vec<PathBuf>,
         shared: Arc<Shared>,
         log_file: Arc<Mutex<std::fs::File>>,
-    ) -> Arc<Self> {
+    ) -> std::io::Result<Arc<Self>> {
+        let persistent = spec.mode == skiff_model::Mode::Persistent;
+        let writable = if persistent {
+            Some(writable_layer(
+                &shared.writable_dir(spec.name.as_str()),
+                &layers,
+            )?)
+        } else {
+            None
+        };
         let l = &spec.limits;
         let cfg = ScaleConfig {
             concurrency: l.concurrency,
-            max_instances: l.max_instances,
+            // One writable layer, one instance: a persistent service's
+            // files stay where its one instance wrote them.
+            max_instances: if persistent { 1 } else { l.max_instances },
             idle_suspend: l.idle_suspend,
             idle_stop: l.idle_stop,
             queue_timeout: l.queue_timeout,
             max_queue: l.max_queue,
-            persistent: spec.mode == skiff_model::Mode::Persistent,
+            persistent,
         };
-        Arc::new(Self {
+        Ok(Arc::new(Self {
             name: spec.name.to_string(),
             spec,
             layers,
@@ -88,7 +102,13 @@ impl ServiceRuntime {
             tasks: Mutex::default(),
             wake: Notify::new(),
             shutdown: watch::channel(false).0,
-        })
+            writable,
+        }))
+    }
+
+    /// Persistent services take long-lived connections (WebSocket).
+    pub fn persistent(&self) -> bool {
+        self.writable.is_some()
     }
 
     /// Starts the first instance and waits until it answers (a deploy).
@@ -243,6 +263,7 @@ impl ServiceRuntime {
         let ctx = StartContext {
             sandbox: &shared.sandbox,
             layers: &self.layers,
+            writable: self.writable.clone(),
             mount_point: &shared.mount_point(),
             log_file: self.log_file.clone(),
             events: shared.events.clone(),
@@ -379,6 +400,45 @@ impl ServiceRuntime {
             }
         }
     }
+}
+
+/// The writable layer of a persistent service for this image, under
+/// `dir/<image>`: kept across restarts of the same version, replaced when
+/// the image changes (older ones are removed). `/app` in it belongs to the
+/// run user, so the service can write its files next to its code.
+fn writable_layer(dir: &Path, layers: &[PathBuf]) -> std::io::Result<WritableLayer> {
+    use std::os::unix::fs::PermissionsExt;
+    // The image is named by its top layer: `img-…` for `img-…/upper`, or
+    // the source snapshot `src-…` when there was no build.
+    let image = match layers.first() {
+        Some(top) if top.ends_with("upper") => top.parent().and_then(Path::file_name),
+        Some(top) => top.file_name(),
+        None => None,
+    }
+    .map_or_else(|| "base".to_string(), |n| n.to_string_lossy().into_owned());
+    std::fs::create_dir_all(dir)?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy() != image {
+            std::fs::remove_dir_all(entry.path())?;
+        }
+    }
+    let layer = WritableLayer {
+        upper: dir.join(&image).join("upper"),
+        work: dir.join(&image).join("work"),
+    };
+    std::fs::create_dir_all(&layer.work)?;
+    let app = layer.upper.join(APP_PATH.trim_start_matches('/'));
+    if !app.exists() {
+        std::fs::create_dir_all(&app)?;
+        std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o755))?;
+        nix::unistd::chown(
+            &app,
+            Some(nix::unistd::Uid::from_raw(RUN_UID)),
+            Some(nix::unistd::Gid::from_raw(RUN_GID)),
+        )?;
+    }
+    Ok(layer)
 }
 
 /// Dropped when a request's response is over: the instance has one request
