@@ -29,19 +29,24 @@ pub async fn probe(netns: &NetNs, port: u16, timeout: Duration) -> bool {
         if &buf != b"HTTP/" {
             return Some(false);
         }
-        // Read the rest before closing: closing with unread data sends a
-        // reset, and the service would log a broken connection per probe.
-        let mut rest = [0u8; 4096];
-        let drain = async {
-            let mut total = 0;
-            while let Ok(n @ 1..) = stream.read(&mut rest).await {
-                total += n;
-                if total > 1 << 20 {
-                    break;
+        // Healthy now. Read the rest in the background before closing:
+        // closing with unread data sends a reset (the service would log a
+        // broken connection per probe), and a server that keeps the
+        // connection open despite `Connection: close` must not delay the
+        // start.
+        tokio::spawn(async move {
+            let mut rest = [0u8; 4096];
+            let drain = async {
+                let mut total = 0;
+                while let Ok(n @ 1..) = stream.read(&mut rest).await {
+                    total += n;
+                    if total > 1 << 20 {
+                        break;
+                    }
                 }
-            }
-        };
-        let _ = tokio::time::timeout(Duration::from_millis(250), drain).await;
+            };
+            let _ = tokio::time::timeout(Duration::from_millis(250), drain).await;
+        });
         Some(true)
     };
     matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use skiff_model::ServiceSpec;
 use skiff_sandbox::{
-    CgroupLimits, Exit, Identity, Instance, NetNs, Sandbox, SandboxConfig, SandboxError,
+    CgroupLimits, Exit, Identity, Instance, NetNs, Prepared, Sandbox, SandboxConfig, SandboxError,
     WritableLayer,
 };
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
@@ -22,10 +22,13 @@ use crate::base::{APP_PATH, RUN_GID, RUN_UID};
 use crate::events::{Event, Phase, StartReport, Stream};
 use crate::health;
 
-/// How often the health check polls while an instance starts. Refused
-/// connections inside a network namespace cost microseconds, so polling
-/// often costs little and shortens every cold start.
+/// How often the health check polls while an instance starts: every
+/// millisecond at first (a refused connection inside a network namespace
+/// costs microseconds, and most services listen within tens of ms), then
+/// every 5 ms for slow starters.
+const HEALTH_INTERVAL_FAST: Duration = Duration::from_millis(1);
 const HEALTH_INTERVAL: Duration = Duration::from_millis(5);
+const FAST_POLLING_FOR: Duration = Duration::from_millis(250);
 /// Lines of output kept per instance for error messages.
 const TAIL_LINES: usize = 20;
 /// Longest log line kept; longer lines are cut (memory stays bounded).
@@ -140,12 +143,38 @@ pub fn environment(spec: &ServiceSpec) -> Vec<(String, String)> {
 }
 
 /// Starts one instance of `spec` and waits until its port answers.
+/// The cgroup limits of one instance of `spec`.
+pub fn cgroup_limits(spec: &ServiceSpec) -> CgroupLimits {
+    CgroupLimits {
+        memory_bytes: spec.limits.memory,
+        pids: spec.limits.pids,
+        cpu: spec.limits.cpu,
+    }
+}
+
+/// Starts one instance of `spec` in a fresh sandbox and waits until its
+/// port answers.
 pub async fn start(
     ctx: &StartContext<'_>,
     spec: &ServiceSpec,
     id: &str,
 ) -> Result<Started, StartError> {
+    let t = Instant::now();
+    let prepared = ctx.sandbox.prepare(id, cgroup_limits(spec)).await?;
+    start_prepared(ctx, spec, prepared, t.elapsed()).await
+}
+
+/// Starts one instance of `spec` in a prepared sandbox (see
+/// `Sandbox::prepare`); `prepare_cost` is the part of the sandbox's start
+/// that was paid on the critical path before this call.
+pub async fn start_prepared(
+    ctx: &StartContext<'_>,
+    spec: &ServiceSpec,
+    prepared: Prepared,
+    prepare_cost: Duration,
+) -> Result<Started, StartError> {
     let service = spec.name.to_string();
+    let id = prepared.id().to_string();
     let _ = ctx.events.send(Event::Starting {
         service: service.clone(),
         instance: id.to_string(),
@@ -166,12 +195,7 @@ pub async fn start(
         argv: vec!["bash".into(), "-c".into(), spec.start.clone()],
         env: environment(spec),
     };
-    let limits = CgroupLimits {
-        memory_bytes: spec.limits.memory,
-        pids: spec.limits.pids,
-        cpu: spec.limits.cpu,
-    };
-    let mut instance = ctx.sandbox.spawn(id, &config, limits).await?;
+    let mut instance = prepared.start(&config).await?;
     let tail = Tail::default();
     let sink = LogSink {
         service: service.clone(),
@@ -211,11 +235,11 @@ pub async fn start(
                 let _ = instance.stop(Duration::ZERO).await;
                 return Err(StartError::EarlyExit { exit, port: spec.port, tail: tail.lines() });
             }
-            _ = tokio::time::sleep(HEALTH_INTERVAL.min(remaining)) => {}
+            _ = tokio::time::sleep(poll_interval(started_at.elapsed()).min(remaining)) => {}
         }
     }
     let report = StartReport {
-        sandbox: instance.timings.started,
+        sandbox: prepare_cost + instance.timings.started,
         app: started_at.elapsed(),
     };
     Ok(Started {
@@ -225,6 +249,14 @@ pub async fn start(
         tail,
         pumps,
     })
+}
+
+fn poll_interval(since_start: Duration) -> Duration {
+    if since_start < FAST_POLLING_FOR {
+        HEALTH_INTERVAL_FAST
+    } else {
+        HEALTH_INTERVAL
+    }
 }
 
 /// Where an instance's or a build's output goes: a timestamped log file,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use skiff_gateway::{Connect, ConnectFuture, FailureFuture, Lease, Route, Upstream};
 use skiff_model::ServiceSpec;
-use skiff_sandbox::{Freezer, NetNs, WritableLayer};
+use skiff_sandbox::{Freezer, NetNs, Prepared, WritableLayer};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::warn;
@@ -53,6 +53,8 @@ pub(crate) struct ServiceRuntime {
     shutdown: watch::Sender<bool>,
     /// Persistent mode: the instance's writable layer, kept across restarts.
     writable: Option<WritableLayer>,
+    /// A sandbox prepared for the next start (see `Sandbox::prepare`).
+    spare: Mutex<Option<Prepared>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -103,6 +105,7 @@ impl ServiceRuntime {
             wake: Notify::new(),
             shutdown: watch::channel(false).0,
             writable,
+            spare: Mutex::default(),
         }))
     }
 
@@ -259,7 +262,8 @@ impl ServiceRuntime {
         first: Option<oneshot::Sender<Result<StartReport, StartError>>>,
     ) {
         let shared = &self.shared;
-        let id = shared.instance_id(&self.name);
+        // A prepared sandbox, when one waits, makes this a warm start.
+        let spare = lock(&self.spare).take();
         let ctx = StartContext {
             sandbox: &shared.sandbox,
             layers: &self.layers,
@@ -268,7 +272,13 @@ impl ServiceRuntime {
             log_file: self.log_file.clone(),
             events: shared.events.clone(),
         };
-        let mut started = match instance::start(&ctx, &self.spec, &id).await {
+        let result = match spare {
+            Some(prepared) => {
+                instance::start_prepared(&ctx, &self.spec, prepared, Duration::ZERO).await
+            }
+            None => instance::start(&ctx, &self.spec, &shared.instance_id(&self.name)).await,
+        };
+        let mut started = match result {
             Ok(s) => s,
             Err(e) => {
                 let reason = e.to_string();
@@ -279,6 +289,7 @@ impl ServiceRuntime {
                 return;
             }
         };
+        let id = started.instance.id.clone();
         let (exit_tx, exit_rx) = watch::channel(None);
         let upstream = Upstream {
             key: id.clone(),
@@ -331,6 +342,11 @@ impl ServiceRuntime {
                         service: self.name.clone(),
                         instance: id.clone(),
                     });
+                    // Scaled to zero: have a sandbox ready for the next
+                    // request, so it gets a warm start.
+                    if lock(&self.core).scaler.counts() == (0, 0, 0) {
+                        self.prepare_spare();
+                    }
                 }
             }
             Err(exit) => {
@@ -365,6 +381,34 @@ impl ServiceRuntime {
         self.shared.forget_upstream(id);
     }
 
+    /// Prepares a sandbox in the background for the next start.
+    fn prepare_spare(self: &Arc<Self>) {
+        let this = self.clone();
+        let task = tokio::spawn(async move {
+            if lock(&this.spare).is_some() {
+                return;
+            }
+            let id = this.shared.instance_id(&this.name);
+            let limits = instance::cgroup_limits(&this.spec);
+            let prepared = match this.shared.sandbox.prepare(&id, limits).await {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!("{}: preparing a sandbox: {e}", this.name);
+                    return;
+                }
+            };
+            let unused = if *this.shutdown.borrow() {
+                Some(prepared)
+            } else {
+                lock(&this.spare).replace(prepared)
+            };
+            if let Some(unused) = unused {
+                unused.discard().await;
+            }
+        });
+        lock(&self.tasks).push(task);
+    }
+
     /// Freezes and stops idle instances, times out waiters, restarts.
     async fn timer(self: Arc<Self>) {
         let mut shutdown = self.shutdown.subscribe();
@@ -390,6 +434,10 @@ impl ServiceRuntime {
     pub async fn shutdown(self: &Arc<Self>) {
         self.decide(|s| ((), s.shutdown()));
         let _ = self.shutdown.send(true);
+        let spare = lock(&self.spare).take();
+        if let Some(spare) = spare {
+            spare.discard().await;
+        }
         loop {
             let tasks: Vec<_> = lock(&self.tasks).drain(..).collect();
             if tasks.is_empty() {

@@ -20,7 +20,7 @@ mod spawn;
 pub use cgroup::{CgroupError, CgroupLimits, Cgroups, Freezer};
 pub use init::init_main;
 pub use netns::NetNs;
-pub use spawn::{Exit, Instance, Sandbox, SandboxError, StartTimings};
+pub use spawn::{Exit, Instance, Prepared, Sandbox, SandboxError, StartTimings};
 
 use std::path::PathBuf;
 

@@ -93,9 +93,17 @@ impl Sandbox {
         config: &SandboxConfig,
         limits: CgroupLimits,
     ) -> Result<Instance, SandboxError> {
-        let requested = Instant::now();
+        self.prepare(id, limits).await?.start(config).await
+    }
+
+    /// Does the part of a start that does not depend on the command: the
+    /// cgroups and the helper process, already moved into them. Moving a
+    /// process into a v1 cgroup waits for an RCU grace period when the host
+    /// has been quiet (10-20 ms here); a prepared sandbox has paid that in
+    /// advance, so [`Prepared::start`] is a warm start.
+    pub async fn prepare(&self, id: &str, limits: CgroupLimits) -> Result<Prepared, SandboxError> {
+        let prepared_at = Instant::now();
         let cgroups = Cgroups::create(&self.cgroup_root, id, limits)?;
-        let cgroups_at = requested.elapsed();
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         let theirs_fd = theirs.as_raw_fd();
 
@@ -141,7 +149,6 @@ impl Sandbox {
             }
         };
         let pid = child.id().unwrap_or(0);
-        let spawned_at = requested.elapsed();
         let mut instance = Instance {
             id: id.to_string(),
             pid,
@@ -151,27 +158,67 @@ impl Sandbox {
             netns: None,
             cgroups: Some(cgroups),
             timings: StartTimings {
-                requested,
+                requested: prepared_at,
                 namespaces: Duration::ZERO,
                 started: Duration::ZERO,
             },
         };
+        // The helper waits for its configuration, so nothing it starts can
+        // escape the cgroups.
+        let added = match &instance.cgroups {
+            Some(cg) => cg.add(pid),
+            None => Ok(()),
+        };
+        if let Err(e) = added {
+            let _ = instance.stop(Duration::ZERO).await;
+            return Err(e.into());
+        }
+        tracing::debug!(instance = id, took = ?prepared_at.elapsed(), "sandbox prepared");
+        Ok(Prepared {
+            instance,
+            control: ours,
+        })
+    }
+}
+
+/// A sandbox helper waiting in its cgroups for a command (see
+/// [`Sandbox::prepare`]). Dropping it kills the helper; [`Prepared::discard`]
+/// also removes the cgroups.
+#[derive(Debug)]
+pub struct Prepared {
+    instance: Instance,
+    control: std::os::unix::net::UnixStream,
+}
+
+impl Prepared {
+    /// The id its cgroups are named by.
+    pub fn id(&self) -> &str {
+        &self.instance.id
+    }
+
+    /// Builds the sandbox from `config` and runs its command; returns once
+    /// the command has been executed. Timings count from this call.
+    pub async fn start(self, config: &SandboxConfig) -> Result<Instance, SandboxError> {
+        let Self {
+            mut instance,
+            control,
+        } = self;
+        instance.timings.requested = Instant::now();
         // A helper that neither finishes nor fails (a hung mount, a kernel
         // stuck in D state) must not hang the deploy forever.
-        let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, instance.handshake(ours, config))
-            .await
-            .unwrap_or_else(|_| {
-                Err(SandboxError::Setup(format!(
-                    "the sandbox was not ready after {}s; the host may be overloaded",
-                    HANDSHAKE_TIMEOUT.as_secs()
-                )))
-            });
+        let handshake =
+            tokio::time::timeout(HANDSHAKE_TIMEOUT, instance.handshake(control, config))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(SandboxError::Setup(format!(
+                        "the sandbox was not ready after {}s; the host may be overloaded",
+                        HANDSHAKE_TIMEOUT.as_secs()
+                    )))
+                });
         match handshake {
             Ok(()) => {
                 tracing::debug!(
-                    instance = id,
-                    ?cgroups_at,
-                    ?spawned_at,
+                    instance = instance.id,
                     namespaces = ?instance.timings.namespaces,
                     started = ?instance.timings.started,
                     "sandbox ready"
@@ -183,6 +230,11 @@ impl Sandbox {
                 Err(e)
             }
         }
+    }
+
+    /// Kills the waiting helper and removes its cgroups.
+    pub async fn discard(mut self) {
+        let _ = self.instance.stop(Duration::ZERO).await;
     }
 }
 
@@ -207,9 +259,6 @@ impl Instance {
         ours: std::os::unix::net::UnixStream,
         config: &SandboxConfig,
     ) -> Result<(), SandboxError> {
-        if let Some(cg) = &self.cgroups {
-            cg.add(self.pid)?;
-        }
         ours.set_nonblocking(true)?;
         let mut control = tokio::net::UnixStream::from_std(ours)?;
         let json = serde_json::to_vec(config).map_err(io::Error::other)?;

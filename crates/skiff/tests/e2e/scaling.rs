@@ -88,6 +88,19 @@ fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// Processes in the service's instances beyond a waiting sandbox helper.
+fn running_processes(name: &str) -> usize {
+    cgroups_named(name)
+        .iter()
+        .filter(|p| p.starts_with("/sys/fs/cgroup/unified"))
+        .map(|p| {
+            std::fs::read_to_string(p.join("cgroup.procs"))
+                .map(|s| s.lines().count().saturating_sub(1))
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
 fn frozen(name: &str) -> bool {
     cgroups_named(name)
         .iter()
@@ -143,13 +156,22 @@ fn an_idle_instance_gets_no_cpu_and_a_busy_one_does() {
 fn scales_to_zero_and_back_with_a_fresh_tmp() {
     let name = unique("zero");
     let app = app(&name, "idle_stop = \"1s\"");
-    let up = up_one(&app);
+    let mut up = up_one(&app);
     let first = ok_body(&up, &name, "/tmp-write");
     assert_eq!(ok_body(&up, &name, "/tmp-read"), first);
     assert!(
-        eventually(Duration::from_secs(15), || cgroups_named(&name).is_empty()),
-        "the idle instance was not stopped: {:?}",
-        cgroups_named(&name)
+        up.wait_output(
+            &format!("{name}: stopped idle instance"),
+            Duration::from_secs(15)
+        ),
+        "the idle instance was not stopped: {}",
+        up.stderr()
+    );
+    // Only a prepared sandbox waits (its helper, no service process).
+    assert!(
+        eventually(Duration::from_secs(5), || running_processes(&name) == 0),
+        "instance processes left: {}",
+        running_processes(&name)
     );
     // From zero: the request waits for a new instance, then succeeds.
     let second = ok_body(&up, &name, "/");
