@@ -1,7 +1,9 @@
-//! Answers the gateway makes itself.
+//! Answers the gateway makes itself: plain text or JSON by the client's
+//! `Accept`, always naming the cause or the limit that applied, always
+//! marked with `x-skiff-error` so they are never taken for the service's own.
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 
 /// Why the gateway answered instead of the service. The name is sent in
@@ -12,12 +14,28 @@ pub enum ErrorKind {
     UnknownService,
     /// The request has no usable Host header (client side).
     BadHost,
+    /// The request is malformed or ambiguous (client side).
+    BadRequest,
+    /// The request body is over the service's limit (client side).
+    RequestTooLarge,
     /// The service has no healthy instance (platform side; retry later).
     Unavailable,
     /// The instance could not be reached or broke the exchange (upstream).
     UpstreamFailed,
+    /// The service's response is over the limit (upstream).
+    ResponseTooLarge,
+    /// The service did not answer within the request timeout (upstream).
+    RequestTimeout,
     /// An upgrade (WebSocket) to a serverless service (client side).
     StreamingNeedsPersistent,
+}
+
+/// Who caused an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Client,
+    Platform,
+    Upstream,
 }
 
 impl ErrorKind {
@@ -25,8 +43,12 @@ impl ErrorKind {
         match self {
             Self::UnknownService => "unknown-service",
             Self::BadHost => "bad-host",
+            Self::BadRequest => "bad-request",
+            Self::RequestTooLarge => "request-too-large",
             Self::Unavailable => "service-unavailable",
             Self::UpstreamFailed => "upstream-failed",
+            Self::ResponseTooLarge => "response-too-large",
+            Self::RequestTimeout => "request-timeout",
             Self::StreamingNeedsPersistent => "streaming-needs-persistent",
         }
     }
@@ -34,32 +56,122 @@ impl ErrorKind {
     pub fn status(self) -> StatusCode {
         match self {
             Self::UnknownService => StatusCode::NOT_FOUND,
-            Self::BadHost => StatusCode::BAD_REQUEST,
+            Self::BadHost | Self::BadRequest => StatusCode::BAD_REQUEST,
+            Self::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            Self::UpstreamFailed => StatusCode::BAD_GATEWAY,
+            Self::UpstreamFailed | Self::ResponseTooLarge => StatusCode::BAD_GATEWAY,
+            Self::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::StreamingNeedsPersistent => StatusCode::NOT_IMPLEMENTED,
         }
+    }
+
+    pub fn source(self) -> Source {
+        match self {
+            Self::UnknownService
+            | Self::BadHost
+            | Self::BadRequest
+            | Self::RequestTooLarge
+            | Self::StreamingNeedsPersistent => Source::Client,
+            Self::Unavailable => Source::Platform,
+            Self::UpstreamFailed | Self::ResponseTooLarge | Self::RequestTimeout => {
+                Source::Upstream
+            }
+        }
+    }
+
+    /// Whether sending the same request again may succeed.
+    pub fn retryable(self) -> bool {
+        matches!(self, Self::Unavailable | Self::UpstreamFailed)
     }
 }
 
 pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
 
-/// A gateway-made answer: plain text, one line of reason, marked by header.
-pub(crate) fn error_response(kind: ErrorKind, message: &str) -> Response<Body> {
+/// Whether the client asked for JSON rather than text.
+pub(crate) fn wants_json(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("json"))
+}
+
+/// A gateway-made answer: one line of reason (or a JSON object), marked by header.
+pub(crate) fn error_response(kind: ErrorKind, message: &str, json: bool) -> Response<Body> {
+    let (body, content_type) = if json {
+        let source = match kind.source() {
+            Source::Client => "client",
+            Source::Platform => "platform",
+            Source::Upstream => "upstream",
+        };
+        let value = serde_json::json!({
+            "error": kind.as_str(),
+            "status": kind.status().as_u16(),
+            "message": message,
+            "source": source,
+            "retryable": kind.retryable(),
+        });
+        (format!("{value}\n"), "application/json")
+    } else {
+        (format!("{message}\n"), "text/plain; charset=utf-8")
+    };
     let mut resp = Response::new(
-        Full::new(Bytes::from(format!("{message}\n")))
+        Full::new(Bytes::from(body))
             .map_err(|never| match never {})
             .boxed(),
     );
     *resp.status_mut() = kind.status();
     let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert("x-skiff-error", HeaderValue::from_static(kind.as_str()));
     if kind == ErrorKind::Unavailable {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     }
+    if kind == ErrorKind::BadRequest {
+        // After an ambiguous request the connection's framing is unknown.
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_or_json_by_accept() {
+        let mut h = HeaderMap::new();
+        assert!(!wants_json(&h));
+        h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
+        assert!(wants_json(&h));
+
+        let r = error_response(ErrorKind::ResponseTooLarge, "too big", true);
+        assert_eq!(r.status(), 502);
+        assert_eq!(r.headers()["x-skiff-error"], "response-too-large");
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+        let r = error_response(ErrorKind::RequestTimeout, "slow", false);
+        assert_eq!(r.status(), 504);
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "text/plain; charset=utf-8");
+    }
+
+    #[test]
+    fn every_kind_has_a_status_source_and_name() {
+        for kind in [
+            ErrorKind::UnknownService,
+            ErrorKind::BadHost,
+            ErrorKind::BadRequest,
+            ErrorKind::RequestTooLarge,
+            ErrorKind::Unavailable,
+            ErrorKind::UpstreamFailed,
+            ErrorKind::ResponseTooLarge,
+            ErrorKind::RequestTimeout,
+            ErrorKind::StreamingNeedsPersistent,
+        ] {
+            assert!(kind.status().as_u16() >= 400, "{kind:?}");
+            assert!(!kind.as_str().is_empty());
+            let _ = kind.source();
+        }
+        assert!(ErrorKind::Unavailable.retryable());
+        assert!(!ErrorKind::ResponseTooLarge.retryable());
+    }
 }

@@ -13,9 +13,9 @@ mod proxy;
 mod route;
 mod upstream_io;
 
-pub use error::ErrorKind;
-pub use proxy::{Gateway, GatewayError};
+pub use error::{ErrorKind, Source};
+pub use proxy::{Gateway, GatewayConfig, GatewayError};
 pub use route::{
-    host_to_service, Connect, ConnectFuture, FailureFuture, Lease, Route, RouteFuture, Router,
-    Upstream,
+    host_to_service, Connect, ConnectFuture, ExchangeLimits, FailureFuture, Lease, Route,
+    RouteFuture, Router, Upstream,
 };

@@ -1,30 +1,60 @@
-//! Accepting connections, routing, forwarding over pooled connections.
+//! Accepting connections, routing, forwarding over pooled connections, and
+//! the serverless rules of the exchange: request timeout, response and
+//! request size limits, no upgrades.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, Uri};
-use http_body_util::BodyExt;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::sync::Arc;
 use tokio::net::TcpListener;
+use tokio::time::Instant;
 use tracing::debug;
 
-use crate::error::{error_response, Body, ErrorKind};
-use crate::route::{host_to_service, Lease, Route, Router};
+use crate::error::{error_response, wants_json, Body, ErrorKind};
+use crate::route::{host_to_service, ExchangeLimits, Lease, Route, Router};
 use crate::upstream_io::UpstreamIo;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// What the gateway sends upstream: the client's body, maybe size-limited.
+type UpBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error("cannot listen on {addr}: {source}; pick another address with --listen")]
     Bind { addr: SocketAddr, source: io::Error },
+}
+
+/// How the gateway treats client connections.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Services are reached at `NAME.<domain>`.
+    pub domain: String,
+    /// A client must send a request's headers within this (slowloris).
+    pub header_read_timeout: Duration,
+    /// Largest request head a client may send (431 beyond).
+    pub max_header_bytes: usize,
+}
+
+impl GatewayConfig {
+    pub fn new(domain: &str) -> Self {
+        Self {
+            domain: domain.to_ascii_lowercase(),
+            header_read_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 * 1024,
+        }
+    }
 }
 
 /// Opens connections to instances for the pooled client: the pool key is the
@@ -60,21 +90,21 @@ impl tower_service::Service<Uri> for Connector {
 /// The HTTP gateway. Share it with `Arc`.
 pub struct Gateway {
     router: Arc<dyn Router>,
-    domain: String,
-    client: Client<Connector, Incoming>,
+    config: GatewayConfig,
+    client: Client<Connector, UpBody>,
 }
 
 impl Gateway {
-    pub fn new(router: Arc<dyn Router>, domain: &str) -> Arc<Self> {
+    pub fn new(router: Arc<dyn Router>, config: GatewayConfig) -> Arc<Self> {
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(90))
+            .pool_idle_timeout(Duration::from_secs(90))
             .set_host(false)
             .build(Connector {
                 router: router.clone(),
             });
         Arc::new(Self {
             router,
-            domain: domain.to_ascii_lowercase(),
+            config,
             client,
         })
     }
@@ -87,9 +117,19 @@ impl Gateway {
             .map_err(|source| GatewayError::Bind { addr, source })
     }
 
-    /// Serves connections until `shutdown` completes.
+    /// Serves connections (HTTP/1.1, and HTTP/2 with prior knowledge) until
+    /// `shutdown` completes.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        let mut builder =
+            hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.config.header_read_timeout)
+            .max_buf_size(self.config.max_header_bytes);
+        builder.http2().timer(TokioTimer::new());
+        let builder = Arc::new(builder);
         loop {
             let (stream, remote) = tokio::select! {
                 _ = &mut shutdown => return,
@@ -98,21 +138,21 @@ impl Gateway {
                     Err(e) => {
                         // Out of file descriptors and the like: wait, go on.
                         debug!("accept failed: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                        tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     }
                 },
             };
             let _ = stream.set_nodelay(true);
             let gw = self.clone();
+            let builder = builder.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let gw = gw.clone();
                     async move { Ok::<_, std::convert::Infallible>(gw.handle(req, remote).await) }
                 });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .with_upgrades()
+                if let Err(e) = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .await
                 {
                     debug!("connection from {remote}: {e}");
@@ -121,91 +161,93 @@ impl Gateway {
         }
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+        let json = wants_json(req.headers());
+        match self.forward(req, remote).await {
+            Ok(resp) => resp,
+            Err((kind, message)) => error_response(kind, &message, json),
+        }
+    }
+
+    async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        remote: SocketAddr,
+    ) -> Result<Response<Body>, (ErrorKind, String)> {
+        let domain = &self.config.domain;
+        // Request smuggling: a body framed two ways is refused, not guessed.
+        if req.headers().contains_key(header::CONTENT_LENGTH)
+            && req.headers().contains_key(header::TRANSFER_ENCODING)
+        {
+            return Err((
+                ErrorKind::BadRequest,
+                "The request has both Content-Length and Transfer-Encoding; send one of them."
+                    .into(),
+            ));
+        }
         let host = req
             .headers()
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .map(str::to_string)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()));
-        let Some(host) = host else {
-            return error_response(
-                ErrorKind::BadHost,
-                &format!(
-                    "The request has no Host header; skiff routes by host name: \
-                     request http://NAME.{}/ to reach service NAME.",
-                    self.domain
-                ),
-            );
-        };
-        let Some(service) = host_to_service(&host, &self.domain) else {
-            return error_response(
-                ErrorKind::UnknownService,
-                &format!(
-                    "No service is reachable at host {host:?}: skiff routes http://NAME.{}/ \
-                     to the service NAME.",
-                    self.domain
-                ),
-            );
-        };
-        let service = service.to_ascii_lowercase();
+            .or_else(|| req.uri().authority().map(|a| a.to_string()))
+            .ok_or_else(|| {
+                (
+                    ErrorKind::BadHost,
+                    format!(
+                        "The request has no Host header; skiff routes by host name: \
+                         request http://NAME.{domain}/ to reach service NAME."
+                    ),
+                )
+            })?;
+        let service = host_to_service(&host, domain)
+            .ok_or_else(|| {
+                (
+                    ErrorKind::UnknownService,
+                    format!(
+                        "No service is reachable at host {host:?}: skiff routes \
+                         http://NAME.{domain}/ to the service NAME."
+                    ),
+                )
+            })?
+            .to_ascii_lowercase();
         let upgrade = req.headers().get(header::UPGRADE).cloned();
         if let Some(proto) = &upgrade {
             if !self.router.allows_streaming(&service) {
                 let proto = proto.to_str().unwrap_or("protocol");
-                return error_response(
+                return Err((
                     ErrorKind::StreamingNeedsPersistent,
-                    &format!(
+                    format!(
                         "Service {service:?} runs in serverless mode, which serves short \
                          request/response exchanges only; a long-lived {proto} connection \
                          (Upgrade) needs mode = \"persistent\" in its skiff.toml."
                     ),
-                );
+                ));
             }
         }
-        let mut route = self.router.route(&service);
-        let lease = loop {
-            route = match route {
-                Route::Instance(lease) => break lease,
-                // Starting or thawing an instance: the client sees latency only.
-                Route::Wait(next) => next.await,
-                Route::Unknown { deployed } => {
-                    let list = if deployed.is_empty() {
-                        "none is deployed yet".to_string()
-                    } else {
-                        format!("deployed: {}", deployed.join(", "))
-                    };
-                    return error_response(
-                        ErrorKind::UnknownService,
-                        &format!("No service named {service:?} is deployed here ({list})."),
-                    );
-                }
-                Route::Unavailable { reason } => {
-                    return error_response(
-                        ErrorKind::Unavailable,
-                        &format!("Service {service:?} is unavailable: {reason}"),
-                    );
-                }
-            };
-        };
+        let limits = self.router.limits(&service);
+        // A body announced too large is refused before an instance is woken.
+        if let (Some(max), Some(len)) = (limits.max_request, content_length(req.headers())) {
+            if len > max {
+                return Err(too_large_request(max));
+            }
+        }
+
+        let lease = self.lease(&service).await?;
         let upstream = lease.upstream.clone();
+        let deadline = upstream.limits.request_timeout.map(|t| Instant::now() + t);
 
         let path = req
             .uri()
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_string();
-        let uri = match Uri::builder()
+        let uri = Uri::builder()
             .scheme("http")
             .authority(upstream.key.as_str())
             .path_and_query(path)
             .build()
-        {
-            Ok(u) => u,
-            Err(e) => {
-                return error_response(ErrorKind::BadHost, &format!("Unusable request target: {e}"))
-            }
-        };
+            .map_err(|e| (ErrorKind::BadRequest, format!("Unusable request target: {e}")))?;
         *req.uri_mut() = uri;
         *req.version_mut() = http::Version::HTTP_11;
         let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
@@ -216,58 +258,219 @@ impl Gateway {
             headers.insert(header::UPGRADE, proto.clone());
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        add_forwarded(headers, remote, &host);
-
-        match self.client.request(req).await {
-            Ok(mut resp) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
-                let Some(client_side) = client_side else {
-                    return error_response(
-                        ErrorKind::UpstreamFailed,
-                        &format!("Service {service:?} switched protocols without being asked to."),
-                    );
-                };
-                let upstream_side = hyper::upgrade::on(&mut resp);
-                tokio::spawn(async move {
-                    if let (Ok(c), Ok(u)) = (client_side.await, upstream_side.await) {
-                        let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
-                        let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
-                    }
-                    // The connection was in flight all along.
-                    drop(lease);
-                });
-                resp.map(|b| b.boxed())
-            }
-            Ok(resp) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                // The request stays in flight until its body has been sent.
-                Response::from_parts(
-                    parts,
-                    LeasedBody {
-                        inner: body,
-                        _lease: lease,
-                    }
-                    .boxed(),
-                )
-            }
-            Err(e) => {
-                let cause = std::error::Error::source(&e)
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| e.to_string());
-                let message = match upstream.connect.failure().await {
-                    Some(exit) => format!(
-                        "Service {service:?} did not answer the request: its instance {exit} \
-                         while handling it. See `skiff logs {service}`."
-                    ),
-                    None => format!(
-                        "Service {service:?} did not answer the request: {cause}. \
-                         The instance may have crashed or closed the connection; see `skiff logs {service}`."
-                    ),
-                };
-                error_response(ErrorKind::UpstreamFailed, &message)
+        if !headers.contains_key(header::HOST) {
+            // HTTP/2 clients send :authority instead; HTTP/1.1 needs Host.
+            if let Ok(v) = HeaderValue::from_str(&host) {
+                headers.insert(header::HOST, v);
             }
         }
+        add_forwarded(headers, remote, &host);
+        let req = req.map(|body| match upstream.limits.max_request {
+            Some(max) => Limited::new(body, max as usize).boxed(),
+            None => body.map_err(BoxError::from).boxed(),
+        });
+
+        let sent = self.client.request(req);
+        let resp = match deadline {
+            Some(d) => tokio::time::timeout_at(d, sent)
+                .await
+                .map_err(|_| timed_out(&service, upstream.limits))?,
+            None => sent.await,
+        };
+        let mut resp = match resp {
+            Ok(r) => r,
+            Err(e) => return Err(self.upstream_error(&service, &upstream, e).await),
+        };
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let client_side = client_side.ok_or_else(|| {
+                (
+                    ErrorKind::UpstreamFailed,
+                    format!("Service {service:?} switched protocols without being asked to."),
+                )
+            })?;
+            let upstream_side = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(c), Ok(u)) = (client_side.await, upstream_side.await) {
+                    let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut u).await;
+                }
+                // The connection was in flight all along.
+                drop(lease);
+            });
+            return Ok(resp.map(|b| b.boxed()));
+        }
+
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let Some(max) = upstream.limits.max_response else {
+            // Persistent: streamed as it comes; in flight until sent.
+            let body = LeasedBody {
+                inner: body,
+                _lease: lease,
+            };
+            return Ok(Response::from_parts(parts, body.boxed()));
+        };
+        if content_length(&parts.headers).is_some_and(|len| len > max) {
+            return Err(too_large_response(&service, max));
+        }
+        // Serverless: the response is received whole, up to the limit, so
+        // that a response over it, a broken one or a late one still gets a
+        // clean status. Memory per request is bounded by the limit.
+        let collect = Limited::new(body, max as usize).collect();
+        let collected = match deadline {
+            Some(d) => tokio::time::timeout_at(d, collect)
+                .await
+                .map_err(|_| timed_out(&service, upstream.limits))?,
+            None => collect.await,
+        };
+        drop(lease);
+        match collected {
+            Ok(c) => {
+                let bytes = c.to_bytes();
+                parts.headers.remove(header::TRANSFER_ENCODING);
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+                let body = Full::new(bytes).map_err(|never| match never {}).boxed();
+                Ok(Response::from_parts(parts, body))
+            }
+            Err(e) if e.is::<LengthLimitError>() => Err(too_large_response(&service, max)),
+            Err(e) => Err((
+                ErrorKind::UpstreamFailed,
+                format!(
+                    "Service {service:?} broke off its response: {e}. {}",
+                    upstream
+                        .connect
+                        .failure()
+                        .await
+                        .map(|exit| format!("Its instance {exit}."))
+                        .unwrap_or_else(|| format!("See `skiff logs {service}`."))
+                ),
+            )),
+        }
     }
+
+    /// Asks the platform for an instance, waiting while one starts or thaws.
+    async fn lease(&self, service: &str) -> Result<Lease, (ErrorKind, String)> {
+        let mut route = self.router.route(service);
+        loop {
+            route = match route {
+                Route::Instance(lease) => return Ok(lease),
+                // The client sees latency only.
+                Route::Wait(next) => next.await,
+                Route::Unknown { deployed } => {
+                    let list = if deployed.is_empty() {
+                        "none is deployed yet".to_string()
+                    } else {
+                        format!("deployed: {}", deployed.join(", "))
+                    };
+                    return Err((
+                        ErrorKind::UnknownService,
+                        format!("No service named {service:?} is deployed here ({list})."),
+                    ));
+                }
+                Route::Unavailable { reason } => {
+                    return Err((
+                        ErrorKind::Unavailable,
+                        format!("Service {service:?} is unavailable: {reason}"),
+                    ));
+                }
+            };
+        }
+    }
+
+    async fn upstream_error(
+        &self,
+        service: &str,
+        upstream: &crate::route::Upstream,
+        e: hyper_util::client::legacy::Error,
+    ) -> (ErrorKind, String) {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(err) = source {
+            if err.is::<LengthLimitError>() {
+                if let Some(max) = upstream.limits.max_request {
+                    return too_large_request(max);
+                }
+            }
+            source = err.source();
+        }
+        let cause = std::error::Error::source(&e)
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| e.to_string());
+        let message = match upstream.connect.failure().await {
+            Some(exit) => format!(
+                "Service {service:?} did not answer the request: its instance {exit} \
+                 while handling it. See `skiff logs {service}`."
+            ),
+            None => format!(
+                "Service {service:?} did not answer the request: {cause}. The instance may \
+                 have crashed or closed the connection; see `skiff logs {service}`."
+            ),
+        };
+        (ErrorKind::UpstreamFailed, message)
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn size(bytes: u64) -> String {
+    if bytes % (1 << 20) == 0 {
+        format!("{} MiB = {bytes} bytes", bytes >> 20)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+fn too_large_response(service: &str, max: u64) -> (ErrorKind, String) {
+    (
+        ErrorKind::ResponseTooLarge,
+        format!(
+            "Response is bigger than the maximum allowed size: service {service:?} answered \
+             with more than {} (limits.max_response). Store large data in object storage \
+             and return its URL instead.",
+            size(max)
+        ),
+    )
+}
+
+fn too_large_request(max: u64) -> (ErrorKind, String) {
+    (
+        ErrorKind::RequestTooLarge,
+        format!(
+            "The request body is bigger than the service accepts: more than {} \
+             (limits.max_request). Upload large data to object storage and send its URL.",
+            size(max)
+        ),
+    )
+}
+
+fn timed_out(service: &str, limits: ExchangeLimits) -> (ErrorKind, String) {
+    let t = limits.request_timeout.unwrap_or_default();
+    let secs = t.as_secs();
+    let shown = if secs > 0 && secs % 60 == 0 {
+        format!("{}m", secs / 60)
+    } else if secs > 0 {
+        format!("{secs}s")
+    } else {
+        format!("{}ms", t.as_millis())
+    };
+    (
+        ErrorKind::RequestTimeout,
+        format!(
+            "Service {service:?} did not answer within the request timeout of {shown} \
+             (limits.request_timeout); the request was cut off. Longer work belongs on a \
+             persistent service (mode = \"persistent\")."
+        ),
+    )
 }
 
 /// A response body that holds the request's lease until it is dropped
@@ -278,7 +481,7 @@ struct LeasedBody {
 }
 
 impl hyper::body::Body for LeasedBody {
-    type Data = bytes::Bytes;
+    type Data = Bytes;
     type Error = hyper::Error;
 
     fn poll_frame(
@@ -327,7 +530,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 fn add_forwarded(headers: &mut HeaderMap, remote: SocketAddr, host: &str) {
     let ip = remote.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let xff = match headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
         Some(prev) => format!("{prev}, {ip}"),
         None => ip,
     };
@@ -337,5 +543,53 @@ fn add_forwarded(headers: &mut HeaderMap, remote: SocketAddr, host: &str) {
     headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
     if let Ok(v) = HeaderValue::from_str(host) {
         headers.insert("x-forwarded-host", v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_dropped_end_to_end_ones_kept() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert("x-secret-hop", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        h.insert("x-custom", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["content-type", "x-custom"]);
+    }
+
+    #[test]
+    fn forwarded_headers_append() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.1.2.3"));
+        add_forwarded(&mut h, "127.0.0.1:5000".parse().unwrap(), "a.localhost:8000");
+        assert_eq!(h["x-forwarded-for"], "10.1.2.3, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "a.localhost:8000");
+    }
+
+    #[test]
+    fn messages_name_the_limit() {
+        let (k, m) = too_large_response("svc", 6 << 20);
+        assert_eq!(k, ErrorKind::ResponseTooLarge);
+        assert!(m.starts_with("Response is bigger than the maximum allowed size"), "{m}");
+        assert!(m.contains("6 MiB = 6291456 bytes") && m.contains("object storage"), "{m}");
+        let limits = ExchangeLimits {
+            request_timeout: Some(Duration::from_secs(900)),
+            ..Default::default()
+        };
+        let (k, m) = timed_out("svc", limits);
+        assert_eq!(k, ErrorKind::RequestTimeout);
+        assert!(m.contains("request timeout of 15m"), "{m}");
+        let (k, m) = too_large_request(6 << 20);
+        assert_eq!(k, ErrorKind::RequestTooLarge);
+        assert!(m.contains("limits.max_request"), "{m}");
     }
 }

@@ -4,6 +4,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpStream;
 
@@ -46,12 +47,26 @@ impl Lease {
 /// A route that is not known yet: an instance is starting or thawing.
 pub type RouteFuture = Pin<Box<dyn Future<Output = Route> + Send>>;
 
+/// The rules of the exchange with one service (CONTRACT.md §2). `None`
+/// means no limit: persistent services stream and take their time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExchangeLimits {
+    /// A request unanswered after this gets 504.
+    pub request_timeout: Option<Duration>,
+    /// A response body over this many bytes gets 502. With a limit the
+    /// response is received whole (up to the limit) before it is sent on.
+    pub max_response: Option<u64>,
+    /// A request body over this many bytes gets 413.
+    pub max_request: Option<u64>,
+}
+
 /// One instance the gateway may send a request to.
 #[derive(Clone)]
 pub struct Upstream {
     /// Unique per instance; connections are pooled by it.
     pub key: String,
     pub connect: Arc<dyn Connect>,
+    pub limits: ExchangeLimits,
 }
 
 /// The platform's answer for one service name.
@@ -74,6 +89,9 @@ pub trait Router: Send + Sync + 'static {
     /// Whether the service takes long-lived connections (WebSocket and other
     /// upgrades): only persistent services do.
     fn allows_streaming(&self, service: &str) -> bool;
+    /// The service's exchange limits, to refuse a request before waking an
+    /// instance; default none.
+    fn limits(&self, service: &str) -> ExchangeLimits;
 }
 
 /// The service name in a Host header, when the host is `NAME.<domain>` with

@@ -47,6 +47,8 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Largest response body the gateway passes on, in bytes.
     pub max_response: u64,
+    /// Largest request body the gateway passes on, in bytes.
+    pub max_request: u64,
     /// Most instances of one service at once.
     pub max_instances: u32,
     /// Requests in flight one instance takes before another is started.
@@ -77,6 +79,7 @@ impl Default for Limits {
             memory: 512 << 20,
             request_timeout: Duration::from_secs(15 * 60),
             max_response: 6 << 20,
+            max_request: 6 << 20,
             max_instances: 10,
             concurrency: 80,
             idle_suspend: Duration::ZERO,
@@ -169,6 +172,7 @@ const LIMIT_FIELDS: &[&str] = &[
     "memory",
     "request_timeout",
     "max_response",
+    "max_request",
     "max_instances",
     "concurrency",
     "idle_suspend",
@@ -640,6 +644,9 @@ impl Validator<'_> {
         }
         if let Some(n) = size(self, "max_response", 1) {
             limits.max_response = n;
+        }
+        if let Some(n) = size(self, "max_request", 1) {
+            limits.max_request = n;
         }
         if let Some(n) = size(self, "tmp_size", 1 << 20) {
             limits.tmp_size = n;

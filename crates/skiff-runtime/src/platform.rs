@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use skiff_gateway::{Gateway, GatewayError, Route, Router, Upstream};
+use skiff_gateway::{
+    ExchangeLimits, Gateway, GatewayConfig, GatewayError, Route, Router, Upstream,
+};
 use skiff_model::ServiceSpec;
 use skiff_sandbox::{Cgroups, Sandbox, CGROUP_ROOT};
 use tokio::sync::{broadcast, watch};
@@ -36,6 +38,8 @@ pub struct PlatformConfig {
     pub helper: PathBuf,
     /// Debian mirror for building the base image.
     pub mirror: String,
+    /// A client must send a request's headers within this.
+    pub header_read_timeout: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +179,14 @@ impl Router for Shared {
         matches!(services.get(service), Some(ServiceState::Ready(s)) if s.persistent())
     }
 
+    fn limits(&self, service: &str) -> ExchangeLimits {
+        let services = self.services.read().unwrap_or_else(|p| p.into_inner());
+        match services.get(service) {
+            Some(ServiceState::Ready(s)) => s.exchange_limits(),
+            _ => ExchangeLimits::default(),
+        }
+    }
+
     fn upstream(&self, key: &str) -> Option<Upstream> {
         let ups = match self.upstreams.read() {
             Ok(u) => u,
@@ -238,7 +250,13 @@ impl Platform {
             images,
             _state_lock: state_lock,
         });
-        let gateway = Gateway::new(shared.clone(), &shared.config.domain);
+        let gateway = Gateway::new(
+            shared.clone(),
+            GatewayConfig {
+                header_read_timeout: shared.config.header_read_timeout,
+                ..GatewayConfig::new(&shared.config.domain)
+            },
+        );
         let (gateway_stop, mut stop_rx) = watch::channel(false);
         let gateway_task = tokio::spawn(gateway.serve(listener, async move {
             let _ = stop_rx.wait_for(|stop| *stop).await;

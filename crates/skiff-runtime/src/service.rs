@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use skiff_gateway::{Connect, ConnectFuture, FailureFuture, Lease, Route, Upstream};
+use skiff_gateway::{
+    Connect, ConnectFuture, ExchangeLimits, FailureFuture, Lease, Route, Upstream,
+};
 use skiff_model::ServiceSpec;
 use skiff_sandbox::{Freezer, NetNs, Prepared, WritableLayer};
 use tokio::sync::{oneshot, watch, Notify};
@@ -112,6 +114,21 @@ impl ServiceRuntime {
     /// Persistent services take long-lived connections (WebSocket).
     pub fn persistent(&self) -> bool {
         self.writable.is_some()
+    }
+
+    /// The gateway's rules for this service (CONTRACT.md §2): serverless
+    /// services get the request timeout and the size limits, persistent
+    /// ones none.
+    pub fn exchange_limits(&self) -> ExchangeLimits {
+        if self.persistent() {
+            return ExchangeLimits::default();
+        }
+        let l = &self.spec.limits;
+        ExchangeLimits {
+            request_timeout: Some(l.request_timeout),
+            max_response: Some(l.max_response),
+            max_request: Some(l.max_request),
+        }
     }
 
     /// Starts the first instance and waits until it answers (a deploy).
@@ -298,6 +315,7 @@ impl ServiceRuntime {
                 port: self.spec.port,
                 exit: exit_rx,
             }),
+            limits: self.exchange_limits(),
         };
         shared.register_upstream(&upstream);
         let (stop_tx, mut stop_rx) = watch::channel(false);

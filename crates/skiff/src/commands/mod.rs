@@ -38,6 +38,10 @@ pub struct PlatformArgs {
     /// Services are reached at NAME.<domain>.
     #[arg(long, default_value = "localhost", env = "SKIFF_DOMAIN")]
     pub domain: String,
+    /// How long a client may take to send a request's headers (slow
+    /// clients are cut off after it).
+    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "SKIFF_HEADER_TIMEOUT")]
+    pub header_timeout: std::time::Duration,
     /// Debian mirror used once to build the base image.
     #[arg(
         long,
@@ -69,8 +73,13 @@ impl PlatformArgs {
             domain: self.domain.trim_matches('.').to_ascii_lowercase(),
             helper,
             mirror: self.mirror.clone(),
+            header_read_timeout: self.header_timeout,
         })
     }
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    skiff_model::parse_duration(s)
 }
 
 pub fn init_tracing() {
