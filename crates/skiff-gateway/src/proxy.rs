@@ -121,8 +121,7 @@ impl Gateway {
     /// `shutdown` completes.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
-        let mut builder =
-            hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
@@ -175,16 +174,12 @@ impl Gateway {
         remote: SocketAddr,
     ) -> Result<Response<Body>, (ErrorKind, String)> {
         let domain = &self.config.domain;
-        // Request smuggling: a body framed two ways is refused, not guessed.
-        if req.headers().contains_key(header::CONTENT_LENGTH)
-            && req.headers().contains_key(header::TRANSFER_ENCODING)
-        {
-            return Err((
-                ErrorKind::BadRequest,
-                "The request has both Content-Length and Transfer-Encoding; send one of them."
-                    .into(),
-            ));
-        }
+        // Request smuggling: hyper's HTTP/1 parser refuses Content-Length
+        // values that disagree (400) and, for a body framed by both
+        // Content-Length and Transfer-Encoding, drops Content-Length and
+        // reads the chunked body (RFC 9112 §6.3). What reaches this point
+        // has one framing, and the request sent upstream is framed anew, so
+        // the gateway and the service cannot disagree about where it ends.
         let host = req
             .headers()
             .get(header::HOST)
@@ -247,7 +242,12 @@ impl Gateway {
             .authority(upstream.key.as_str())
             .path_and_query(path)
             .build()
-            .map_err(|e| (ErrorKind::BadRequest, format!("Unusable request target: {e}")))?;
+            .map_err(|e| {
+                (
+                    ErrorKind::BadRequest,
+                    format!("Unusable request target: {e}"),
+                )
+            })?;
         *req.uri_mut() = uri;
         *req.version_mut() = http::Version::HTTP_11;
         let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
@@ -530,10 +530,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 fn add_forwarded(headers: &mut HeaderMap, remote: SocketAddr, host: &str) {
     let ip = remote.ip().to_string();
-    let xff = match headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-    {
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {ip}"),
         None => ip,
     };
@@ -553,10 +550,16 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_dropped_end_to_end_ones_kept() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret-hop"),
+        );
         h.insert("x-secret-hop", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         h.insert("x-custom", HeaderValue::from_static("kept"));
         strip_hop_by_hop(&mut h);
@@ -569,7 +572,11 @@ mod tests {
     fn forwarded_headers_append() {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", HeaderValue::from_static("10.1.2.3"));
-        add_forwarded(&mut h, "127.0.0.1:5000".parse().unwrap(), "a.localhost:8000");
+        add_forwarded(
+            &mut h,
+            "127.0.0.1:5000".parse().unwrap(),
+            "a.localhost:8000",
+        );
         assert_eq!(h["x-forwarded-for"], "10.1.2.3, 127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "a.localhost:8000");
@@ -579,8 +586,14 @@ mod tests {
     fn messages_name_the_limit() {
         let (k, m) = too_large_response("svc", 6 << 20);
         assert_eq!(k, ErrorKind::ResponseTooLarge);
-        assert!(m.starts_with("Response is bigger than the maximum allowed size"), "{m}");
-        assert!(m.contains("6 MiB = 6291456 bytes") && m.contains("object storage"), "{m}");
+        assert!(
+            m.starts_with("Response is bigger than the maximum allowed size"),
+            "{m}"
+        );
+        assert!(
+            m.contains("6 MiB = 6291456 bytes") && m.contains("object storage"),
+            "{m}"
+        );
         let limits = ExchangeLimits {
             request_timeout: Some(Duration::from_secs(900)),
             ..Default::default()

@@ -1,0 +1,406 @@
+//! The serverless gateway: request timeout, response and request size
+//! limits, clean errors, pass-through, HTTP/2, and robustness against
+//! misbehaving clients and services.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::sandbox::host;
+use crate::support::*;
+use crate::FIRST_START;
+
+const LIMIT: usize = 6 * 1024 * 1024;
+
+/// A service with endpoints that misbehave on request.
+const APP: &str = r#"
+import json, os, socket, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse, parse_qs
+
+def pattern(n):
+    block = bytes(i % 251 for i in range(251 * 64))
+    return (block * (n // len(block) + 1))[:n]
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def q(self):
+        u = urlparse(self.path)
+        return u.path, {k: v[0] for k, v in parse_qs(u.query).items()}
+    def send(self, body, code=200, headers=()):
+        self.send_response(code)
+        for k, v in headers:
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        path, q = self.q()
+        if path == "/size":
+            self.send(pattern(int(q["n"])))
+        elif path == "/chunked":
+            data = pattern(int(q["n"]))
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(0, len(data), 65536):
+                part = data[i:i + 65536]
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+        elif path == "/sleep":
+            time.sleep(int(q["ms"]) / 1000)
+            self.send(b"slept")
+        elif path == "/status":
+            self.send(b"teapot", int(q["code"]), [("X-Custom", "kept"), ("Cache-Control", "no-store")])
+        elif path == "/headers":
+            seen = {k.lower(): v for k, v in self.headers.items()}
+            self.send(json.dumps(seen).encode())
+        elif path == "/close-mid":
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"x" * 10)
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+        elif path == "/garbage":
+            self.wfile.write(b"THIS IS NOT HTTP\r\n\r\n")
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+            self.close_connection = True
+        else:
+            self.send(b"ok")
+    def do_POST(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            total = 0
+            while True:
+                size = int(self.rfile.readline().strip(), 16)
+                if size == 0:
+                    self.rfile.readline()
+                    break
+                total += len(self.rfile.read(size))
+                self.rfile.readline()
+        else:
+            total = len(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        self.send(str(total).encode())
+    def log_message(self, *a):
+        pass
+
+ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+fn pattern(n: usize) -> Vec<u8> {
+    let block: Vec<u8> = (0..251 * 64).map(|i| (i % 251) as u8).collect();
+    block.iter().copied().cycle().take(n).collect()
+}
+
+fn start(name: &str, extra: &[&str]) -> (App, Up) {
+    let app = App::new(
+        &format!(
+            "name = \"{name}\"\nstart = \"exec python3 app.py\"\n[limits]\n\
+             request_timeout = \"2s\"\nmax_request = \"1MiB\"\n"
+        ),
+        &[("app.py", APP)],
+    );
+    let mut up = Up::start(&[app.path()], extra);
+    assert_eq!(up.wait_urls(1, FIRST_START).len(), 1, "{}", up.stderr());
+    (app, up)
+}
+
+/// Sends raw bytes, returns everything the gateway answers until it closes
+/// or goes quiet.
+fn raw(port: u16, request: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    out
+}
+
+fn head_and_body(raw: &[u8]) -> (String, Vec<u8>) {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a response head");
+    (
+        String::from_utf8_lossy(&raw[..split]).into_owned(),
+        raw[split + 4..].to_vec(),
+    )
+}
+
+fn get_raw(port: u16, host: &str, path: &str) -> (String, Vec<u8>) {
+    head_and_body(&raw(
+        port,
+        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
+    ))
+}
+
+#[test]
+fn responses_up_to_the_limit_pass_byte_for_byte_and_one_more_byte_is_502() {
+    let name = unique("size");
+    let (_app, up) = start(&name, &[]);
+    let port = up.port.unwrap();
+    let h = host(&name);
+    for path in ["/size", "/chunked"] {
+        let (head, body) = get_raw(port, &h, &format!("{path}?n={LIMIT}"));
+        assert!(head.starts_with("HTTP/1.1 200"), "{path}: {head}");
+        assert_eq!(body.len(), LIMIT, "{path}");
+        assert!(body == pattern(LIMIT), "{path}: the body was changed");
+
+        let (head, body) = get_raw(port, &h, &format!("{path}?n={}", LIMIT + 1));
+        assert!(head.starts_with("HTTP/1.1 502"), "{path}: {head}");
+        assert!(head.contains("x-skiff-error: response-too-large"), "{head}");
+        let text = String::from_utf8_lossy(&body);
+        assert!(
+            text.contains("Response is bigger than the maximum allowed size"),
+            "{text}"
+        );
+        assert!(
+            text.contains("6291456 bytes") && text.contains("object storage"),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn a_request_past_the_timeout_gets_504_and_the_instance_stays_usable() {
+    let name = unique("timeout");
+    let (_app, up) = start(&name, &[]);
+    let t = Instant::now();
+    let r = up.get(&host(&name), "/sleep?ms=5000");
+    assert_eq!(r.status, 504, "{r:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "answered after {:?}",
+        t.elapsed()
+    );
+    assert_eq!(r.header("x-skiff-error"), Some("request-timeout"));
+    assert!(r.body.contains("request timeout of 2s"), "{r:?}");
+    assert!(r.body.contains("mode = \"persistent\""), "{r:?}");
+    let r = up.get(&host(&name), "/");
+    assert_eq!((r.status, r.body.as_str()), (200, "ok"));
+}
+
+#[test]
+fn request_bodies_over_the_limit_get_413_whether_announced_or_chunked() {
+    let name = unique("upload");
+    let (_app, up) = start(&name, &[]);
+    let port = up.port.unwrap();
+    let h = host(&name);
+    let big = vec![b'a'; 2 << 20];
+
+    let mut req = format!(
+        "POST / HTTP/1.1\r\nHost: {h}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        big.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&big);
+    let (head, body) = head_and_body(&raw(port, &req));
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+    assert!(String::from_utf8_lossy(&body).contains("limits.max_request"));
+
+    let mut req = format!(
+        "POST / HTTP/1.1\r\nHost: {h}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for chunk in big.chunks(64 * 1024) {
+        req.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        req.extend_from_slice(chunk);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let (head, _) = head_and_body(&raw(port, &req));
+    assert!(head.starts_with("HTTP/1.1 413"), "{head}");
+
+    let small = vec![b'b'; 100_000];
+    let mut req = format!(
+        "POST / HTTP/1.1\r\nHost: {h}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        small.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(&small);
+    let (head, body) = head_and_body(&raw(port, &req));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(body, b"100000");
+}
+
+#[test]
+fn the_service_status_and_headers_pass_and_forwarding_headers_are_added() {
+    let name = unique("pass");
+    let (_app, up) = start(&name, &[]);
+    let r = up.get(&host(&name), "/status?code=418");
+    assert_eq!(r.status, 418);
+    assert_eq!(r.header("x-custom"), Some("kept"));
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    assert_eq!(
+        r.header("x-skiff-error"),
+        None,
+        "the service's own answer is not marked"
+    );
+    let seen = up.get(&host(&name), "/headers").body;
+    assert!(
+        seen.contains("\"x-forwarded-for\": \"127.0.0.1\""),
+        "{seen}"
+    );
+    assert!(seen.contains("\"x-forwarded-proto\": \"http\""), "{seen}");
+    assert!(
+        seen.contains(&format!("\"x-forwarded-host\": \"{}\"", host(&name))),
+        "{seen}"
+    );
+    assert!(
+        !seen.contains("\"connection\""),
+        "hop-by-hop header forwarded: {seen}"
+    );
+}
+
+#[test]
+fn gateway_errors_are_json_when_asked_for() {
+    let name = unique("json");
+    let (_app, up) = start(&name, &[]);
+    let (head, body) = head_and_body(&raw(
+        up.port.unwrap(),
+        b"GET / HTTP/1.1\r\nHost: nobody.localhost\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
+    ));
+    assert!(head.starts_with("HTTP/1.1 404"), "{head}");
+    assert!(head.contains("content-type: application/json"), "{head}");
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("\"error\":\"unknown-service\""), "{text}");
+    assert!(text.contains("\"source\":\"client\""), "{text}");
+    assert!(text.contains("\"retryable\":false"), "{text}");
+}
+
+#[test]
+fn http2_prior_knowledge_clients_are_served() {
+    use http_body_util::BodyExt;
+    let name = unique("h2");
+    let (_app, up) = start(&name, &[]);
+    let port = up.port.unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .expect("h2c handshake");
+        tokio::spawn(conn);
+        let req = hyper::Request::get(format!("http://{name}.localhost:{port}/status?code=418"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.expect("h2 response");
+        assert_eq!(resp.status(), 418);
+        assert_eq!(resp.version(), hyper::Version::HTTP_2);
+        assert_eq!(resp.headers()["x-custom"], "kept");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"teapot");
+    });
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn misbehaving_clients_and_services_get_the_right_status_and_nothing_leaks() {
+    let name = unique("robust");
+    let (_app, up) = start(&name, &["--header-timeout", "1s"]);
+    let port = up.port.unwrap();
+    let h = host(&name);
+    let pid = up.child.id();
+    // Warm up the pool, then count.
+    assert_eq!(up.get(&h, "/").status, 200);
+    let fds_before = open_fds(pid);
+
+    for _ in 0..3 {
+        // Malformed request line.
+        let (head, _) = head_and_body(&raw(port, b"GARBAGE\r\n\r\n"));
+        assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+
+        // Oversized headers.
+        let big = "a".repeat(100 * 1024);
+        let answer = raw(
+            port,
+            format!("GET / HTTP/1.1\r\nHost: {h}\r\nX-Big: {big}\r\n\r\n").as_bytes(),
+        );
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.starts_with("HTTP/1.1 431") || text.is_empty(),
+            "{text:.200}"
+        );
+
+        // Smuggling, CL.TE: the body is read as chunked (Content-Length is
+        // dropped), the connection is closed after the answer, and what
+        // was hidden after the body never reaches the service.
+        let answer = raw(
+            port,
+            format!(
+                "POST / HTTP/1.1\r\nHost: {h}\r\nContent-Length: 30\r\nTransfer-Encoding: chunked\r\n\r\n\
+                 0\r\n\r\nGET /status?code=418 HTTP/1.1\r\nHost: {h}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        let text = String::from_utf8_lossy(&answer);
+        let (first, rest) = head_and_body(&answer);
+        let rest = rest.as_slice();
+        assert!(first.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(first.contains("connection: close"), "{text}");
+        assert_eq!(
+            rest, b"0",
+            "the service saw an empty chunked body and nothing else: {text}"
+        );
+        // Content-Length values that disagree are refused.
+        let (head, _) = head_and_body(&raw(
+            port,
+            format!("POST / HTTP/1.1\r\nHost: {h}\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!").as_bytes(),
+        ));
+        assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+
+        // A service that breaks off its response, or answers garbage.
+        for path in ["/close-mid", "/garbage"] {
+            let r = up.get(&h, path);
+            assert_eq!(r.status, 502, "{path}: {r:?}");
+            assert_eq!(r.header("x-skiff-error"), Some("upstream-failed"), "{path}");
+        }
+
+        // A client that disappears mid-response.
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(format!("GET /size?n={LIMIT} HTTP/1.1\r\nHost: {h}\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut some = [0u8; 1000];
+        s.read_exact(&mut some).unwrap();
+        drop(s);
+    }
+
+    // Slowloris: headers that never finish are cut off, others are served.
+    let mut slow = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    slow.write_all(format!("GET / HTTP/1.1\r\nHost: {h}\r\n").as_bytes())
+        .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let t = Instant::now();
+    assert_eq!(up.get(&h, "/").status, 200, "others are served meanwhile");
+    let mut rest = Vec::new();
+    let _ = slow.read_to_end(&mut rest);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the slow client held on for {:?}",
+        t.elapsed()
+    );
+
+    assert_eq!(up.get(&h, "/").status, 200, "still serving");
+    std::thread::sleep(Duration::from_millis(500));
+    let fds_after = open_fds(pid);
+    assert!(
+        fds_after <= fds_before + 4,
+        "file descriptors grew from {fds_before} to {fds_after}"
+    );
+}
