@@ -423,11 +423,7 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 fn size(bytes: u64) -> String {
-    if bytes % (1 << 20) == 0 {
-        format!("{} MiB = {bytes} bytes", bytes >> 20)
-    } else {
-        format!("{bytes} bytes")
-    }
+    format!("{} = {bytes} bytes", skiff_model::format_size(bytes))
 }
 
 fn too_large_response(service: &str, max: u64) -> (ErrorKind, String) {
@@ -454,15 +450,7 @@ fn too_large_request(max: u64) -> (ErrorKind, String) {
 }
 
 fn timed_out(service: &str, limits: ExchangeLimits) -> (ErrorKind, String) {
-    let t = limits.request_timeout.unwrap_or_default();
-    let secs = t.as_secs();
-    let shown = if secs > 0 && secs % 60 == 0 {
-        format!("{}m", secs / 60)
-    } else if secs > 0 {
-        format!("{secs}s")
-    } else {
-        format!("{}ms", t.as_millis())
-    };
+    let shown = skiff_model::format_duration(limits.request_timeout.unwrap_or_default());
     (
         ErrorKind::RequestTimeout,
         format!(
