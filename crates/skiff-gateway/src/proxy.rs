@@ -579,7 +579,7 @@ mod tests {
             "{m}"
         );
         assert!(
-            m.contains("6 MiB = 6291456 bytes") && m.contains("object storage"),
+            m.contains("6MiB = 6291456 bytes") && m.contains("object storage"),
             "{m}"
         );
         let limits = ExchangeLimits {
