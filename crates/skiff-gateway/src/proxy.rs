@@ -220,16 +220,15 @@ impl Gateway {
                 ));
             }
         }
-        let limits = self.router.limits(&service);
-        // A body announced too large is refused before an instance is woken.
-        if let (Some(max), Some(len)) = (limits.max_request, content_length(req.headers())) {
+        let lease = self.lease(&service).await?;
+        let upstream = lease.upstream.clone();
+        // A body announced too large is refused before it is read.
+        if let (Some(max), Some(len)) = (upstream.limits.max_request, content_length(req.headers()))
+        {
             if len > max {
                 return Err(too_large_request(max));
             }
         }
-
-        let lease = self.lease(&service).await?;
-        let upstream = lease.upstream.clone();
         let deadline = upstream.limits.request_timeout.map(|t| Instant::now() + t);
 
         let path = req

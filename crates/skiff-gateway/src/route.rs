@@ -89,9 +89,6 @@ pub trait Router: Send + Sync + 'static {
     /// Whether the service takes long-lived connections (WebSocket and other
     /// upgrades): only persistent services do.
     fn allows_streaming(&self, service: &str) -> bool;
-    /// The service's exchange limits, to refuse a request before waking an
-    /// instance; default none.
-    fn limits(&self, service: &str) -> ExchangeLimits;
 }
 
 /// The service name in a Host header, when the host is `NAME.<domain>` with

@@ -4,9 +4,9 @@
 //! headers and body in two writes without `TCP_NODELAY`. On a reused
 //! connection the second write then waits, by Nagle's algorithm, for the ACK
 //! of the first, which our side delays by up to 40 ms hoping to piggy-back
-//! it. Re-arming `TCP_QUICKACK` after every read and write keeps our ACKs
-//! immediate (the flag is not sticky), so pooled connections are as fast as
-//! fresh ones. It costs one `setsockopt` per read or write.
+//! it. Re-arming `TCP_QUICKACK` after every read keeps our ACKs immediate
+//! (the flag is not sticky), so pooled connections are as fast as fresh
+//! ones. It costs one `setsockopt` per read.
 
 use std::io;
 use std::pin::Pin;
@@ -55,11 +55,7 @@ impl Write for UpstreamIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write(cx, buf);
-        if r.is_ready() {
-            self.quickack();
-        }
-        r
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -79,11 +75,7 @@ impl Write for UpstreamIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
-        if r.is_ready() {
-            self.quickack();
-        }
-        r
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 }
 

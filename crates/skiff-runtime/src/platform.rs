@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use skiff_gateway::{
-    ExchangeLimits, Gateway, GatewayConfig, GatewayError, Route, Router, Upstream,
-};
+use skiff_gateway::{Gateway, GatewayConfig, GatewayError, Route, Router, Upstream};
 use skiff_model::ServiceSpec;
 use skiff_sandbox::{Cgroups, Sandbox, CGROUP_ROOT};
 use tokio::sync::{broadcast, watch};
@@ -177,14 +175,6 @@ impl Router for Shared {
     fn allows_streaming(&self, service: &str) -> bool {
         let services = self.services.read().unwrap_or_else(|p| p.into_inner());
         matches!(services.get(service), Some(ServiceState::Ready(s)) if s.persistent())
-    }
-
-    fn limits(&self, service: &str) -> ExchangeLimits {
-        let services = self.services.read().unwrap_or_else(|p| p.into_inner());
-        match services.get(service) {
-            Some(ServiceState::Ready(s)) => s.exchange_limits(),
-            _ => ExchangeLimits::default(),
-        }
     }
 
     fn upstream(&self, key: &str) -> Option<Upstream> {

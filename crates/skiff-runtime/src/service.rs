@@ -32,6 +32,9 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 struct Core {
     scaler: Scaler,
     freezers: HashMap<InstanceNo, Freezer>,
+    /// The deadline the timer task sleeps until; it is woken only when a
+    /// decision brings the next deadline earlier (not on every request).
+    armed: Option<Instant>,
 }
 
 /// A running instance as the executor knows it.
@@ -100,6 +103,7 @@ impl ServiceRuntime {
             core: Mutex::new(Core {
                 scaler: Scaler::new(cfg),
                 freezers: HashMap::new(),
+                armed: None,
             }),
             running: Mutex::default(),
             waiters: Mutex::default(),
@@ -148,9 +152,15 @@ impl ServiceRuntime {
     /// Runs `f` on the scaler; freezes and thaws at once, in order, under
     /// the lock; everything else after it.
     fn decide<R>(self: &Arc<Self>, f: impl FnOnce(&mut Scaler) -> (R, Vec<Action>)) -> R {
-        let (result, rest) = {
+        let (result, rest, rearm) = {
             let mut core = lock(&self.core);
             let (result, actions) = f(&mut core.scaler);
+            let next = core.scaler.next_deadline();
+            let rearm = match (next, core.armed) {
+                (Some(n), Some(a)) => n < a,
+                (Some(_), None) => true,
+                (None, _) => false,
+            };
             let mut rest = Vec::new();
             for action in actions {
                 match action {
@@ -165,10 +175,12 @@ impl ServiceRuntime {
                     other => rest.push(other),
                 }
             }
-            (result, rest)
+            (result, rest, rearm)
         };
         self.apply(rest);
-        self.wake.notify_one();
+        if rearm {
+            self.wake.notify_one();
+        }
         result
     }
 
@@ -431,7 +443,12 @@ impl ServiceRuntime {
     async fn timer(self: Arc<Self>) {
         let mut shutdown = self.shutdown.subscribe();
         loop {
-            let deadline = lock(&self.core).scaler.next_deadline();
+            let deadline = {
+                let mut core = lock(&self.core);
+                let next = core.scaler.next_deadline();
+                core.armed = next;
+                next
+            };
             let sleep = async {
                 match deadline {
                     Some(t) => tokio::time::sleep_until(t.into()).await,

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Gateway benchmark: wrk through skiff's gateway, directly to the same
+# server, and through nginx as a reverse proxy to it, all in one run.
+#
+#   bench/gateway.sh            (as root; needs wrk and nginx on the host:
+#                                apt-get install wrk nginx-light)
+#
+# The server is nginx itself (a small keep-alive answer) running as a skiff
+# service. "Direct" and the nginx reverse proxy run inside the service's
+# network namespace (nsenter), as the gateway reaches it from there too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+for tool in wrk nginx nsenter; do
+    command -v "$tool" >/dev/null || { echo "bench/gateway.sh needs $tool: apt-get install wrk nginx-light" >&2; exit 1; }
+done
+DURATION=${DURATION:-10s}
+cargo build --release -q
+SKIFF=$PWD/target/release/skiff
+
+work=$(mktemp -d)
+skiff_pid=""
+proxy_pid=""
+cleanup() {
+    [ -n "$proxy_pid" ] && kill "$proxy_pid" 2>/dev/null || true
+    [ -n "$skiff_pid" ] && kill -TERM "$skiff_pid" 2>/dev/null && wait "$skiff_pid" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+mkdir -p "$work/app"
+cat > "$work/app/nginx.conf.in" <<'CONF'
+worker_processes 1;
+daemon off;
+pid /tmp/nginx.pid;
+error_log stderr warn;
+events { worker_connections 1024; }
+http {
+    access_log off;
+    client_body_temp_path /tmp/body;
+    proxy_temp_path /tmp/proxy;
+    fastcgi_temp_path /tmp/fastcgi;
+    uwsgi_temp_path /tmp/uwsgi;
+    scgi_temp_path /tmp/scgi;
+    keepalive_requests 10000000;
+    server {
+        listen PORT;
+        location / { return 200 "ok\n"; }
+    }
+}
+CONF
+cat > "$work/app/skiff.toml" <<'TOML'
+name = "bench-nginx"
+build = "apt-get update && apt-get install -y --no-install-recommends nginx-light"
+start = "sed s/PORT/$PORT/ /app/nginx.conf.in > /tmp/nginx.conf && exec nginx -c /tmp/nginx.conf"
+[limits]
+concurrency = 10000
+max_instances = 1
+idle_suspend = "1h"
+idle_stop = "1h"
+TOML
+
+"$SKIFF" up "$work/app" --listen 127.0.0.1:0 --state "$work/state" > "$work/up.out" 2> "$work/up.err" &
+skiff_pid=$!
+for _ in $(seq 1 600); do
+    grep -q '^http://' "$work/up.out" 2>/dev/null && break
+    kill -0 "$skiff_pid" 2>/dev/null || { cat "$work/up.err" >&2; exit 1; }
+    sleep 0.5
+done
+url=$(grep -m1 '^http://' "$work/up.out")
+gw_port=${url##*:}; gw_port=${gw_port%/}
+cg=$(ls -d /sys/fs/cgroup/unified/skiff/bench-nginx-* | head -1)
+inst_pid=$(head -1 "$cg/cgroup.procs")
+netns=/proc/$inst_pid/ns/net
+
+# nginx as a reverse proxy to the same server, inside the same namespace.
+cat > "$work/proxy.conf" <<CONF
+worker_processes 2;
+daemon off;
+pid $work/proxy.pid;
+error_log $work/proxy.err warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    upstream app { server 127.0.0.1:8080; keepalive 128; }
+    server {
+        listen 127.0.0.1:18080;
+        location / {
+            proxy_pass http://app;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+CONF
+nsenter --net="$netns" nginx -c "$work/proxy.conf" &
+proxy_pid=$!
+sleep 1
+
+run() { # label, then the command
+    local label=$1; shift
+    "$@" > "$work/wrk.txt" 2>&1
+    local rps p50 p99
+    rps=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.txt")
+    p50=$(awk '$1=="50%" {print $2}' "$work/wrk.txt")
+    p99=$(awk '$1=="99%" {print $2}' "$work/wrk.txt")
+    printf '%-28s %12s req/s   p50 %-9s p99 %s\n' "$label" "$rps" "${p50:--}" "${p99:--}"
+    echo "$rps" > "$work/$label.rps"
+}
+wrk_in_ns() { nsenter --net="$netns" wrk "$@"; }
+H="Host: bench-nginx.localhost"
+
+echo "64 connections, 2 threads, $DURATION each:"
+run direct-64 wrk_in_ns -t2 -c64 -d"$DURATION" http://127.0.0.1:8080/
+run nginx-proxy-64 wrk_in_ns -t2 -c64 -d"$DURATION" http://127.0.0.1:18080/
+run skiff-64 wrk -t2 -c64 -d"$DURATION" -H "$H" "http://127.0.0.1:$gw_port/"
+echo "1 connection, latency:"
+run direct-1 wrk_in_ns -t1 -c1 -d"$DURATION" --latency http://127.0.0.1:8080/
+run nginx-proxy-1 wrk_in_ns -t1 -c1 -d"$DURATION" --latency http://127.0.0.1:18080/
+run skiff-1 wrk -t1 -c1 -d"$DURATION" --latency -H "$H" "http://127.0.0.1:$gw_port/"
+
+ratio() { awk -v a="$(cat "$work/$1.rps")" -v b="$(cat "$work/$2.rps")" 'BEGIN { printf "%.2f", a / b }'; }
+echo "ratios at 64 connections: skiff/direct $(ratio skiff-64 direct-64), nginx/direct $(ratio nginx-proxy-64 direct-64), skiff/nginx $(ratio skiff-64 nginx-proxy-64)"
