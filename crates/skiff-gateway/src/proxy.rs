@@ -208,7 +208,7 @@ impl Gateway {
             .to_ascii_lowercase();
         let upgrade = req.headers().get(header::UPGRADE).cloned();
         if let Some(proto) = &upgrade {
-            if !self.router.allows_streaming(&service) {
+            if self.router.allows_streaming(&service) == Some(false) {
                 let proto = proto.to_str().unwrap_or("protocol");
                 return Err((
                     ErrorKind::StreamingNeedsPersistent,

@@ -87,8 +87,9 @@ pub trait Router: Send + Sync + 'static {
     /// The upstream registered under `key`, for opening new pooled connections.
     fn upstream(&self, key: &str) -> Option<Upstream>;
     /// Whether the service takes long-lived connections (WebSocket and other
-    /// upgrades): only persistent services do.
-    fn allows_streaming(&self, service: &str) -> bool;
+    /// upgrades): only persistent services do. `None` when the service is not
+    /// ready (unknown, starting, failed): routing will say why.
+    fn allows_streaming(&self, service: &str) -> Option<bool>;
 }
 
 /// The service name in a Host header, when the host is `NAME.<domain>` with

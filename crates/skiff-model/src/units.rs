@@ -73,8 +73,17 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         };
         total = total.saturating_add(part);
     }
+    if total > MAX_DURATION {
+        return Err(format!(
+            "{s:?} is too long; the longest a limit can be is 366 days (\"8784h\")"
+        ));
+    }
     Ok(total)
 }
+
+/// Limits are added to clock readings; beyond this they could overflow, and
+/// no timeout of a web service needs more.
+const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
 
 /// Formats a size the way a user would write it, e.g. `6MiB` or `6291457B`.
 pub fn format_size(bytes: u64) -> String {
@@ -147,6 +156,11 @@ mod tests {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
         }
         assert!(parse_duration("15").unwrap_err().contains("\"15s\""));
+        assert!(parse_duration("8784h").is_ok());
+        assert!(parse_duration("8785h").unwrap_err().contains("too long"));
+        assert!(parse_duration("18446744073709551615s")
+            .unwrap_err()
+            .contains("too long"));
     }
 
     #[test]

@@ -77,13 +77,20 @@ pub async fn ensure(
     };
     let name = image_dir_name();
     let root = cache.join(&name).join("rootfs");
+    tokio::fs::create_dir_all(cache).await.map_err(io(cache))?;
+    // The image holds root-owned setuid programs (su, mount); like the
+    // state directory, the cache is root's alone.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(cache, std::fs::Permissions::from_mode(0o700))
+            .map_err(io(cache))?;
+    }
     if root.join("app").is_dir() {
         return Ok(BaseImage {
             root,
             built_in: None,
         });
     }
-    tokio::fs::create_dir_all(cache).await.map_err(io(cache))?;
     let lock_path = cache.join(format!("{name}.lock"));
     let lock_file = std::fs::OpenOptions::new()
         .create(true)
@@ -145,6 +152,7 @@ pub async fn ensure(
     );
     let work = cache.join(format!("{name}.partial"));
     if work.exists() {
+        unmount_under(&work);
         tokio::fs::remove_dir_all(&work).await.map_err(io(&work))?;
     }
     let work_root = work.join("rootfs");
@@ -224,9 +232,12 @@ async fn run_step(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
+        .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot run {}: {e}", argv[0]))?;
+    // debootstrap and apt start children of their own (dpkg, maintainer
+    // scripts): if skiff is stopped meanwhile, the whole group goes.
+    let _group = child.id().map(KillGroupOnDrop);
     let (Some(out), Some(err)) = (child.stdout.take(), child.stderr.take()) else {
         return Err("no output pipes".into());
     };
@@ -250,6 +261,38 @@ async fn run_step(
         Ok(())
     } else {
         Err(status.to_string())
+    }
+}
+
+/// Kills a process group when dropped (a step that was cancelled).
+struct KillGroupOnDrop(u32);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        // After a step that ended by itself the group is empty: ESRCH.
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.0 as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// Unmounts whatever an interrupted debootstrap left mounted under `dir`
+/// (it mounts /proc and /sys in the target), deepest first, so the
+/// directory can be removed.
+fn unmount_under(dir: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
     }
 }
 

@@ -15,7 +15,7 @@ use tokio::sync::broadcast;
 use crate::base::APP_PATH;
 use crate::events::{Event, Phase};
 use crate::image::{tree_size, ImageDir};
-use crate::instance::{LogSink, Tail};
+use crate::instance::{command_environment, LogSink, Tail};
 
 /// What a build leaves that no instance needs: package-manager downloads,
 /// indexes and caches. Paths inside the build's layer; globs are not used,
@@ -98,23 +98,15 @@ pub struct BuildContext<'a> {
 
 /// The environment of the build command.
 fn environment(spec: &ServiceSpec) -> Vec<(String, String)> {
-    let mut env = vec![
-        (
-            "PATH".to_string(),
-            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
-        ),
-        ("LANG".into(), "C.UTF-8".into()),
-        ("DEBIAN_FRONTEND".into(), "noninteractive".into()),
-        // Node ships its own CA list; make it also trust the system bundle.
-        (
-            "NODE_EXTRA_CA_CERTS".into(),
-            "/etc/ssl/certs/ca-certificates.crt".into(),
-        ),
-    ];
-    env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    env.push(("PORT".into(), spec.port.to_string()));
-    env.push(("HOME".into(), "/root".into()));
-    env
+    command_environment(
+        spec,
+        &[
+            ("DEBIAN_FRONTEND", "noninteractive"),
+            // Node ships its own CA list; make it also trust the system bundle.
+            ("NODE_EXTRA_CA_CERTS", "/etc/ssl/certs/ca-certificates.crt"),
+        ],
+        "/root",
+    )
 }
 
 /// Runs `spec.build` over `lower` (top first) and leaves its writes in

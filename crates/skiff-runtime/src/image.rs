@@ -143,7 +143,9 @@ impl ImageStore {
         self.collect()
     }
 
-    /// Removes images and snapshots that no ref names.
+    /// Removes images and snapshots that no ref names. One deploy at a time
+    /// (`skiff up` deploys in turn): a layer made for a deploy still in
+    /// progress has no ref yet, so concurrent deploys must serialise this.
     pub fn collect(&self) -> io::Result<Vec<String>> {
         let mut live = HashSet::new();
         for entry in fs::read_dir(self.root.join("refs"))? {
@@ -154,7 +156,9 @@ impl ImageStore {
         for entry in fs::read_dir(&self.root)? {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let layer = name.starts_with("src-") || name.starts_with("img-");
+            // `.partial` directories belong to a snapshot being made now.
+            let layer = (name.starts_with("src-") || name.starts_with("img-"))
+                && !name.ends_with(".partial");
             if layer && !live.contains(&name) {
                 fs::remove_dir_all(entry.path())?;
                 removed.push(name);

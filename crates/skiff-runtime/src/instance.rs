@@ -126,8 +126,19 @@ pub struct StartContext<'a> {
     pub events: broadcast::Sender<Event>,
 }
 
-/// The environment of the start command: the contract's variables, then `[env]`.
+/// The environment of the start command: the contract's variables and `[env]`.
 pub fn environment(spec: &ServiceSpec) -> Vec<(String, String)> {
+    command_environment(spec, &[], "/tmp")
+}
+
+/// An environment for a command of `spec` (start or build): a standard
+/// PATH and locale, `extra`, the manifest's `[env]`, then `PORT` and `HOME`
+/// last so nothing overrides them (the manifest forbids it anyway).
+pub(crate) fn command_environment(
+    spec: &ServiceSpec,
+    extra: &[(&str, &str)],
+    home: &str,
+) -> Vec<(String, String)> {
     let mut env = vec![
         (
             "PATH".to_string(),
@@ -135,14 +146,13 @@ pub fn environment(spec: &ServiceSpec) -> Vec<(String, String)> {
         ),
         ("LANG".into(), "C.UTF-8".into()),
     ];
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    // Set last so nothing overrides them (the manifest forbids it anyway).
     env.push(("PORT".into(), spec.port.to_string()));
-    env.push(("HOME".into(), "/tmp".into()));
+    env.push(("HOME".into(), home.into()));
     env
 }
 
-/// Starts one instance of `spec` and waits until its port answers.
 /// The cgroup limits of one instance of `spec`.
 pub fn cgroup_limits(spec: &ServiceSpec) -> CgroupLimits {
     CgroupLimits {

@@ -94,7 +94,8 @@ pub struct Deployed {
 }
 
 enum ServiceState {
-    Starting,
+    /// Being deployed; the runtime exists once the image does.
+    Starting(Option<Arc<ServiceRuntime>>),
     Ready(Arc<ServiceRuntime>),
     Failed(String),
 }
@@ -156,7 +157,7 @@ impl Router for Shared {
                 drop(services);
                 service.route()
             }
-            Some(ServiceState::Starting) => Route::Unavailable {
+            Some(ServiceState::Starting(_)) => Route::Unavailable {
                 reason:
                     "it is starting and not yet answering its health check; try again in a moment"
                         .into(),
@@ -172,9 +173,12 @@ impl Router for Shared {
         }
     }
 
-    fn allows_streaming(&self, service: &str) -> bool {
+    fn allows_streaming(&self, service: &str) -> Option<bool> {
         let services = self.services.read().unwrap_or_else(|p| p.into_inner());
-        matches!(services.get(service), Some(ServiceState::Ready(s)) if s.persistent())
+        match services.get(service) {
+            Some(ServiceState::Ready(s)) => Some(s.persistent()),
+            _ => None,
+        }
     }
 
     fn upstream(&self, key: &str) -> Option<Upstream> {
@@ -203,6 +207,15 @@ impl Platform {
                 source,
             })?;
         }
+        // Builds run as root and may leave setuid files or device nodes in
+        // their layers; sources may hold secrets. None of it is for the
+        // host's other users.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config.state_dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|source| PlatformError::State {
+                dir: config.state_dir.clone(),
+                source,
+            })?;
         let state_err = |dir: &Path| {
             let dir = dir.to_path_buf();
             move |source| PlatformError::State { dir, source }
@@ -279,8 +292,8 @@ impl Platform {
         format!("http://{service}.{}{port}/", self.shared.config.domain)
     }
 
-    /// Builds nothing yet (that is the build issue): runs `spec.start` on the
-    /// base image with the source at /app, waits until it answers, routes to it.
+    /// Builds the service's image (or reuses it), starts its first instance,
+    /// waits until it answers, and routes to it.
     pub async fn deploy(&self, spec: &ServiceSpec) -> Result<Deployed, DeployError> {
         let shared = &self.shared;
         let name = spec.name.to_string();
@@ -292,7 +305,7 @@ impl Platform {
             if services.contains_key(&name) {
                 return Err(DeployError::AlreadyDeployed(name));
             }
-            services.insert(name.clone(), ServiceState::Starting);
+            services.insert(name.clone(), ServiceState::Starting(None));
         }
         let result = self.start_service(spec).await;
         if let Err(e) = &result {
@@ -336,6 +349,8 @@ impl Platform {
             dir: shared.writable_dir(&name),
             source,
         })?;
+        // Registered while it starts, so that a shutdown stops it too.
+        self.set_state(&name, ServiceState::Starting(Some(service.clone())));
         let report = match service.start_first().await {
             Ok(report) => report,
             Err(e) => {
@@ -437,13 +452,16 @@ impl Platform {
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .filter_map(|s| match s {
-                ServiceState::Ready(rt) => Some(rt.clone()),
+                ServiceState::Ready(rt) | ServiceState::Starting(Some(rt)) => Some(rt.clone()),
                 _ => None,
             })
             .collect();
+        // All at once: each may wait its instances' grace period.
+        let mut stopping = tokio::task::JoinSet::new();
         for service in services {
-            service.shutdown().await;
+            stopping.spawn(async move { service.shutdown().await });
         }
+        while stopping.join_next().await.is_some() {}
         let _ = self.gateway_stop.send(true);
         let _ = self.gateway_task.await;
     }

@@ -155,6 +155,9 @@ pub struct Scaler {
     backoff_until: Option<Instant>,
     last_failure: Option<String>,
     shutting_down: bool,
+    /// Whether any instance ever became ready. Until then a failure is the
+    /// deploy's to report, not a reason to start again.
+    ever_ready: bool,
 }
 
 impl Scaler {
@@ -169,6 +172,7 @@ impl Scaler {
             backoff_until: None,
             last_failure: None,
             shutting_down: false,
+            ever_ready: false,
         }
     }
 
@@ -343,6 +347,7 @@ impl Scaler {
         }
         inst.phase = Phase::Ready;
         inst.ready_at = Some(now);
+        self.ever_ready = true;
         if self.shutting_down {
             inst.phase = Phase::Stopping;
             actions.push(Action::Stop(n));
@@ -412,6 +417,7 @@ impl Scaler {
 
     fn keep_persistent_running(&mut self, now: Instant, actions: &mut Vec<Action>) {
         if self.cfg.persistent
+            && self.ever_ready
             && !self.shutting_down
             && self.live() == 0
             && self.in_backoff(now).is_none()

@@ -337,3 +337,15 @@ fn rejections_explain_themselves() {
         "{crash}"
     );
 }
+
+#[test]
+fn a_failed_deploy_of_a_persistent_service_is_not_retried() {
+    let t0 = Instant::now();
+    let mut s = Scaler::new(ScaleConfig {
+        persistent: true,
+        ..cfg()
+    });
+    s.start_first(t0);
+    assert_eq!(s.on_start_failed(1, "no port".into(), t0), vec![]);
+    assert_eq!(s.on_tick(secs(t0, 100)), vec![]);
+}

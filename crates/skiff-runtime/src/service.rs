@@ -51,7 +51,7 @@ pub(crate) struct ServiceRuntime {
     log_file: Arc<Mutex<std::fs::File>>,
     core: Mutex<Core>,
     running: Mutex<HashMap<InstanceNo, Running>>,
-    waiters: Mutex<HashMap<WaiterId, oneshot::Sender<Result<InstanceNo, Rejection>>>>,
+    waiters: Mutex<HashMap<WaiterId, oneshot::Sender<Result<LeaseGuard, Rejection>>>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// Wakes the timer when the next deadline may have moved.
     wake: Notify,
@@ -194,11 +194,15 @@ impl ServiceRuntime {
                     }
                 }
                 Action::Dispatch { waiter, instance } => {
-                    let tx = lock(&self.waiters).remove(&waiter);
-                    // A client that went away leaves no receiver: give the
-                    // instance's slot back.
-                    if tx.is_none_or(|tx| tx.send(Ok(instance)).is_err()) {
-                        self.release(instance);
+                    // The slot travels as a guard: if the client went away
+                    // (now, or before it polls its receiver), dropping the
+                    // guard gives the instance's slot back.
+                    let guard = LeaseGuard {
+                        service: self.clone(),
+                        instance,
+                    };
+                    if let Some(tx) = lock(&self.waiters).remove(&waiter) {
+                        let _ = tx.send(Ok(guard));
                     }
                 }
                 Action::Reject { waiter, reason } => {
@@ -235,7 +239,10 @@ impl ServiceRuntime {
             })
         };
         match outcome {
-            (Outcome::Dispatched(n), _) => self.lease(n),
+            (Outcome::Dispatched(n), _) => self.lease(LeaseGuard {
+                service: self.clone(),
+                instance: n,
+            }),
             (Outcome::Rejected(reason), _) => Route::Unavailable {
                 reason: reason.to_string(),
             },
@@ -243,7 +250,7 @@ impl ServiceRuntime {
                 let this = self.clone();
                 Route::Wait(Box::pin(async move {
                     match rx.await {
-                        Ok(Ok(n)) => this.lease(n),
+                        Ok(Ok(guard)) => this.lease(guard),
                         Ok(Err(reason)) => Route::Unavailable {
                             reason: reason.to_string(),
                         },
@@ -259,12 +266,10 @@ impl ServiceRuntime {
         }
     }
 
-    fn lease(self: &Arc<Self>, n: InstanceNo) -> Route {
-        let upstream = lock(&self.running).get(&n).map(|r| r.upstream.clone());
-        let guard = LeaseGuard {
-            service: self.clone(),
-            instance: n,
-        };
+    fn lease(&self, guard: LeaseGuard) -> Route {
+        let upstream = lock(&self.running)
+            .get(&guard.instance)
+            .map(|r| r.upstream.clone());
         match upstream {
             Some(upstream) => Route::Instance(Lease::new(upstream, guard)),
             None => Route::Unavailable {
@@ -301,11 +306,20 @@ impl ServiceRuntime {
             log_file: self.log_file.clone(),
             events: shared.events.clone(),
         };
-        let result = match spare {
-            Some(prepared) => {
-                instance::start_prepared(&ctx, &self.spec, prepared, Duration::ZERO).await
+        let starting = async {
+            match spare {
+                Some(prepared) => {
+                    instance::start_prepared(&ctx, &self.spec, prepared, Duration::ZERO).await
+                }
+                None => instance::start(&ctx, &self.spec, &shared.instance_id(&self.name)).await,
             }
-            None => instance::start(&ctx, &self.spec, &shared.instance_id(&self.name)).await,
+        };
+        // A shutdown does not wait for a slow start: dropping the start
+        // kills the half-started instance (its Drop removes everything).
+        let mut shutdown = self.shutdown.subscribe();
+        let result = tokio::select! {
+            r = starting => r,
+            _ = shutdown.wait_for(|s| *s) => return,
         };
         let mut started = match result {
             Ok(s) => s,
@@ -427,10 +441,16 @@ impl ServiceRuntime {
                     return;
                 }
             };
-            let unused = if *this.shutdown.borrow() {
-                Some(prepared)
-            } else {
-                lock(&this.spare).replace(prepared)
+            // Checked and stored under the one lock that shutdown takes
+            // after setting its flag: the spare is either seen and taken by
+            // shutdown, or discarded here.
+            let unused = {
+                let mut spare = lock(&this.spare);
+                if *this.shutdown.borrow() {
+                    Some(prepared)
+                } else {
+                    spare.replace(prepared)
+                }
             };
             if let Some(unused) = unused {
                 unused.discard().await;

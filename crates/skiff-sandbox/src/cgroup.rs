@@ -187,29 +187,13 @@ impl Cgroups {
     pub fn freezer(&self) -> Freezer {
         Freezer {
             file: self.unified.join("cgroup.freeze"),
-            events: self.unified.join("cgroup.events"),
         }
     }
 
-    /// Memory the instance uses now, in bytes.
-    pub fn memory_usage(&self) -> Option<u64> {
-        fs::read_to_string(self.v1[0].join("memory.usage_in_bytes"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    }
-
-    /// How often the instance ran into its memory limit (`memory.failcnt`).
-    pub fn memory_failcnt(&self) -> u64 {
-        fs::read_to_string(self.v1[0].join("memory.failcnt"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    }
-
-    /// Removes the groups; kills what is left first. Waits up to `grace` for
-    /// the kernel to let go of them.
+    /// Removes the groups; kills what is left first. While the kernel still
+    /// holds a group (its last tasks exiting) this waits, at least 2 s and up
+    /// to `grace`, sleeping in 2 ms steps: call it off the async threads
+    /// when processes may be left.
     pub fn remove(&self, grace: Duration) -> Result<(), CgroupError> {
         if self.unified.exists() && self.populated() {
             let _ = self.kill();
@@ -239,11 +223,6 @@ impl Cgroups {
         }
         Ok(())
     }
-
-    /// The directories, for tests and diagnostics.
-    pub fn paths(&self) -> Vec<PathBuf> {
-        self.dirs().cloned().collect()
-    }
 }
 
 /// Freezes and thaws one instance's whole process tree (cgroup2
@@ -252,18 +231,10 @@ impl Cgroups {
 #[derive(Debug, Clone)]
 pub struct Freezer {
     file: PathBuf,
-    events: PathBuf,
 }
 
 impl Freezer {
     pub fn set(&self, frozen: bool) -> io::Result<()> {
         fs::write(&self.file, if frozen { "1" } else { "0" })
-    }
-
-    /// Whether the kernel reports every task frozen.
-    pub fn is_frozen(&self) -> bool {
-        fs::read_to_string(&self.events)
-            .map(|s| s.lines().any(|l| l == "frozen 1"))
-            .unwrap_or(false)
     }
 }

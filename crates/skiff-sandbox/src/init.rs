@@ -62,6 +62,18 @@ pub fn init_main() -> ! {
     // SAFETY: fd 3 was placed there by `Sandbox::spawn` (dup2 in pre_exec) and
     // nothing else in this fresh process owns it.
     let mut control = unsafe { UnixStream::from_raw_fd(CONTROL_FD) };
+    // Nothing skiff itself inherited (a CI runner's pipes, a socket from
+    // whoever started skiff) may reach a build or a service: close every
+    // descriptor above the control socket.
+    // SAFETY: close_range on descriptors this fresh process does not use.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            (CONTROL_FD + 1) as libc::c_uint,
+            libc::c_uint::MAX,
+            0 as libc::c_uint,
+        )
+    };
     // The start command must not inherit the control socket: once it has been
     // executed, the platform sees the socket close.
     // SAFETY: fcntl on a descriptor this process owns.

@@ -241,7 +241,8 @@ async fn render(mut events: tokio::sync::broadcast::Receiver<Event>) {
                 }
             }
             Event::Exited { service, exit, instance } => eprintln!(
-                "skiff: {service}: instance {instance} exited ({exit}); the next request starts a new one"
+                "skiff: {service}: instance {instance} exited ({exit}); it is replaced (persistent: \
+                 at once; serverless: on the next request)"
             ),
             Event::InstanceStarted {
                 service,

@@ -60,6 +60,14 @@ class H(BaseHTTPRequestHandler):
                 body = {"result": sorted(os.listdir(q["path"]))}
             except OSError as e:
                 body = {"result": e.strerror}
+        elif u.path == "/fds":
+            fds = {}
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    fds[fd] = os.readlink("/proc/self/fd/" + fd)
+                except OSError:
+                    pass
+            body = {"fds": fds}
         elif u.path == "/exit":
             os._exit(int(q["code"]))
         elif u.path == "/env":
@@ -422,7 +430,7 @@ fn a_crashed_instance_is_named_in_the_502_and_replaced_on_the_next_request() {
     assert_eq!(r.header("x-skiff-error"), Some("upstream-failed"));
     assert!(r.body.contains("exited (exit code 5)"), "{r:?}");
     assert!(up.wait_output(
-        "exited (exit code 5); the next request starts a new one",
+        "exited (exit code 5); it is replaced",
         Duration::from_secs(10)
     ));
     let r = up.get(&host(&name), "/id");
@@ -445,4 +453,30 @@ fn a_private_source_directory_still_runs_for_the_non_root_user() {
     let mut up = Up::start(&[app.path()], &[]);
     assert_eq!(up.wait_urls(1, FIRST_START).len(), 1, "{}", up.stderr());
     assert_eq!(up.get(&host(&name), "/id").status, 200);
+}
+
+#[test]
+fn descriptors_skiff_inherited_do_not_reach_the_service() {
+    let marker = tempfile::Builder::new()
+        .prefix("skiff-fd-marker-")
+        .tempfile()
+        .unwrap();
+    // An inheritable copy at a high number, as a careless parent would
+    // leave (F_DUPFD does not set close-on-exec).
+    let inherited =
+        nix::fcntl::fcntl(marker.as_file(), nix::fcntl::FcntlArg::F_DUPFD(200)).unwrap();
+    let name = unique("fds");
+    let app = probe_app(&name, 8080);
+    let mut up = Up::start(&[app.path()], &[]);
+    assert_eq!(up.wait_urls(1, FIRST_START).len(), 1, "{}", up.stderr());
+    let fds = up.get(&host(&name), "/fds").body;
+    assert!(fds.contains("\"0\": \"/dev/null\""), "{fds}");
+    assert!(
+        !fds.contains("skiff-fd-marker"),
+        "an inherited descriptor reached the service: {fds}"
+    );
+    // Only stdin, the two output pipes and the service's own sockets.
+    assert_eq!(fds.matches("pipe:").count(), 2, "{fds}");
+    assert_eq!(fds.matches("/dev/null").count(), 1, "{fds}");
+    nix::unistd::close(inherited).unwrap();
 }
