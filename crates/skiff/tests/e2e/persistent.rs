@@ -12,49 +12,6 @@ use crate::sandbox::host;
 use crate::support::*;
 use crate::FIRST_START;
 
-const APP: &str = r#"
-import os, threading, time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlparse, parse_qs
-
-TOKEN = os.urandom(6).hex()
-ticks = 0
-
-def ticker():
-    global ticks
-    while True:
-        time.sleep(0.01)
-        ticks += 1
-
-threading.Thread(target=ticker, daemon=True).start()
-
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        u = urlparse(self.path)
-        q = {k: v[0] for k, v in parse_qs(u.query).items()}
-        if u.path == "/exit":
-            os._exit(3)
-        if u.path == "/append":
-            with open("/app/data.txt", "a") as f:
-                f.write(q["v"] + "\n")
-        if u.path == "/read":
-            body = open("/app/data.txt").read() if os.path.exists("/app/data.txt") else ""
-        elif u.path == "/ticks":
-            body = str(ticks)
-        else:
-            body = TOKEN
-        data = body.encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-    def log_message(self, *a):
-        pass
-
-ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
-"#;
-
 const WS_SERVER: &str = r#"
 const http = require("http");
 const { WebSocketServer } = require("ws");
@@ -146,7 +103,7 @@ fn persistent_keeps_running_writes_and_restarts() {
     let name = unique("persist");
     let app = App::new(
         &format!("name = \"{name}\"\nmode = \"persistent\"\nstart = \"exec python3 app.py\"\n"),
-        &[("app.py", APP)],
+        &[("app.py", TICKER_APP)],
     );
     let mut up = Up::start(&[app.path()], &[]);
     assert_eq!(up.wait_urls(1, FIRST_START).len(), 1, "{}", up.stderr());
@@ -160,7 +117,7 @@ fn persistent_keeps_running_writes_and_restarts() {
     // Writable next to its code, and kept when the instance is restarted.
     get_ok(&up, &name, "/append?v=first");
     let token = get_ok(&up, &name, "/");
-    let r = up.get(&host(&name), "/exit");
+    let r = up.get(&host(&name), "/exit?code=3");
     assert_eq!(r.status, 502, "{r:?}");
     // Restarted without waiting for a request.
     assert!(

@@ -7,56 +7,10 @@ use crate::sandbox::host;
 use crate::support::*;
 use crate::FIRST_START;
 
-/// A service that tells which instance answered, counts ticks of a
-/// background thread, answers slowly on demand and exits on demand.
-const APP: &str = r#"
-import os, threading, time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlparse, parse_qs
-
-TOKEN = os.urandom(6).hex()
-ticks = 0
-
-def ticker():
-    global ticks
-    while True:
-        time.sleep(0.01)
-        ticks += 1
-
-threading.Thread(target=ticker, daemon=True).start()
-
-class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        u = urlparse(self.path)
-        q = {k: v[0] for k, v in parse_qs(u.query).items()}
-        if u.path == "/slow":
-            time.sleep(int(q["ms"]) / 1000)
-        if u.path == "/exit":
-            os._exit(int(q["code"]))
-        if u.path == "/tmp-write":
-            open("/tmp/mark", "w").write(TOKEN)
-        if u.path == "/tmp-read":
-            body = open("/tmp/mark").read() if os.path.exists("/tmp/mark") else "none"
-        elif u.path == "/ticks":
-            body = str(ticks)
-        else:
-            body = TOKEN
-        data = body.encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-    def log_message(self, *a):
-        pass
-
-ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
-"#;
-
 fn app(name: &str, limits: &str) -> App {
     App::new(
         &format!("name = \"{name}\"\nstart = \"exec python3 app.py\"\n[limits]\n{limits}\n"),
-        &[("app.py", APP)],
+        &[("app.py", TICKER_APP)],
     )
 }
 

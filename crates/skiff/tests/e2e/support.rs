@@ -346,3 +346,55 @@ pub fn mounts_with(needle: &str) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// A service that tells which instance answered (a token made at start),
+/// counts ticks of a background thread, answers slowly, exits, and writes
+/// to /tmp or next to its code, all on demand.
+pub const TICKER_APP: &str = r#"
+import os, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlparse, parse_qs
+
+TOKEN = os.urandom(6).hex()
+ticks = 0
+
+def ticker():
+    global ticks
+    while True:
+        time.sleep(0.01)
+        ticks += 1
+
+threading.Thread(target=ticker, daemon=True).start()
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        u = urlparse(self.path)
+        q = {k: v[0] for k, v in parse_qs(u.query).items()}
+        if u.path == "/slow":
+            time.sleep(int(q["ms"]) / 1000)
+        if u.path == "/exit":
+            os._exit(int(q["code"]))
+        if u.path == "/tmp-write":
+            open("/tmp/mark", "w").write(TOKEN)
+        if u.path == "/append":
+            with open("/app/data.txt", "a") as f:
+                f.write(q["v"] + "\n")
+        if u.path == "/tmp-read":
+            body = open("/tmp/mark").read() if os.path.exists("/tmp/mark") else "none"
+        elif u.path == "/read":
+            body = open("/app/data.txt").read() if os.path.exists("/app/data.txt") else ""
+        elif u.path == "/ticks":
+            body = str(ticks)
+        else:
+            body = TOKEN
+        data = body.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    def log_message(self, *a):
+        pass
+
+ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
+"#;
