@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::base::{APP_PATH, RUN_GID, RUN_UID};
 use crate::events::{Event, Phase, StartReport, Stream};
-use crate::health;
+use crate::{diagnose, health};
 
 /// How often the health check polls while an instance starts: every
 /// millisecond at first (a refused connection inside a network namespace
@@ -47,11 +47,16 @@ pub enum StartError {
         tail: Vec<String>,
     },
     /// The port never answered within the start timeout.
-    #[error("Port Some({port}) is not being listened to by the service\n{}", health::describe_listeners(listeners, *port))]
+    #[error(
+        "Port Some({port}) is not being listened to by the service\n{}{}",
+        health::describe_listeners(listeners, *port),
+        diagnosis(tail)
+    )]
     PortNotListening {
         port: u16,
         listeners: Vec<SocketAddr>,
         waited: Duration,
+        tail: Vec<String>,
     },
 }
 
@@ -67,10 +72,22 @@ fn early_exit_message(exit: Exit, port: u16, tail: &[String]) -> String {
             s.push_str(line);
         }
     }
+    s.push_str(&diagnosis(tail));
     s.push_str(
         "\nCheck whether the build command left out dependencies the start command needs, \
          and that the start command runs a server that keeps running.",
     );
+    s
+}
+
+/// What the diagnosis engine recognises in a failed start's last output,
+/// as lines to append to the message (empty when nothing is recognised).
+fn diagnosis(tail: &[String]) -> String {
+    let mut s = String::new();
+    for finding in diagnose::diagnose_lines(tail.iter().map(String::as_str)) {
+        s.push_str("\nDiagnosis: ");
+        s.push_str(&finding.to_string().replace('\n', "\n  "));
+    }
     s
 }
 
@@ -232,6 +249,7 @@ pub async fn start_prepared(
                 port: spec.port,
                 listeners,
                 waited: spec.limits.start_timeout,
+                tail: tail.lines(),
             });
         }
         tokio::select! {

@@ -5,6 +5,7 @@
 
 pub mod base;
 mod build;
+pub mod diagnose;
 mod events;
 pub mod health;
 pub mod image;

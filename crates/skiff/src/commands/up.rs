@@ -1,5 +1,6 @@
 //! `skiff up [DIR]...`: the whole platform in one foreground process.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,6 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use skiff_model::Overrides;
+use skiff_runtime::diagnose::Diagnoser;
 use skiff_runtime::{Event, Phase, Platform};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::broadcast::error::RecvError;
@@ -154,6 +156,7 @@ fn indent(text: &str) -> String {
 async fn render(mut events: tokio::sync::broadcast::Receiver<Event>) {
     let tty = std::io::stderr().is_terminal();
     let mut spinner: Option<ProgressBar> = None;
+    let mut diagnosers: HashMap<String, Diagnoser> = HashMap::new();
     loop {
         let event = match events.recv().await {
             Ok(e) => e,
@@ -228,6 +231,7 @@ async fn render(mut events: tokio::sync::broadcast::Receiver<Event>) {
                 service,
                 phase,
                 line,
+                at,
                 ..
             } => {
                 let text = match phase {
@@ -238,6 +242,16 @@ async fn render(mut events: tokio::sync::broadcast::Receiver<Event>) {
                 match &spinner {
                     Some(bar) if tty => bar.println(text),
                     _ => println!("{text}"),
+                }
+                // Explain a known error the first time it shows.
+                if phase == Phase::Run {
+                    let diagnoser = diagnosers.entry(service.clone()).or_default();
+                    if let Some(finding) = diagnoser.observe(&line, at) {
+                        eprintln!(
+                            "skiff: {service}: diagnosis: {}",
+                            finding.to_string().replace('\n', "\n  ")
+                        );
+                    }
                 }
             }
             Event::Exited { service, exit, instance } => eprintln!(

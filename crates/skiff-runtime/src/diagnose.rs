@@ -1,0 +1,463 @@
+//! Troubleshooting built in: recognise the common errors of CONTRACT.md §3
+//! (and a few more) in what a service writes, and say what happened, why,
+//! and what to do. Pure: lines in, findings out; the callers decide where
+//! findings are shown.
+
+use std::collections::BTreeMap;
+use std::time::SystemTime;
+
+/// Which rule a finding comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FindingKind {
+    /// A write outside /tmp.
+    ReadOnlyFileSystem,
+    /// Shared memory (/dev/shm) used, e.g. by Python multiprocessing.
+    SharedMemory,
+    /// A write to something the build made as root, or another permission
+    /// error of the run user.
+    RunUserPermission,
+    /// A port below 1024, which needs root.
+    PrivilegedPort,
+    /// A Python module the image lacks.
+    MissingPythonModule,
+    /// A Node module the image lacks.
+    MissingNodeModule,
+    /// A command the image lacks.
+    CommandNotFound,
+    /// Root-only tooling (sudo, apt-get) run by the start command.
+    RootOnlyCommand,
+}
+
+/// One diagnosis: what happened (with the evidence), why, what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub kind: FindingKind,
+    /// What happened, naming what the log names (a path, a module, a port).
+    pub what: String,
+    /// The platform rule behind it.
+    pub why: &'static str,
+    /// What to change.
+    pub fix: String,
+    /// The log line it was recognised in (the last one).
+    pub evidence: String,
+    pub count: u32,
+    pub first_seen: SystemTime,
+    pub last_seen: SystemTime,
+}
+
+const WHY_READ_ONLY: &str = "only /tmp is writable in a serverless instance (the platform favours \
+     fast cold starts; the next request may reach another instance, and nothing an instance \
+     writes is kept)";
+const WHY_SHM: &str = "/dev/shm is read-only: shared memory is not supported";
+const WHY_RUN_USER: &str = "the build runs as root, the service as a non-root user (uid 10001): \
+     files the build made belong to root and cannot be changed at run time";
+const WHY_PORT: &str = "the service runs as a non-root user, and ports below 1024 need root";
+const WHY_MISSING: &str = "the start command runs in the image the build command made; what the \
+     build did not install is not there";
+const WHY_ROOT_ONLY: &str = "the start command runs as a non-root user with no privileges; only \
+     the build command runs as root";
+
+/// Findings for one service, each kept once with a count.
+#[derive(Debug, Default)]
+pub struct Diagnoser {
+    findings: BTreeMap<(FindingKind, String), Finding>,
+    /// The line before, for errors that need their context (a Python
+    /// traceback names the failing call on the line above the error).
+    previous: String,
+}
+
+impl Diagnoser {
+    /// Looks at one line; returns the finding when it is new (to show it
+    /// once), `None` when the line says nothing or repeats a known finding.
+    pub fn observe(&mut self, line: &str, at: SystemTime) -> Option<&Finding> {
+        let classified = classify(line, &self.previous);
+        // Python 3.11 underlines the failing call with a line of carets;
+        // the context is the code line above it.
+        if !line.trim().chars().all(|c| matches!(c, '^' | '~')) {
+            self.previous = line.to_ascii_lowercase();
+        }
+        let (kind, subject, what, fix) = classified?;
+        let why = match kind {
+            FindingKind::ReadOnlyFileSystem => WHY_READ_ONLY,
+            FindingKind::SharedMemory => WHY_SHM,
+            FindingKind::RunUserPermission => WHY_RUN_USER,
+            FindingKind::PrivilegedPort => WHY_PORT,
+            FindingKind::MissingPythonModule
+            | FindingKind::MissingNodeModule
+            | FindingKind::CommandNotFound => WHY_MISSING,
+            FindingKind::RootOnlyCommand => WHY_ROOT_ONLY,
+        };
+        let key = (kind, subject);
+        let mut new = false;
+        let f = self.findings.entry(key.clone()).or_insert_with(|| {
+            new = true;
+            Finding {
+                kind,
+                what,
+                why,
+                fix,
+                evidence: String::new(),
+                count: 0,
+                first_seen: at,
+                last_seen: at,
+            }
+        });
+        f.count += 1;
+        f.last_seen = at;
+        f.evidence = line.trim().to_string();
+        if new {
+            self.findings.get(&key)
+        } else {
+            None
+        }
+    }
+
+    pub fn findings(&self) -> impl Iterator<Item = &Finding> {
+        self.findings.values()
+    }
+}
+
+/// The findings in some lines (e.g. a failed start's last output), once each.
+pub fn diagnose_lines<'a>(lines: impl IntoIterator<Item = &'a str>) -> Vec<Finding> {
+    let mut d = Diagnoser::default();
+    let now = SystemTime::now();
+    for line in lines {
+        d.observe(line, now);
+    }
+    d.findings().cloned().collect()
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}\n  why: {}\n  fix: {}", self.what, self.why, self.fix)?;
+        if self.count > 1 {
+            write!(f, "\n  seen {} times", self.count)?;
+        }
+        Ok(())
+    }
+}
+
+/// The first quoted or obvious path in an error line.
+fn path_in(line: &str) -> Option<String> {
+    // Python: "... : '/app/x'"; Node: "... open '/app/x'"; shells: "bash: /app/x: ..."
+    if let Some(start) = line.find("'/") {
+        let rest = &line[start + 1..];
+        return rest.find('\'').map(|end| rest[..end].to_string());
+    }
+    line.split([' ', ':', ','])
+        .find(|w| w.starts_with('/') && w.len() > 1)
+        .map(str::to_string)
+}
+
+/// A quoted name after `marker`, e.g. `No module named 'flask'`.
+fn quoted_after(line: &str, marker: &str) -> Option<String> {
+    let rest = &line[line.find(marker)? + marker.len()..];
+    let rest = rest.trim_start();
+    let quote = rest.chars().next().filter(|c| *c == '\'' || *c == '"')?;
+    let rest = &rest[1..];
+    rest.find(quote).map(|end| rest[..end].to_string())
+}
+
+type Classified = (FindingKind, String, String, String);
+
+/// The rules, most specific first. `previous` is the line before, lowercase.
+fn classify(line: &str, previous: &str) -> Option<Classified> {
+    let lower = line.to_ascii_lowercase();
+    let failed = lower.contains("error") || lower.contains("denied");
+    if lower.contains("/dev/shm")
+        || (lower.contains("semlock") && lower.contains("not implemented"))
+        || (failed && previous.contains("semlock"))
+    {
+        return Some((
+            FindingKind::SharedMemory,
+            "/dev/shm".into(),
+            "The service tried to use shared memory (/dev/shm), which Python's multiprocessing \
+             (Lock, Queue, Pool) and some native libraries do."
+                .into(),
+            "Use pipes or sockets for communication between processes (e.g. \
+             multiprocessing.Pipe, or a local socket), or threads instead of processes."
+                .into(),
+        ));
+    }
+    if lower.contains("read-only file system") || lower.contains("erofs") {
+        let path = path_in(line);
+        let name = path
+            .as_deref()
+            .and_then(|p| p.rsplit('/').next())
+            .filter(|n| !n.is_empty())
+            .unwrap_or("file")
+            .to_string();
+        let what = match &path {
+            Some(p) => format!("The service tried to write {p}, outside /tmp."),
+            None => "The service tried to write a file outside /tmp.".into(),
+        };
+        return Some((
+            FindingKind::ReadOnlyFileSystem,
+            path.unwrap_or_default(),
+            what,
+            format!(
+                "Write files under /tmp instead (e.g. /tmp/{name}); if they must survive the \
+                 instance, keep them in a database or object storage, or use mode = \
+                 \"persistent\"."
+            ),
+        ));
+    }
+    let denied = lower.contains("permission denied") || lower.contains("eacces");
+    let about_a_socket = ["bind", "listen"]
+        .iter()
+        .any(|w| lower.contains(w) || previous.contains(&format!("{w}(")));
+    if denied && about_a_socket && path_in(line).is_none() {
+        let port = line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|w| w.parse::<u32>().ok())
+            .find(|p| (1..1024).contains(p));
+        let what = match port {
+            Some(p) => format!("The service tried to listen on port {p}, below 1024."),
+            None => "The service was refused a privileged network operation (binding a port \
+                     below 1024?)."
+                .into(),
+        };
+        return Some((
+            FindingKind::PrivilegedPort,
+            port.map(|p| p.to_string()).unwrap_or_default(),
+            what,
+            "Listen on the port skiff passes in $PORT (set port = 8080 or another port from \
+             1024 up in skiff.toml)."
+                .into(),
+        ));
+    }
+    if let Some(module) = quoted_after(line, "No module named") {
+        let top = module.split('.').next().unwrap_or(&module).to_string();
+        return Some((
+            FindingKind::MissingPythonModule,
+            top.clone(),
+            format!("Python cannot import {top:?}: it is not installed in the image."),
+            format!(
+                "Install it in the build command: add {top} to requirements.txt and build with \
+                 e.g. build = \"python3 -m venv .venv && .venv/bin/pip install -r \
+                 requirements.txt\" (then start with .venv/bin/python)."
+            ),
+        ));
+    }
+    if let Some(module) = quoted_after(line, "Cannot find module") {
+        let local = module.starts_with('.') || module.starts_with('/');
+        let fix = if local {
+            format!("Check the path {module}: it is not in the source that was deployed.")
+        } else {
+            format!(
+                "Install it in the build command: add {module} to package.json's dependencies \
+                 and build with build = \"npm install\" (or \"npm ci\")."
+            )
+        };
+        return Some((
+            FindingKind::MissingNodeModule,
+            module.clone(),
+            format!("Node cannot load the module {module:?}: it is not in the image."),
+            fix,
+        ));
+    }
+    if lower.contains("command not found")
+        || lower.contains("no such file or directory") && lower.starts_with("bash: ")
+    {
+        // bash: line 1: gunicorn: command not found / bash: gunicorn: command not found
+        let cmd = line
+            .split(':')
+            .map(str::trim)
+            .rev()
+            .nth(1)
+            .unwrap_or("the command")
+            .to_string();
+        if cmd == "sudo" {
+            return root_only("sudo", line);
+        }
+        return Some((
+            FindingKind::CommandNotFound,
+            cmd.clone(),
+            format!("The command {cmd:?} is not in the image."),
+            format!(
+                "Install it in the build command (e.g. pip install, npm install, or \
+                 apt-get install -y ...), or call it by its path (e.g. .venv/bin/{cmd})."
+            ),
+        ));
+    }
+    // apt at run time: as non-root, or on the read-only image.
+    if lower.contains("are you root?")
+        || lower.contains("could not open lock file")
+        || lower.contains("not using locking for read only lock file")
+        || lower.starts_with("e: unable to locate package")
+    {
+        return root_only("apt-get", line);
+    }
+    if lower.starts_with("sudo:") || lower.contains("sudo: ") {
+        return root_only("sudo", line);
+    }
+    if denied {
+        if let Some(path) = path_in(line).filter(|p| !p.starts_with("/tmp")) {
+            return Some((
+                FindingKind::RunUserPermission,
+                path.clone(),
+                format!("The service was denied access to {path}."),
+                format!(
+                    "Write under /tmp instead. If {path} was made by the build, it belongs to \
+                     root: make it readable in the build (chmod a+rX), and keep anything the \
+                     service writes under /tmp."
+                ),
+            ));
+        }
+    }
+    None
+}
+
+fn root_only(tool: &str, _line: &str) -> Option<Classified> {
+    Some((
+        FindingKind::RootOnlyCommand,
+        tool.into(),
+        format!("The start command runs {tool}, which needs root."),
+        "Install system packages in the build command, which runs as root (e.g. build = \
+         \"apt-get update && apt-get install -y <package>\"), and start the service without \
+         sudo."
+            .into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_the_common_errors() {
+        let cases: &[(&str, FindingKind, &str)] = &[
+            (
+                "OSError: [Errno 30] Read-only file system: '/app/data.txt'",
+                FindingKind::ReadOnlyFileSystem,
+                "/app/data.txt",
+            ),
+            (
+                "Error: EROFS: read-only file system, open '/app/cache.json'",
+                FindingKind::ReadOnlyFileSystem,
+                "/app/cache.json",
+            ),
+            (
+                "bash: line 1: /etc/motd: Read-only file system",
+                FindingKind::ReadOnlyFileSystem,
+                "/etc/motd",
+            ),
+            (
+                "FileNotFoundError: [Errno 2] No such file or directory: '/dev/shm/sem.mp-1'",
+                FindingKind::SharedMemory,
+                "/dev/shm",
+            ),
+            (
+                "OSError: [Errno 38] Function not implemented (SemLock)",
+                FindingKind::SharedMemory,
+                "",
+            ),
+            (
+                "OSError: [Errno 30] Read-only file system",
+                FindingKind::ReadOnlyFileSystem,
+                "a file outside /tmp",
+            ),
+            (
+                "PermissionError: [Errno 13] Permission denied: '/app/.venv/lib/x'",
+                FindingKind::RunUserPermission,
+                "/app/.venv/lib/x",
+            ),
+            (
+                "Error: listen EACCES: permission denied 0.0.0.0:80",
+                FindingKind::PrivilegedPort,
+                "port 80",
+            ),
+            (
+                "PermissionError: [Errno 13] Permission denied",
+                FindingKind::PrivilegedPort,
+                "below 1024",
+            ),
+            (
+                "ModuleNotFoundError: No module named 'flask'",
+                FindingKind::MissingPythonModule,
+                "\"flask\"",
+            ),
+            (
+                "Error: Cannot find module 'express'",
+                FindingKind::MissingNodeModule,
+                "\"express\"",
+            ),
+            (
+                "bash: line 1: gunicorn: command not found",
+                FindingKind::CommandNotFound,
+                "\"gunicorn\"",
+            ),
+            ("bash: line 1: sudo: command not found", FindingKind::RootOnlyCommand, "sudo"),
+            (
+                "E: Could not open lock file /var/lib/dpkg/lock-frontend - open (13: Permission denied)",
+                FindingKind::RootOnlyCommand,
+                "apt-get",
+            ),
+            (
+                "W: Not using locking for read only lock file /var/lib/dpkg/lock-frontend",
+                FindingKind::RootOnlyCommand,
+                "apt-get",
+            ),
+        ];
+        // Python names the failing call on the line above its error; the
+        // context line alone says nothing.
+        let context = "    self.socket.bind(self.server_address)";
+        for (line, kind, needle) in cases {
+            let found = diagnose_lines([context, *line]);
+            assert_eq!(found.len(), 1, "{line:?}: {found:?}");
+            assert_eq!(found[0].kind, *kind, "{line:?}");
+            let text = found[0].to_string();
+            assert!(text.contains(needle), "{line:?} -> {text}");
+            assert!(text.contains("why: ") && text.contains("fix: "), "{text}");
+        }
+    }
+
+    #[test]
+    fn multiprocessing_locks_are_shared_memory_even_without_a_path() {
+        let traceback = [
+            "    sl = self._semlock = _multiprocessing.SemLock(",
+            "                         ^^^^^^^^^^^^^^^^^^^^^^^^^",
+            "OSError: [Errno 30] Read-only file system",
+        ];
+        let found = diagnose_lines(traceback);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].kind, FindingKind::SharedMemory);
+        assert!(found[0].fix.contains("pipes or sockets"));
+    }
+
+    #[test]
+    fn a_bare_permission_error_is_not_guessed_at() {
+        assert!(diagnose_lines(["PermissionError: [Errno 13] Permission denied"]).is_empty());
+    }
+
+    #[test]
+    fn healthy_output_has_no_findings() {
+        for line in [
+            "listening on 0.0.0.0:8080",
+            "[2026-11-28 04:52:49 +0000] [2] [INFO] Booting worker with pid: 3",
+            "127.0.0.1 \"GET /kaithhealth HTTP/1.1\" 200 -",
+            "Serving HTTP on 0.0.0.0 port 8080 (http://0.0.0.0:8080/) ...",
+            "wrote /tmp/cache.json",
+        ] {
+            assert!(diagnose_lines([line]).is_empty(), "{line:?}");
+        }
+    }
+
+    #[test]
+    fn each_finding_once_with_a_count() {
+        let mut d = Diagnoser::default();
+        let t = SystemTime::now();
+        let line = "OSError: [Errno 30] Read-only file system: '/app/x'";
+        assert!(d.observe(line, t).is_some());
+        assert!(d.observe(line, t).is_none());
+        assert!(d.observe(line, t).is_none());
+        let all: Vec<_> = d.findings().collect();
+        assert_eq!(all.len(), 1);
+        assert_eq!(all[0].count, 3);
+        assert!(all[0].to_string().contains("seen 3 times"));
+        // Another path is another finding.
+        assert!(d
+            .observe("OSError: [Errno 30] Read-only file system: '/app/y'", t)
+            .is_some());
+    }
+}
