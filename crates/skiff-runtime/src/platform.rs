@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use skiff_gateway::{Gateway, GatewayConfig, GatewayError, Route, Router, Upstream};
 use skiff_model::ServiceSpec;
@@ -131,26 +131,17 @@ impl Shared {
     }
 
     pub(crate) fn register_upstream(&self, upstream: &Upstream) {
-        self.upstreams
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(upstream.key.clone(), upstream.clone());
+        write(&self.upstreams).insert(upstream.key.clone(), upstream.clone());
     }
 
     pub(crate) fn forget_upstream(&self, key: &str) {
-        self.upstreams
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(key);
+        write(&self.upstreams).remove(key);
     }
 }
 
 impl Router for Shared {
     fn route(&self, service: &str) -> Route {
-        let services = match self.services.read() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        };
+        let services = read(&self.services);
         match services.get(service) {
             Some(ServiceState::Ready(service)) => {
                 let service = service.clone();
@@ -174,7 +165,7 @@ impl Router for Shared {
     }
 
     fn allows_streaming(&self, service: &str) -> Option<bool> {
-        let services = self.services.read().unwrap_or_else(|p| p.into_inner());
+        let services = read(&self.services);
         match services.get(service) {
             Some(ServiceState::Ready(s)) => Some(s.persistent()),
             _ => None,
@@ -182,10 +173,7 @@ impl Router for Shared {
     }
 
     fn upstream(&self, key: &str) -> Option<Upstream> {
-        let ups = match self.upstreams.read() {
-            Ok(u) => u,
-            Err(p) => p.into_inner(),
-        };
+        let ups = read(&self.upstreams);
         ups.get(key).cloned()
     }
 }
@@ -301,7 +289,7 @@ impl Platform {
             return Err(DeployError::ShuttingDown);
         }
         {
-            let mut services = shared.services.write().unwrap_or_else(|p| p.into_inner());
+            let mut services = write(&shared.services);
             if services.contains_key(&name) {
                 return Err(DeployError::AlreadyDeployed(name));
             }
@@ -320,11 +308,7 @@ impl Platform {
     }
 
     fn set_state(&self, name: &str, state: ServiceState) {
-        let mut services = self
-            .shared
-            .services
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut services = write(&self.shared.services);
         services.insert(name.to_string(), state);
     }
 
@@ -445,11 +429,7 @@ impl Platform {
     /// removes their cgroups and stops the gateway. Nothing is left running.
     pub async fn shutdown(self) {
         self.shared.shutting_down.store(true, Ordering::SeqCst);
-        let services: Vec<Arc<ServiceRuntime>> = self
-            .shared
-            .services
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        let services: Vec<Arc<ServiceRuntime>> = read(&self.shared.services)
             .values()
             .filter_map(|s| match s {
                 ServiceState::Ready(rt) | ServiceState::Starting(Some(rt)) => Some(rt.clone()),
@@ -475,6 +455,16 @@ fn open_log(state_dir: &Path, file: &str) -> Result<Arc<Mutex<std::fs::File>>, D
         .open(&path)
         .map(|f| Arc::new(Mutex::new(f)))
         .map_err(|source| DeployError::Log { path, source })
+}
+
+/// The platform's tables stay usable after a panic elsewhere poisoned a
+/// lock: every writer leaves them consistent between statements.
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Instance ids carry the platform's pid (`NAME-PID-N`), so that cgroups

@@ -176,11 +176,8 @@ impl Cgroups {
 
     /// Freezes (true) or thaws (false) every process of the instance.
     pub fn freeze(&self, frozen: bool) -> Result<(), CgroupError> {
-        Self::write(
-            &self.unified,
-            "cgroup.freeze",
-            if frozen { "1" } else { "0" },
-        )
+        let freezer = self.freezer();
+        freezer.set(frozen).map_err(io_err(&freezer.file))
     }
 
     /// A handle that freezes and thaws this instance, usable from anywhere.
