@@ -13,7 +13,8 @@ use crate::units::{format_size, parse_duration, parse_size};
 use crate::{DEFAULT_PORT, MANIFEST_FILE};
 
 /// How the platform runs a service (CONTRACT.md §2 and §4).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Short-lived HTTP, read-only file system but `/tmp`, CPU suspended while idle.
     Serverless,
@@ -39,7 +40,7 @@ impl Mode {
 }
 
 /// The `[limits]` table. Defaults are those of INTERFACE.md.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Limits {
     /// Memory of one instance, in bytes (cgroup memory limit).
     pub memory: u64,
@@ -96,7 +97,8 @@ impl Default for Limits {
 }
 
 /// A service, fully resolved from the manifest and the command line.
-#[derive(Debug, Clone, PartialEq)]
+/// Serialised as the platform records a deployed version.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ServiceSpec {
     pub name: ServiceName,
     /// The source directory, absolute.

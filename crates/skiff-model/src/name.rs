@@ -3,8 +3,24 @@
 use std::fmt;
 
 /// A validated service name: `[a-z0-9-]{1,63}`, no leading or trailing `-`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "String", into = "String")]
 pub struct ServiceName(String);
+
+impl TryFrom<String> for ServiceName {
+    type Error = ServiceNameError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(&s)
+    }
+}
+
+impl From<ServiceName> for String {
+    fn from(n: ServiceName) -> Self {
+        n.0
+    }
+}
 
 /// Why a string is not a service name; the message says how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

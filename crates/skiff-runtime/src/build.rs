@@ -3,7 +3,6 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use skiff_model::{format_duration, ServiceSpec};
@@ -16,6 +15,7 @@ use crate::base::APP_PATH;
 use crate::events::{Event, Phase};
 use crate::image::{tree_size, ImageDir};
 use crate::instance::{command_environment, LogSink, Tail};
+use crate::store::LogSender;
 
 /// What a build leaves that no instance needs: package-manager downloads,
 /// indexes and caches. Paths inside the build's layer; globs are not used,
@@ -92,7 +92,7 @@ pub struct BuildReport {
 pub struct BuildContext<'a> {
     pub sandbox: &'a Sandbox,
     pub mount_point: &'a Path,
-    pub log_file: Arc<Mutex<fs::File>>,
+    pub log: LogSender,
     pub events: broadcast::Sender<Event>,
 }
 
@@ -196,7 +196,8 @@ async fn run_sandboxed(
         service,
         phase: Phase::Build,
         tail: tail.clone(),
-        file: ctx.log_file.clone(),
+        log: ctx.log.clone(),
+        instance: None,
         events: ctx.events.clone(),
     };
     let pumps = sink.pump_output(&mut instance);

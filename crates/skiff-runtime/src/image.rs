@@ -128,28 +128,46 @@ impl ImageStore {
         }
     }
 
-    /// Records that `service` now runs on the image made of `layers`
-    /// (directory names under the store), then removes every image and
-    /// snapshot no service refers to. Returns what was removed.
-    pub fn set_ref_and_collect(&self, service: &str, layers: &[&Path]) -> io::Result<Vec<String>> {
-        // The entry directly under the store (`img-…` for `img-…/upper`);
-        // layers outside the store (the base image) are not collected.
-        let names: Vec<String> = layers
+    /// The entries directly under the store that `layers` use (`img-…` for
+    /// `img-…/upper`); layers outside the store (the base image) are not
+    /// the store's.
+    fn entries(&self, layers: &[PathBuf]) -> Vec<String> {
+        layers
             .iter()
             .filter_map(|l| l.strip_prefix(&self.root).ok()?.components().next())
             .map(|c| c.as_os_str().to_string_lossy().into_owned())
-            .collect();
-        fs::write(self.root.join("refs").join(service), names.join("\n"))?;
-        self.collect()
+            .collect()
     }
 
-    /// Removes images and snapshots that no ref names. One deploy at a time
-    /// (`skiff up` deploys in turn): a layer made for a deploy still in
-    /// progress has no ref yet, so concurrent deploys must serialise this.
-    pub fn collect(&self) -> io::Result<Vec<String>> {
-        let mut live = HashSet::new();
+    /// Records that `service`'s current version runs on `layers`: a root
+    /// for garbage collection that survives restarts.
+    pub fn set_ref(&self, service: &str, layers: &[PathBuf]) -> io::Result<()> {
+        let path = self.root.join("refs").join(service);
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, self.entries(layers).join("\n"))?;
+        fs::rename(tmp, path)
+    }
+
+    /// Forgets `service`'s ref (the service was removed).
+    pub fn remove_ref(&self, service: &str) -> io::Result<()> {
+        match fs::remove_file(self.root.join("refs").join(service)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes images and snapshots that neither a ref nor `keep` names.
+    /// `keep` holds the layers of everything live that has no ref (yet):
+    /// deploys in progress, versions draining. The caller serialises this
+    /// with the registration of those layers.
+    pub fn collect(&self, keep: &[PathBuf]) -> io::Result<Vec<String>> {
+        let mut live: HashSet<String> = self.entries(keep).into_iter().collect();
         for entry in fs::read_dir(self.root.join("refs"))? {
-            let text = fs::read_to_string(entry?.path())?;
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "tmp") {
+                continue;
+            }
+            let text = fs::read_to_string(path)?;
             live.extend(text.lines().map(str::to_string));
         }
         let mut removed = Vec::new();
@@ -345,16 +363,28 @@ mod tests {
             i.mark_ready().unwrap();
         }
         store
-            .set_ref_and_collect("svc", &[&i1.upper(), &v1.dir, Path::new("/base/rootfs")])
+            .set_ref(
+                "svc",
+                &[i1.upper(), v1.dir.clone(), PathBuf::from("/base/rootfs")],
+            )
             .unwrap();
+        // A deploy in progress keeps its layers without a ref.
+        let removed = store.collect(&[i2.upper(), v2.dir.clone()]).unwrap();
+        assert!(removed.is_empty(), "{removed:?}");
+        assert!(i1.is_ready() && v1.dir.exists() && i2.is_ready());
+        store.collect(&[]).unwrap();
         assert!(i1.is_ready() && v1.dir.exists());
         assert!(
             !i2.dir.exists() && !v2.dir.exists(),
             "unreferenced layers are removed"
         );
         // Another service keeps its own layers.
-        let removed = store.set_ref_and_collect("other", &[&v1.dir]).unwrap();
-        assert!(removed.is_empty(), "{removed:?}");
-        assert!(i1.is_ready());
+        store
+            .set_ref("other", std::slice::from_ref(&v1.dir))
+            .unwrap();
+        store.remove_ref("svc").unwrap();
+        let removed = store.collect(&[]).unwrap();
+        assert_eq!(removed, vec![format!("img-{}", i1.key)]);
+        assert!(v1.dir.exists());
     }
 }

@@ -3,7 +3,6 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -20,6 +19,7 @@ use tokio::task::JoinHandle;
 
 use crate::base::{APP_PATH, RUN_GID, RUN_UID};
 use crate::events::{Event, Phase, StartReport, Stream};
+use crate::store::{LogSender, LogSource};
 use crate::{diagnose, health};
 
 /// How often the health check polls while an instance starts: every
@@ -139,7 +139,7 @@ pub struct StartContext<'a> {
     /// Persistent mode: the instance's own writable layer.
     pub writable: Option<WritableLayer>,
     pub mount_point: &'a Path,
-    pub log_file: Arc<Mutex<std::fs::File>>,
+    pub log: LogSender,
     pub events: broadcast::Sender<Event>,
 }
 
@@ -228,7 +228,8 @@ pub async fn start_prepared(
         service: service.clone(),
         phase: Phase::Run,
         tail: tail.clone(),
-        file: ctx.log_file.clone(),
+        log: ctx.log.clone(),
+        instance: Some(id.clone()),
         events: ctx.events.clone(),
     };
     let pumps = sink.pump_output(&mut instance);
@@ -287,14 +288,15 @@ fn poll_interval(since_start: Duration) -> Duration {
     }
 }
 
-/// Where an instance's or a build's output goes: a timestamped log file,
+/// Where an instance's or a build's output goes: the platform's log store,
 /// the last lines for error messages, and the platform's events.
 #[derive(Clone)]
 pub(crate) struct LogSink {
     pub service: String,
     pub phase: Phase,
     pub tail: Tail,
-    pub file: Arc<Mutex<std::fs::File>>,
+    pub log: LogSender,
+    pub instance: Option<String>,
     pub events: broadcast::Sender<Event>,
 }
 
@@ -335,15 +337,17 @@ impl LogSink {
                 let text = String::from_utf8_lossy(&buf);
                 let line = text.trim_end_matches(['\n', '\r']).to_string();
                 let at = SystemTime::now();
-                if let Ok(mut f) = sink.file.lock() {
-                    let _ = writeln!(
-                        f,
-                        "{} {} {}",
-                        humantime::format_rfc3339_millis(at),
-                        stream.as_str(),
-                        line
-                    );
-                }
+                let source = match sink.phase {
+                    Phase::Build => LogSource::Build,
+                    Phase::Run => LogSource::Run,
+                };
+                sink.log.send(
+                    source,
+                    Some(stream.as_str()),
+                    sink.instance.as_deref(),
+                    &line,
+                    at,
+                );
                 sink.tail.push(line.clone());
                 let _ = sink.events.send(Event::Log {
                     service: sink.service.clone(),

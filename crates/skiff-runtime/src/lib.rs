@@ -13,8 +13,12 @@ mod instance;
 mod platform;
 pub mod scaler;
 mod service;
+pub mod store;
 
 pub use build::BuildError;
 pub use events::{Event, Phase, StartReport, Stream};
 pub use instance::{environment, StartError};
-pub use platform::{DeployError, Deployed, Platform, PlatformConfig, PlatformError};
+pub use platform::{
+    DeployError, Deployed, Handle, InstanceCounts, LiveStatus, Platform, PlatformConfig,
+    PlatformError, RemoveError, ServiceState,
+};

@@ -1,11 +1,13 @@
 //! The platform: one gateway, the services deployed on it, their instances.
-//! `skiff up` runs it in the foreground; the daemon will run the same code.
+//! `skiff up` runs it in the foreground, `skiff serve` as a daemon; both
+//! through this code.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, SystemTime};
 
 use skiff_gateway::{Gateway, GatewayConfig, GatewayError, Route, Router, Upstream};
 use skiff_model::ServiceSpec;
@@ -19,7 +21,8 @@ use crate::build::{self, BuildContext, BuildError};
 use crate::events::{Event, StartReport};
 use crate::image::{self, ImageStore};
 use crate::instance::StartError;
-use crate::service::ServiceRuntime;
+use crate::service::{self, ServiceRuntime};
+use crate::store::{LogSource, Store, StoreError};
 
 /// Where the platform keeps things and how it is reached.
 #[derive(Debug, Clone)]
@@ -49,6 +52,8 @@ pub enum PlatformError {
         dir: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error(
         "another skiff is running on the state directory {0}; stop it first, \
          or give this one its own with --state"
@@ -65,6 +70,8 @@ pub enum DeployError {
     Build(#[from] BuildError),
     #[error(transparent)]
     Start(#[from] StartError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("cannot prepare the writable layer {dir} of the persistent service: {source}")]
     Writable {
         dir: PathBuf,
@@ -75,37 +82,125 @@ pub enum DeployError {
         dir: PathBuf,
         source: std::io::Error,
     },
-    #[error("a service named {0:?} is already running here; give this one another name (name = \"...\" or --name)")]
-    AlreadyDeployed(String),
+    #[error(
+        "a deploy of {service:?} is already in progress (version {version}); wait for it to \
+         finish (skiff status {service}), then deploy again"
+    )]
+    InProgress { service: String, version: i64 },
+    #[error("{service:?} is being removed; deploy it again once `skiff rm` has finished")]
+    Removing { service: String },
+    #[error(
+        "the image of version {version} is missing ({path}); deploy the service again to \
+         rebuild it"
+    )]
+    ImageMissing { version: i64, path: PathBuf },
     #[error("the platform is shutting down")]
     ShuttingDown,
-    #[error("log file {path}: {source}")]
-    Log {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+}
+
+/// Why a service could not be removed.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    #[error("no service named {0:?} is deployed here; `skiff ls` lists the services")]
+    Unknown(String),
+    #[error(
+        "a deploy of {service:?} is in progress (version {version}); wait for it to finish, \
+         then remove the service"
+    )]
+    DeployInProgress { service: String, version: i64 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// A service that serves.
 #[derive(Debug, Clone)]
 pub struct Deployed {
+    pub version: i64,
     pub url: String,
     pub report: StartReport,
 }
 
-enum ServiceState {
-    /// Being deployed; the runtime exists once the image does.
-    Starting(Option<Arc<ServiceRuntime>>),
-    Ready(Arc<ServiceRuntime>),
-    Failed(String),
+/// A deploy (or a restore) under way.
+struct Deploying {
+    version: i64,
+    /// Exists once the image does, so that a shutdown stops it too.
+    runtime: Option<Arc<ServiceRuntime>>,
+    since: SystemTime,
+}
+
+/// What the platform runs of one service.
+#[derive(Default)]
+struct Entry {
+    /// The version the gateway routes to.
+    serving: Option<(i64, Arc<ServiceRuntime>)>,
+    deploying: Option<Deploying>,
+    /// Why nothing serves (the last deploy or restore failed).
+    failed: Option<String>,
+    /// Replaced versions answering what they accepted before they stop.
+    draining: Vec<(i64, Arc<ServiceRuntime>)>,
+}
+
+/// What a service is doing now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceState {
+    /// A version serves (another may be deploying).
+    Ready,
+    /// The first version (or the restored one) is starting.
+    Deploying,
+    /// Nothing serves; `failed` says why.
+    Failed,
+    /// Known to the records but not running (e.g. not restored yet).
+    Stopped,
+}
+
+impl ServiceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::Deploying => "deploying",
+            Self::Failed => "failed",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+/// Instances of a service, by what they do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InstanceCounts {
+    pub running: usize,
+    pub suspended: usize,
+    pub starting: usize,
+}
+
+/// A service as it runs now, for `ls` and `status`.
+#[derive(Debug, Clone)]
+pub struct LiveStatus {
+    pub name: String,
+    pub state: ServiceState,
+    pub url: String,
+    /// The version serving.
+    pub version: Option<i64>,
+    pub spec: Option<ServiceSpec>,
+    /// A deploy under way: its version and since when.
+    pub deploying: Option<(i64, SystemTime)>,
+    pub failed: Option<String>,
+    pub instances: InstanceCounts,
+    /// Replaced versions still answering requests.
+    pub draining: usize,
 }
 
 pub(crate) struct Shared {
     config: PlatformConfig,
     pub(crate) sandbox: Sandbox,
     pub(crate) events: broadcast::Sender<Event>,
-    services: RwLock<HashMap<String, ServiceState>>,
+    pub(crate) store: Arc<Store>,
+    services: RwLock<HashMap<String, Entry>>,
     upstreams: RwLock<HashMap<String, Upstream>>,
+    /// Image layers in use without a ref (deploys in progress, versions
+    /// draining), by version; garbage collection keeps them.
+    pins: Mutex<HashMap<i64, Vec<PathBuf>>>,
+    /// Serialises garbage collection with the pinning of new layers.
+    images_lock: tokio::sync::Mutex<()>,
     shutting_down: AtomicBool,
     next_instance: AtomicU64,
     gateway_addr: SocketAddr,
@@ -137,24 +232,79 @@ impl Shared {
     pub(crate) fn forget_upstream(&self, key: &str) {
         write(&self.upstreams).remove(key);
     }
+
+    fn url(&self, service: &str) -> String {
+        let addr = self.gateway_addr;
+        let port = if addr.port() == 80 {
+            String::new()
+        } else {
+            format!(":{}", addr.port())
+        };
+        format!("http://{service}.{}{port}/", self.config.domain)
+    }
+
+    fn pin(&self, version: i64, layers: Vec<PathBuf>) {
+        lock(&self.pins).insert(version, layers);
+    }
+
+    fn unpin(&self, version: i64) {
+        lock(&self.pins).remove(&version);
+    }
+
+    /// Removes images nothing uses any more.
+    async fn collect_images(&self) {
+        let _guard = self.images_lock.lock().await;
+        let keep: Vec<PathBuf> = lock(&self.pins).values().flatten().cloned().collect();
+        let store = self.images.clone();
+        match tokio::task::spawn_blocking(move || store.collect(&keep)).await {
+            Ok(Ok(removed)) if !removed.is_empty() => info!("removed unused images: {removed:?}"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!("collecting unused images: {e}"),
+            Err(e) => warn!("collecting unused images: {e}"),
+        }
+    }
+
+    fn record(&self, service: &str, level: &str, kind: &str, message: &str) {
+        if let Err(e) = self.store.add_event(service, level, kind, message) {
+            warn!("recording an event of {service}: {e}");
+        }
+        self.store.log_sender(service, None).send(
+            LogSource::Platform,
+            None,
+            None,
+            message,
+            SystemTime::now(),
+        );
+    }
 }
 
 impl Router for Shared {
     fn route(&self, service: &str) -> Route {
         let services = read(&self.services);
         match services.get(service) {
-            Some(ServiceState::Ready(service)) => {
-                let service = service.clone();
+            Some(Entry {
+                serving: Some((_, rt)),
+                ..
+            }) => {
+                let rt = rt.clone();
                 drop(services);
-                service.route()
+                rt.route()
             }
-            Some(ServiceState::Starting(_)) => Route::Unavailable {
+            Some(Entry {
+                deploying: Some(_), ..
+            }) => Route::Unavailable {
                 reason:
                     "it is starting and not yet answering its health check; try again in a moment"
                         .into(),
             },
-            Some(ServiceState::Failed(reason)) => Route::Unavailable {
+            Some(Entry {
+                failed: Some(reason),
+                ..
+            }) => Route::Unavailable {
                 reason: reason.clone(),
+            },
+            Some(_) => Route::Unavailable {
+                reason: "it is not running; deploy it again (skiff deploy)".into(),
             },
             None => {
                 let mut deployed: Vec<String> = services.keys().cloned().collect();
@@ -167,7 +317,10 @@ impl Router for Shared {
     fn allows_streaming(&self, service: &str) -> Option<bool> {
         let services = read(&self.services);
         match services.get(service) {
-            Some(ServiceState::Ready(s)) => Some(s.persistent()),
+            Some(Entry {
+                serving: Some((_, rt)),
+                ..
+            }) => Some(rt.persistent()),
             _ => None,
         }
     }
@@ -181,20 +334,33 @@ impl Router for Shared {
 /// A running platform. Dropping it without [`Platform::shutdown`] still
 /// kills every instance (their helpers die with this process).
 pub struct Platform {
-    shared: Arc<Shared>,
+    handle: Handle,
     gateway_stop: watch::Sender<bool>,
     gateway_task: JoinHandle<()>,
+    recorder: JoinHandle<()>,
+}
+
+/// What the control API and the CLI do with a running platform; cheap to
+/// clone.
+#[derive(Clone)]
+pub struct Handle {
+    shared: Arc<Shared>,
+}
+
+impl std::ops::Deref for Platform {
+    type Target = Handle;
+    fn deref(&self) -> &Handle {
+        &self.handle
+    }
 }
 
 impl Platform {
-    /// Prepares the state directory and starts the gateway.
+    /// Prepares the state directory, opens the records and starts the
+    /// gateway. Services are not started yet: see [`Handle::restore`].
     pub async fn start(config: PlatformConfig) -> Result<Self, PlatformError> {
-        for dir in [config.state_dir.join("logs"), config.state_dir.join("mnt")] {
-            std::fs::create_dir_all(&dir).map_err(|source| PlatformError::State {
-                dir: dir.clone(),
-                source,
-            })?;
-        }
+        let mnt = config.state_dir.join("mnt");
+        std::fs::create_dir_all(&mnt)
+            .map_err(|source| PlatformError::State { dir: mnt, source })?;
         // Builds run as root and may leave setuid files or device nodes in
         // their layers; sources may hold secrets. None of it is for the
         // host's other users.
@@ -219,6 +385,13 @@ impl Platform {
             nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
                 .map_err(|_| PlatformError::StateInUse(config.state_dir.clone()))?;
         let images = ImageStore::open(&config.state_dir).map_err(state_err(&config.state_dir))?;
+        let store = Store::open(&config.state_dir)?;
+        let unfinished = store.fail_unfinished(
+            "the platform stopped while this version was being deployed; deploy it again",
+        )?;
+        if unfinished > 0 {
+            info!("{unfinished} deploys were cut short by the last platform's end");
+        }
         let swept = Cgroups::sweep(Path::new(CGROUP_ROOT), owner_is_gone);
         if !swept.is_empty() {
             info!("removed cgroups left by a platform that was killed: {swept:?}");
@@ -233,14 +406,18 @@ impl Platform {
             sandbox: Sandbox::new(config.helper.clone()),
             config,
             events,
+            store,
             services: RwLock::default(),
             upstreams: RwLock::default(),
+            pins: Mutex::default(),
+            images_lock: tokio::sync::Mutex::new(()),
             shutting_down: AtomicBool::new(false),
             next_instance: AtomicU64::new(1),
             gateway_addr,
             images,
             _state_lock: state_lock,
         });
+        let recorder = tokio::spawn(record_events(shared.clone(), shared.events.subscribe()));
         let gateway = Gateway::new(
             shared.clone(),
             GatewayConfig {
@@ -253,12 +430,47 @@ impl Platform {
             let _ = stop_rx.wait_for(|stop| *stop).await;
         }));
         Ok(Self {
-            shared,
+            handle: Handle { shared },
             gateway_stop,
             gateway_task,
+            recorder,
         })
     }
 
+    pub fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
+    /// Stops every instance (SIGTERM, then SIGKILL after a grace period),
+    /// removes their cgroups and stops the gateway. Nothing is left running.
+    pub async fn shutdown(self) {
+        let shared = &self.handle.shared;
+        shared.shutting_down.store(true, Ordering::SeqCst);
+        let runtimes: Vec<Arc<ServiceRuntime>> = read(&shared.services)
+            .values()
+            .flat_map(|e| {
+                let deploying = e.deploying.as_ref().and_then(|d| d.runtime.clone());
+                e.serving
+                    .iter()
+                    .map(|(_, rt)| rt.clone())
+                    .chain(deploying)
+                    .chain(e.draining.iter().map(|(_, rt)| rt.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        // All at once: each may wait its instances' grace period.
+        let mut stopping = tokio::task::JoinSet::new();
+        for rt in runtimes {
+            stopping.spawn(async move { rt.shutdown().await });
+        }
+        while stopping.join_next().await.is_some() {}
+        let _ = self.gateway_stop.send(true);
+        let _ = self.gateway_task.await;
+        self.recorder.abort();
+    }
+}
+
+impl Handle {
     /// The address the gateway really listens on.
     pub fn gateway_addr(&self) -> SocketAddr {
         self.shared.gateway_addr
@@ -269,19 +481,117 @@ impl Platform {
         self.shared.events.subscribe()
     }
 
-    /// The URL a service is reached at.
-    pub fn url(&self, service: &str) -> String {
-        let addr = self.shared.gateway_addr;
-        let port = if addr.port() == 80 {
-            String::new()
-        } else {
-            format!(":{}", addr.port())
-        };
-        format!("http://{service}.{}{port}/", self.shared.config.domain)
+    /// The platform's records.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.shared.store
     }
 
-    /// Builds the service's image (or reuses it), starts its first instance,
-    /// waits until it answers, and routes to it.
+    pub fn domain(&self) -> &str {
+        &self.shared.config.domain
+    }
+
+    /// The URL a service is reached at.
+    pub fn url(&self, service: &str) -> String {
+        self.shared.url(service)
+    }
+
+    /// Starts, in the background, the current version of every recorded
+    /// service but those in `except`: after a restart, everything that
+    /// served serves again, without a rebuild. Returns the names started.
+    pub fn restore(&self, except: &[String]) -> Result<Vec<String>, StoreError> {
+        let mut started = Vec::new();
+        for record in self.shared.store.services()? {
+            if except.contains(&record.name) {
+                continue;
+            }
+            let Some(version) = record.current else {
+                continue;
+            };
+            let Some(v) = self.shared.store.version(version)? else {
+                continue;
+            };
+            {
+                let mut services = write(&self.shared.services);
+                let entry = services.entry(record.name.clone()).or_default();
+                if entry.serving.is_some() || entry.deploying.is_some() {
+                    continue;
+                }
+                entry.deploying = Some(Deploying {
+                    version,
+                    runtime: None,
+                    since: SystemTime::now(),
+                });
+            }
+            let this = self.clone();
+            started.push(record.name.clone());
+            tokio::spawn(async move {
+                let name = v.spec.name.to_string();
+                let layers = v.layers.clone().unwrap_or_default();
+                let result = this.restore_version(&v.spec, version, layers).await;
+                if let Err(e) = result {
+                    let reason = e.to_string();
+                    this.deploy_failed(&name, &reason);
+                    this.shared.record(
+                        &name,
+                        "error",
+                        "restore_failed",
+                        &format!("version {version} could not be started again: {reason}"),
+                    );
+                }
+            });
+        }
+        Ok(started)
+    }
+
+    async fn restore_version(
+        &self,
+        spec: &ServiceSpec,
+        version: i64,
+        layers: Vec<PathBuf>,
+    ) -> Result<(), DeployError> {
+        let name = spec.name.to_string();
+        self.base_image().await?;
+        if let Some(missing) = layers.iter().find(|l| !l.exists()) {
+            return Err(DeployError::ImageMissing {
+                version,
+                path: missing.clone(),
+            });
+        }
+        self.shared.pin(version, layers.clone());
+        let (rt, report) = match self.start_runtime(spec, version, layers).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.shared.unpin(version);
+                return Err(e);
+            }
+        };
+        {
+            let mut services = write(&self.shared.services);
+            let entry = services.entry(name.clone()).or_default();
+            entry.deploying = None;
+            entry.failed = None;
+            entry.serving = Some((version, rt));
+        }
+        let url = self.url(&name);
+        let _ = self.shared.events.send(Event::Ready {
+            service: name.clone(),
+            url,
+            report,
+        });
+        self.shared.record(
+            &name,
+            "info",
+            "restored",
+            &format!("version {version} serves again after the platform's restart"),
+        );
+        Ok(())
+    }
+
+    /// Builds `spec` (or reuses its image), starts its first instance and
+    /// waits until it answers; then routes to it. A service that already
+    /// serves keeps serving its old version until the new one answers, and
+    /// keeps it when the new one fails; the old version then answers what it
+    /// accepted and stops.
     pub async fn deploy(&self, spec: &ServiceSpec) -> Result<Deployed, DeployError> {
         let shared = &self.shared;
         let name = spec.name.to_string();
@@ -290,31 +600,82 @@ impl Platform {
         }
         {
             let mut services = write(&shared.services);
-            if services.contains_key(&name) {
-                return Err(DeployError::AlreadyDeployed(name));
+            let entry = services.entry(name.clone()).or_default();
+            if let Some(d) = &entry.deploying {
+                return Err(DeployError::InProgress {
+                    service: name,
+                    version: d.version,
+                });
             }
-            services.insert(name.clone(), ServiceState::Starting(None));
-        }
-        let result = self.start_service(spec).await;
-        if let Err(e) = &result {
-            let reason = e.to_string();
-            self.set_state(&name, ServiceState::Failed(reason.clone()));
-            let _ = shared.events.send(Event::Failed {
-                service: name,
-                reason,
+            entry.deploying = Some(Deploying {
+                version: 0,
+                runtime: None,
+                since: SystemTime::now(),
             });
+        }
+        let version = match shared.store.begin_version(spec) {
+            Ok(v) => v,
+            Err(e) => {
+                self.deploy_failed(&name, &e.to_string());
+                return Err(e.into());
+            }
+        };
+        if let Some(d) = write(&shared.services)
+            .get_mut(&name)
+            .and_then(|e| e.deploying.as_mut())
+        {
+            d.version = version;
+        }
+        shared.record(
+            &name,
+            "info",
+            "deploy_started",
+            &format!("deploying version {version}"),
+        );
+        let result = self.deploy_version(spec, version).await;
+        match &result {
+            Ok(_) => shared.record(
+                &name,
+                "info",
+                "deployed",
+                &format!("version {version} serves"),
+            ),
+            Err(e) => {
+                let reason = e.to_string();
+                shared.unpin(version);
+                if let Err(e) = shared.store.fail_version(version, &reason) {
+                    warn!("recording the failure of {name} version {version}: {e}");
+                }
+                self.deploy_failed(&name, &reason);
+                shared.record(
+                    &name,
+                    "error",
+                    "deploy_failed",
+                    &format!("version {version} failed: {reason}"),
+                );
+                let _ = shared.events.send(Event::Failed {
+                    service: name.clone(),
+                    reason,
+                });
+            }
         }
         result
     }
 
-    fn set_state(&self, name: &str, state: ServiceState) {
+    /// The deploy is over without a new version: what served still does;
+    /// if nothing did, the service is failed with `reason`.
+    fn deploy_failed(&self, name: &str, reason: &str) {
         let mut services = write(&self.shared.services);
-        services.insert(name.to_string(), state);
+        if let Some(entry) = services.get_mut(name) {
+            entry.deploying = None;
+            if entry.serving.is_none() {
+                entry.failed = Some(reason.to_string());
+            }
+        }
     }
 
-    async fn start_service(&self, spec: &ServiceSpec) -> Result<Deployed, DeployError> {
+    async fn base_image(&self) -> Result<base::BaseImage, DeployError> {
         let shared = &self.shared;
-        let name = spec.name.to_string();
         let events = shared.events.clone();
         let base = base::ensure(&shared.config.cache_dir, &shared.config.mirror, |line| {
             let _ = events.send(Event::BaseImage {
@@ -325,80 +686,154 @@ impl Platform {
         let _ = shared.events.send(Event::BaseImageReady {
             built_in: base.built_in,
         });
+        Ok(base)
+    }
 
-        let layers = self.image(spec, &base, &shared.mount_point()).await?;
-        let log_file = open_log(&shared.config.state_dir, &format!("{name}.log"))?;
-        let service = ServiceRuntime::new(spec.clone(), layers.clone(), shared.clone(), log_file)
-            .map_err(|source| DeployError::Writable {
-            dir: shared.writable_dir(&name),
-            source,
-        })?;
-        // Registered while it starts, so that a shutdown stops it too.
-        self.set_state(&name, ServiceState::Starting(Some(service.clone())));
-        let report = match service.start_first().await {
-            Ok(report) => report,
-            Err(e) => {
-                service.shutdown().await;
-                return Err(e.into());
+    async fn deploy_version(
+        &self,
+        spec: &ServiceSpec,
+        version: i64,
+    ) -> Result<Deployed, DeployError> {
+        let shared = &self.shared;
+        let name = spec.name.to_string();
+        let base = self.base_image().await?;
+        let (layers, build) = self.image(spec, version, &base).await?;
+        shared.store.set_layers(version, &layers, build)?;
+        let (rt, report) = self.start_runtime(spec, version, layers.clone()).await?;
+        shared
+            .store
+            .promote(&name, version, report.sandbox, report.app)?;
+        if let Err(e) = shared.images.set_ref(&name, &layers) {
+            warn!("recording the image of {name}: {e}");
+        }
+        let old = {
+            let mut services = write(&shared.services);
+            let entry = services.entry(name.clone()).or_default();
+            entry.deploying = None;
+            entry.failed = None;
+            let old = entry.serving.replace((version, rt.clone()));
+            if let Some(old) = &old {
+                entry.draining.push(old.clone());
             }
+            old
         };
-        self.collect_images(&name, layers).await;
-        self.set_state(&name, ServiceState::Ready(service));
+        let this = self.clone();
+        let image = service::image_name(&layers);
+        tokio::spawn(async move {
+            if let Some((old_version, old)) = old {
+                let drained = old.drain(old.drain_limit()).await;
+                if !drained {
+                    this.shared.record(
+                        &old.name,
+                        "info",
+                        "drain_timeout",
+                        &format!(
+                            "version {old_version} still had requests in flight after {}; \
+                             they were cut off when it stopped",
+                            humantime::format_duration(old.drain_limit())
+                        ),
+                    );
+                }
+                old.shutdown().await;
+                if let Some(entry) = write(&this.shared.services).get_mut(&old.name) {
+                    entry.draining.retain(|(v, _)| *v != old_version);
+                }
+                this.shared.unpin(old_version);
+                if old.persistent() {
+                    let dir = this.shared.writable_dir(&old.name);
+                    if let Err(e) = service::prune_writable(&dir, &image) {
+                        warn!("removing old writable layers of {}: {e}", old.name);
+                    }
+                }
+            }
+            this.shared.collect_images().await;
+        });
         let url = self.url(&name);
         let _ = shared.events.send(Event::Ready {
             service: name.clone(),
             url: url.clone(),
             report,
         });
-        Ok(Deployed { url, report })
+        Ok(Deployed {
+            version,
+            url,
+            report,
+        })
     }
 
-    /// Records the image `service` now runs on and removes images no
-    /// service uses any more.
-    async fn collect_images(&self, service: &str, layers: Vec<PathBuf>) {
-        let store = self.shared.images.clone();
-        let service = service.to_string();
-        match tokio::task::spawn_blocking(move || {
-            let refs: Vec<&Path> = layers.iter().map(PathBuf::as_path).collect();
-            store.set_ref_and_collect(&service, &refs)
-        })
-        .await
+    /// A runtime for `version` on `layers`, its first instance answering.
+    async fn start_runtime(
+        &self,
+        spec: &ServiceSpec,
+        version: i64,
+        layers: Vec<PathBuf>,
+    ) -> Result<(Arc<ServiceRuntime>, StartReport), DeployError> {
+        let shared = &self.shared;
+        let name = spec.name.to_string();
+        let log = shared.store.log_sender(&name, Some(version));
+        let rt =
+            ServiceRuntime::new(spec.clone(), layers, shared.clone(), log).map_err(|source| {
+                DeployError::Writable {
+                    dir: shared.writable_dir(&name),
+                    source,
+                }
+            })?;
+        if let Some(d) = write(&shared.services)
+            .get_mut(&name)
+            .and_then(|e| e.deploying.as_mut())
         {
-            Ok(Ok(removed)) if !removed.is_empty() => info!("removed unused images: {removed:?}"),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => warn!("collecting unused images: {e}"),
-            Err(e) => warn!("collecting unused images: {e}"),
+            d.runtime = Some(rt.clone());
+        }
+        match rt.start_first().await {
+            Ok(report) => Ok((rt, report)),
+            Err(e) => {
+                rt.shutdown().await;
+                Err(e.into())
+            }
         }
     }
 
     /// The service's image, top layer first: its build layer (built now,
     /// or reused when the same source, build command and base were built
-    /// before), its source snapshot, the base.
+    /// before), its source snapshot, the base. The layers are pinned under
+    /// `version` until the deploy ends. Also returns the build's duration.
     async fn image(
         &self,
         spec: &ServiceSpec,
+        version: i64,
         base: &base::BaseImage,
-        mount_point: &Path,
-    ) -> Result<Vec<PathBuf>, DeployError> {
+    ) -> Result<(Vec<PathBuf>, Option<Duration>), DeployError> {
         let shared = &self.shared;
         let name = spec.name.to_string();
-        let store = shared.images.clone();
-        let source_dir = spec.source.clone();
-        let source = tokio::task::spawn_blocking(move || store.snapshot(&source_dir))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r)
-            .map_err(|source| DeployError::Source {
-                dir: spec.source.clone(),
-                source,
-            })?;
-        let Some(build) = &spec.build else {
-            return Ok(vec![source.dir, base.root.clone()]);
+        let (source, image) = {
+            // Snapshot and pin under the lock garbage collection takes, so
+            // a collection running for another service cannot remove them.
+            let _guard = shared.images_lock.lock().await;
+            let store = shared.images.clone();
+            let source_dir = spec.source.clone();
+            let source = tokio::task::spawn_blocking(move || store.snapshot(&source_dir))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r)
+                .map_err(|source| DeployError::Source {
+                    dir: spec.source.clone(),
+                    source,
+                })?;
+            let image = spec.build.as_ref().map(|build| {
+                shared
+                    .images
+                    .image_for(&base::image_dir_name(), &source, build, &spec.env)
+            });
+            let mut pinned = vec![source.dir.clone()];
+            pinned.extend(image.as_ref().map(|i| i.upper()));
+            shared.pin(version, pinned);
+            (source, image)
         };
-        let image = shared
-            .images
-            .image_for(&base::image_dir_name(), &source, build, &spec.env);
         let lower = vec![source.dir.clone(), base.root.clone()];
+        let (Some(build), Some(image)) = (&spec.build, image) else {
+            return Ok((lower, None));
+        };
+        let mut elapsed = None;
         if image.is_ready() {
             let _ = shared.events.send(Event::BuildFinished {
                 service: name,
@@ -407,14 +842,16 @@ impl Platform {
                 layer_size: image::tree_size(&image.upper()),
             });
         } else {
+            let mount_point = shared.mount_point();
             let ctx = BuildContext {
                 sandbox: &shared.sandbox,
-                mount_point,
-                log_file: open_log(&shared.config.state_dir, &format!("{name}.build.log"))?,
+                mount_point: &mount_point,
+                log: shared.store.log_sender(&name, Some(version)),
                 events: shared.events.clone(),
             };
             let id = shared.instance_id(&format!("{name}-build"));
             let report = build::run(&ctx, spec, build, &lower, &image, &id).await?;
+            elapsed = Some(report.elapsed);
             let _ = shared.events.send(Event::BuildFinished {
                 service: name,
                 elapsed: Some(report.elapsed),
@@ -422,39 +859,171 @@ impl Platform {
                 layer_size: report.layer_size,
             });
         }
-        Ok([vec![image.upper()], lower].concat())
+        Ok(([vec![image.upper()], lower].concat(), elapsed))
     }
 
-    /// Stops every instance (SIGTERM, then SIGKILL after a grace period),
-    /// removes their cgroups and stops the gateway. Nothing is left running.
-    pub async fn shutdown(self) {
-        self.shared.shutting_down.store(true, Ordering::SeqCst);
-        let services: Vec<Arc<ServiceRuntime>> = read(&self.shared.services)
-            .values()
-            .filter_map(|s| match s {
-                ServiceState::Ready(rt) | ServiceState::Starting(Some(rt)) => Some(rt.clone()),
-                _ => None,
-            })
-            .collect();
-        // All at once: each may wait its instances' grace period.
-        let mut stopping = tokio::task::JoinSet::new();
-        for service in services {
-            stopping.spawn(async move { service.shutdown().await });
+    /// Stops the service (every version), forgets its records, its image
+    /// ref and its persistent files.
+    pub async fn remove(&self, name: &str) -> Result<(), RemoveError> {
+        let shared = &self.shared;
+        let entry = {
+            let mut services = write(&shared.services);
+            if let Some(d) = services.get(name).and_then(|e| e.deploying.as_ref()) {
+                return Err(RemoveError::DeployInProgress {
+                    service: name.to_string(),
+                    version: d.version,
+                });
+            }
+            services.remove(name)
+        };
+        let recorded = shared.store.service(name)?.is_some();
+        if entry.is_none() && !recorded {
+            return Err(RemoveError::Unknown(name.to_string()));
         }
-        while stopping.join_next().await.is_some() {}
-        let _ = self.gateway_stop.send(true);
-        let _ = self.gateway_task.await;
+        if let Some(entry) = entry {
+            let runtimes: Vec<(i64, Arc<ServiceRuntime>)> =
+                entry.serving.into_iter().chain(entry.draining).collect();
+            let mut stopping = tokio::task::JoinSet::new();
+            for (version, rt) in runtimes {
+                shared.unpin(version);
+                stopping.spawn(async move { rt.shutdown().await });
+            }
+            while stopping.join_next().await.is_some() {}
+        }
+        shared.store.remove_service(name)?;
+        if let Err(e) = shared.images.remove_ref(name) {
+            warn!("removing the image ref of {name}: {e}");
+        }
+        let writable = shared.writable_dir(name);
+        if writable.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&writable) {
+                warn!("removing {}: {e}", writable.display());
+            }
+        }
+        shared.collect_images().await;
+        Ok(())
+    }
+
+    /// What each service is doing now: those that run and those only
+    /// recorded.
+    pub fn list(&self) -> Result<Vec<LiveStatus>, StoreError> {
+        let mut names: Vec<String> = self
+            .shared
+            .store
+            .services()?
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        names.extend(read(&self.shared.services).keys().cloned());
+        names.sort();
+        names.dedup();
+        Ok(names.iter().filter_map(|n| self.status(n)).collect())
+    }
+
+    /// What `name` is doing now; `None` when it is neither running nor
+    /// recorded.
+    pub fn status(&self, name: &str) -> Option<LiveStatus> {
+        let services = read(&self.shared.services);
+        let url = self.url(name);
+        let Some(entry) = services.get(name) else {
+            drop(services);
+            let record = self.shared.store.service(name).ok()??;
+            let spec = record
+                .current
+                .and_then(|v| self.shared.store.version(v).ok()?)
+                .map(|v| v.spec);
+            return Some(LiveStatus {
+                name: name.to_string(),
+                state: ServiceState::Stopped,
+                url,
+                version: record.current,
+                spec,
+                deploying: None,
+                failed: None,
+                instances: InstanceCounts::default(),
+                draining: 0,
+            });
+        };
+        let mut instances = InstanceCounts::default();
+        for (_, rt) in entry.serving.iter().chain(&entry.draining) {
+            let (running, suspended, starting) = rt.counts();
+            instances.running += running;
+            instances.suspended += suspended;
+            instances.starting += starting;
+        }
+        let state = if entry.serving.is_some() {
+            ServiceState::Ready
+        } else if entry.deploying.is_some() {
+            ServiceState::Deploying
+        } else if entry.failed.is_some() {
+            ServiceState::Failed
+        } else {
+            ServiceState::Stopped
+        };
+        Some(LiveStatus {
+            name: name.to_string(),
+            state,
+            url,
+            version: entry.serving.as_ref().map(|(v, _)| *v),
+            spec: entry.serving.as_ref().map(|(_, rt)| rt.spec().clone()),
+            deploying: entry.deploying.as_ref().map(|d| (d.version, d.since)),
+            failed: entry.failed.clone(),
+            instances,
+            draining: entry.draining.len(),
+        })
     }
 }
 
-fn open_log(state_dir: &Path, file: &str) -> Result<Arc<Mutex<std::fs::File>>, DeployError> {
-    let path = state_dir.join("logs").join(file);
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .map(|f| Arc::new(Mutex::new(f)))
-        .map_err(|source| DeployError::Log { path, source })
+/// Writes what happens to instances into the records, so `status` and
+/// `logs` show it after the fact.
+async fn record_events(shared: Arc<Shared>, mut events: broadcast::Receiver<Event>) {
+    loop {
+        let event = match events.recv().await {
+            Ok(e) => e,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                warn!("{n} platform events were not recorded: too many at once");
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        match event {
+            Event::InstanceStarted {
+                service,
+                instance,
+                report,
+            } => shared.record(
+                &service,
+                "info",
+                "instance_started",
+                &format!(
+                    "started instance {instance} (sandbox {:.1}ms, app start {:.1}ms)",
+                    report.sandbox.as_secs_f64() * 1000.0,
+                    report.app.as_secs_f64() * 1000.0
+                ),
+            ),
+            Event::InstanceStopped { service, instance } => shared.record(
+                &service,
+                "info",
+                "instance_stopped",
+                &format!("stopped idle instance {instance}"),
+            ),
+            Event::Exited {
+                service,
+                instance,
+                exit,
+            } => shared.record(
+                &service,
+                "error",
+                "instance_exited",
+                &format!("instance {instance} exited by itself ({exit})"),
+            ),
+            _ => {}
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The platform's tables stay usable after a panic elsewhere poisoned a

@@ -492,6 +492,12 @@ impl Scaler {
         next
     }
 
+    /// Whether any request is in flight or waiting: a version being
+    /// replaced is stopped only once this is false (or its drain times out).
+    pub fn busy(&self) -> bool {
+        !self.waiters.is_empty() || self.instances.values().any(|i| i.in_flight > 0)
+    }
+
     /// Stop everything; turn every waiter away.
     pub fn shutdown(&mut self) -> Vec<Action> {
         self.shutting_down = true;

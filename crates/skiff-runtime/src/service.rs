@@ -22,6 +22,7 @@ use crate::events::{Event, StartReport};
 use crate::instance::{self, StartContext, StartError};
 use crate::platform::Shared;
 use crate::scaler::{Action, InstanceNo, Outcome, Rejection, ScaleConfig, Scaler, WaiterId};
+use crate::store::LogSender;
 
 /// How long instances get to stop after SIGTERM before they are killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -48,7 +49,7 @@ pub(crate) struct ServiceRuntime {
     spec: ServiceSpec,
     layers: Vec<PathBuf>,
     shared: Arc<Shared>,
-    log_file: Arc<Mutex<std::fs::File>>,
+    log: LogSender,
     core: Mutex<Core>,
     running: Mutex<HashMap<InstanceNo, Running>>,
     waiters: Mutex<HashMap<WaiterId, oneshot::Sender<Result<LeaseGuard, Rejection>>>>,
@@ -71,7 +72,7 @@ impl ServiceRuntime {
         spec: ServiceSpec,
         layers: Vec<PathBuf>,
         shared: Arc<Shared>,
-        log_file: Arc<Mutex<std::fs::File>>,
+        log: LogSender,
     ) -> std::io::Result<Arc<Self>> {
         let persistent = spec.mode == skiff_model::Mode::Persistent;
         let writable = if persistent {
@@ -99,7 +100,7 @@ impl ServiceRuntime {
             spec,
             layers,
             shared,
-            log_file,
+            log,
             core: Mutex::new(Core {
                 scaler: Scaler::new(cfg),
                 freezers: HashMap::new(),
@@ -303,7 +304,7 @@ impl ServiceRuntime {
             layers: &self.layers,
             writable: self.writable.clone(),
             mount_point: &shared.mount_point(),
-            log_file: self.log_file.clone(),
+            log: self.log.clone(),
             events: shared.events.clone(),
         };
         let starting = async {
@@ -485,6 +486,41 @@ impl ServiceRuntime {
         }
     }
 
+    /// Instances (running, suspended, starting).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        lock(&self.core).scaler.counts()
+    }
+
+    pub fn spec(&self) -> &ServiceSpec {
+        &self.spec
+    }
+
+    /// Waits until no request is in flight or waiting, at most `limit`: the
+    /// gateway no longer routes to this version, but what it already
+    /// accepted is answered. Returns whether it drained in time.
+    pub async fn drain(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            if !lock(&self.core).scaler.busy() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// How long a replaced version may take to answer what it accepted.
+    pub fn drain_limit(&self) -> Duration {
+        if self.persistent() {
+            // Long-lived connections (WebSocket) never end by themselves.
+            Duration::from_secs(30)
+        } else {
+            self.spec.limits.request_timeout + self.spec.limits.queue_timeout
+        }
+    }
+
     /// Stops every instance and waits until they are gone.
     pub async fn shutdown(self: &Arc<Self>) {
         self.decide(|s| ((), s.shutdown()));
@@ -505,27 +541,44 @@ impl ServiceRuntime {
     }
 }
 
-/// The writable layer of a persistent service for this image, under
-/// `dir/<image>`: kept across restarts of the same version, replaced when
-/// the image changes (older ones are removed). `/app` in it belongs to the
-/// run user, so the service can write its files next to its code.
-fn writable_layer(dir: &Path, layers: &[PathBuf]) -> std::io::Result<WritableLayer> {
-    use std::os::unix::fs::PermissionsExt;
-    // The image is named by its top layer: `img-…` for `img-…/upper`, or
-    // the source snapshot `src-…` when there was no build.
-    let image = match layers.first() {
+/// The name of the image made of `layers`: its top layer's, `img-…` for
+/// `img-…/upper`, or the source snapshot `src-…` when there was no build.
+pub(crate) fn image_name(layers: &[PathBuf]) -> String {
+    match layers.first() {
         Some(top) if top.ends_with("upper") => top.parent().and_then(Path::file_name),
         Some(top) => top.file_name(),
         None => None,
     }
-    .map_or_else(|| "base".to_string(), |n| n.to_string_lossy().into_owned());
-    std::fs::create_dir_all(dir)?;
-    for entry in std::fs::read_dir(dir)? {
+    .map_or_else(|| "base".to_string(), |n| n.to_string_lossy().into_owned())
+}
+
+/// Removes a persistent service's writable layers of images other than
+/// `keep` (called once the version using `keep` serves and the one before
+/// it has stopped).
+pub(crate) fn prune_writable(dir: &Path, keep: &str) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
         let entry = entry?;
-        if entry.file_name().to_string_lossy() != image {
+        if entry.file_name().to_string_lossy() != keep {
             std::fs::remove_dir_all(entry.path())?;
         }
     }
+    Ok(())
+}
+
+/// The writable layer of a persistent service for this image, under
+/// `dir/<image>`: kept across restarts of the same version; a new image
+/// gets a new one (the old one goes once the new version serves, see
+/// `prune_writable`). `/app` in it belongs to the run user, so the service
+/// can write its files next to its code.
+fn writable_layer(dir: &Path, layers: &[PathBuf]) -> std::io::Result<WritableLayer> {
+    use std::os::unix::fs::PermissionsExt;
+    let image = image_name(layers);
+    std::fs::create_dir_all(dir)?;
     let layer = WritableLayer {
         upper: dir.join(&image).join("upper"),
         work: dir.join(&image).join("work"),
