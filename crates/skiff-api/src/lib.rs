@@ -1,0 +1,16 @@
+//! The control API of `skiff serve` (and `skiff up`): the server over a
+//! running platform, the client the CLI uses, the JSON both speak, and the
+//! source archive a deploy uploads (`skiff-archive`).
+
+#![forbid(unsafe_code)]
+
+pub use skiff_archive as archive;
+pub mod client;
+pub mod server;
+pub mod types;
+
+#[cfg(test)]
+mod openapi_tests;
+
+pub use client::{Client, ClientError};
+pub use server::{ApiConfig, OPENAPI, ROUTES};

@@ -1,0 +1,767 @@
+//! The control API server: REST + JSON over HTTP/1.1 on loopback (unless
+//! told otherwise), every call authenticated with the daemon's token.
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `GET /v1/services` | list |
+//! | `POST /v1/deploy?name=&build=&start=&port=&mode=` | body: a tar of the source; answers an NDJSON progress stream |
+//! | `GET /v1/services/{name}` | status |
+//! | `DELETE /v1/services/{name}` | remove |
+//! | `GET /v1/services/{name}/logs?since=&tail=&follow=` | NDJSON log lines |
+//! | `GET /openapi.json` | this API's description (no token needed) |
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use skiff_model::Overrides;
+use skiff_runtime::diagnose::Diagnoser;
+use skiff_runtime::store::{LogQuery, LogRecord, LogSource};
+use skiff_runtime::{Event, Handle, LiveStatus, Phase, RemoveError};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use crate::archive;
+use crate::types::{self, ApiError, DeployMessage};
+
+/// The OpenAPI description served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// Every route: method and path pattern (`{name}` is a service name). The
+/// OpenAPI test checks this list against `openapi.json`.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/services"),
+    ("POST", "/v1/deploy"),
+    ("GET", "/v1/services/{name}"),
+    ("DELETE", "/v1/services/{name}"),
+    ("GET", "/v1/services/{name}/logs"),
+    ("GET", "/openapi.json"),
+];
+
+/// Log lines answered when the caller asks for no particular tail.
+const DEFAULT_TAIL: u32 = 1000;
+
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// The bearer token every call must present.
+    pub token: String,
+    /// Where uploads are unpacked (under the state directory).
+    pub uploads: PathBuf,
+    /// Largest upload accepted, in bytes.
+    pub max_upload: u64,
+}
+
+struct Api {
+    platform: Handle,
+    config: ApiConfig,
+    next_upload: AtomicU64,
+}
+
+type ApiBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// Serves the API on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    platform: Handle,
+    config: ApiConfig,
+    shutdown: impl Future<Output = ()>,
+) {
+    if let Err(e) = std::fs::create_dir_all(&config.uploads) {
+        warn!("cannot create {}: {e}", config.uploads.display());
+    }
+    let api = Arc::new(Api {
+        platform,
+        config,
+        next_upload: AtomicU64::new(0),
+    });
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!("control API: accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return,
+        };
+        let api = api.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let api = api.clone();
+                async move { Ok::<_, Infallible>(api.handle(req).await) }
+            });
+            let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .http1_only()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = conn {
+                tracing::debug!("control API connection: {e}");
+            }
+        });
+    }
+}
+
+/// Binds the API's address, saying what to do when it is taken.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        format!(
+            "cannot listen for the control API on {addr}: {e}; pick another address with --api \
+             (another skiff may be running there)"
+        )
+    })
+}
+
+fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<ApiBody> {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+}
+
+fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response<ApiBody> {
+    json(
+        status,
+        &ApiError {
+            error: message.into(),
+            kind: kind.into(),
+        },
+    )
+}
+
+/// A body fed by a channel: one NDJSON line per message.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|m| m.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+fn ndjson_response(rx: mpsc::Receiver<Bytes>) -> Response<ApiBody> {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(ChannelBody(rx).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+}
+
+fn line<T: serde::Serialize>(value: &T) -> Bytes {
+    let mut v = serde_json::to_vec(value).unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+/// Compares without stopping at the first difference, so the time taken
+/// does not tell how much of a guess was right.
+fn same_token(given: &[u8], token: &[u8]) -> bool {
+    given.len() == token.len() && given.iter().zip(token).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
+    req.uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+impl Api {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ApiBody> {
+        let path = req.uri().path().to_string();
+        if req.method() == Method::GET && path == "/openapi.json" {
+            return Response::builder()
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from_static(OPENAPI.as_bytes())).boxed())
+                .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()));
+        }
+        let authorized = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| same_token(t.trim().as_bytes(), self.config.token.as_bytes()));
+        if !authorized {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or wrong API token: send `Authorization: Bearer <token>`; the token is \
+                 in the file api-token of the daemon's state directory (the skiff CLI on the \
+                 same machine reads it by itself when run as root)",
+            );
+        }
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let method = req.method().clone();
+        match (method.as_str(), segments.as_slice()) {
+            ("GET", ["v1", "services"]) => self.list(),
+            ("POST", ["v1", "deploy"]) => self.deploy(req).await,
+            ("GET", ["v1", "services", name]) => self.status(name),
+            ("DELETE", ["v1", "services", name]) => self.remove(name).await,
+            ("GET", ["v1", "services", name, "logs"]) => {
+                let q = query(&req);
+                self.logs(name, &q)
+            }
+            (_, ["v1", "services"])
+            | (_, ["v1", "deploy"])
+            | (_, ["v1", "services", _])
+            | (_, ["v1", "services", _, "logs"]) => error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed on {path}; see /openapi.json"),
+            ),
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no such API path: {path}; see /openapi.json"),
+            ),
+        }
+    }
+
+    fn summary(&self, s: &LiveStatus) -> types::ServiceSummary {
+        types::ServiceSummary {
+            name: s.name.clone(),
+            state: s.state.as_str().into(),
+            url: s.url.clone(),
+            mode: s.spec.as_ref().map(|s| s.mode.as_str().to_string()),
+            version: s.version,
+            instances: types::Instances {
+                running: s.instances.running,
+                suspended: s.instances.suspended,
+                starting: s.instances.starting,
+            },
+            deploying: s.deploying.map(|(v, _)| v),
+            error: s.failed.clone(),
+        }
+    }
+
+    fn list(&self) -> Response<ApiBody> {
+        match self.platform.list() {
+            Ok(list) => json(
+                StatusCode::OK,
+                &types::ServiceList {
+                    services: list.iter().map(|s| self.summary(s)).collect(),
+                },
+            ),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
+        }
+    }
+
+    fn unknown(&self, name: &str) -> Response<ApiBody> {
+        error(
+            StatusCode::NOT_FOUND,
+            "unknown_service",
+            format!("no service named {name:?} is deployed here; `skiff ls` lists the services"),
+        )
+    }
+
+    fn status(&self, name: &str) -> Response<ApiBody> {
+        let Some(live) = self.platform.status(name) else {
+            return self.unknown(name);
+        };
+        let store = self.platform.store();
+        let versions = store.versions(name, 10).unwrap_or_default();
+        let events = store.events(name, 200).unwrap_or_default();
+        let errors: Vec<_> = events.iter().filter(|e| e.level == "error").collect();
+        let recent_errors: Vec<types::Event> = errors[errors.len().saturating_sub(5)..]
+            .iter()
+            .map(|e| types::Event {
+                at: rfc3339(e.at),
+                level: e.level.clone(),
+                kind: e.kind.clone(),
+                message: e.message.clone(),
+            })
+            .collect();
+        let run_lines = store
+            .logs(
+                name,
+                &LogQuery {
+                    limit: Some(5000),
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_default();
+        let spec = live
+            .spec
+            .clone()
+            .or_else(|| versions.first().map(|v| v.spec.clone()));
+        let status = types::ServiceStatus {
+            summary: self.summary(&live),
+            start: spec.as_ref().map(|s| s.start.clone()),
+            build: spec.as_ref().and_then(|s| s.build.clone()),
+            port: spec.as_ref().map(|s| s.port),
+            draining: live.draining,
+            versions: versions
+                .iter()
+                .map(|v| types::Version {
+                    id: v.id,
+                    state: v.state.as_str().into(),
+                    created_at: rfc3339(v.created_at),
+                    finished_at: v.finished_at.map(rfc3339),
+                    error: v.error.clone(),
+                    build_ms: v.build.map(|d| d.as_millis() as u64),
+                    sandbox_ms: v.sandbox.map(|d| d.as_millis() as u64),
+                    app_ms: v.app.map(|d| d.as_millis() as u64),
+                })
+                .collect(),
+            recent_errors,
+            findings: findings(
+                run_lines
+                    .iter()
+                    .filter(|l| l.source == LogSource::Run)
+                    .map(|l| (l.line.as_str(), l.at)),
+            ),
+        };
+        json(StatusCode::OK, &status)
+    }
+
+    async fn remove(&self, name: &str) -> Response<ApiBody> {
+        match self.platform.remove(name).await {
+            Ok(()) => json(
+                StatusCode::OK,
+                &types::Removed {
+                    removed: name.into(),
+                },
+            ),
+            Err(e @ RemoveError::Unknown(_)) => {
+                error(StatusCode::NOT_FOUND, "unknown_service", e.to_string())
+            }
+            Err(e @ RemoveError::DeployInProgress { .. }) => {
+                error(StatusCode::CONFLICT, "deploy_in_progress", e.to_string())
+            }
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
+        }
+    }
+
+    fn logs(&self, name: &str, q: &[(String, String)]) -> Response<ApiBody> {
+        if self.platform.status(name).is_none() {
+            return self.unknown(name);
+        }
+        let get = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        let since = match get("since").map(parse_since).transpose() {
+            Ok(s) => s,
+            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_since", e),
+        };
+        let tail = match get("tail").map(str::parse::<u32>).transpose() {
+            Ok(t) => t,
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_tail",
+                    "tail must be a number of lines, e.g. tail=100",
+                )
+            }
+        };
+        let follow = matches!(get("follow"), Some("1" | "true" | "yes"));
+        let store = self.platform.store().clone();
+        let mut watch = store.log_watch();
+        let first = LogQuery {
+            after: None,
+            since,
+            limit: Some(tail.unwrap_or(if since.is_some() {
+                u32::MAX
+            } else {
+                DEFAULT_TAIL
+            })),
+        };
+        let lines = match store.logs(name, &first) {
+            Ok(l) => l,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let platform = self.platform.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let mut last = *watch.borrow_and_update();
+            for l in &lines {
+                last = last.max(l.id);
+                if tx.send(line(&log_line(l))).await.is_err() {
+                    return;
+                }
+            }
+            if let Some(l) = lines.last() {
+                last = l.id;
+            }
+            if !follow {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    changed = watch.changed() => if changed.is_err() { return },
+                    _ = tx.closed() => return,
+                    // A removed service ends the stream.
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                        if platform.status(&name).is_none() { return }
+                        continue;
+                    }
+                }
+                let next = store.logs(
+                    &name,
+                    &LogQuery {
+                        after: Some(last),
+                        ..Default::default()
+                    },
+                );
+                for l in next.unwrap_or_default() {
+                    last = l.id;
+                    if tx.send(line(&log_line(&l))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        ndjson_response(rx)
+    }
+
+    async fn deploy(self: Arc<Self>, req: Request<Incoming>) -> Response<ApiBody> {
+        let q = query(&req);
+        let get = |k: &str| {
+            q.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+                .filter(|v| !v.is_empty())
+        };
+        let port = match get("port").map(|p| p.parse::<u32>()).transpose() {
+            Ok(p) => p,
+            Err(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "manifest",
+                    "port must be a number between 1 and 65535",
+                )
+            }
+        };
+        let overrides = Overrides {
+            name: get("name"),
+            build: get("build"),
+            start: get("start"),
+            port,
+            mode: get("mode"),
+        };
+        let max = self.config.max_upload;
+        let announced = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > max) {
+            return too_big(max);
+        }
+        let n = self.next_upload.fetch_add(1, Ordering::SeqCst);
+        let staging = self
+            .config
+            .uploads
+            .join(format!("{}-{n}", std::process::id()));
+        let result = self.receive(req, &staging, &overrides).await;
+        let (spec, unpacked) = match result {
+            Ok(r) => r,
+            Err(response) => {
+                remove_dir(&staging).await;
+                return response;
+            }
+        };
+        let name = spec.name.to_string();
+        if let Some((version, _)) = self.platform.status(&name).and_then(|s| s.deploying) {
+            remove_dir(&staging).await;
+            return error(
+                StatusCode::CONFLICT,
+                "deploy_in_progress",
+                format!(
+                    "a deploy of {name:?} is already in progress (version {version}); wait for \
+                     it to finish (skiff status {name}), then deploy again"
+                ),
+            );
+        }
+        let (tx, rx) = mpsc::channel(256);
+        let platform = self.platform.clone();
+        let events = platform.subscribe();
+        let _ = tx
+            .send(line(&DeployMessage::Accepted {
+                service: name.clone(),
+                files: unpacked.files,
+                bytes: unpacked.bytes,
+            }))
+            .await;
+        // The deploy goes on when the client goes away: it is the
+        // platform's, not the connection's.
+        tokio::spawn(async move {
+            let deploying = platform.deploy(&spec);
+            let forwarding = forward_events(events, &name, &tx);
+            tokio::pin!(deploying);
+            tokio::pin!(forwarding);
+            let result = tokio::select! {
+                r = &mut deploying => r,
+                _ = &mut forwarding => deploying.await,
+            };
+            let message = match result {
+                Ok(d) => DeployMessage::Ready {
+                    version: d.version,
+                    url: d.url,
+                    sandbox_ms: d.report.sandbox.as_secs_f64() * 1000.0,
+                    app_ms: d.report.app.as_secs_f64() * 1000.0,
+                },
+                Err(e) => {
+                    let text = e.to_string();
+                    DeployMessage::Failed {
+                        findings: findings(text.lines().map(|l| (l, SystemTime::now()))),
+                        error: text,
+                    }
+                }
+            };
+            let _ = tx.send(line(&message)).await;
+            remove_dir(&staging).await;
+        });
+        ndjson_response(rx)
+    }
+
+    /// Spools the upload to disk (at most `max_upload` bytes), unpacks it
+    /// and reads its manifest.
+    async fn receive(
+        &self,
+        req: Request<Incoming>,
+        staging: &Path,
+        overrides: &Overrides,
+    ) -> Result<(skiff_model::ServiceSpec, archive::Unpacked), Response<ApiBody>> {
+        let internal = |e: std::io::Error| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "state",
+                format!("cannot store the upload under {}: {e}", staging.display()),
+            )
+        };
+        let src = staging.join("src");
+        tokio::fs::create_dir_all(&src).await.map_err(internal)?;
+        let tar_path = staging.join("upload.tar");
+        let mut file = tokio::fs::File::create(&tar_path).await.map_err(internal)?;
+        let mut body = req.into_body();
+        let mut received = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "upload_interrupted",
+                    format!("the upload broke off ({e}); deploy again"),
+                )
+            })?;
+            if let Ok(data) = frame.into_data() {
+                received += data.len() as u64;
+                if received > self.config.max_upload {
+                    return Err(too_big(self.config.max_upload));
+                }
+                file.write_all(&data).await.map_err(internal)?;
+            }
+        }
+        file.flush().await.map_err(internal)?;
+        drop(file);
+        let unpack_to = src.clone();
+        let unpacked = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&tar_path)?;
+            archive::unpack(
+                std::io::BufReader::new(f),
+                &unpack_to,
+                &archive::Limits::default(),
+            )
+            .map_err(std::io::Error::other)
+        })
+        .await
+        .map_err(|e| internal(std::io::Error::other(e)))?
+        .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_archive", e.to_string()))?;
+        let spec = skiff_model::load(&src, overrides).map_err(|e| {
+            // The staging path means nothing to the caller: name the
+            // manifest as it is in their source directory.
+            let prefix = format!("{}/", src.display());
+            error(
+                StatusCode::BAD_REQUEST,
+                "manifest",
+                e.to_string().replace(&prefix, ""),
+            )
+        })?;
+        Ok((spec, unpacked))
+    }
+}
+
+fn too_big(max: u64) -> Response<ApiBody> {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "upload_too_large",
+        format!(
+            "the source upload is larger than {} (the daemon's --max-upload); leave build \
+             outputs and dependencies out with .gitignore or .skiffignore, or raise the limit",
+            skiff_model::format_size(max)
+        ),
+    )
+}
+
+async fn remove_dir(dir: &Path) {
+    if let Err(e) = tokio::fs::remove_dir_all(dir).await {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            warn!("removing {}: {e}", dir.display());
+        }
+    }
+}
+
+/// Sends the deploy's progress for `service` until the channel closes.
+async fn forward_events(
+    mut events: tokio::sync::broadcast::Receiver<Event>,
+    service: &str,
+    tx: &mpsc::Sender<Bytes>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let event = match events.recv().await {
+            Ok(e) => e,
+            Err(RecvError::Lagged(n)) => {
+                let msg = DeployMessage::Progress {
+                    message: format!("({n} lines of output skipped: too fast to send)"),
+                };
+                if tx.send(line(&msg)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        let msg = match event {
+            Event::BaseImage { line } => DeployMessage::Progress {
+                message: format!("base image: {line}"),
+            },
+            Event::BaseImageReady {
+                built_in: Some(d), ..
+            } => DeployMessage::Progress {
+                message: format!("base image ready in {:.0}s", d.as_secs_f64()),
+            },
+            Event::BuildStarted { service: s } if s == service => DeployMessage::Progress {
+                message: "building".into(),
+            },
+            Event::BuildFinished {
+                service: s,
+                elapsed,
+                layer_size,
+                ..
+            } if s == service => DeployMessage::Progress {
+                message: match elapsed {
+                    Some(d) => format!(
+                        "built in {:.1}s (image layer {})",
+                        d.as_secs_f64(),
+                        skiff_model::format_size(layer_size)
+                    ),
+                    None => "same source and build command as before: reusing the image".into(),
+                },
+            },
+            Event::Starting {
+                service: s,
+                instance,
+            } if s == service => DeployMessage::Progress {
+                message: format!("starting instance {instance}"),
+            },
+            Event::Log {
+                service: s,
+                phase,
+                line,
+                ..
+            } if s == service => DeployMessage::Log {
+                source: match phase {
+                    Phase::Build => "build",
+                    Phase::Run => "run",
+                }
+                .into(),
+                line,
+            },
+            _ => continue,
+        };
+        if tx.send(line(&msg)).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn log_line(l: &LogRecord) -> types::LogLine {
+    types::LogLine {
+        id: l.id,
+        at: rfc3339(l.at),
+        source: l.source.as_str().into(),
+        stream: l.stream.clone(),
+        instance: l.instance.clone(),
+        version: l.version,
+        line: l.line.clone(),
+    }
+}
+
+/// What the diagnosis engine recognises in these lines.
+pub fn findings<'a>(lines: impl IntoIterator<Item = (&'a str, SystemTime)>) -> Vec<types::Finding> {
+    let mut d = Diagnoser::default();
+    for (l, at) in lines {
+        d.observe(l, at);
+    }
+    d.findings()
+        .map(|f| types::Finding {
+            kind: format!("{:?}", f.kind),
+            what: f.what.clone(),
+            why: f.why.to_string(),
+            fix: f.fix.clone(),
+            evidence: f.evidence.clone(),
+            count: f.count,
+            first_seen: rfc3339(f.first_seen),
+            last_seen: rfc3339(f.last_seen),
+        })
+        .collect()
+}
+
+/// `since`: a point in time (RFC 3339) or a duration back from now
+/// (`10m`, `2h`).
+fn parse_since(s: &str) -> Result<SystemTime, String> {
+    if let Ok(d) = skiff_model::parse_duration(s) {
+        return Ok(SystemTime::now() - d);
+    }
+    humantime::parse_rfc3339_weak(s).map_err(|_| {
+        format!(
+            "since={s:?} is neither a duration (e.g. 10m, 2h) nor a time (e.g. \
+             2026-11-28T06:00:00Z)"
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same_token(b"abc", b"abc"));
+        assert!(!same_token(b"abd", b"abc"));
+        assert!(!same_token(b"ab", b"abc"));
+        assert!(!same_token(b"", b"abc"));
+    }
+
+    #[test]
+    fn since_takes_durations_and_times() {
+        let t = parse_since("10m").unwrap();
+        let ago = SystemTime::now().duration_since(t).unwrap();
+        assert!(ago >= Duration::from_secs(599) && ago <= Duration::from_secs(601));
+        let t = parse_since("2026-11-28T06:00:00Z").unwrap();
+        assert_eq!(rfc3339(t), "2026-11-28T06:00:00.000Z");
+        assert!(parse_since("yesterday").unwrap_err().contains("neither"));
+    }
+}

@@ -1,0 +1,147 @@
+//! The JSON the control API speaks. `openapi.json` describes the same
+//! shapes; a test keeps the two in step.
+
+use serde::{Deserialize, Serialize};
+
+/// Instances of a service by what they do.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instances {
+    pub running: usize,
+    pub suspended: usize,
+    pub starting: usize,
+}
+
+/// One service, as `skiff ls` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceSummary {
+    pub name: String,
+    /// `ready`, `deploying`, `failed` or `stopped`.
+    pub state: String,
+    pub url: String,
+    /// `serverless` or `persistent` (of the serving version).
+    pub mode: Option<String>,
+    /// The version that serves.
+    pub version: Option<i64>,
+    pub instances: Instances,
+    /// A version being deployed now.
+    pub deploying: Option<i64>,
+    /// Why nothing serves.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceList {
+    pub services: Vec<ServiceSummary>,
+}
+
+/// A known error recognised in the service's output or the platform's
+/// events: what happened, why, and what to do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finding {
+    pub kind: String,
+    pub what: String,
+    pub why: String,
+    pub fix: String,
+    /// The log line or event it was recognised in (the last one).
+    pub evidence: String,
+    pub count: u32,
+    pub first_seen: String,
+    pub last_seen: String,
+}
+
+/// One deploy of a service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Version {
+    pub id: i64,
+    /// `building`, `starting`, `ready`, `failed` or `replaced`.
+    pub state: String,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    pub error: Option<String>,
+    /// How long the build took (absent when the image was reused).
+    pub build_ms: Option<u64>,
+    /// The first start: the sandbox's part, then the service's own.
+    pub sandbox_ms: Option<u64>,
+    pub app_ms: Option<u64>,
+}
+
+/// Something the platform recorded about a service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub at: String,
+    /// `info` or `error`.
+    pub level: String,
+    pub kind: String,
+    pub message: String,
+}
+
+/// One service in full, as `skiff status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    #[serde(flatten)]
+    pub summary: ServiceSummary,
+    pub start: Option<String>,
+    pub build: Option<String>,
+    pub port: Option<u16>,
+    /// Replaced versions still answering requests they accepted.
+    pub draining: usize,
+    /// Newest first.
+    pub versions: Vec<Version>,
+    /// The newest errors the platform recorded, oldest first.
+    pub recent_errors: Vec<Event>,
+    pub findings: Vec<Finding>,
+}
+
+/// A line of build or run output, or a note of the platform's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub id: i64,
+    pub at: String,
+    /// `build`, `run` or `platform`.
+    pub source: String,
+    pub stream: Option<String>,
+    pub instance: Option<String>,
+    pub version: Option<i64>,
+    pub line: String,
+}
+
+/// One line of a deploy's progress stream (NDJSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum DeployMessage {
+    /// The upload was unpacked and the manifest is valid.
+    Accepted {
+        service: String,
+        files: u64,
+        bytes: u64,
+    },
+    /// What the platform is doing.
+    Progress { message: String },
+    /// A line of build or start output.
+    Log { source: String, line: String },
+    /// The new version serves.
+    Ready {
+        version: i64,
+        url: String,
+        sandbox_ms: f64,
+        app_ms: f64,
+    },
+    /// The deploy failed; what served before still serves.
+    Failed {
+        error: String,
+        findings: Vec<Finding>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Removed {
+    pub removed: String,
+}
+
+/// Every error the API answers: what went wrong and what to do, and a
+/// stable kind for scripts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiError {
+    pub error: String,
+    pub kind: String,
+}
