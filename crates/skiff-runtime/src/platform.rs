@@ -61,6 +61,9 @@ pub enum PlatformError {
     StateInUse(PathBuf),
 }
 
+/// How long a stopping platform waits for requests in flight.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(10);
+
 /// Why a deploy failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
@@ -441,11 +444,15 @@ impl Platform {
         self.handle.clone()
     }
 
-    /// Stops every instance (SIGTERM, then SIGKILL after a grace period),
-    /// removes their cgroups and stops the gateway. Nothing is left running.
+    /// Stops taking connections, lets requests in flight finish (at most
+    /// `SHUTDOWN_DRAIN`), then stops every instance (SIGTERM, then SIGKILL
+    /// after a grace period) and removes their cgroups. Nothing is left
+    /// running.
     pub async fn shutdown(self) {
         let shared = &self.handle.shared;
         shared.shutting_down.store(true, Ordering::SeqCst);
+        let _ = self.gateway_stop.send(true);
+        let _ = self.gateway_task.await;
         let runtimes: Vec<Arc<ServiceRuntime>> = read(&shared.services)
             .values()
             .flat_map(|e| {
@@ -461,11 +468,12 @@ impl Platform {
         // All at once: each may wait its instances' grace period.
         let mut stopping = tokio::task::JoinSet::new();
         for rt in runtimes {
-            stopping.spawn(async move { rt.shutdown().await });
+            stopping.spawn(async move {
+                rt.drain(rt.drain_limit().min(SHUTDOWN_DRAIN)).await;
+                rt.shutdown().await
+            });
         }
         while stopping.join_next().await.is_some() {}
-        let _ = self.gateway_stop.send(true);
-        let _ = self.gateway_task.await;
         self.recorder.abort();
     }
 }
@@ -1049,7 +1057,21 @@ fn owner_is_gone(id: &str) -> bool {
         return false;
     };
     match pid.parse::<u32>() {
-        Ok(pid) => pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists(),
+        Ok(pid) => pid != std::process::id() && !process_runs(pid),
+        Err(_) => false,
+    }
+}
+
+/// Whether `pid` is a process that runs: a zombie (killed, not yet reaped
+/// by its parent) no longer does.
+fn process_runs(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and
+        // may itself contain spaces or parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
         Err(_) => false,
     }
 }
@@ -1067,5 +1089,20 @@ mod tests {
         assert!(owner_is_gone("my-svc-99999999-1"));
         assert!(!owner_is_gone("not-an-id"));
         assert!(!owner_is_gone("x"));
+    }
+
+    #[test]
+    fn a_zombie_platform_is_gone() {
+        // A child that exited and is not reaped yet is a zombie.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while process_runs(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(!process_runs(pid), "a zombie does not run");
+        assert!(owner_is_gone(&format!("svc-{pid}-1")));
+        child.wait().unwrap();
+        assert!(process_runs(std::process::id()));
     }
 }

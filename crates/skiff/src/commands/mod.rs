@@ -1,5 +1,12 @@
 //! One file per subcommand; this one holds the flags they share.
 
+mod client;
+mod deploy;
+mod logs;
+mod ls;
+mod rm;
+mod serve;
+mod status;
 mod up;
 
 use std::net::SocketAddr;
@@ -21,6 +28,21 @@ enum Command {
     /// Run the whole platform in the foreground and deploy DIR (default `.`);
     /// Ctrl-C stops everything.
     Up(up::UpArgs),
+    /// Run the platform as a long-lived daemon: gateway, control API,
+    /// runtime; services deployed before are started again.
+    Serve(serve::ServeArgs),
+    /// Build and (re)deploy DIR (default `.`) to the running daemon; exits
+    /// non-zero with the reason when the build, start or health check fails.
+    Deploy(deploy::DeployArgs),
+    /// Services with their state, instance counts and URL.
+    Ls(ls::LsArgs),
+    /// One service: state, instances, versions, last errors with their
+    /// explanation.
+    Status(status::StatusArgs),
+    /// Build and runtime logs of a service; -f follows.
+    Logs(logs::LogsArgs),
+    /// Stop and remove a service and its data.
+    Rm(rm::RmArgs),
 }
 
 /// Flags every platform command takes.
@@ -29,6 +51,13 @@ pub struct PlatformArgs {
     /// Gateway address; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:8000", env = "SKIFF_LISTEN")]
     pub listen: SocketAddr,
+    /// Control API address (keep it on loopback unless you mean it);
+    /// port 0 picks a free port. The CLI finds it in the state directory.
+    #[arg(long, default_value = "127.0.0.1:7070", env = "SKIFF_API")]
+    pub api: SocketAddr,
+    /// Largest source upload the control API accepts.
+    #[arg(long, default_value = "256MiB", value_parser = parse_size, env = "SKIFF_MAX_UPLOAD")]
+    pub max_upload: u64,
     /// All platform state (logs, mount points).
     #[arg(long, env = "SKIFF_STATE")]
     pub state: Option<PathBuf>,
@@ -64,7 +93,7 @@ impl PlatformArgs {
             state_dir: self
                 .state
                 .clone()
-                .unwrap_or_else(|| PathBuf::from("/var/lib/skiff")),
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE)),
             cache_dir: self
                 .cache
                 .clone()
@@ -77,6 +106,13 @@ impl PlatformArgs {
         })
     }
 }
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    skiff_model::parse_size(s)
+}
+
+/// The default state directory, as INTERFACE.md gives it.
+pub const DEFAULT_STATE: &str = "/var/lib/skiff";
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     skiff_model::parse_duration(s)
@@ -98,5 +134,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .context("cannot start the async runtime")?;
     match cli.command {
         Command::Up(args) => runtime.block_on(up::run(args)),
+        Command::Serve(args) => runtime.block_on(serve::run(args)),
+        Command::Deploy(args) => runtime.block_on(deploy::run(args)),
+        Command::Ls(args) => runtime.block_on(ls::run(args)),
+        Command::Status(args) => runtime.block_on(status::run(args)),
+        Command::Logs(args) => runtime.block_on(logs::run(args)),
+        Command::Rm(args) => runtime.block_on(rm::run(args)),
     }
 }

@@ -15,6 +15,7 @@ use skiff_runtime::{Event, Phase, Platform};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::broadcast::error::RecvError;
 
+use super::serve::start_api;
 use super::PlatformArgs;
 
 #[derive(Debug, Args)]
@@ -82,7 +83,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     }
 
     let config = args.platform.config()?;
+    let state = config.state_dir.clone();
     let platform = Platform::start(config).await?;
+    // The control API too, so `skiff ls`, `status` and `logs` reach this
+    // platform; without it the services still run.
+    let api = match start_api(&platform.handle(), &args.platform, &state).await {
+        Ok(api) => Some(api),
+        Err(e) => {
+            eprintln!(
+                "skiff: warning: {e}; `skiff ls`, `status` and `logs` will not reach this platform"
+            );
+            None
+        }
+    };
     let renderer = tokio::spawn(render(platform.subscribe()));
 
     let mut sigterm = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
@@ -128,7 +141,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
         (&mut stop).await;
     }
     eprintln!("skiff: stopping");
+    if let Some(api) = api {
+        api.stop().await;
+    }
     platform.shutdown().await;
+    let _ = std::fs::remove_file(state.join(super::client::ADDRESS_FILE));
     renderer.abort();
     Ok(if failed > 0 && failed == specs.len() {
         ExitCode::FAILURE

@@ -90,11 +90,62 @@ impl Up {
         extra: &[&str],
         temp: Option<tempfile::TempDir>,
     ) -> Self {
+        let mut args: Vec<std::ffi::OsString> = vec!["up".into()];
+        args.extend(dirs.iter().map(|d| d.as_os_str().to_owned()));
+        Self::launch(args, state, extra, temp)
+    }
+
+    /// Starts `skiff serve` (the daemon) with free ports on `state`, or on
+    /// new temporary state; returns once it serves.
+    pub fn serve(state: Option<&Path>, extra: &[&str]) -> Self {
+        let (path, temp) = match state {
+            Some(s) => (s.to_path_buf(), None),
+            None => {
+                let t = tempfile::Builder::new()
+                    .prefix("skiff-state-")
+                    .tempdir()
+                    .expect("tempdir");
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let mut up = Self::launch(vec!["serve".into()], &path, extra, temp);
+        assert!(
+            up.wait_output("control API on", Duration::from_secs(30)),
+            "skiff serve did not start:\n{}",
+            up.stderr()
+        );
+        let line = up.stderr();
+        let port = line
+            .split("serving services on http://127.0.0.1:")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|p| p.parse().ok());
+        up.port = port;
+        assert!(up.port.is_some(), "no gateway port in {line:?}");
+        up
+    }
+
+    /// Runs a client command (`skiff ARGS --state STATE`) against this
+    /// platform; returns its exit status, stdout and stderr.
+    pub fn cli(&self, args: &[&str]) -> (ExitStatus, String, String) {
+        cli_at(&self.state, args)
+    }
+
+    /// The process id of the platform.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn launch(
+        args: Vec<std::ffi::OsString>,
+        state: &Path,
+        extra: &[&str],
+        temp: Option<tempfile::TempDir>,
+    ) -> Self {
         require_root();
         let mut cmd = Command::new(SKIFF);
-        cmd.arg("up")
-            .args(dirs)
-            .args(["--listen", "127.0.0.1:0", "--state"])
+        cmd.args(args)
+            .args(["--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--state"])
             .arg(state)
             .args(extra)
             .stdin(Stdio::null())
@@ -210,6 +261,41 @@ impl Up {
         self.wait_exit(Duration::from_secs(30))
     }
 
+    /// A request to the control API with the daemon's token (or `token`),
+    /// over plain HTTP/1.1: status and body.
+    pub fn api(&self, method: &str, path: &str, body: &[u8], token: Option<&str>) -> (u16, String) {
+        let addr = std::fs::read_to_string(self.state.join("api-address")).expect("api-address");
+        let own = std::fs::read_to_string(self.state.join("api-token")).expect("api-token");
+        let token = token.unwrap_or(own.trim());
+        let mut s = TcpStream::connect(addr.trim()).expect("connect to the control API");
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: api\r\nAuthorization: Bearer {token}\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        let _ = s.write_all(body);
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw);
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let body = if text
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)
+        } else {
+            body.to_string()
+        };
+        (status, body)
+    }
+
     pub fn get(&self, host: &str, path: &str) -> Response {
         http_get(self.port.expect("no gateway port yet"), host, path)
     }
@@ -252,6 +338,24 @@ impl Response {
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
+}
+
+/// Runs a client command (`skiff ARGS --state STATE`) against the platform
+/// on `state`; returns its exit status, stdout and stderr.
+pub fn cli_at(state: &Path, args: &[&str]) -> (ExitStatus, String, String) {
+    let out = Command::new(SKIFF)
+        .args(args)
+        .arg("--state")
+        .arg(state)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run the skiff CLI");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A plain HTTP/1.1 GET to the gateway on loopback with the given Host.

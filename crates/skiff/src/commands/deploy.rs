@@ -1,0 +1,154 @@
+//! `skiff deploy [DIR]`: pack, upload, follow the build and the start; exit
+//! 0 only when the new version serves.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use bytes::Bytes;
+use clap::Args;
+use http::Method;
+use skiff_api::types::DeployMessage;
+use skiff_model::Overrides;
+
+use super::client::{ClientArgs, Paint};
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// The source directory with its skiff.toml (default: `.`).
+    pub dir: Option<PathBuf>,
+    /// Service name (overrides `name` in skiff.toml).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Build command (overrides `build`).
+    #[arg(long)]
+    pub build: Option<String>,
+    /// Start command (overrides `start`).
+    #[arg(long)]
+    pub start: Option<String>,
+    /// Port the service listens on (overrides `port`).
+    #[arg(long)]
+    pub port: Option<u32>,
+    /// serverless or persistent (overrides `mode`).
+    #[arg(long)]
+    pub mode: Option<String>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+pub async fn run(args: DeployArgs) -> anyhow::Result<ExitCode> {
+    let dir = args.dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    let overrides = Overrides {
+        name: args.name.clone(),
+        build: args.build.clone(),
+        start: args.start.clone(),
+        port: args.port,
+        mode: args.mode.clone(),
+    };
+    // The manifest is checked here first, so its errors name the user's
+    // own file; the daemon checks it again.
+    let spec = match skiff_model::load(&dir, &overrides) {
+        Ok(spec) => spec,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let client = args.client.client()?;
+    let source = dir.clone();
+    let (archive, packed) = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        skiff_api::archive::pack(&source, &mut out).map(|p| (out, p))
+    })
+    .await
+    .context("packing the source")??;
+    let paint = Paint::stdout();
+    eprintln!(
+        "skiff: deploying {} from {} ({} files, {})",
+        spec.name,
+        dir.display(),
+        packed.files,
+        skiff_model::format_size(packed.bytes)
+    );
+    let port = args.port.map(|p| p.to_string());
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    for (k, v) in [
+        ("name", &args.name),
+        ("build", &args.build),
+        ("start", &args.start),
+        ("port", &port),
+        ("mode", &args.mode),
+    ] {
+        if let Some(v) = v {
+            pairs.push((k, v));
+        }
+    }
+    let path = format!("/v1/deploy?{}", skiff_api::client::query(pairs));
+    let mut lines = client
+        .stream(Method::POST, &path, Bytes::from(archive))
+        .await?;
+    let name = spec.name.to_string();
+    while let Some(message) = lines.next::<DeployMessage>().await? {
+        if args.client.json {
+            println!("{}", serde_json::to_string(&message)?);
+        }
+        match message {
+            DeployMessage::Accepted { .. } => {}
+            DeployMessage::Progress { message } if !args.client.json => {
+                eprintln!("skiff: {message}")
+            }
+            DeployMessage::Log { source, line } if !args.client.json => {
+                let tag = if source == "build" {
+                    format!("{name} build")
+                } else {
+                    name.clone()
+                };
+                eprintln!("{tag} | {line}");
+            }
+            DeployMessage::Ready {
+                version,
+                url,
+                sandbox_ms,
+                app_ms,
+            } => {
+                if !args.client.json {
+                    eprintln!(
+                        "skiff: {name} version {version} is {} (sandbox {sandbox_ms:.1}ms, app \
+                         start {app_ms:.1}ms)",
+                        paint.state("ready")
+                    );
+                    println!("{url}");
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            DeployMessage::Failed { error, findings } => {
+                if !args.client.json {
+                    eprintln!(
+                        "{} {name} failed to deploy; what served before still serves:\n{}",
+                        paint.red("error:"),
+                        indent(&error)
+                    );
+                    for f in findings.iter().filter(|f| !error.contains(&f.fix)) {
+                        eprintln!(
+                            "skiff: diagnosis: {}\n  why: {}\n  fix: {}",
+                            f.what, f.why, f.fix
+                        );
+                    }
+                }
+                return Ok(ExitCode::FAILURE);
+            }
+            _ => {}
+        }
+    }
+    anyhow::bail!(
+        "the daemon stopped answering before the deploy finished; `skiff status {name}` shows \
+         how it ended"
+    )
+}
+
+pub fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
