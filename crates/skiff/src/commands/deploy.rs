@@ -9,7 +9,6 @@ use bytes::Bytes;
 use clap::Args;
 use http::Method;
 use skiff_api::types::DeployMessage;
-use skiff_model::Overrides;
 
 use super::client::{ClientArgs, Paint};
 
@@ -17,34 +16,15 @@ use super::client::{ClientArgs, Paint};
 pub struct DeployArgs {
     /// The source directory with its skiff.toml (default: `.`).
     pub dir: Option<PathBuf>,
-    /// Service name (overrides `name` in skiff.toml).
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Build command (overrides `build`).
-    #[arg(long)]
-    pub build: Option<String>,
-    /// Start command (overrides `start`).
-    #[arg(long)]
-    pub start: Option<String>,
-    /// Port the service listens on (overrides `port`).
-    #[arg(long)]
-    pub port: Option<u32>,
-    /// serverless or persistent (overrides `mode`).
-    #[arg(long)]
-    pub mode: Option<String>,
+    #[command(flatten)]
+    pub overrides: super::OverrideArgs,
     #[command(flatten)]
     pub client: ClientArgs,
 }
 
 pub async fn run(args: DeployArgs) -> anyhow::Result<ExitCode> {
     let dir = args.dir.clone().unwrap_or_else(|| PathBuf::from("."));
-    let overrides = Overrides {
-        name: args.name.clone(),
-        build: args.build.clone(),
-        start: args.start.clone(),
-        port: args.port,
-        mode: args.mode.clone(),
-    };
+    let overrides = args.overrides.overrides();
     // The manifest is checked here first, so its errors name the user's
     // own file; the daemon checks it again.
     let spec = match skiff_model::load(&dir, &overrides) {
@@ -70,14 +50,14 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<ExitCode> {
         packed.files,
         skiff_model::format_size(packed.bytes)
     );
-    let port = args.port.map(|p| p.to_string());
+    let port = overrides.port.map(|p| p.to_string());
     let mut pairs: Vec<(&str, &str)> = Vec::new();
     for (k, v) in [
-        ("name", &args.name),
-        ("build", &args.build),
-        ("start", &args.start),
+        ("name", &overrides.name),
+        ("build", &overrides.build),
+        ("start", &overrides.start),
         ("port", &port),
-        ("mode", &args.mode),
+        ("mode", &overrides.mode),
     ] {
         if let Some(v) = v {
             pairs.push((k, v));

@@ -45,6 +45,38 @@ enum Command {
     Rm(rm::RmArgs),
 }
 
+/// The manifest fields the command line overrides (INTERFACE.md).
+#[derive(Debug, Args)]
+pub struct OverrideArgs {
+    /// Service name (overrides `name` in skiff.toml).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Build command (overrides `build`).
+    #[arg(long)]
+    pub build: Option<String>,
+    /// Start command (overrides `start`).
+    #[arg(long)]
+    pub start: Option<String>,
+    /// Port the service listens on (overrides `port`).
+    #[arg(long)]
+    pub port: Option<u32>,
+    /// serverless or persistent (overrides `mode`).
+    #[arg(long)]
+    pub mode: Option<String>,
+}
+
+impl OverrideArgs {
+    pub fn overrides(&self) -> skiff_model::Overrides {
+        skiff_model::Overrides {
+            name: self.name.clone(),
+            build: self.build.clone(),
+            start: self.start.clone(),
+            port: self.port,
+            mode: self.mode.clone(),
+        }
+    }
+}
+
 /// Flags every platform command takes.
 #[derive(Debug, Args)]
 pub struct PlatformArgs {

@@ -9,7 +9,6 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use skiff_model::Overrides;
 use skiff_runtime::diagnose::Diagnoser;
 use skiff_runtime::{Event, Phase, Platform};
 use tokio::signal::unix::{signal, SignalKind};
@@ -22,21 +21,8 @@ use super::PlatformArgs;
 pub struct UpArgs {
     /// Source directories to deploy, each with its skiff.toml (default: `.`).
     pub dirs: Vec<PathBuf>,
-    /// Service name (overrides `name` in skiff.toml).
-    #[arg(long)]
-    pub name: Option<String>,
-    /// Build command (overrides `build`).
-    #[arg(long)]
-    pub build: Option<String>,
-    /// Start command (overrides `start`).
-    #[arg(long)]
-    pub start: Option<String>,
-    /// Port the service listens on (overrides `port`).
-    #[arg(long)]
-    pub port: Option<u32>,
-    /// serverless or persistent (overrides `mode`).
-    #[arg(long)]
-    pub mode: Option<String>,
+    #[command(flatten)]
+    pub overrides: super::OverrideArgs,
     #[command(flatten)]
     pub platform: PlatformArgs,
 }
@@ -47,16 +33,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     } else {
         args.dirs.clone()
     };
-    if dirs.len() > 1 && args.name.is_some() {
+    if dirs.len() > 1 && args.overrides.name.is_some() {
         anyhow::bail!("--name names one service, but {} directories were given; put name = \"...\" in each skiff.toml instead", dirs.len());
     }
-    let overrides = Overrides {
-        name: args.name.clone(),
-        build: args.build.clone(),
-        start: args.start.clone(),
-        port: args.port,
-        mode: args.mode.clone(),
-    };
+    let overrides = args.overrides.overrides();
     let mut specs = Vec::new();
     let mut bad = 0;
     for dir in &dirs {
