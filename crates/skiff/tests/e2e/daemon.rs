@@ -11,16 +11,19 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use crate::support::{cgroups_named, cli_at, processes_with, unique, App, Up};
+use crate::support::{cgroups_named, cli_at, mounts_with, processes_with, unique, App, Up};
 use crate::FIRST_START;
 
-/// A Python server answering every path with the content of version.txt.
+/// A Python server answering every path with the content of version.txt
+/// (`/slow` after 50 ms, so that requests are in flight at any moment).
 const APP: &str = r#"
-import http.server, os
+import http.server, os, time
 body = open("version.txt").read().encode()
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
+        if self.path == "/slow":
+            time.sleep(0.05)
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -91,11 +94,17 @@ fn deploy_ls_status_logs_redeploy_rm() {
         "no colour when not on a terminal: {out:?}"
     );
 
-    // A redeploy switches to the new version.
+    // A redeploy switches to the new version; `logs -f` shows it start.
+    let follow = LogFollower::start(&d.state_dir(), &name);
     set_version(&a, "v2");
     let (ok, _, err) = deploy(&d, a.path(), &[]);
     assert!(ok, "redeploy failed:\n{err}");
     assert_eq!(body(&d, &name), (200, "v2".into()));
+    assert!(
+        follow.wait_for("serving v2", Duration::from_secs(10)),
+        "logs -f did not show the new version's output: {:?}",
+        follow.seen()
+    );
 
     // A failed redeploy leaves v2 serving, and says why.
     let (ok, _, err) = deploy(&d, a.path(), &["--start", "python3 -c 'import flask_nope'"]);
@@ -136,6 +145,15 @@ fn deploy_ls_status_logs_redeploy_rm() {
         "{out}"
     );
     assert!(out.contains("No module named 'flask_nope'"), "{out}");
+    let (ok, out, _) = d.cli(&["logs", &name, "--since", "1h"]);
+    assert!(ok.success() && out.contains("serving v1"), "{out}");
+    let (ok, out, _) = d.cli(&["logs", &name, "--since", "2099-01-01T00:00:00Z"]);
+    assert!(
+        ok.success() && out.is_empty(),
+        "nothing is newer than 2099: {out}"
+    );
+    let (ok, _, err) = d.cli(&["logs", &name, "--since", "last tuesday"]);
+    assert!(!ok.success() && err.contains("neither a duration"), "{err}");
     let (ok, out, _) = d.cli(&["logs", &name, "--json", "--tail", "1"]);
     assert!(ok.success());
     assert_eq!(out.lines().count(), 1, "{out}");
@@ -206,8 +224,62 @@ fn restart_after_sigterm_and_sigkill_serves_again() {
     let stale = format!("{name}-{old_pid}-");
     let left: Vec<_> = cgroups_named(&stale);
     assert!(left.is_empty(), "cgroups of the killed platform: {left:?}");
+    assert!(
+        mounts_with(&stale).is_empty(),
+        "mounts of the killed platform"
+    );
     let (_, out, _) = d.cli(&["ls", "--json"]);
     assert_eq!(json(&out)["services"][0]["version"], 1);
+}
+
+/// `skiff logs NAME -f`, read in the background.
+struct LogFollower {
+    child: std::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl LogFollower {
+    fn start(state: &Path, name: &str) -> Self {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(crate::support::SKIFF)
+            .args(["logs", name, "-f", "--state"])
+            .arg(state)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start skiff logs -f");
+        let out = child.stdout.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Self { child, lines }
+    }
+
+    fn seen(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.seen().iter().any(|l| l.contains(needle)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for LogFollower {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn wait_serving(d: &Up, name: &str, want: &str) {
@@ -366,11 +438,12 @@ fn bad_input_is_refused_and_changes_nothing() {
     assert_eq!(uploads, 0, "refused uploads are removed");
 }
 
-/// One GET through the gateway; `None` when the connection failed.
+/// One GET of `/slow` through the gateway; `None` when the connection
+/// failed.
 fn try_get(port: u16, host: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-    let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let req = format!("GET /slow HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).ok()?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).ok()?;
@@ -431,7 +504,7 @@ fn zero_failed_requests_across_redeploys_under_load() {
         &failures[..failures.len().min(5)]
     );
     let seen = seen.lock().unwrap();
-    assert!(served > 100, "the load generator ran ({served} requests)");
+    assert!(served > 20, "the load generator ran ({served} requests)");
     for v in ["v1", "v2", "v3"] {
         assert!(seen.contains(v), "{v} never answered: {seen:?}");
     }
