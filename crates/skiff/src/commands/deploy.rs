@@ -51,9 +51,11 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<ExitCode> {
         skiff_model::format_size(packed.bytes)
     );
     let port = overrides.port.map(|p| p.to_string());
-    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    // The name always goes along: one derived from the directory's name
+    // cannot be derived again from the daemon's staging directory.
+    let name = spec.name.to_string();
+    let mut pairs: Vec<(&str, &str)> = vec![("name", &name)];
     for (k, v) in [
-        ("name", &overrides.name),
         ("build", &overrides.build),
         ("start", &overrides.start),
         ("port", &port),
@@ -67,7 +69,6 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<ExitCode> {
     let mut lines = client
         .stream(Method::POST, &path, Bytes::from(archive))
         .await?;
-    let name = spec.name.to_string();
     while let Some(message) = lines.next::<DeployMessage>().await? {
         if args.client.json {
             println!("{}", serde_json::to_string(&message)?);

@@ -522,3 +522,24 @@ fn zero_failed_requests_across_redeploys_under_load() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_directory_without_a_manifest_deploys_with_flags() {
+    let d = Up::serve(None, &[]);
+    let parent = tempfile::tempdir().unwrap();
+    let dir_name = unique("No_Manifest");
+    let dir = parent.path().join(&dir_name);
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("app.py"), APP).unwrap();
+    std::fs::write(dir.join("version.txt"), "flags").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let (ok, out, err) = deploy(&d, &dir, &["--start", "python3 app.py", "--port", "9000"]);
+    assert!(ok, "{err}");
+    // The name comes from the directory, as `skiff up` derives it.
+    let name = dir_name.to_lowercase().replace('_', "-");
+    assert!(out.contains(&format!("http://{name}.localhost:")), "{out}");
+    assert_eq!(body(&d, &name), (200, "flags".into()));
+    let (_, out, _) = d.cli(&["status", &name, "--json"]);
+    assert_eq!(json(&out)["port"], 9000);
+}
