@@ -32,6 +32,11 @@ pub enum ClientError {
     },
     #[error("the daemon's answer could not be read: {0}; is {1} a skiff daemon?")]
     Protocol(String, SocketAddr),
+    #[error(
+        "the daemon at {1} broke off its answer ({0}); it may have been stopped or \
+         restarted: run the command again"
+    )]
+    BrokeOff(String, SocketAddr),
 }
 
 pub struct Client {
@@ -61,12 +66,7 @@ impl Lines {
             }
             match self.body.frame().await {
                 None => return Ok(None),
-                Some(Err(e)) => {
-                    return Err(ClientError::Protocol(
-                        format!("the stream broke off ({e})"),
-                        self.addr,
-                    ))
-                }
+                Some(Err(e)) => return Err(ClientError::BrokeOff(e.to_string(), self.addr)),
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
                         self.buf.extend_from_slice(&data);

@@ -66,6 +66,18 @@ fn finding() -> Finding {
     }
 }
 
+fn start() -> Start {
+    Start {
+        instance: "web-1-1".into(),
+        version: Some(1),
+        at: "t".into(),
+        sandbox_ready_ms: 1.0,
+        process_started_ms: 2.0,
+        port_listening_ms: 3.0,
+        first_answer_ms: 4.0,
+    }
+}
+
 fn summary() -> ServiceSummary {
     ServiceSummary {
         name: "web".into(),
@@ -153,6 +165,21 @@ fn every_shape_matches_its_schema() {
             versions: vec![],
             recent_errors: vec![event],
             findings: vec![finding()],
+            last_start: Some(start()),
+        },
+    );
+    check(&doc, "Start", &schemas["Start"], &start());
+    check(
+        &doc,
+        "Doctor",
+        &schemas["Doctor"],
+        &Doctor {
+            service: "web".into(),
+            state: "ready".into(),
+            findings: vec![finding()],
+            starts: vec![start()],
+            log_lines: 1,
+            events: 1,
         },
     );
     check(
@@ -216,6 +243,7 @@ fn every_deploy_message_matches_its_variant() {
         DeployMessage::Failed {
             error: "e".into(),
             findings: vec![finding()],
+            serving: Some(1),
         },
     ];
     assert_eq!(

@@ -8,6 +8,7 @@
 //! | `GET /v1/services/{name}` | status |
 //! | `DELETE /v1/services/{name}` | remove |
 //! | `GET /v1/services/{name}/logs?since=&tail=&follow=` | NDJSON log lines |
+//! | `GET /v1/services/{name}/doctor` | findings with evidence, start phases |
 //! | `GET /openapi.json` | this API's description (no token needed) |
 
 use std::convert::Infallible;
@@ -48,11 +49,16 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/services/{name}"),
     ("DELETE", "/v1/services/{name}"),
     ("GET", "/v1/services/{name}/logs"),
+    ("GET", "/v1/services/{name}/doctor"),
     ("GET", "/openapi.json"),
 ];
 
 /// Log lines answered when the caller asks for no particular tail.
 const DEFAULT_TAIL: u32 = 1000;
+/// Connections served at once; more are closed.
+const MAX_CONNECTIONS: usize = 256;
+/// A caller must send a request's headers within this.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
@@ -88,6 +94,7 @@ pub async fn serve(
         next_upload: AtomicU64::new(0),
     });
     tokio::pin!(shutdown);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -100,13 +107,25 @@ pub async fn serve(
             },
             _ = &mut shutdown => return,
         };
+        // Beyond the cap a connection is closed at once: idle connections
+        // must not take the descriptors the gateway and sandboxes need.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let api = api.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = hyper::service::service_fn(move |req| {
                 let api = api.clone();
                 async move { Ok::<_, Infallible>(api.handle(req).await) }
             });
-            let conn = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT);
+            let conn = builder
                 .http1_only()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -225,10 +244,12 @@ impl Api {
                 let q = query(&req);
                 self.logs(name, &q)
             }
+            ("GET", ["v1", "services", name, "doctor"]) => self.doctor(name),
             (_, ["v1", "services"])
             | (_, ["v1", "deploy"])
             | (_, ["v1", "services", _])
-            | (_, ["v1", "services", _, "logs"]) => error(
+            | (_, ["v1", "services", _, "logs"])
+            | (_, ["v1", "services", _, "doctor"]) => error(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
                 format!("{method} is not allowed on {path}; see /openapi.json"),
@@ -295,15 +316,7 @@ impl Api {
                 message: e.message.clone(),
             })
             .collect();
-        let run_lines = store
-            .logs(
-                name,
-                &LogQuery {
-                    limit: Some(5000),
-                    ..Default::default()
-                },
-            )
-            .unwrap_or_default();
+        let diagnosis = diagnose(store, name);
         let spec = live
             .spec
             .clone()
@@ -328,14 +341,34 @@ impl Api {
                 })
                 .collect(),
             recent_errors,
-            findings: findings(
-                run_lines
-                    .iter()
-                    .filter(|l| l.source == LogSource::Run)
-                    .map(|l| (l.line.as_str(), l.at)),
-            ),
+            findings: diagnosis.findings,
+            last_start: store.starts(name, 1).unwrap_or_default().first().map(start),
         };
         json(StatusCode::OK, &status)
+    }
+
+    fn doctor(&self, name: &str) -> Response<ApiBody> {
+        let Some(live) = self.platform.status(name) else {
+            return self.unknown(name);
+        };
+        let store = self.platform.store();
+        let diagnosis = diagnose(store, name);
+        json(
+            StatusCode::OK,
+            &types::Doctor {
+                service: name.to_string(),
+                state: live.state.as_str().into(),
+                findings: diagnosis.findings,
+                starts: store
+                    .starts(name, 5)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(start)
+                    .collect(),
+                log_lines: diagnosis.log_lines,
+                events: diagnosis.events,
+            },
+        )
     }
 
     async fn remove(&self, name: &str) -> Response<ApiBody> {
@@ -378,6 +411,9 @@ impl Api {
         let follow = matches!(get("follow"), Some("1" | "true" | "yes"));
         let store = self.platform.store().clone();
         let mut watch = store.log_watch();
+        // The mark is taken before the first query: a line stored after it
+        // is either in that answer or announced by the watch later.
+        let mark = *watch.borrow_and_update();
         let first = LogQuery {
             after: None,
             since,
@@ -395,25 +431,24 @@ impl Api {
         let platform = self.platform.clone();
         let name = name.to_string();
         tokio::spawn(async move {
-            let mut last = *watch.borrow_and_update();
+            let mut last = mark;
             for l in &lines {
                 last = last.max(l.id);
                 if tx.send(line(&log_line(l))).await.is_err() {
                     return;
                 }
             }
-            if let Some(l) = lines.last() {
-                last = l.id;
-            }
             if !follow {
                 return;
             }
+            // A removed service ends the stream; checked on its own clock,
+            // not reset by other services' lines.
+            let mut check = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
                     changed = watch.changed() => if changed.is_err() { return },
                     _ = tx.closed() => return,
-                    // A removed service ends the stream.
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                    _ = check.tick() => {
                         if platform.status(&name).is_none() { return }
                         continue;
                     }
@@ -470,21 +505,20 @@ impl Api {
             return too_big(max);
         }
         let n = self.next_upload.fetch_add(1, Ordering::SeqCst);
-        let staging = self
-            .config
-            .uploads
-            .join(format!("{}-{n}", std::process::id()));
-        let result = self.receive(req, &staging, &overrides).await;
+        // Removed when dropped: on every path, also when the client goes
+        // away and hyper drops this future mid-upload.
+        let staging = Staging(
+            self.config
+                .uploads
+                .join(format!("{}-{n}", std::process::id())),
+        );
+        let result = self.receive(req, &staging.0, &overrides).await;
         let (spec, unpacked) = match result {
             Ok(r) => r,
-            Err(response) => {
-                remove_dir(&staging).await;
-                return response;
-            }
+            Err(response) => return response,
         };
         let name = spec.name.to_string();
         if let Some((version, _)) = self.platform.status(&name).and_then(|s| s.deploying) {
-            remove_dir(&staging).await;
             return error(
                 StatusCode::CONFLICT,
                 "deploy_in_progress",
@@ -515,6 +549,8 @@ impl Api {
                 r = &mut deploying => r,
                 _ = &mut forwarding => deploying.await,
             };
+            // The image store has its own copy by now.
+            drop(staging);
             let message = match result {
                 Ok(d) => DeployMessage::Ready {
                     version: d.version,
@@ -527,11 +563,12 @@ impl Api {
                     DeployMessage::Failed {
                         findings: findings(text.lines().map(|l| (l, SystemTime::now()))),
                         error: text,
+                        serving: platform.status(&name).and_then(|s| s.version),
                     }
                 }
             };
-            let _ = tx.send(line(&message)).await;
-            remove_dir(&staging).await;
+            // A client that stopped reading must not hold the task forever.
+            let _ = tokio::time::timeout(Duration::from_secs(30), tx.send(line(&message))).await;
         });
         ndjson_response(rx)
     }
@@ -614,10 +651,23 @@ fn too_big(max: u64) -> Response<ApiBody> {
     )
 }
 
-async fn remove_dir(dir: &Path) {
-    if let Err(e) = tokio::fs::remove_dir_all(dir).await {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            warn!("removing {}: {e}", dir.display());
+/// An upload's staging directory, removed when dropped.
+struct Staging(PathBuf);
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let dir = std::mem::take(&mut self.0);
+        let remove = move || {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    warn!("removing {}: {e}", dir.display());
+                }
+            }
+        };
+        // A large tree is removed off the async threads when there are any.
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(remove)),
+            Err(_) => remove(),
         }
     }
 }
@@ -709,24 +759,81 @@ fn log_line(l: &LogRecord) -> types::LogLine {
     }
 }
 
+/// Log lines and events the diagnosis looks at.
+const DIAGNOSIS_LINES: u32 = 5000;
+const DIAGNOSIS_EVENTS: u32 = 2000;
+
+struct Diagnosis {
+    findings: Vec<types::Finding>,
+    log_lines: usize,
+    events: usize,
+}
+
+/// The service's findings: its recent run output and the platform's events
+/// about it (gateway refusals, out-of-memory kills, failed starts), newest
+/// first, each once with its count.
+fn diagnose(store: &skiff_runtime::store::Store, name: &str) -> Diagnosis {
+    let lines = store
+        .logs(
+            name,
+            &LogQuery {
+                limit: Some(DIAGNOSIS_LINES),
+                ..Default::default()
+            },
+        )
+        .unwrap_or_default();
+    let events = store.events(name, DIAGNOSIS_EVENTS).unwrap_or_default();
+    let mut d = Diagnoser::default();
+    let mut log_lines = 0;
+    for l in lines.iter().filter(|l| l.source == LogSource::Run) {
+        log_lines += 1;
+        d.observe(&l.line, l.at);
+    }
+    for e in &events {
+        d.observe_event(&e.kind, &e.message, e.at);
+    }
+    let mut found: Vec<_> = d.findings().collect();
+    found.sort_by_key(|f| std::cmp::Reverse(f.last_seen));
+    Diagnosis {
+        findings: found.into_iter().map(finding).collect(),
+        log_lines,
+        events: events.len(),
+    }
+}
+
+fn finding(f: &skiff_runtime::diagnose::Finding) -> types::Finding {
+    types::Finding {
+        kind: format!("{:?}", f.kind),
+        what: f.what.clone(),
+        why: f.why.to_string(),
+        fix: f.fix.clone(),
+        evidence: f.evidence.clone(),
+        count: f.count,
+        first_seen: rfc3339(f.first_seen),
+        last_seen: rfc3339(f.last_seen),
+    }
+}
+
+fn start(s: &skiff_runtime::store::StartRecord) -> types::Start {
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    types::Start {
+        instance: s.instance.clone(),
+        version: s.version,
+        at: rfc3339(s.at),
+        sandbox_ready_ms: ms(s.phases.sandbox_ready),
+        process_started_ms: ms(s.phases.process_started),
+        port_listening_ms: ms(s.phases.port_listening),
+        first_answer_ms: ms(s.phases.first_answer),
+    }
+}
+
 /// What the diagnosis engine recognises in these lines.
 pub fn findings<'a>(lines: impl IntoIterator<Item = (&'a str, SystemTime)>) -> Vec<types::Finding> {
     let mut d = Diagnoser::default();
     for (l, at) in lines {
         d.observe(l, at);
     }
-    d.findings()
-        .map(|f| types::Finding {
-            kind: format!("{:?}", f.kind),
-            what: f.what.clone(),
-            why: f.why.to_string(),
-            fix: f.fix.clone(),
-            evidence: f.evidence.clone(),
-            count: f.count,
-            first_seen: rfc3339(f.first_seen),
-            last_seen: rfc3339(f.last_seen),
-        })
-        .collect()
+    d.findings().map(finding).collect()
 }
 
 /// `since`: a point in time (RFC 3339) or a duration back from now

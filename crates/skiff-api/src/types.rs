@@ -90,6 +90,36 @@ pub struct ServiceStatus {
     /// The newest errors the platform recorded, oldest first.
     pub recent_errors: Vec<Event>,
     pub findings: Vec<Finding>,
+    /// The newest instance start, phase by phase.
+    pub last_start: Option<Start>,
+}
+
+/// One instance start, phase by phase, in milliseconds from the request to
+/// start it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Start {
+    pub instance: String,
+    pub version: Option<i64>,
+    pub at: String,
+    pub sandbox_ready_ms: f64,
+    pub process_started_ms: f64,
+    pub port_listening_ms: f64,
+    pub first_answer_ms: f64,
+}
+
+/// `skiff doctor`: every finding with its evidence, and where the time of
+/// the last starts went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Doctor {
+    pub service: String,
+    pub state: String,
+    /// Newest first.
+    pub findings: Vec<Finding>,
+    /// Newest first.
+    pub starts: Vec<Start>,
+    /// How much was looked at: the service's stored log lines and events.
+    pub log_lines: usize,
+    pub events: usize,
 }
 
 /// A line of build or run output, or a note of the platform's.
@@ -130,6 +160,8 @@ pub enum DeployMessage {
     Failed {
         error: String,
         findings: Vec<Finding>,
+        /// The version that still serves, if any.
+        serving: Option<i64>,
     },
 }
 

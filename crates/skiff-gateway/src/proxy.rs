@@ -162,9 +162,29 @@ impl Gateway {
 
     async fn handle(&self, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
         let json = wants_json(req.headers());
+        // A refcounted copy, read only when the gateway answers itself.
+        let host = req.headers().get(header::HOST).cloned();
         match self.forward(req, remote).await {
             Ok(resp) => resp,
-            Err((kind, message)) => error_response(kind, &message, json),
+            Err((kind, message)) => {
+                let service_side = matches!(
+                    kind,
+                    ErrorKind::ResponseTooLarge
+                        | ErrorKind::RequestTimeout
+                        | ErrorKind::RequestTooLarge
+                        | ErrorKind::StreamingNeedsPersistent
+                        | ErrorKind::UpstreamFailed
+                );
+                let service = host
+                    .as_ref()
+                    .and_then(|h| h.to_str().ok())
+                    .and_then(|h| host_to_service(h, &self.config.domain));
+                if let (true, Some(service)) = (service_side, service) {
+                    self.router
+                        .refused(&service.to_ascii_lowercase(), kind, &message);
+                }
+                error_response(kind, &message, json)
+            }
         }
     }
 

@@ -90,6 +90,9 @@ pub trait Router: Send + Sync + 'static {
     /// upgrades): only persistent services do. `None` when the service is not
     /// ready (unknown, starting, failed): routing will say why.
     fn allows_streaming(&self, service: &str) -> Option<bool>;
+    /// The gateway answered a request for `service` itself (a limit or a
+    /// broken exchange): the platform may record it for diagnosis.
+    fn refused(&self, _service: &str, _kind: crate::ErrorKind, _message: &str) {}
 }
 
 /// The service name in a Host header, when the host is `NAME.<domain>` with

@@ -26,6 +26,20 @@ pub enum FindingKind {
     CommandNotFound,
     /// Root-only tooling (sudo, apt-get) run by the start command.
     RootOnlyCommand,
+    /// The port never answered; the service listens elsewhere (or nowhere).
+    PortNotListening,
+    /// An instance was killed for going over its memory limit.
+    OutOfMemory,
+    /// Responses refused for being over `limits.max_response`.
+    ResponseTooLarge,
+    /// Requests cut off by `limits.request_timeout`.
+    RequestTimeout,
+    /// Request bodies refused for being over `limits.max_request`.
+    RequestTooLarge,
+    /// WebSocket or other upgrades sent to a serverless service.
+    StreamingNeedsPersistent,
+    /// Instances ended while handling requests.
+    InstanceCrashed,
 }
 
 /// One diagnosis: what happened (with the evidence), why, what to do.
@@ -57,6 +71,22 @@ const WHY_MISSING: &str = "the start command runs in the image the build command
 const WHY_ROOT_ONLY: &str = "the start command runs as a non-root user with no privileges; only \
      the build command runs as root";
 
+const WHY_PORT_CHECK: &str = "the platform checks /kaithhealth on 0.0.0.0:$PORT inside the \
+     instance until it answers; a service listening on another port or only on another \
+     address is never reached";
+const WHY_MEMORY: &str = "each instance may use limits.memory (default 512MiB); the kernel \
+     kills a process that goes over it";
+const WHY_RESPONSE_SIZE: &str = "a serverless service's response is at most limits.max_response \
+     (default 6MiB = 6,291,456 bytes); the gateway refuses larger ones with 502";
+const WHY_TIMEOUT: &str = "a serverless request ends at limits.request_timeout (default 15 min); \
+     the gateway answers 504 and closes the connection to the instance";
+const WHY_REQUEST_SIZE: &str = "a serverless service accepts request bodies up to \
+     limits.max_request (default 6MiB)";
+const WHY_STREAMING: &str = "serverless services serve short request/response exchanges; \
+     long-lived connections (WebSocket, server push) need a persistent instance";
+const WHY_CRASH: &str = "requests in flight on an instance that ends get 502; the platform \
+     starts another for the next request";
+
 /// Findings for one service, each kept once with a count.
 #[derive(Debug, Default)]
 pub struct Diagnoser {
@@ -77,6 +107,33 @@ impl Diagnoser {
             self.previous = line.to_ascii_lowercase();
         }
         let (kind, subject, what, fix) = classified?;
+        self.record(kind, subject, what, fix, line.trim(), at)
+    }
+
+    /// Looks at one of the platform's events about the service (`kind` as
+    /// recorded: a gateway refusal, an out-of-memory kill, a start that
+    /// never listened); returns the finding when it is new.
+    pub fn observe_event(&mut self, kind: &str, message: &str, at: SystemTime) -> Option<&Finding> {
+        let (kind, subject, what, fix) = classify_event(kind, message)?;
+        self.record(
+            kind,
+            subject,
+            what,
+            fix,
+            message.lines().next().unwrap_or(""),
+            at,
+        )
+    }
+
+    fn record(
+        &mut self,
+        kind: FindingKind,
+        subject: String,
+        what: String,
+        fix: String,
+        evidence: &str,
+        at: SystemTime,
+    ) -> Option<&Finding> {
         let why = match kind {
             FindingKind::ReadOnlyFileSystem => WHY_READ_ONLY,
             FindingKind::SharedMemory => WHY_SHM,
@@ -86,6 +143,13 @@ impl Diagnoser {
             | FindingKind::MissingNodeModule
             | FindingKind::CommandNotFound => WHY_MISSING,
             FindingKind::RootOnlyCommand => WHY_ROOT_ONLY,
+            FindingKind::PortNotListening => WHY_PORT_CHECK,
+            FindingKind::OutOfMemory => WHY_MEMORY,
+            FindingKind::ResponseTooLarge => WHY_RESPONSE_SIZE,
+            FindingKind::RequestTimeout => WHY_TIMEOUT,
+            FindingKind::RequestTooLarge => WHY_REQUEST_SIZE,
+            FindingKind::StreamingNeedsPersistent => WHY_STREAMING,
+            FindingKind::InstanceCrashed => WHY_CRASH,
         };
         let key = (kind, subject);
         let mut new = false;
@@ -104,7 +168,7 @@ impl Diagnoser {
         });
         f.count += 1;
         f.last_seen = at;
-        f.evidence = line.trim().to_string();
+        f.evidence = evidence.to_string();
         if new {
             self.findings.get(&key)
         } else {
@@ -135,6 +199,89 @@ impl std::fmt::Display for Finding {
         }
         Ok(())
     }
+}
+
+/// The event kinds the platform records that the rules know.
+pub mod events {
+    pub const PORT_NOT_LISTENING: &str = "port-not-listening";
+    pub const OOM_KILL: &str = "oom-kill";
+    /// Gateway refusals are recorded under `skiff_gateway::ErrorKind::as_str`.
+    pub const RESPONSE_TOO_LARGE: &str = "response-too-large";
+    pub const REQUEST_TIMEOUT: &str = "request-timeout";
+    pub const REQUEST_TOO_LARGE: &str = "request-too-large";
+    pub const STREAMING: &str = "streaming-needs-persistent";
+    pub const UPSTREAM_FAILED: &str = "upstream-failed";
+}
+
+/// The rules for the platform's own events. The event's message already
+/// names the limit or the addresses; the finding says what to change.
+fn classify_event(kind: &str, message: &str) -> Option<Classified> {
+    let first = message.lines().next().unwrap_or("").to_string();
+    Some(match kind {
+        events::PORT_NOT_LISTENING => (
+            FindingKind::PortNotListening,
+            String::new(),
+            format!("The service never answered on its port: {first}"),
+            "Listen on 0.0.0.0 (all addresses, not 127.0.0.1) and on the port the platform \
+             gives in $PORT (skiff.toml `port`, default 8080); e.g. app.run(host=\"0.0.0.0\", \
+             port=int(os.environ[\"PORT\"])) or server.listen(process.env.PORT)."
+                .into(),
+        ),
+        events::OOM_KILL => (
+            FindingKind::OutOfMemory,
+            String::new(),
+            first,
+            "Raise the limit in skiff.toml, e.g. [limits] memory = \"1GiB\", or make the \
+             service use less (fewer worker processes, smaller caches, stream large data \
+             instead of loading it whole)."
+                .into(),
+        ),
+        events::RESPONSE_TOO_LARGE => (
+            FindingKind::ResponseTooLarge,
+            String::new(),
+            "Responses were refused for being bigger than the maximum allowed size (502).".into(),
+            "Store large data in object storage and return its URL (or a redirect to it); \
+             paginate large lists. If the service needs larger responses, raise \
+             [limits] max_response in skiff.toml."
+                .into(),
+        ),
+        events::REQUEST_TIMEOUT => (
+            FindingKind::RequestTimeout,
+            String::new(),
+            "Requests ran past the request timeout and were cut off (504).".into(),
+            "Make the slow requests faster, hand long work to a queue and answer at once, or \
+             run the service with mode = \"persistent\" (no request timeout); otherwise raise \
+             [limits] request_timeout."
+                .into(),
+        ),
+        events::REQUEST_TOO_LARGE => (
+            FindingKind::RequestTooLarge,
+            String::new(),
+            "Request bodies were refused for being over the limit (413).".into(),
+            "Have clients upload large data to object storage and send its URL, or raise \
+             [limits] max_request in skiff.toml."
+                .into(),
+        ),
+        events::STREAMING => (
+            FindingKind::StreamingNeedsPersistent,
+            String::new(),
+            "Clients tried to open WebSocket (Upgrade) connections; a serverless service \
+             refuses them (501)."
+                .into(),
+            "Set mode = \"persistent\" in skiff.toml for services that hold connections open \
+             (WebSocket, server-sent events), or poll over plain requests."
+                .into(),
+        ),
+        events::UPSTREAM_FAILED => (
+            FindingKind::InstanceCrashed,
+            String::new(),
+            format!("Requests failed because the instance broke off: {first}"),
+            "Look at the service's output just before (skiff logs NAME): an uncaught \
+             exception, a crash, or running out of memory; fix the cause in the service."
+                .into(),
+        ),
+        _ => return None,
+    })
 }
 
 /// The first quoted or obvious path in an error line.

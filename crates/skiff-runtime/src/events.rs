@@ -37,6 +37,22 @@ pub struct StartReport {
     /// From then until the first answer to the health check: the service's
     /// own start time.
     pub app: Duration,
+    /// The same start, phase by phase.
+    pub phases: Phases,
+}
+
+/// When each phase of a start was reached, counted from the request to
+/// start: a slow start shows where the time went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Phases {
+    /// Namespaces made, cgroups joined.
+    pub sandbox_ready: Duration,
+    /// The start command was executed.
+    pub process_started: Duration,
+    /// The port took its first connection.
+    pub port_listening: Duration,
+    /// The first HTTP answer to the health check.
+    pub first_answer: Duration,
 }
 
 #[derive(Debug, Clone)]

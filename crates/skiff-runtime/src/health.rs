@@ -10,10 +10,27 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// The path the platform polls. Any HTTP answer counts as healthy.
 pub const HEALTH_PATH: &str = "/kaithhealth";
 
+/// What one probe saw.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Probe {
+    /// When the port took the connection.
+    pub connected: Option<std::time::Instant>,
+    /// Whether an HTTP answer came.
+    pub answered: bool,
+}
+
 /// One probe of `http://0.0.0.0:{port}/kaithhealth` from inside the instance.
 pub async fn probe(netns: &NetNs, port: u16, timeout: Duration) -> bool {
+    probe_phases(netns, port, timeout).await.answered
+}
+
+/// A probe that also tells when the port took the connection.
+pub async fn probe_phases(netns: &NetNs, port: u16, timeout: Duration) -> Probe {
+    let mut seen = Probe::default();
+    let connected = &mut seen.connected;
     let attempt = async {
         let mut stream = netns.connect(port).await.ok()?;
+        *connected = Some(std::time::Instant::now());
         stream
             .write_all(
                 format!(
@@ -49,7 +66,9 @@ pub async fn probe(netns: &NetNs, port: u16, timeout: Duration) -> bool {
         });
         Some(true)
     };
-    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)))
+    let answered = matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)));
+    seen.answered = answered;
+    seen
 }
 
 /// The TCP addresses a process's network namespace listens on, read from

@@ -18,7 +18,7 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use crate::base::{APP_PATH, RUN_GID, RUN_UID};
-use crate::events::{Event, Phase, StartReport, Stream};
+use crate::events::{Event, Phase, Phases, StartReport, Stream};
 use crate::store::{LogSender, LogSource};
 use crate::{diagnose, health};
 
@@ -40,11 +40,14 @@ pub enum StartError {
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
     /// The start command ended before the port answered.
-    #[error("{}", early_exit_message(*exit, *port, tail))]
+    #[error("{}", early_exit_message(*exit, *port, tail, *oom_limit))]
     EarlyExit {
         exit: Exit,
         port: u16,
         tail: Vec<String>,
+        /// The memory limit, when the kernel killed the instance for
+        /// going over it.
+        oom_limit: Option<u64>,
     },
     /// The port never answered within the start timeout.
     #[error(
@@ -60,9 +63,12 @@ pub enum StartError {
     },
 }
 
-fn early_exit_message(exit: Exit, port: u16, tail: &[String]) -> String {
+fn early_exit_message(exit: Exit, port: u16, tail: &[String], oom_limit: Option<u64>) -> String {
     let mut s =
         format!("The start command exited ({exit}) before the service listened on port {port}.");
+    if let Some(limit) = oom_limit {
+        s.push_str(&format!("\n{}", oom_message(limit)));
+    }
     if tail.is_empty() {
         s.push_str("\nIt printed nothing.");
     } else {
@@ -78,6 +84,20 @@ fn early_exit_message(exit: Exit, port: u16, tail: &[String]) -> String {
          and that the start command runs a server that keeps running.",
     );
     s
+}
+
+/// Why an instance was killed, when the kernel killed it for memory.
+pub fn oom_message(limit: u64) -> String {
+    format!(
+        "It ran out of memory: the kernel killed it for using more than its limit of {} \
+         (limits.memory in skiff.toml).",
+        skiff_model::format_size(limit)
+    )
+}
+
+/// Whether the kernel killed a process of `instance` for memory.
+pub fn was_oom_killed(instance: &Instance) -> bool {
+    instance.cgroups().is_some_and(|c| c.oom_kills() > 0)
 }
 
 /// What the diagnosis engine recognises in a failed start's last output,
@@ -238,9 +258,13 @@ pub async fn start_prepared(
     };
     let started_at = instance.timings.requested + instance.timings.started;
     let deadline = started_at + spec.limits.start_timeout;
+    let mut listening_at = None;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
-        if health::probe(&netns, spec.port, remaining.min(Duration::from_secs(2))).await {
+        let probe =
+            health::probe_phases(&netns, spec.port, remaining.min(Duration::from_secs(2))).await;
+        listening_at = listening_at.or(probe.connected);
+        if probe.answered {
             break;
         }
         if Instant::now() >= deadline {
@@ -261,15 +285,29 @@ pub async fn start_prepared(
                 for p in pumps {
                     let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
                 }
+                let oom_limit = was_oom_killed(&instance).then_some(spec.limits.memory);
                 let _ = instance.stop(Duration::ZERO).await;
-                return Err(StartError::EarlyExit { exit, port: spec.port, tail: tail.lines() });
+                return Err(StartError::EarlyExit {
+                    exit,
+                    port: spec.port,
+                    tail: tail.lines(),
+                    oom_limit,
+                });
             }
             _ = tokio::time::sleep(poll_interval(started_at.elapsed()).min(remaining)) => {}
         }
     }
+    let answered_at = Instant::now();
+    let since_request = |t: Instant| prepare_cost + t.duration_since(instance.timings.requested);
     let report = StartReport {
         sandbox: prepare_cost + instance.timings.started,
-        app: started_at.elapsed(),
+        app: answered_at.duration_since(started_at),
+        phases: Phases {
+            sandbox_ready: prepare_cost + instance.timings.namespaces,
+            process_started: prepare_cost + instance.timings.started,
+            port_listening: since_request(listening_at.unwrap_or(answered_at)),
+            first_answer: since_request(answered_at),
+        },
     };
     Ok(Started {
         instance,

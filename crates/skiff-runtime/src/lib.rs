@@ -16,7 +16,7 @@ mod service;
 pub mod store;
 
 pub use build::BuildError;
-pub use events::{Event, Phase, StartReport, Stream};
+pub use events::{Event, Phase, Phases, StartReport, Stream};
 pub use instance::{environment, StartError};
 pub use platform::{
     DeployError, Deployed, Handle, InstanceCounts, LiveStatus, Platform, PlatformConfig,

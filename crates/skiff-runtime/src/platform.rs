@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
-use skiff_gateway::{Gateway, GatewayConfig, GatewayError, Route, Router, Upstream};
+use skiff_gateway::{ErrorKind, Gateway, GatewayConfig, GatewayError, Route, Router, Upstream};
 use skiff_model::ServiceSpec;
 use skiff_sandbox::{Cgroups, Sandbox, CGROUP_ROOT};
 use tokio::sync::{broadcast, watch};
@@ -141,6 +141,21 @@ struct Entry {
     failed: Option<String>,
     /// Replaced versions answering what they accepted before they stop.
     draining: Vec<(i64, Arc<ServiceRuntime>)>,
+    /// `skiff rm` is stopping it: no deploy may start meanwhile.
+    removing: bool,
+}
+
+impl Entry {
+    /// The versions that run (and whose writable layers are in use).
+    fn live_versions(&self) -> Vec<i64> {
+        let deploying = self.deploying.as_ref().map(|d| d.version);
+        self.serving
+            .iter()
+            .chain(&self.draining)
+            .map(|(v, _)| *v)
+            .chain(deploying)
+            .collect()
+    }
 }
 
 /// What a service is doing now.
@@ -204,6 +219,9 @@ pub(crate) struct Shared {
     pins: Mutex<HashMap<i64, Vec<PathBuf>>>,
     /// Serialises garbage collection with the pinning of new layers.
     images_lock: tokio::sync::Mutex<()>,
+    /// Gateway refusals per service and kind: when last recorded, how
+    /// many since.
+    refusals: Mutex<HashMap<(String, &'static str), Refusals>>,
     shutting_down: AtomicBool,
     next_instance: AtomicU64,
     gateway_addr: SocketAddr,
@@ -267,7 +285,53 @@ impl Shared {
         }
     }
 
-    fn record(&self, service: &str, level: &str, kind: &str, message: &str) {
+    /// Removes the persistent writable layers of `service`'s versions that
+    /// no longer run.
+    fn prune_writable(&self, service: &str) {
+        let services = read(&self.services);
+        let keep = services
+            .get(service)
+            .map(Entry::live_versions)
+            .unwrap_or_default();
+        if let Err(e) = service::prune_writable(&self.writable_dir(service), &keep) {
+            warn!("removing old writable layers of {service}: {e}");
+        }
+    }
+
+    /// Records what the diagnosis needs of a failed start: the addresses a
+    /// service listened on instead of its port, an out-of-memory kill.
+    pub(crate) fn record_start_failure(&self, service: &str, e: &StartError) {
+        use crate::diagnose::events;
+        match e {
+            StartError::PortNotListening {
+                port, listeners, ..
+            } => {
+                let list: Vec<String> = listeners.iter().map(|a| a.to_string()).collect();
+                let message = if list.is_empty() {
+                    format!("listening on no TCP port, expected 0.0.0.0:{port}")
+                } else {
+                    format!("listening on {}, expected 0.0.0.0:{port}", list.join(", "))
+                };
+                self.record(service, "error", events::PORT_NOT_LISTENING, &message);
+            }
+            StartError::EarlyExit {
+                oom_limit: Some(limit),
+                ..
+            } => self.record(
+                service,
+                "error",
+                events::OOM_KILL,
+                &format!(
+                    "The start command was killed: {}",
+                    crate::instance::oom_message(*limit)
+                ),
+            ),
+            _ => {}
+        }
+    }
+
+    /// Records an event of `service` (and a platform line in its log).
+    pub(crate) fn record(&self, service: &str, level: &str, kind: &str, message: &str) {
         if let Err(e) = self.store.add_event(service, level, kind, message) {
             warn!("recording an event of {service}: {e}");
         }
@@ -285,14 +349,15 @@ impl Router for Shared {
     fn route(&self, service: &str) -> Route {
         let services = read(&self.services);
         match services.get(service) {
+            // Routed under the read lock: a swap (write lock) cannot slip in
+            // between, so a version whose drain began gets no new request.
             Some(Entry {
                 serving: Some((_, rt)),
                 ..
-            }) => {
-                let rt = rt.clone();
-                drop(services);
-                rt.route()
-            }
+            }) => rt.route(),
+            Some(Entry { removing: true, .. }) => Route::Unavailable {
+                reason: "it is being removed (skiff rm)".into(),
+            },
             Some(Entry {
                 deploying: Some(_), ..
             }) => Route::Unavailable {
@@ -332,7 +397,44 @@ impl Router for Shared {
         let ups = read(&self.upstreams);
         ups.get(key).cloned()
     }
+
+    fn refused(&self, service: &str, kind: ErrorKind, message: &str) {
+        if !read(&self.services).contains_key(service) {
+            return;
+        }
+        // At most one record per service and kind a second: a client
+        // hammering a limit must not turn into a database write per request.
+        let now = std::time::Instant::now();
+        let repeated = {
+            let mut seen = lock(&self.refusals);
+            let entry = seen
+                .entry((service.to_string(), kind.as_str()))
+                .or_insert((None, 0));
+            entry.1 += 1;
+            if entry
+                .0
+                .is_some_and(|last| now.duration_since(last) < REFUSAL_EVERY)
+            {
+                return;
+            }
+            entry.0 = Some(now);
+            std::mem::take(&mut entry.1)
+        };
+        let message = if repeated > 1 {
+            format!("{message} ({repeated} times since the last record)")
+        } else {
+            message.to_string()
+        };
+        self.record(service, "error", kind.as_str(), &message);
+    }
 }
+
+/// One kind of gateway refusal of one service: when it was last recorded,
+/// how many came since.
+type Refusals = (Option<std::time::Instant>, u32);
+
+/// How often one kind of gateway refusal is recorded per service.
+const REFUSAL_EVERY: Duration = Duration::from_secs(1);
 
 /// A running platform. Dropping it without [`Platform::shutdown`] still
 /// kills every instance (their helpers die with this process).
@@ -414,6 +516,7 @@ impl Platform {
             upstreams: RwLock::default(),
             pins: Mutex::default(),
             images_lock: tokio::sync::Mutex::new(()),
+            refusals: Mutex::default(),
             shutting_down: AtomicBool::new(false),
             next_instance: AtomicU64::new(1),
             gateway_addr,
@@ -475,6 +578,8 @@ impl Platform {
         }
         while stopping.join_next().await.is_some() {}
         self.recorder.abort();
+        // The last lines and notes reach the records before the process ends.
+        shared.store.flush(Duration::from_secs(2)).await;
     }
 }
 
@@ -515,8 +620,21 @@ impl Handle {
             let Some(version) = record.current else {
                 continue;
             };
-            let Some(v) = self.shared.store.version(version)? else {
-                continue;
+            let v = match self.shared.store.version(version) {
+                Ok(Some(v)) => v,
+                Ok(None) => continue,
+                // One unreadable record must not keep the others down.
+                Err(e) => {
+                    let reason = format!(
+                        "its recorded version {version} cannot be read ({e}); deploy it again"
+                    );
+                    warn!("{}: {reason}", record.name);
+                    write(&self.shared.services)
+                        .entry(record.name.clone())
+                        .or_default()
+                        .failed = Some(reason);
+                    continue;
+                }
             };
             {
                 let mut services = write(&self.shared.services);
@@ -615,6 +733,9 @@ impl Handle {
                     version: d.version,
                 });
             }
+            if entry.removing {
+                return Err(DeployError::Removing { service: name });
+            }
             entry.deploying = Some(Deploying {
                 version: 0,
                 runtime: None,
@@ -651,6 +772,9 @@ impl Handle {
             Err(e) => {
                 let reason = e.to_string();
                 shared.unpin(version);
+                if spec.mode == skiff_model::Mode::Persistent {
+                    shared.prune_writable(&name);
+                }
                 if let Err(e) = shared.store.fail_version(version, &reason) {
                     warn!("recording the failure of {name} version {version}: {e}");
                 }
@@ -708,9 +832,14 @@ impl Handle {
         let (layers, build) = self.image(spec, version, &base).await?;
         shared.store.set_layers(version, &layers, build)?;
         let (rt, report) = self.start_runtime(spec, version, layers.clone()).await?;
-        shared
+        if let Err(e) = shared
             .store
-            .promote(&name, version, report.sandbox, report.app)?;
+            .promote(&name, version, report.sandbox, report.app)
+        {
+            // Not recorded as serving: it must not run unrecorded either.
+            rt.shutdown().await;
+            return Err(e.into());
+        }
         if let Err(e) = shared.images.set_ref(&name, &layers) {
             warn!("recording the image of {name}: {e}");
         }
@@ -726,7 +855,6 @@ impl Handle {
             old
         };
         let this = self.clone();
-        let image = service::image_name(&layers);
         tokio::spawn(async move {
             if let Some((old_version, old)) = old {
                 let drained = old.drain(old.drain_limit()).await;
@@ -748,10 +876,7 @@ impl Handle {
                 }
                 this.shared.unpin(old_version);
                 if old.persistent() {
-                    let dir = this.shared.writable_dir(&old.name);
-                    if let Err(e) = service::prune_writable(&dir, &image) {
-                        warn!("removing old writable layers of {}: {e}", old.name);
-                    }
+                    this.shared.prune_writable(&old.name);
                 }
             }
             this.shared.collect_images().await;
@@ -779,19 +904,27 @@ impl Handle {
         let shared = &self.shared;
         let name = spec.name.to_string();
         let log = shared.store.log_sender(&name, Some(version));
-        let rt =
-            ServiceRuntime::new(spec.clone(), layers, shared.clone(), log).map_err(|source| {
-                DeployError::Writable {
-                    dir: shared.writable_dir(&name),
-                    source,
-                }
-            })?;
-        if let Some(d) = write(&shared.services)
-            .get_mut(&name)
-            .and_then(|e| e.deploying.as_mut())
-        {
-            d.runtime = Some(rt.clone());
+        let rt = ServiceRuntime::new(spec.clone(), version, layers, shared.clone(), log).map_err(
+            |source| DeployError::Writable {
+                dir: shared.writable_dir(&name),
+                source,
+            },
+        )?;
+        let stopping = {
+            // Registered and checked under the lock shutdown snapshots
+            // under: either shutdown sees this runtime, or this sees the flag.
+            let mut services = write(&shared.services);
+            if let Some(d) = services.get_mut(&name).and_then(|e| e.deploying.as_mut()) {
+                d.runtime = Some(rt.clone());
+            }
+            shared.shutting_down.load(Ordering::SeqCst)
+        };
+        if stopping {
+            rt.shutdown().await;
+            return Err(DeployError::ShuttingDown);
         }
+        // A failure is recorded for diagnosis by the instance task, which
+        // sees it first (`ServiceRuntime::run_instance`).
         match rt.start_first().await {
             Ok(report) => Ok((rt, report)),
             Err(e) => {
@@ -874,31 +1007,41 @@ impl Handle {
     /// ref and its persistent files.
     pub async fn remove(&self, name: &str) -> Result<(), RemoveError> {
         let shared = &self.shared;
-        let entry = {
-            let mut services = write(&shared.services);
-            if let Some(d) = services.get(name).and_then(|e| e.deploying.as_ref()) {
-                return Err(RemoveError::DeployInProgress {
-                    service: name.to_string(),
-                    version: d.version,
-                });
-            }
-            services.remove(name)
-        };
         let recorded = shared.store.service(name)?.is_some();
-        if entry.is_none() && !recorded {
-            return Err(RemoveError::Unknown(name.to_string()));
-        }
-        if let Some(entry) = entry {
-            let runtimes: Vec<(i64, Arc<ServiceRuntime>)> =
-                entry.serving.into_iter().chain(entry.draining).collect();
-            let mut stopping = tokio::task::JoinSet::new();
-            for (version, rt) in runtimes {
-                shared.unpin(version);
-                stopping.spawn(async move { rt.shutdown().await });
+        let runtimes: Vec<(i64, Arc<ServiceRuntime>)> = {
+            let mut services = write(&shared.services);
+            match services.get_mut(name) {
+                None if !recorded => return Err(RemoveError::Unknown(name.to_string())),
+                None => Vec::new(),
+                Some(e) => {
+                    if let Some(d) = &e.deploying {
+                        return Err(RemoveError::DeployInProgress {
+                            service: name.to_string(),
+                            version: d.version,
+                        });
+                    }
+                    // The entry stays, marked, until the records are gone:
+                    // a deploy of the same name meanwhile is refused.
+                    e.removing = true;
+                    e.failed = None;
+                    e.serving
+                        .take()
+                        .into_iter()
+                        .chain(e.draining.drain(..))
+                        .collect()
+                }
             }
-            while stopping.join_next().await.is_some() {}
+        };
+        let mut stopping = tokio::task::JoinSet::new();
+        for (version, rt) in runtimes {
+            shared.unpin(version);
+            stopping.spawn(async move { rt.shutdown().await });
         }
-        shared.store.remove_service(name)?;
+        while stopping.join_next().await.is_some() {}
+        let removed = shared.store.remove_service(name);
+        write(&shared.services).remove(name);
+        lock(&shared.refusals).retain(|(s, _), _| s != name);
+        removed?;
         if let Err(e) = shared.images.remove_ref(name) {
             warn!("removing the image ref of {name}: {e}");
         }

@@ -46,6 +46,8 @@ struct Running {
 
 pub(crate) struct ServiceRuntime {
     pub name: String,
+    /// The version this runtime runs.
+    pub version: i64,
     spec: ServiceSpec,
     layers: Vec<PathBuf>,
     shared: Arc<Shared>,
@@ -70,6 +72,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl ServiceRuntime {
     pub fn new(
         spec: ServiceSpec,
+        version: i64,
         layers: Vec<PathBuf>,
         shared: Arc<Shared>,
         log: LogSender,
@@ -78,7 +81,7 @@ impl ServiceRuntime {
         let writable = if persistent {
             Some(writable_layer(
                 &shared.writable_dir(spec.name.as_str()),
-                &layers,
+                version,
             )?)
         } else {
             None
@@ -97,6 +100,7 @@ impl ServiceRuntime {
         };
         Ok(Arc::new(Self {
             name: spec.name.to_string(),
+            version,
             spec,
             layers,
             shared,
@@ -326,6 +330,7 @@ impl ServiceRuntime {
             Ok(s) => s,
             Err(e) => {
                 let reason = e.to_string();
+                shared.record_start_failure(&self.name, &e);
                 self.decide(|s| ((), s.on_start_failed(n, reason, Instant::now())));
                 if let Some(tx) = first {
                     let _ = tx.send(Err(e));
@@ -358,6 +363,16 @@ impl ServiceRuntime {
             lock(&self.core).freezers.insert(n, fz);
         }
         let report = started.report;
+        let record = crate::store::StartRecord {
+            service: self.name.clone(),
+            version: Some(self.version),
+            instance: id.clone(),
+            at: std::time::SystemTime::now(),
+            phases: report.phases,
+        };
+        if let Err(e) = shared.store.add_start(&record) {
+            warn!("{}: recording a start: {e}", self.name);
+        }
         self.decide(|s| ((), s.on_ready(n, Instant::now())));
         if first.is_none() {
             let _ = shared.events.send(Event::InstanceStarted {
@@ -400,6 +415,19 @@ impl ServiceRuntime {
                     let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
                 }
                 let mut reason = format!("exited ({exit})");
+                if instance::was_oom_killed(&started.instance) {
+                    let limit = self.spec.limits.memory;
+                    reason.push_str(&format!(
+                        ": out of memory (limit {})",
+                        skiff_model::format_size(limit)
+                    ));
+                    shared.record(
+                        &self.name,
+                        "error",
+                        crate::diagnose::events::OOM_KILL,
+                        &format!("Instance {id} was killed: {}", instance::oom_message(limit)),
+                    );
+                }
                 if let Some(last) = started.tail.lines().last() {
                     reason.push_str(&format!(", last output: {last:?}"));
                 }
@@ -541,21 +569,15 @@ impl ServiceRuntime {
     }
 }
 
-/// The name of the image made of `layers`: its top layer's, `img-…` for
-/// `img-…/upper`, or the source snapshot `src-…` when there was no build.
-pub(crate) fn image_name(layers: &[PathBuf]) -> String {
-    match layers.first() {
-        Some(top) if top.ends_with("upper") => top.parent().and_then(Path::file_name),
-        Some(top) => top.file_name(),
-        None => None,
-    }
-    .map_or_else(|| "base".to_string(), |n| n.to_string_lossy().into_owned())
+/// The directory of `version`'s writable layer under a persistent
+/// service's `dir`.
+pub(crate) fn writable_version_dir(dir: &Path, version: i64) -> PathBuf {
+    dir.join(format!("v{version}"))
 }
 
-/// Removes a persistent service's writable layers of images other than
-/// `keep` (called once the version using `keep` serves and the one before
-/// it has stopped).
-pub(crate) fn prune_writable(dir: &Path, keep: &str) -> std::io::Result<()> {
+/// Removes a persistent service's writable layers of every version but
+/// those in `keep` (the versions that still run).
+pub(crate) fn prune_writable(dir: &Path, keep: &[i64]) -> std::io::Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -563,25 +585,26 @@ pub(crate) fn prune_writable(dir: &Path, keep: &str) -> std::io::Result<()> {
     };
     for entry in entries {
         let entry = entry?;
-        if entry.file_name().to_string_lossy() != keep {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !keep.iter().any(|v| name == format!("v{v}")) {
             std::fs::remove_dir_all(entry.path())?;
         }
     }
     Ok(())
 }
 
-/// The writable layer of a persistent service for this image, under
-/// `dir/<image>`: kept across restarts of the same version; a new image
-/// gets a new one (the old one goes once the new version serves, see
-/// `prune_writable`). `/app` in it belongs to the run user, so the service
-/// can write its files next to its code.
-fn writable_layer(dir: &Path, layers: &[PathBuf]) -> std::io::Result<WritableLayer> {
+/// The writable layer of a persistent service's `version`, under
+/// `dir/v<version>`: kept across restarts of that version (crashes,
+/// platform restarts); a new version starts with a new one, since the old
+/// version still runs beside it until it has drained, and two overlays
+/// must never share an upper directory. `/app` in it belongs to the run
+/// user, so the service can write its files next to its code.
+fn writable_layer(dir: &Path, version: i64) -> std::io::Result<WritableLayer> {
     use std::os::unix::fs::PermissionsExt;
-    let image = image_name(layers);
-    std::fs::create_dir_all(dir)?;
+    let base = writable_version_dir(dir, version);
     let layer = WritableLayer {
-        upper: dir.join(&image).join("upper"),
-        work: dir.join(&image).join("work"),
+        upper: base.join("upper"),
+        work: base.join("work"),
     };
     std::fs::create_dir_all(&layer.work)?;
     let app = layer.upper.join(APP_PATH.trim_start_matches('/'));

@@ -66,7 +66,22 @@ CREATE TABLE IF NOT EXISTS events (
     message TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_service ON events(service, id);
+CREATE TABLE IF NOT EXISTS starts (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    service         TEXT NOT NULL,
+    version         INTEGER,
+    instance        TEXT NOT NULL,
+    at              INTEGER NOT NULL,
+    sandbox_ready   INTEGER NOT NULL,
+    process_started INTEGER NOT NULL,
+    port_listening  INTEGER NOT NULL,
+    first_answer    INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS starts_service ON starts(service, id);
 ";
+
+/// Starts kept per service.
+const START_RETENTION: i64 = 200;
 
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -193,6 +208,16 @@ pub struct EventRecord {
     pub message: String,
 }
 
+/// One instance start, phase by phase (microseconds from the request).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StartRecord {
+    pub service: String,
+    pub version: Option<i64>,
+    pub instance: String,
+    pub at: SystemTime,
+    pub phases: crate::Phases,
+}
+
 /// Which log lines to read.
 #[derive(Debug, Clone, Default)]
 pub struct LogQuery {
@@ -208,6 +233,9 @@ pub struct Store {
     conn: Mutex<Connection>,
     logs: SyncSender<LogRecord>,
     last_log: watch::Receiver<i64>,
+    /// Log lines handed to the writer, and those it has dealt with.
+    queued: Arc<AtomicU64>,
+    written: Arc<AtomicU64>,
 }
 
 fn ms(t: SystemTime) -> i64 {
@@ -249,15 +277,19 @@ impl Store {
         let writer = open_connection(&path).map_err(err)?;
         let (tx, rx) = mpsc::sync_channel(LOG_QUEUE);
         let (last_tx, last_log) = watch::channel(last);
+        let written = Arc::new(AtomicU64::new(0));
+        let done = written.clone();
         std::thread::Builder::new()
             .name("skiff-log-writer".into())
-            .spawn(move || write_logs(writer, rx, last_tx))
+            .spawn(move || write_logs(writer, rx, last_tx, done))
             .map_err(|e| err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
         Ok(Arc::new(Self {
             path,
             conn: Mutex::new(conn),
             logs: tx,
             last_log,
+            queued: Arc::new(AtomicU64::new(0)),
+            written,
         }))
     }
 
@@ -421,7 +453,7 @@ impl Store {
         let n = tx
             .execute("DELETE FROM services WHERE name = ?1", [name])
             .map_err(|e| self.err(e))?;
-        for table in ["versions", "logs", "events"] {
+        for table in ["versions", "logs", "events", "starts"] {
             tx.execute(&format!("DELETE FROM {table} WHERE service = ?1"), [name])
                 .map_err(|e| self.err(e))?;
         }
@@ -451,6 +483,65 @@ impl Store {
         .map_err(|e| self.err(e))
     }
 
+    /// Records one instance start.
+    pub fn add_start(&self, start: &StartRecord) -> Result<(), StoreError> {
+        let us = |d: Duration| d.as_micros() as i64;
+        let p = &start.phases;
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO starts(service, version, instance, at, sandbox_ready, process_started, \
+             port_listening, first_answer) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                start.service,
+                start.version,
+                start.instance,
+                ms(start.at),
+                us(p.sandbox_ready),
+                us(p.process_started),
+                us(p.port_listening),
+                us(p.first_answer)
+            ],
+        )
+        .map_err(|e| self.err(e))?;
+        conn.execute(
+            "DELETE FROM starts WHERE service = ?1 AND id <= \
+             (SELECT id FROM starts WHERE service = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+            params![start.service, START_RETENTION],
+        )
+        .map(drop)
+        .map_err(|e| self.err(e))
+    }
+
+    /// The service's newest starts, newest first.
+    pub fn starts(&self, service: &str, limit: u32) -> Result<Vec<StartRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn
+            .prepare(
+                "SELECT service, version, instance, at, sandbox_ready, process_started, \
+                 port_listening, first_answer FROM starts WHERE service = ?1 \
+                 ORDER BY id DESC LIMIT ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let us = |v: i64| Duration::from_micros(v.max(0) as u64);
+        let rows = stmt
+            .query_map(params![service, limit], |r| {
+                Ok(StartRecord {
+                    service: r.get(0)?,
+                    version: r.get(1)?,
+                    instance: r.get(2)?,
+                    at: time(r.get(3)?),
+                    phases: crate::Phases {
+                        sandbox_ready: us(r.get(4)?),
+                        process_started: us(r.get(5)?),
+                        port_listening: us(r.get(6)?),
+                        first_answer: us(r.get(7)?),
+                    },
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+
     /// The service's newest events, oldest first.
     pub fn events(&self, service: &str, limit: u32) -> Result<Vec<EventRecord>, StoreError> {
         let conn = self.conn();
@@ -475,9 +566,19 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
 
+    /// Waits (at most `limit`) until every log line sent so far is stored.
+    pub async fn flush(&self, limit: Duration) {
+        let target = self.queued.load(Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + limit;
+        while self.written.load(Ordering::SeqCst) < target && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// A handle that records `service`'s log lines.
     pub fn log_sender(&self, service: &str, version: Option<i64>) -> LogSender {
         LogSender {
+            queued: self.queued.clone(),
             tx: self.logs.clone(),
             service: service.to_string(),
             version,
@@ -564,6 +665,7 @@ fn version_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VersionRecord> {
 /// Records one service's log lines (cheap to clone; never blocks).
 #[derive(Clone)]
 pub struct LogSender {
+    queued: Arc<AtomicU64>,
     tx: SyncSender<LogRecord>,
     service: String,
     version: Option<i64>,
@@ -588,13 +690,21 @@ impl LogSender {
                 &format!("{dropped} log lines were dropped: the service wrote faster than they could be stored"),
                 at,
             );
-            if self.tx.try_send(note).is_err() {
-                self.dropped.fetch_add(dropped, Ordering::Relaxed);
+            match self.tx.try_send(note) {
+                Ok(()) => {
+                    self.queued.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(_) => {
+                    self.dropped.fetch_add(dropped, Ordering::Relaxed);
+                }
             }
         }
         let record = self.record(source, stream, instance, line, at);
         match self.tx.try_send(record) {
-            Ok(()) | Err(TrySendError::Disconnected(_)) => {}
+            Ok(()) => {
+                self.queued.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(TrySendError::Disconnected(_)) => {}
             Err(TrySendError::Full(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
@@ -624,7 +734,12 @@ impl LogSender {
 
 /// The log writer thread: batches of lines in one transaction each; old
 /// lines pruned now and then. Ends when every sender is gone.
-fn write_logs(mut conn: Connection, rx: Receiver<LogRecord>, last: watch::Sender<i64>) {
+fn write_logs(
+    mut conn: Connection,
+    rx: Receiver<LogRecord>,
+    last: watch::Sender<i64>,
+    written: Arc<AtomicU64>,
+) {
     let mut since_prune = 0u32;
     let mut touched = std::collections::HashSet::new();
     while let Ok(first) = rx.recv() {
@@ -665,6 +780,7 @@ fn write_logs(mut conn: Connection, rx: Receiver<LogRecord>, last: watch::Sender
             }
             Err(e) => tracing::warn!("storing {} log lines: {e}", batch.len()),
         }
+        written.fetch_add(batch.len() as u64, Ordering::SeqCst);
         since_prune += batch.len() as u32;
         touched.extend(batch.into_iter().map(|r| r.service));
         if since_prune >= 4096 {

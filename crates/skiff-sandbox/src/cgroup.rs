@@ -162,6 +162,18 @@ impl Cgroups {
             .collect()
     }
 
+    /// How many processes the kernel killed for going over the memory
+    /// limit (v1 `memory.oom_control`, `oom_kill`; 0 when unknown).
+    pub fn oom_kills(&self) -> u64 {
+        fs::read_to_string(self.v1[0].join("memory.oom_control"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
     /// Whether any process is left (cgroup2 `populated`).
     pub fn populated(&self) -> bool {
         fs::read_to_string(self.unified.join("cgroup.events"))

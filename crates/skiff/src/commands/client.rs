@@ -137,8 +137,8 @@ pub fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// "2 running, 1 suspended" or "none".
-pub fn instances(i: &skiff_api::types::Instances) -> String {
+/// "2 running, 1 suspended", or why there are none.
+pub fn instances(i: &skiff_api::types::Instances, state: &str) -> String {
     let mut parts = Vec::new();
     for (n, what) in [
         (i.running, "running"),
@@ -150,7 +150,10 @@ pub fn instances(i: &skiff_api::types::Instances) -> String {
         }
     }
     if parts.is_empty() {
-        "none (scaled to zero)".into()
+        match state {
+            "ready" => "none (scaled to zero)".into(),
+            _ => "none".into(),
+        }
     } else {
         parts.join(", ")
     }

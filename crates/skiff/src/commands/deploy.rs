@@ -102,10 +102,18 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            DeployMessage::Failed { error, findings } => {
+            DeployMessage::Failed {
+                error,
+                findings,
+                serving,
+            } => {
                 if !args.client.json {
+                    let still = match serving {
+                        Some(v) => format!("version {v} still serves"),
+                        None => "nothing serves yet".into(),
+                    };
                     eprintln!(
-                        "{} {name} failed to deploy; what served before still serves:\n{}",
+                        "{} {name} failed to deploy ({still}):\n{}",
                         paint.red("error:"),
                         indent(&error)
                     );

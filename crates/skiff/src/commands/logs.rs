@@ -7,6 +7,7 @@ use bytes::Bytes;
 use clap::Args;
 use http::Method;
 use skiff_api::types::LogLine;
+use skiff_runtime::diagnose::Diagnoser;
 
 use super::client::{ClientArgs, Paint};
 use super::rm::path_segment;
@@ -46,11 +47,20 @@ pub async fn run(args: LogsArgs) -> anyhow::Result<ExitCode> {
     let client = args.client.client()?;
     let mut lines = client.stream(Method::GET, &path, Bytes::new()).await?;
     let p = Paint::stdout();
+    // Known errors are explained under the line where they first show.
+    let mut diagnoser = Diagnoser::default();
     while let Some(l) = lines.next::<LogLine>().await? {
         if args.client.json {
             println!("{}", serde_json::to_string(&l)?);
             continue;
         }
+        let finding = (l.source == "run")
+            .then(|| {
+                diagnoser
+                    .observe(&l.line, std::time::SystemTime::now())
+                    .cloned()
+            })
+            .flatten();
         let tag = match (l.source.as_str(), &l.instance) {
             ("build", _) => "build".to_string(),
             ("platform", _) => "skiff".to_string(),
@@ -63,6 +73,17 @@ pub async fn run(args: LogsArgs) -> anyhow::Result<ExitCode> {
             tag
         };
         println!("{} {text} | {}", p.dim(&l.at), l.line);
+        if let Some(f) = finding {
+            println!(
+                "{} {}
+    why: {}
+    fix: {}",
+                p.red("  ^ skiff:"),
+                f.what,
+                f.why,
+                f.fix
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

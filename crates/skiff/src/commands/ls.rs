@@ -32,7 +32,7 @@ pub async fn run(args: LsArgs) -> anyhow::Result<ExitCode> {
                 s.name.clone(),
                 s.state.clone(),
                 s.version.map_or("-".into(), |v| v.to_string()),
-                instances(&s.instances),
+                instances(&s.instances, &s.state),
                 s.url.clone(),
             ]
         })

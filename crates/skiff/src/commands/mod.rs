@@ -2,6 +2,7 @@
 
 mod client;
 mod deploy;
+mod doctor;
 mod logs;
 mod ls;
 mod rm;
@@ -43,6 +44,9 @@ enum Command {
     Logs(logs::LogsArgs),
     /// Stop and remove a service and its data.
     Rm(rm::RmArgs),
+    /// Diagnose a service against the common errors: cause and fix for
+    /// each finding, and where the time of its starts went.
+    Doctor(doctor::DoctorArgs),
 }
 
 /// The manifest fields the command line overrides (INTERFACE.md).
@@ -172,5 +176,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => runtime.block_on(status::run(args)),
         Command::Logs(args) => runtime.block_on(logs::run(args)),
         Command::Rm(args) => runtime.block_on(rm::run(args)),
+        Command::Doctor(args) => runtime.block_on(doctor::run(args)),
     }
 }

@@ -8,6 +8,7 @@ use skiff_api::types::ServiceStatus;
 
 use super::client::{instances, print_json, ClientArgs, Paint};
 use super::deploy::indent;
+use super::doctor::{phase_header, phase_row};
 use super::rm::path_segment;
 
 #[derive(Debug, Args)]
@@ -36,7 +37,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         "  version:    {}",
         sum.version.map_or("-".into(), |v| v.to_string())
     );
-    println!("  instances:  {}", instances(&sum.instances));
+    println!("  instances:  {}", instances(&sum.instances, &sum.state));
     if s.draining > 0 {
         println!(
             "  draining:   {} replaced version(s) answering what they accepted",
@@ -75,6 +76,11 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    if let Some(start) = &s.last_start {
+        println!("{}", p.bold("last start (ms from the request to start):"));
+        println!("{}", phase_header());
+        println!("{}", phase_row(start));
+    }
     if !s.recent_errors.is_empty() {
         println!("{}", p.bold("last errors:"));
         for e in &s.recent_errors {
@@ -86,7 +92,7 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if !s.findings.is_empty() {
-        println!("{}", p.bold("diagnosis:"));
+        println!("{}", p.bold("diagnosis (skiff doctor shows the evidence):"));
         for f in &s.findings {
             println!(
                 "  {} (seen {}x, last {})\n    why: {}\n    fix: {}",
