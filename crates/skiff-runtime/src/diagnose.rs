@@ -354,8 +354,11 @@ fn classify(line: &str, previous: &str) -> Option<Classified> {
         .iter()
         .any(|w| lower.contains(w) || previous.contains(&format!("{w}(")));
     if denied && about_a_socket && path_in(line).is_none() {
-        let port = line
-            .split(|c: char| !c.is_ascii_digit())
+        // Error numbers ("[Errno 13]", "errno: -13") are not ports.
+        let without_errno = lower.replace("errno ", "errno").replace("errno: ", "errno");
+        let port = without_errno
+            .split(|c: char| !c.is_ascii_alphanumeric())
+            .filter(|w| !w.starts_with("errno"))
             .filter_map(|w| w.parse::<u32>().ok())
             .find(|p| (1..1024).contains(p));
         let what = match port {
@@ -470,6 +473,19 @@ fn root_only(tool: &str, _line: &str) -> Option<Classified> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_number_is_not_taken_for_a_port() {
+        let found = diagnose_lines([
+            "    self.socket.bind(self.server_address)",
+            "PermissionError: [Errno 13] Permission denied",
+        ]);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].kind, FindingKind::PrivilegedPort);
+        assert!(!found[0].what.contains("13"), "{}", found[0].what);
+        let node = diagnose_lines(["Error: listen EACCES: permission denied 0.0.0.0:80"]);
+        assert!(node[0].what.contains("port 80"), "{}", node[0].what);
+    }
 
     #[test]
     fn recognises_the_common_errors() {

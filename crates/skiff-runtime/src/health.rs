@@ -130,9 +130,9 @@ pub fn describe_listeners(listeners: &[SocketAddr], port: u16) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "The service is listening on {list}, not on port {port}. Make it listen on the port \
-         configured in skiff.toml (port = {port}; skiff passes it in the PORT environment \
-         variable), or set port to the one it uses."
+        "The service is listening on {list}, expected 0.0.0.0:{port}. Make it listen on \
+         0.0.0.0 and the port configured in skiff.toml (port = {port}; skiff passes it in the \
+         PORT environment variable), or set port to the one it uses."
     )
 }
 
@@ -169,7 +169,7 @@ mod tests {
     fn describes() {
         let s = describe_listeners(&["127.0.0.1:3000".parse().unwrap()], 8080);
         assert!(
-            s.contains("listening on 127.0.0.1:3000, not on port 8080"),
+            s.contains("listening on 127.0.0.1:3000, expected 0.0.0.0:8080"),
             "{s}"
         );
         assert!(describe_listeners(&[], 8080).contains("not listening on any TCP port"));

@@ -6,6 +6,7 @@
 mod build;
 mod daemon;
 mod diagnose;
+mod doctor;
 mod gateway;
 mod persistent;
 mod sandbox;

@@ -254,7 +254,7 @@ fn wrong_port_gets_the_exact_message_and_what_it_listens_on() {
         "{err}"
     );
     assert!(
-        err.contains("listening on 127.0.0.1:3000, not on port 8080"),
+        err.contains("listening on 127.0.0.1:3000, expected 0.0.0.0:8080"),
         "{err}"
     );
     assert!(

@@ -1,0 +1,276 @@
+//! `skiff doctor` (and `status`, `logs`): each common error, made for real
+//! by a small app on a real daemon, shows up with its cause and its fix;
+//! a healthy app gets no finding; starts are timed phase by phase.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::{unique, App, Up};
+
+fn doctor(d: &Up, name: &str) -> Value {
+    let (status, out, err) = d.cli(&["doctor", name, "--json"]);
+    assert!(status.success(), "skiff doctor failed: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+/// Waits until doctor reports a finding of `kind` (log lines and events
+/// are stored a moment after they happen); returns it.
+fn finding(d: &Up, name: &str, kind: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let doc = doctor(d, name);
+        if let Some(f) = doc["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["kind"] == kind)
+        {
+            return f.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {kind} finding for {name}: {doc:#}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn has(f: &Value, field: &str, text: &str) {
+    let value = f[field].as_str().unwrap_or_default();
+    assert!(
+        value.contains(text),
+        "{field} should contain {text:?}: {f:#}"
+    );
+}
+
+fn deploy(d: &Up, app: &App) -> (bool, String) {
+    let (status, _, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    (status.success(), err)
+}
+
+/// A raw request through the gateway; the status code.
+fn request(d: &Up, name: &str, head: &str) -> u16 {
+    let mut s = TcpStream::connect(("127.0.0.1", d.port.unwrap())).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let req = format!("{head}\r\nHost: {name}.localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    String::from_utf8_lossy(&raw)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+const SERVER: &str = r#"
+import os, time, multiprocessing
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"ok"
+        if self.path == "/save":
+            open("/app/data.txt", "w").write("x")
+        elif self.path == "/lock":
+            multiprocessing.Lock()
+        elif self.path == "/big":
+            body = b"x" * (7 << 20)
+        elif self.path == "/slow":
+            time.sleep(3)
+        elif self.path == "/eat":
+            hog = bytearray(512 << 20)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+fn server_app(name: &str, extra: &str) -> App {
+    App::new(
+        &format!("name = \"{name}\"\nstart = \"exec python3 app.py\"\n{extra}"),
+        &[("app.py", SERVER)],
+    )
+}
+
+#[test]
+fn run_time_errors_in_the_output_are_diagnosed() {
+    let d = Up::serve(None, &[]);
+    let name = unique("dr-out");
+    assert!(deploy(&d, &server_app(&name, "")).0);
+    for _ in 0..3 {
+        request(&d, &name, "GET /save HTTP/1.1");
+    }
+    request(&d, &name, "GET /lock HTTP/1.1");
+
+    let f = finding(&d, &name, "ReadOnlyFileSystem");
+    has(&f, "what", "/app/data.txt");
+    has(&f, "fix", "/tmp/data.txt");
+    has(&f, "evidence", "Read-only file system");
+    assert!(
+        f["count"].as_u64().unwrap() >= 3,
+        "counted, not repeated: {f:#}"
+    );
+    let f = finding(&d, &name, "SharedMemory");
+    has(&f, "fix", "pipes or sockets");
+
+    // Shown once each, in the human output too, with the evidence.
+    let (_, out, _) = d.cli(&["doctor", &name]);
+    assert_eq!(
+        out.matches("/app/data.txt, outside /tmp").count(),
+        1,
+        "{out}"
+    );
+    assert!(out.contains("evidence:") && out.contains("fix:"), "{out}");
+    // Status points at them; logs explain them under the first such line.
+    let (_, out, _) = d.cli(&["status", &name]);
+    assert!(
+        out.contains("diagnosis") && out.contains("/app/data.txt"),
+        "{out}"
+    );
+    let (_, out, _) = d.cli(&["logs", &name]);
+    assert_eq!(
+        out.matches("^ skiff: The service tried to write /app/data.txt")
+            .count(),
+        1,
+        "{out}"
+    );
+
+    // Build-user vs run-user: a file the build made as root.
+    let owner = unique("dr-owner");
+    let app = App::new(
+        &format!(
+            "name = \"{owner}\"\nmode = \"persistent\"\nbuild = \"echo root > /app/data.txt\"\n\
+             start = \"exec python3 app.py\"\n"
+        ),
+        &[("app.py", SERVER)],
+    );
+    let (ok, err) = deploy(&d, &app);
+    assert!(ok, "{err}");
+    request(&d, &owner, "GET /save HTTP/1.1");
+    let f = finding(&d, &owner, "RunUserPermission");
+    has(&f, "what", "/app/data.txt");
+    has(&f, "why", "build runs as root");
+}
+
+#[test]
+fn failed_starts_are_diagnosed() {
+    let d = Up::serve(None, &[]);
+    for (start, kind, what, fix) in [
+        (
+            "python3 -c 'import flask'",
+            "MissingPythonModule",
+            "flask",
+            "requirements.txt",
+        ),
+        (
+            "gunicorn app:app",
+            "CommandNotFound",
+            "gunicorn",
+            "build command",
+        ),
+        (
+            "exec python3 -m http.server 80",
+            "PrivilegedPort",
+            "below 1024",
+            "$PORT",
+        ),
+        (
+            "apt-get install -y jq",
+            "RootOnlyCommand",
+            "apt-get",
+            "build command",
+        ),
+        (
+            "exec python3 -m http.server 3000 --bind 127.0.0.1",
+            "PortNotListening",
+            "listening on 127.0.0.1:3000, expected 0.0.0.0:8080",
+            "0.0.0.0",
+        ),
+    ] {
+        let name = unique("dr-start");
+        let app = App::new(
+            &format!("name = \"{name}\"\nstart = {start:?}\n[limits]\nstart_timeout = \"2s\"\n"),
+            &[],
+        );
+        let (ok, err) = deploy(&d, &app);
+        assert!(!ok, "{start}: the deploy must fail");
+        let f = finding(&d, &name, kind);
+        has(&f, "what", what);
+        has(&f, "fix", fix);
+        // The deploy's own output said it too.
+        assert!(err.contains(fix) || err.contains(what), "{start}: {err}");
+    }
+}
+
+#[test]
+fn gateway_refusals_and_out_of_memory_kills_are_diagnosed() {
+    let d = Up::serve(None, &[]);
+    let name = unique("dr-gw");
+    let app = server_app(
+        &name,
+        "[limits]\nrequest_timeout = \"1s\"\nmemory = \"128MiB\"\n",
+    );
+    assert!(deploy(&d, &app).0);
+
+    assert_eq!(request(&d, &name, "GET /big HTTP/1.1"), 502);
+    let f = finding(&d, &name, "ResponseTooLarge");
+    has(&f, "fix", "object storage");
+    has(&f, "evidence", "6MiB");
+
+    assert_eq!(request(&d, &name, "GET /slow HTTP/1.1"), 504);
+    let f = finding(&d, &name, "RequestTimeout");
+    has(&f, "fix", "mode = \"persistent\"");
+    has(&f, "evidence", "1s");
+
+    let ws = "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==";
+    assert_eq!(request(&d, &name, ws), 501);
+    let f = finding(&d, &name, "StreamingNeedsPersistent");
+    has(&f, "fix", "mode = \"persistent\"");
+
+    assert_eq!(request(&d, &name, "GET /eat HTTP/1.1"), 502);
+    let f = finding(&d, &name, "OutOfMemory");
+    has(&f, "what", "128MiB");
+    has(&f, "fix", "memory = ");
+    // The service still serves: the next request gets a new instance.
+    assert_eq!(request(&d, &name, "GET / HTTP/1.1"), 200);
+}
+
+#[test]
+fn a_healthy_app_gets_no_finding_and_timed_starts() {
+    let d = Up::serve(None, &[]);
+    let name = unique("dr-ok");
+    assert!(deploy(&d, &server_app(&name, "")).0);
+    for _ in 0..5 {
+        assert_eq!(request(&d, &name, "GET / HTTP/1.1"), 200);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let doc = doctor(&d, &name);
+    assert_eq!(doc["findings"].as_array().unwrap().len(), 0, "{doc:#}");
+    let start = &doc["starts"][0];
+    let phases: Vec<f64> = [
+        "sandbox_ready_ms",
+        "process_started_ms",
+        "port_listening_ms",
+        "first_answer_ms",
+    ]
+    .iter()
+    .map(|p| start[p].as_f64().unwrap())
+    .collect();
+    assert!(phases[0] > 0.0, "{start}");
+    assert!(
+        phases.windows(2).all(|w| w[0] <= w[1]),
+        "phases in order: {start}"
+    );
+    let (_, out, _) = d.cli(&["doctor", &name]);
+    assert!(
+        out.contains("No known problem found") && out.contains("port listening"),
+        "{out}"
+    );
+    let (_, out, _) = d.cli(&["status", &name]);
+    assert!(out.contains("first answer"), "{out}");
+}
