@@ -40,6 +40,9 @@ pub enum FindingKind {
     StreamingNeedsPersistent,
     /// Instances ended while handling requests.
     InstanceCrashed,
+    /// Background work (schedulers, heartbeats, work after the response)
+    /// ran late: a serverless instance has no CPU between requests.
+    BackgroundWorkStalled,
 }
 
 /// One diagnosis: what happened (with the evidence), why, what to do.
@@ -84,6 +87,9 @@ const WHY_REQUEST_SIZE: &str = "a serverless service accepts request bodies up t
      limits.max_request (default 6MiB)";
 const WHY_STREAMING: &str = "serverless services serve short request/response exchanges; \
      long-lived connections (WebSocket, server push) need a persistent instance";
+const WHY_SUSPENDED: &str = "a serverless instance gets CPU only while a request is in flight: \
+     it is frozen limits.idle_suspend after the last request ends (default: at once), so \
+     schedulers, heartbeats and work started after the response stop until the next request";
 const WHY_CRASH: &str = "requests in flight on an instance that ends get 502; the platform \
      starts another for the next request";
 
@@ -150,6 +156,7 @@ impl Diagnoser {
             FindingKind::RequestTooLarge => WHY_REQUEST_SIZE,
             FindingKind::StreamingNeedsPersistent => WHY_STREAMING,
             FindingKind::InstanceCrashed => WHY_CRASH,
+            FindingKind::BackgroundWorkStalled => WHY_SUSPENDED,
         };
         let key = (kind, subject);
         let mut new = false;
@@ -199,6 +206,48 @@ impl std::fmt::Display for Finding {
         }
         Ok(())
     }
+}
+
+/// What background work says when it ran late because the instance had no
+/// CPU: APScheduler's missed runs, gunicorn's arbiter finding its workers'
+/// heartbeats stale, missed heartbeats of workers and clients.
+fn stalled(line: &str, lower: &str) -> Option<Classified> {
+    let (subject, what) = if lower.contains("was missed by") {
+        (
+            "scheduler",
+            "A scheduled job ran late (\"was missed by\"): the scheduler's thread had no CPU \
+             between requests."
+                .to_string(),
+        )
+    } else if lower.contains("worker timeout") {
+        (
+            "gunicorn",
+            "Gunicorn killed a worker for a stale heartbeat (WORKER TIMEOUT) after the instance \
+             had no CPU between requests."
+                .to_string(),
+        )
+    } else if lower.contains("heartbeat")
+        && (lower.contains("missed") || lower.contains("timed out"))
+    {
+        (
+            "heartbeat",
+            format!(
+                "A heartbeat was missed while the instance had no CPU between requests: {}",
+                line.trim()
+            ),
+        )
+    } else {
+        return None;
+    };
+    Some((
+        FindingKind::BackgroundWorkStalled,
+        subject.into(),
+        what,
+        "Do the work inside the request, before answering; trigger scheduled jobs from \
+         outside (a cron that calls an endpoint); or run the service with mode = \
+         \"persistent\", which is never frozen. (For gunicorn, also raise --timeout.)"
+            .into(),
+    ))
 }
 
 /// The event kinds the platform records that the rules know.
@@ -310,6 +359,9 @@ type Classified = (FindingKind, String, String, String);
 /// The rules, most specific first. `previous` is the line before, lowercase.
 fn classify(line: &str, previous: &str) -> Option<Classified> {
     let lower = line.to_ascii_lowercase();
+    if let Some(c) = stalled(line, &lower) {
+        return Some(c);
+    }
     let failed = lower.contains("error") || lower.contains("denied");
     if lower.contains("/dev/shm")
         || (lower.contains("semlock") && lower.contains("not implemented"))
@@ -473,6 +525,22 @@ fn root_only(tool: &str, _line: &str) -> Option<Classified> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn late_background_work_points_at_cpu_suspension() {
+        for line in [
+            "WARNING:apscheduler.executors.default:Run time of job \"tick (trigger: \
+             interval[0:00:01])\" was missed by 0:00:02.004",
+            "[2026-11-28 06:00:00 +0000] [7] [CRITICAL] WORKER TIMEOUT (pid:9)",
+            "celery@web: missed heartbeat from worker1",
+        ] {
+            let found = diagnose_lines([line]);
+            assert_eq!(found.len(), 1, "{line}: {found:?}");
+            assert_eq!(found[0].kind, FindingKind::BackgroundWorkStalled);
+            assert!(found[0].fix.contains("persistent"));
+        }
+        assert!(diagnose_lines(["heartbeat ok", "job ran in 0.2s"]).is_empty());
+    }
 
     #[test]
     fn an_error_number_is_not_taken_for_a_port() {

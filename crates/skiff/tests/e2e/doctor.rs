@@ -274,3 +274,71 @@ fn a_healthy_app_gets_no_finding_and_timed_starts() {
     let (_, out, _) = d.cli(&["status", &name]);
     assert!(out.contains("first answer"), "{out}");
 }
+
+/// A real scheduler (APScheduler, from PyPI) ticking every second in a
+/// background thread, as people put into web apps.
+const CRON: &str = r#"
+import logging, os, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from apscheduler.schedulers.background import BackgroundScheduler
+logging.basicConfig(level=logging.WARNING)
+def tick():
+    print("tick", flush=True)
+scheduler = BackgroundScheduler()
+scheduler.add_job(tick, "interval", seconds=1, misfire_grace_time=1, coalesce=False)
+scheduler.start()
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        time.sleep(0.3)
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+#[test]
+fn background_work_stalled_by_cpu_suspension_is_diagnosed() {
+    let d = Up::serve(None, &[]);
+    let name = unique("dr-cron");
+    let app = App::new(
+        &format!(
+            "name = \"{name}\"\n\
+             build = \"python3 -m venv .venv && .venv/bin/pip install -q apscheduler==3.11.0\"\n\
+             start = \"exec .venv/bin/python app.py\"\n"
+        ),
+        &[("app.py", CRON)],
+    );
+    let (ok, err) = deploy(&d, &app);
+    assert!(ok, "{err}");
+    assert_eq!(request(&d, &name, "GET / HTTP/1.1"), 200);
+    // Frozen between requests: the scheduler's runs are missed meanwhile.
+    std::thread::sleep(Duration::from_millis(3500));
+    assert_eq!(request(&d, &name, "GET / HTTP/1.1"), 200);
+    let f = finding(&d, &name, "BackgroundWorkStalled");
+    has(&f, "evidence", "was missed by");
+    has(&f, "why", "only while a request is in flight");
+    has(&f, "fix", "mode = \"persistent\"");
+
+    // The fix works: persistent, the same app misses nothing.
+    let kept = unique("dr-cron-kept");
+    let (status, _, err) = d.cli(&[
+        "deploy",
+        app.path().to_str().unwrap(),
+        "--name",
+        &kept,
+        "--mode",
+        "persistent",
+    ]);
+    assert!(status.success(), "{err}");
+    assert_eq!(request(&d, &kept, "GET / HTTP/1.1"), 200);
+    std::thread::sleep(Duration::from_millis(3500));
+    assert_eq!(request(&d, &kept, "GET / HTTP/1.1"), 200);
+    let (_, out, _) = d.cli(&["logs", &kept]);
+    assert!(
+        out.matches("| tick").count() >= 3,
+        "the scheduler ran: {out}"
+    );
+    let doc = doctor(&d, &kept);
+    assert_eq!(doc["findings"].as_array().unwrap().len(), 0, "{doc:#}");
+}
