@@ -59,7 +59,7 @@ idle_suspend = "1h"
 idle_stop = "1h"
 TOML
 
-"$SKIFF" up "$work/app" --listen 127.0.0.1:0 --state "$work/state" > "$work/up.out" 2> "$work/up.err" &
+"$SKIFF" up "$work/app" --listen 127.0.0.1:0 --api 127.0.0.1:0 --state "$work/state" > "$work/up.out" 2> "$work/up.err" &
 skiff_pid=$!
 for _ in $(seq 1 600); do
     grep -q '^http://' "$work/up.out" 2>/dev/null && break

@@ -11,6 +11,7 @@
 mod error;
 mod proxy;
 mod route;
+mod threads;
 mod upstream_io;
 
 pub use error::{ErrorKind, Source};
@@ -19,3 +20,4 @@ pub use route::{
     host_to_service, Connect, ConnectFuture, ExchangeLimits, FailureFuture, Lease, Route,
     RouteFuture, Router, Upstream,
 };
+pub use threads::{GatewayThreads, Listeners};

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
-use skiff_gateway::{ErrorKind, Gateway, GatewayConfig, GatewayError, Route, Router, Upstream};
+use skiff_gateway::{
+    ErrorKind, GatewayConfig, GatewayError, GatewayThreads, Listeners, Route, Router, Upstream,
+};
 use skiff_model::ServiceSpec;
 use skiff_sandbox::{Cgroups, Sandbox, CGROUP_ROOT};
 use tokio::sync::{broadcast, watch};
@@ -41,6 +43,8 @@ pub struct PlatformConfig {
     pub mirror: String,
     /// A client must send a request's headers within this.
     pub header_read_timeout: std::time::Duration,
+    /// Threads that serve the gateway (one per core is best).
+    pub gateway_threads: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +230,9 @@ pub(crate) struct Shared {
     next_instance: AtomicU64,
     gateway_addr: SocketAddr,
     images: ImageStore,
+    /// The platform's runtime: instance tasks are spawned here, also when
+    /// the decision to start one is taken on a gateway thread.
+    pub(crate) runtime: tokio::runtime::Handle,
     /// Held while the platform runs: one platform per state directory.
     _state_lock: nix::fcntl::Flock<std::fs::File>,
 }
@@ -440,8 +447,11 @@ const REFUSAL_EVERY: Duration = Duration::from_secs(1);
 /// kills every instance (their helpers die with this process).
 pub struct Platform {
     handle: Handle,
-    gateway_stop: watch::Sender<bool>,
-    gateway_task: JoinHandle<()>,
+    /// The gateway threads accept connections while this is true, and
+    /// serve those they have while `running` is.
+    accepting: watch::Sender<bool>,
+    running: watch::Sender<bool>,
+    gateway: Option<GatewayThreads>,
     recorder: JoinHandle<()>,
 }
 
@@ -501,11 +511,9 @@ impl Platform {
         if !swept.is_empty() {
             info!("removed cgroups left by a platform that was killed: {swept:?}");
         }
-        let listener = Gateway::bind(config.listen).await?;
-        let gateway_addr = listener.local_addr().map_err(|source| GatewayError::Bind {
-            addr: config.listen,
-            source,
-        })?;
+        let threads = config.gateway_threads.max(1);
+        let listeners = Listeners::bind(config.listen, threads)?;
+        let gateway_addr = listeners.addr();
         let (events, _) = broadcast::channel(4096);
         let shared = Arc::new(Shared {
             sandbox: Sandbox::new(config.helper.clone()),
@@ -521,24 +529,31 @@ impl Platform {
             next_instance: AtomicU64::new(1),
             gateway_addr,
             images,
+            runtime: tokio::runtime::Handle::current(),
             _state_lock: state_lock,
         });
         let recorder = tokio::spawn(record_events(shared.clone(), shared.events.subscribe()));
-        let gateway = Gateway::new(
+        let (accepting, accepting_rx) = watch::channel(true);
+        let (running, running_rx) = watch::channel(true);
+        let gateway = GatewayThreads::spawn(
             shared.clone(),
             GatewayConfig {
                 header_read_timeout: shared.config.header_read_timeout,
                 ..GatewayConfig::new(&shared.config.domain)
             },
-        );
-        let (gateway_stop, mut stop_rx) = watch::channel(false);
-        let gateway_task = tokio::spawn(gateway.serve(listener, async move {
-            let _ = stop_rx.wait_for(|stop| *stop).await;
-        }));
+            listeners,
+            accepting_rx,
+            running_rx,
+        )
+        .map_err(|source| PlatformError::State {
+            dir: shared.config.state_dir.clone(),
+            source,
+        })?;
         Ok(Self {
             handle: Handle { shared },
-            gateway_stop,
-            gateway_task,
+            accepting,
+            running,
+            gateway: Some(gateway),
             recorder,
         })
     }
@@ -551,11 +566,10 @@ impl Platform {
     /// `SHUTDOWN_DRAIN`), then stops every instance (SIGTERM, then SIGKILL
     /// after a grace period) and removes their cgroups. Nothing is left
     /// running.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         let shared = &self.handle.shared;
         shared.shutting_down.store(true, Ordering::SeqCst);
-        let _ = self.gateway_stop.send(true);
-        let _ = self.gateway_task.await;
+        let _ = self.accepting.send(false);
         let runtimes: Vec<Arc<ServiceRuntime>> = read(&shared.services)
             .values()
             .flat_map(|e| {
@@ -578,6 +592,10 @@ impl Platform {
         }
         while stopping.join_next().await.is_some() {}
         self.recorder.abort();
+        let _ = self.running.send(false);
+        if let Some(gateway) = self.gateway.take() {
+            let _ = tokio::task::spawn_blocking(move || gateway.join()).await;
+        }
         // The last lines and notes reach the records before the process ends.
         shared.store.flush(Duration::from_secs(2)).await;
     }

@@ -288,7 +288,12 @@ impl ServiceRuntime {
         n: InstanceNo,
         first: Option<oneshot::Sender<Result<StartReport, StartError>>>,
     ) {
-        let task = tokio::spawn(self.clone().run_instance(n, first));
+        // On the platform's runtime: the decision may be taken on a gateway
+        // thread, whose runtime must only serve traffic.
+        let task = self
+            .shared
+            .runtime
+            .spawn(self.clone().run_instance(n, first));
         let mut tasks = lock(&self.tasks);
         tasks.retain(|t| !t.is_finished());
         tasks.push(task);

@@ -139,6 +139,7 @@ impl PlatformArgs {
             helper,
             mirror: self.mirror.clone(),
             header_read_timeout: self.header_timeout,
+            gateway_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         })
     }
 }

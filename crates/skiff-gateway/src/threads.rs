@@ -1,0 +1,115 @@
+//! The gateway's threads: one current-thread runtime per core, each with
+//! its own listening socket on the shared address (SO_REUSEPORT: the
+//! kernel spreads connections over them) and its own pool of upstream
+//! connections. A request and everything it touches — the client's
+//! connection, the pooled connection to the instance, its timers — stay
+//! on one thread: no task hops between threads, no cross-core wake-ups,
+//! as in nginx's worker processes.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::proxy::{Gateway, GatewayConfig, GatewayError};
+use crate::route::Router;
+
+/// The gateway's listening sockets, all on one address.
+pub struct Listeners {
+    sockets: Vec<std::net::TcpListener>,
+    addr: SocketAddr,
+}
+
+impl Listeners {
+    /// Binds `addr` `n` times (at least once). With port 0 the first socket
+    /// picks the port and the others join it.
+    pub fn bind(addr: SocketAddr, n: usize) -> Result<Self, GatewayError> {
+        let err = |source| GatewayError::Bind { addr, source };
+        let first = listen(addr).map_err(err)?;
+        let real = first.local_addr().map_err(err)?;
+        let mut sockets = vec![first];
+        for _ in 1..n.max(1) {
+            sockets.push(listen(real).map_err(err)?);
+        }
+        Ok(Self {
+            sockets,
+            addr: real,
+        })
+    }
+
+    /// The address really listened on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// The running gateway threads.
+pub struct GatewayThreads {
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl GatewayThreads {
+    /// Starts one thread per listener. They accept until `accepting` turns
+    /// false, then keep serving the connections they have until `running`
+    /// turns false (so requests in flight can finish), then end.
+    pub fn spawn(
+        router: Arc<dyn Router>,
+        config: GatewayConfig,
+        listeners: Listeners,
+        accepting: watch::Receiver<bool>,
+        running: watch::Receiver<bool>,
+    ) -> io::Result<Self> {
+        let mut handles = Vec::new();
+        for (i, socket) in listeners.sockets.into_iter().enumerate() {
+            let (router, config) = (router.clone(), config.clone());
+            let (mut accepting, mut running) = (accepting.clone(), running.clone());
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let handle = std::thread::Builder::new()
+                .name(format!("skiff-gateway-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        let listener = match tokio::net::TcpListener::from_std(socket) {
+                            Ok(l) => l,
+                            Err(e) => {
+                                warn!("gateway thread {i}: {e}");
+                                return;
+                            }
+                        };
+                        let gateway = Gateway::new(router, config);
+                        gateway
+                            .serve(listener, async move {
+                                let _ = accepting.wait_for(|a| !*a).await;
+                            })
+                            .await;
+                        let _ = running.wait_for(|r| !*r).await;
+                    });
+                })?;
+            handles.push(handle);
+        }
+        Ok(Self { handles })
+    }
+
+    /// Waits until every thread has ended (call after `running` turned
+    /// false; blocks).
+    pub fn join(self) {
+        for h in self.handles {
+            let _ = h.join();
+        }
+    }
+}
