@@ -96,27 +96,40 @@ nsenter --net="$netns" nginx -c "$work/proxy.conf" &
 proxy_pid=$!
 sleep 1
 
+# Each measurement is repeated ROUNDS times, the three setups taking turns
+# so that drifts of this shared machine hit all of them alike; the median
+# of each is reported.
+ROUNDS=${ROUNDS:-3}
 run() { # label, then the command
     local label=$1; shift
     "$@" > "$work/wrk.txt" 2>&1
-    local rps p50 p99
-    rps=$(awk '/Requests\/sec/ {print $2}' "$work/wrk.txt")
-    p50=$(awk '$1=="50%" {print $2}' "$work/wrk.txt")
-    p99=$(awk '$1=="99%" {print $2}' "$work/wrk.txt")
-    printf '%-28s %12s req/s   p50 %-9s p99 %s\n' "$label" "$rps" "${p50:--}" "${p99:--}"
-    echo "$rps" > "$work/$label.rps"
+    awk '/Requests\/sec/ {print $2}' "$work/wrk.txt" >> "$work/$label.rps"
+    awk '$1=="50%" {print $2}' "$work/wrk.txt" >> "$work/$label.p50"
+    awk '$1=="99%" {print $2}' "$work/wrk.txt" >> "$work/$label.p99"
+}
+median() { # file; values sorted numerically by their number part (us/ms aware)
+    [ -s "$1" ] || { echo "-"; return; }
+    awk '{ v=$1; n=v+0; if (v ~ /ms$/) n*=1000; else if (v ~ /[0-9]s$/ && v !~ /us$/) n*=1000000; print n, v }' "$1" \
+        | sort -n | awk '{ a[NR]=$2 } END { print a[int((NR+1)/2)] }'
+}
+report() {
+    printf '%-28s %12s req/s   p50 %-9s p99 %s\n' "$1" "$(median "$work/$1.rps")" "$(median "$work/$1.p50")" "$(median "$work/$1.p99")"
 }
 wrk_in_ns() { nsenter --net="$netns" wrk "$@"; }
 H="Host: bench-nginx.localhost"
 
-echo "64 connections, 2 threads, $DURATION each:"
-run direct-64 wrk_in_ns -t2 -c64 -d"$DURATION" http://127.0.0.1:8080/
-run nginx-proxy-64 wrk_in_ns -t2 -c64 -d"$DURATION" http://127.0.0.1:18080/
-run skiff-64 wrk -t2 -c64 -d"$DURATION" -H "$H" "http://127.0.0.1:$gw_port/"
-echo "1 connection, latency:"
-run direct-1 wrk_in_ns -t1 -c1 -d"$DURATION" --latency http://127.0.0.1:8080/
-run nginx-proxy-1 wrk_in_ns -t1 -c1 -d"$DURATION" --latency http://127.0.0.1:18080/
-run skiff-1 wrk -t1 -c1 -d"$DURATION" --latency -H "$H" "http://127.0.0.1:$gw_port/"
+for _ in $(seq 1 "$ROUNDS"); do
+    run direct-64 wrk_in_ns -t2 -c64 -d"$DURATION" http://127.0.0.1:8080/
+    run nginx-proxy-64 wrk_in_ns -t2 -c64 -d"$DURATION" http://127.0.0.1:18080/
+    run skiff-64 wrk -t2 -c64 -d"$DURATION" -H "$H" "http://127.0.0.1:$gw_port/"
+    run direct-1 wrk_in_ns -t1 -c1 -d"$DURATION" --latency http://127.0.0.1:8080/
+    run nginx-proxy-1 wrk_in_ns -t1 -c1 -d"$DURATION" --latency http://127.0.0.1:18080/
+    run skiff-1 wrk -t1 -c1 -d"$DURATION" --latency -H "$H" "http://127.0.0.1:$gw_port/"
+done
 
-ratio() { awk -v a="$(cat "$work/$1.rps")" -v b="$(cat "$work/$2.rps")" 'BEGIN { printf "%.2f", a / b }'; }
+echo "64 connections, 2 threads, median of $ROUNDS runs of $DURATION:"
+report direct-64; report nginx-proxy-64; report skiff-64
+echo "1 connection, latency, median of $ROUNDS runs:"
+report direct-1; report nginx-proxy-1; report skiff-1
+ratio() { awk -v a="$(median "$work/$1.rps")" -v b="$(median "$work/$2.rps")" 'BEGIN { printf "%.2f", a / b }'; }
 echo "ratios at 64 connections: skiff/direct $(ratio skiff-64 direct-64), nginx/direct $(ratio nginx-proxy-64 direct-64), skiff/nginx $(ratio skiff-64 nginx-proxy-64)"

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use crate::error::{error_response, wants_json, Body, ErrorKind};
+use crate::h1;
 use crate::route::{host_to_service, ExchangeLimits, Lease, Route, Router};
 use crate::upstream_io::UpstreamIo;
 
@@ -91,7 +92,10 @@ impl tower_service::Service<Uri> for Connector {
 pub struct Gateway {
     router: Arc<dyn Router>,
     config: GatewayConfig,
+    /// Persistent services: streamed, upgradable.
     client: Client<Connector, UpBody>,
+    /// Serverless services: whole requests and responses (`h1.rs`).
+    pool: h1::Pool,
 }
 
 impl Gateway {
@@ -106,6 +110,7 @@ impl Gateway {
             router,
             config,
             client,
+            pool: h1::Pool::new(),
         })
     }
 
@@ -256,18 +261,22 @@ impl Gateway {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_string();
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(upstream.key.as_str())
-            .path_and_query(path)
-            .build()
-            .map_err(|e| {
-                (
-                    ErrorKind::BadRequest,
-                    format!("Unusable request target: {e}"),
-                )
-            })?;
-        *req.uri_mut() = uri;
+        let serverless = upstream.limits.max_response.is_some() && upgrade.is_none();
+        if !serverless {
+            // hyper's pooled client finds the instance by the authority.
+            let uri = Uri::builder()
+                .scheme("http")
+                .authority(upstream.key.as_str())
+                .path_and_query(path.as_str())
+                .build()
+                .map_err(|e| {
+                    (
+                        ErrorKind::BadRequest,
+                        format!("Unusable request target: {e}"),
+                    )
+                })?;
+            *req.uri_mut() = uri;
+        }
         *req.version_mut() = http::Version::HTTP_11;
         let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let headers = req.headers_mut();
@@ -284,6 +293,11 @@ impl Gateway {
             }
         }
         add_forwarded(headers, remote, &host);
+        if let (true, Some(max)) = (serverless, upstream.limits.max_response) {
+            return self
+                .serverless(req, &path, &service, &upstream, lease, max, deadline)
+                .await;
+        }
         let req = req.map(|body| match upstream.limits.max_request {
             Some(max) => Limited::new(body, max as usize).boxed(),
             None => body.map_err(BoxError::from).boxed(),
@@ -368,6 +382,112 @@ impl Gateway {
                 ),
             )),
         }
+    }
+
+    /// The serverless exchange: the request received whole (up to its
+    /// limit), sent over a pooled connection, the response received whole
+    /// (up to its limit), all within the request timeout (`h1.rs`).
+    #[allow(clippy::too_many_arguments)]
+    async fn serverless(
+        &self,
+        req: Request<Incoming>,
+        path: &str,
+        service: &str,
+        upstream: &crate::route::Upstream,
+        lease: Lease,
+        max: u64,
+        deadline: Option<Instant>,
+    ) -> Result<Response<Body>, (ErrorKind, String)> {
+        let (parts, body) = req.into_parts();
+        let limit = upstream.limits.max_request;
+        let exchange = async {
+            let collected = match limit {
+                Some(l) => Limited::new(body, usize::try_from(l).unwrap_or(usize::MAX))
+                    .collect()
+                    .await
+                    .map_err(|e| e.is::<LengthLimitError>()),
+                None => body.collect().await.map_err(|_| false),
+            };
+            let body = match collected {
+                Ok(c) => c.to_bytes(),
+                Err(true) => return Err(Err(too_large_request(limit.unwrap_or(0)))),
+                Err(false) => {
+                    return Err(Err((
+                        ErrorKind::BadRequest,
+                        "The request body broke off before it was complete.".to_string(),
+                    )))
+                }
+            };
+            let out = h1::Outgoing {
+                method: &parts.method,
+                path,
+                headers: &parts.headers,
+                body,
+            };
+            h1::exchange(&self.pool, upstream, out, max, |key| {
+                self.router.upstream(key).is_some()
+            })
+            .await
+            .map_err(Ok)
+        };
+        let result = match deadline {
+            Some(d) => tokio::time::timeout_at(d, exchange)
+                .await
+                .map_err(|_| timed_out(service, upstream.limits))?,
+            None => exchange.await,
+        };
+        let received = match result {
+            Ok(r) => r,
+            Err(Err(refusal)) => return Err(refusal),
+            Err(Ok(h1::ExchangeError::TooLarge)) => return Err(too_large_response(service, max)),
+            // Still leased while the exit is learned: released, an idle
+            // instance would be frozen before it could report its end.
+            Err(Ok(e)) => return Err(self.exchange_error(service, upstream, e).await),
+        };
+        drop(lease);
+        let mut headers = received.headers;
+        strip_hop_by_hop(&mut headers);
+        headers.insert(
+            header::CONTENT_LENGTH,
+            HeaderValue::from(received.body.len()),
+        );
+        let mut resp = Response::new(
+            Full::new(received.body)
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *resp.status_mut() = received.status;
+        *resp.headers_mut() = headers;
+        let _ = received.version;
+        Ok(resp)
+    }
+
+    /// What to tell the client when the instance could not be reached or
+    /// broke the exchange.
+    async fn exchange_error(
+        &self,
+        service: &str,
+        upstream: &crate::route::Upstream,
+        e: h1::ExchangeError,
+    ) -> (ErrorKind, String) {
+        let exit = upstream.connect.failure().await;
+        let message = match (e, exit) {
+            (_, Some(exit)) => format!(
+                "Service {service:?} did not answer the request: its instance {exit} while \
+                 handling it. See `skiff logs {service}`."
+            ),
+            (h1::ExchangeError::Malformed(what), None) => format!(
+                "Service {service:?} broke off its response: {what}. See `skiff logs {service}`."
+            ),
+            (h1::ExchangeError::Connect(e) | h1::ExchangeError::Broken(e), None) => format!(
+                "Service {service:?} did not answer the request: {e}. The instance may have \
+                 crashed or closed the connection; see `skiff logs {service}`."
+            ),
+            (h1::ExchangeError::TooLarge, None) => {
+                format!("Service {service:?} answered with more than its limit allows.")
+            }
+        };
+        (ErrorKind::UpstreamFailed, message)
     }
 
     /// Asks the platform for an instance, waiting while one starts or thaws.

@@ -1,0 +1,633 @@
+//! The serverless exchange with an instance, done in the request's own
+//! task: the request (its body already received whole, as the contract's
+//! size limit allows) is written to a pooled keep-alive connection and the
+//! response read back whole, up to its limit, with `httparse`. No client
+//! connection task, no channel between them, one buffer per connection:
+//! this is the path of nearly every request, so it does the least work.
+//! Persistent services (streaming, upgrades) go through hyper's client.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::route::Upstream;
+
+/// Largest response head read from an instance.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in a response head.
+const MAX_HEADERS: usize = 128;
+/// Idle connections kept per instance (per gateway thread).
+const MAX_IDLE: usize = 256;
+/// An idle connection unused this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often idle connections of instances that are gone are dropped.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// What went wrong talking to the instance.
+#[derive(Debug)]
+pub(crate) enum ExchangeError {
+    /// No connection could be made.
+    Connect(io::Error),
+    /// The connection broke (reset, or closed) before a whole response.
+    Broken(io::Error),
+    /// What came back is not HTTP/1.x.
+    Malformed(String),
+    /// The response is over the limit.
+    TooLarge,
+}
+
+impl ExchangeError {
+    /// Closed before any byte of a response: on a reused connection this
+    /// is the instance having closed it while it sat idle.
+    fn is_early_close(&self, got_bytes: bool) -> bool {
+        matches!(self, Self::Broken(_)) && !got_bytes
+    }
+}
+
+/// A response received whole.
+pub(crate) struct Received {
+    pub status: StatusCode,
+    pub version: http::Version,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+struct Conn {
+    stream: TcpStream,
+    buf: BytesMut,
+    idle_since: Instant,
+}
+
+/// Idle keep-alive connections by instance key.
+pub(crate) struct Pool {
+    idle: Mutex<HashMap<String, Vec<Conn>>>,
+    last_sweep: Mutex<Instant>,
+}
+
+impl Pool {
+    pub(crate) fn new() -> Self {
+        Self {
+            idle: Mutex::default(),
+            last_sweep: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// An idle connection to `key` that is still open.
+    fn take(&self, key: &str) -> Option<Conn> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = idle.get_mut(key)?;
+        while let Some(conn) = conns.pop() {
+            let mut probe = [0u8; 1];
+            // Open and quiet: reads would block. Closed (0) or talking out
+            // of turn: not reusable.
+            if matches!(conn.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    fn put(&self, key: &str, mut conn: Conn, alive: impl Fn(&str) -> bool) {
+        conn.buf.clear();
+        conn.idle_since = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let conns = idle.entry(key.to_string()).or_default();
+        if conns.len() < MAX_IDLE {
+            conns.push(conn);
+        }
+        let mut last = self.last_sweep.lock().unwrap_or_else(|p| p.into_inner());
+        if last.elapsed() >= SWEEP_EVERY {
+            *last = Instant::now();
+            idle.retain(|key, conns| {
+                conns.retain(|c| c.idle_since.elapsed() < IDLE_TIMEOUT);
+                !conns.is_empty() && alive(key)
+            });
+        }
+    }
+}
+
+/// One request, ready to send.
+pub(crate) struct Outgoing<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+    pub body: Bytes,
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+fn serialize(req: &Outgoing<'_>) -> Vec<u8> {
+    let mut head = Vec::with_capacity(256 + req.headers.len() * 32);
+    head.extend_from_slice(req.method.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(req.path.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in req.headers {
+        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    let has_body =
+        !req.body.is_empty() || matches!(*req.method, Method::POST | Method::PUT | Method::PATCH);
+    if has_body {
+        head.extend_from_slice(b"content-length: ");
+        head.extend_from_slice(req.body.len().to_string().as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// Sends `req` to the instance behind `upstream` and receives the whole
+/// response, at most `max` body bytes. A pooled connection the instance
+/// closed while idle is replaced once, for idempotent requests.
+pub(crate) async fn exchange(
+    pool: &Pool,
+    upstream: &Upstream,
+    req: Outgoing<'_>,
+    max: u64,
+    alive: impl Fn(&str) -> bool,
+) -> Result<Received, ExchangeError> {
+    let head = serialize(&req);
+    let head_only = req.method == Method::HEAD;
+    let mut retried = false;
+    loop {
+        let (mut conn, reused) = match pool.take(&upstream.key) {
+            Some(c) => (c, true),
+            None => {
+                let stream = upstream
+                    .connect
+                    .connect()
+                    .await
+                    .map_err(ExchangeError::Connect)?;
+                quickack(&stream);
+                let conn = Conn {
+                    stream,
+                    buf: BytesMut::with_capacity(8 * 1024),
+                    idle_since: Instant::now(),
+                };
+                (conn, false)
+            }
+        };
+        let mut got_bytes = false;
+        let result = round_trip(&mut conn, &head, &req.body, head_only, max, &mut got_bytes).await;
+        match result {
+            Ok((received, reusable)) => {
+                if reusable {
+                    pool.put(&upstream.key, conn, alive);
+                }
+                return Ok(received);
+            }
+            Err(e)
+                if reused && !retried && idempotent(req.method) && e.is_early_close(got_bytes) =>
+            {
+                retried = true;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Keeps ACKs to the instance immediate (see `upstream_io.rs` for why).
+fn quickack(stream: &TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_tcp_quickack(true);
+}
+
+async fn read_more(conn: &mut Conn, got_bytes: &mut bool) -> Result<usize, ExchangeError> {
+    if conn.buf.capacity() - conn.buf.len() < 4096 {
+        conn.buf.reserve(16 * 1024);
+    }
+    let n = conn
+        .stream
+        .read_buf(&mut conn.buf)
+        .await
+        .map_err(ExchangeError::Broken)?;
+    quickack(&conn.stream);
+    if n > 0 {
+        *got_bytes = true;
+    }
+    Ok(n)
+}
+
+fn closed() -> ExchangeError {
+    ExchangeError::Broken(io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "connection closed before message completed",
+    ))
+}
+
+async fn round_trip(
+    conn: &mut Conn,
+    head: &[u8],
+    body: &Bytes,
+    head_only: bool,
+    max: u64,
+    got_bytes: &mut bool,
+) -> Result<(Received, bool), ExchangeError> {
+    // One write for small requests: the head and the body together.
+    if body.len() <= 16 * 1024 {
+        let mut out = Vec::with_capacity(head.len() + body.len());
+        out.extend_from_slice(head);
+        out.extend_from_slice(body);
+        conn.stream
+            .write_all(&out)
+            .await
+            .map_err(ExchangeError::Broken)?;
+    } else {
+        conn.stream
+            .write_all(head)
+            .await
+            .map_err(ExchangeError::Broken)?;
+        conn.stream
+            .write_all(body)
+            .await
+            .map_err(ExchangeError::Broken)?;
+    }
+
+    // The head; interim (1xx) responses are skipped.
+    let (status, version, headers, keep_alive) = loop {
+        let parsed = parse_head(&conn.buf)?;
+        match parsed {
+            Some((len, status, version, headers, keep_alive)) => {
+                conn.buf.advance(len);
+                if status.is_informational() {
+                    if status == StatusCode::SWITCHING_PROTOCOLS {
+                        return Err(ExchangeError::Malformed(
+                            "it switched protocols without being asked to".into(),
+                        ));
+                    }
+                    continue;
+                }
+                break (status, version, headers, keep_alive);
+            }
+            None => {
+                if conn.buf.len() > MAX_HEAD {
+                    return Err(ExchangeError::Malformed(format!(
+                        "its response head is over {} KiB",
+                        MAX_HEAD / 1024
+                    )));
+                }
+                if read_more(conn, got_bytes).await? == 0 {
+                    return Err(if conn.buf.is_empty() {
+                        closed()
+                    } else {
+                        ExchangeError::Malformed("it closed the connection mid-head".into())
+                    });
+                }
+            }
+        }
+    };
+
+    let no_body =
+        head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let chunked = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .next_back()
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.rsplit(',')
+                .next()
+                .is_some_and(|l| l.trim().eq_ignore_ascii_case("chunked"))
+        });
+    let length = content_length(&headers)?;
+    let (body, reusable) = if no_body {
+        (Bytes::new(), keep_alive)
+    } else if chunked {
+        (read_chunked(conn, max, got_bytes).await?, keep_alive)
+    } else if let Some(len) = length {
+        if len > max {
+            return Err(ExchangeError::TooLarge);
+        }
+        let len = len as usize;
+        while conn.buf.len() < len {
+            if read_more(conn, got_bytes).await? == 0 {
+                return Err(closed());
+            }
+        }
+        (conn.buf.split_to(len).freeze(), keep_alive)
+    } else {
+        // Delimited by the end of the connection.
+        loop {
+            if conn.buf.len() as u64 > max {
+                return Err(ExchangeError::TooLarge);
+            }
+            if read_more(conn, got_bytes).await? == 0 {
+                break;
+            }
+        }
+        (conn.buf.split().freeze(), false)
+    };
+    // Bytes after the response: the instance is out of step; do not reuse.
+    let reusable = reusable && conn.buf.is_empty();
+    Ok((
+        Received {
+            status,
+            version,
+            headers,
+            body,
+        },
+        reusable,
+    ))
+}
+
+type Head = (usize, StatusCode, http::Version, HeaderMap, bool);
+
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, ExchangeError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut fields);
+    let len = match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => {
+            return Err(ExchangeError::Malformed(format!(
+                "it answered something that is not HTTP/1.1 ({e})"
+            )))
+        }
+    };
+    let status = resp
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or_else(|| ExchangeError::Malformed("its status code is invalid".into()))?;
+    let version = if resp.version == Some(0) {
+        http::Version::HTTP_10
+    } else {
+        http::Version::HTTP_11
+    };
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    let mut close = version == http::Version::HTTP_10;
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| ExchangeError::Malformed(format!("bad header name {:?}", h.name)))?;
+        let value = HeaderValue::from_bytes(h.value)
+            .map_err(|_| ExchangeError::Malformed(format!("bad value of header {}", h.name)))?;
+        if name == header::CONNECTION {
+            let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
+            if v.split(',').any(|t| t.trim() == "close") {
+                close = true;
+            }
+            if v.split(',').any(|t| t.trim() == "keep-alive") {
+                close = false;
+            }
+        }
+        headers.append(name, value);
+    }
+    Ok(Some((len, status, version, headers, !close)))
+}
+
+/// The response's Content-Length; several that disagree are an error.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ExchangeError> {
+    let mut found: Option<u64> = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.to_str().unwrap_or("x").split(',') {
+            let n: u64 = part
+                .trim()
+                .parse()
+                .map_err(|_| ExchangeError::Malformed("its Content-Length is invalid".into()))?;
+            if found.is_some_and(|f| f != n) {
+                return Err(ExchangeError::Malformed(
+                    "it sent Content-Length values that disagree".into(),
+                ));
+            }
+            found = Some(n);
+        }
+    }
+    Ok(found)
+}
+
+/// Decodes a chunked body (RFC 9112 §7.1), at most `max` bytes of data;
+/// chunk extensions and trailers are read and dropped.
+async fn read_chunked(
+    conn: &mut Conn,
+    max: u64,
+    got_bytes: &mut bool,
+) -> Result<Bytes, ExchangeError> {
+    let mut out = BytesMut::new();
+    loop {
+        let line = read_line(conn, got_bytes).await?;
+        let size_text = line.split(|b| *b == b';').next().unwrap_or(&[]);
+        let size_text = std::str::from_utf8(size_text)
+            .map_err(|_| ExchangeError::Malformed("a chunk size is not text".into()))?
+            .trim();
+        let size = u64::from_str_radix(size_text, 16)
+            .map_err(|_| ExchangeError::Malformed(format!("bad chunk size {size_text:?}")))?;
+        if size == 0 {
+            // Trailers, up to the empty line.
+            while !read_line(conn, got_bytes).await?.is_empty() {}
+            return Ok(out.freeze());
+        }
+        if out.len() as u64 + size > max {
+            return Err(ExchangeError::TooLarge);
+        }
+        let size = size as usize;
+        while conn.buf.len() < size + 2 {
+            if read_more(conn, got_bytes).await? == 0 {
+                return Err(closed());
+            }
+        }
+        out.extend_from_slice(&conn.buf[..size]);
+        if &conn.buf[size..size + 2] != b"\r\n" {
+            return Err(ExchangeError::Malformed(
+                "a chunk does not end with CRLF".into(),
+            ));
+        }
+        conn.buf.advance(size + 2);
+    }
+}
+
+/// One CRLF-terminated line (without the CRLF), at most 8 KiB.
+async fn read_line(conn: &mut Conn, got_bytes: &mut bool) -> Result<Vec<u8>, ExchangeError> {
+    loop {
+        if let Some(pos) = conn.buf.windows(2).position(|w| w == b"\r\n") {
+            let line = conn.buf.split_to(pos).to_vec();
+            conn.buf.advance(2);
+            return Ok(line);
+        }
+        if conn.buf.len() > 8 * 1024 {
+            return Err(ExchangeError::Malformed("a chunk line is too long".into()));
+        }
+        if read_more(conn, got_bytes).await? == 0 {
+            return Err(closed());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_are_parsed_with_keep_alive_rules() {
+        let (len, status, _, headers, keep) =
+            parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .unwrap()
+                .unwrap();
+        assert_eq!((len, status, keep), (38, StatusCode::OK, true));
+        assert_eq!(content_length(&headers).unwrap(), Some(2));
+        let (.., keep) = parse_head(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!keep);
+        let (.., keep) = parse_head(b"HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap();
+        assert!(!keep, "HTTP/1.0 closes unless told otherwise");
+        let (.., keep) = parse_head(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(keep);
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-")
+            .unwrap()
+            .is_none());
+        assert!(matches!(
+            parse_head(b"garbage\r\n\r\n"),
+            Err(ExchangeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn conflicting_lengths_are_refused() {
+        let (.., headers, _) =
+            parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert!(content_length(&headers).is_err());
+        let (.., headers, _) = parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(content_length(&headers).unwrap(), Some(2));
+    }
+
+    #[test]
+    fn requests_are_framed_anew() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("svc"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("99"));
+        let text = String::from_utf8(serialize(&Outgoing {
+            method: &Method::POST,
+            path: "/x?y=1",
+            headers: &h,
+            body: Bytes::from_static(b"abc"),
+        }))
+        .unwrap();
+        assert_eq!(
+            text,
+            "POST /x?y=1 HTTP/1.1\r\nhost: svc\r\ncontent-length: 3\r\n\r\n"
+        );
+        let text = String::from_utf8(serialize(&Outgoing {
+            method: &Method::GET,
+            path: "/",
+            headers: &HeaderMap::new(),
+            body: Bytes::new(),
+        }))
+        .unwrap();
+        assert_eq!(text, "GET / HTTP/1.1\r\n\r\n");
+    }
+
+    /// A real loopback server answering with `answers` in turn, one
+    /// connection at a time.
+    async fn server(
+        answers: Vec<&'static [u8]>,
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            for answer in answers {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await.unwrap();
+                s.write_all(answer).await.unwrap();
+            }
+        });
+        (addr, task)
+    }
+
+    async fn receive(addr: std::net::SocketAddr, max: u64) -> Result<Received, ExchangeError> {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let mut conn = Conn {
+            stream,
+            buf: BytesMut::new(),
+            idle_since: Instant::now(),
+        };
+        let mut got = false;
+        round_trip(
+            &mut conn,
+            b"GET / HTTP/1.1\r\n\r\n",
+            &Bytes::new(),
+            false,
+            max,
+            &mut got,
+        )
+        .await
+        .map(|(r, _)| r)
+    }
+
+    #[tokio::test]
+    async fn chunked_bodies_are_decoded_and_limited() {
+        let (addr, _t) = server(vec![
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n2\r\nde\r\n0\r\nTrailer: 1\r\n\r\n",
+        ])
+        .await;
+        let r = receive(addr, 100).await.unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(&r.body[..], b"abcde");
+        let (addr, _t) = server(vec![
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n",
+        ])
+        .await;
+        assert!(matches!(
+            receive(addr, 5).await,
+            Err(ExchangeError::TooLarge)
+        ));
+    }
+
+    #[tokio::test]
+    async fn lengths_and_closes_are_honoured() {
+        let (addr, _t) = server(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nexactl"]).await;
+        assert_eq!(&receive(addr, 6).await.unwrap().body[..], b"exactl");
+        let (addr, _t) = server(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n"]).await;
+        assert!(matches!(
+            receive(addr, 6).await,
+            Err(ExchangeError::TooLarge)
+        ));
+        let (addr, _t) = server(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nshort"]).await;
+        assert!(matches!(
+            receive(addr, 100).await,
+            Err(ExchangeError::Broken(_))
+        ));
+        let (addr, _t) = server(vec![b"HTTP/1.1 200 OK\r\n\r\nuntil the end"]).await;
+        assert_eq!(
+            &receive(addr, 100).await.unwrap().body[..],
+            b"until the end"
+        );
+        let (addr, _t) = server(vec![b"HTTP/1.1 200 OK\r\n\r\nuntil the end"]).await;
+        assert!(matches!(
+            receive(addr, 5).await,
+            Err(ExchangeError::TooLarge)
+        ));
+        let (addr, _t) = server(vec![]).await;
+        assert!(matches!(
+            receive(addr, 5).await,
+            Err(ExchangeError::Broken(_))
+        ));
+    }
+}
