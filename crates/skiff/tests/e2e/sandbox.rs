@@ -384,11 +384,9 @@ fn sigkill_of_skiff_still_takes_the_instances_down() {
         processes_with(&marker)
     );
     // A killed platform cannot remove its cgroups; the next one to start
-    // on this host does.
-    assert!(
-        !cgroups_named(&name).is_empty(),
-        "expected the killed platform's cgroups"
-    );
+    // on this host does. (Tests run in parallel: another test's platform
+    // may be that next one already, so whether they are still there now
+    // is not asserted.)
     let other = App::new(
         &format!("name = \"{}\"\nstart = \"exit 1\"\n", unique("next")),
         &[],
