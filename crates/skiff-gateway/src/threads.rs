@@ -12,6 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
@@ -93,6 +94,19 @@ impl GatewayThreads {
                                 return;
                             }
                         };
+                        // A timer that is always due soon: tokio wakes its
+                        // own driver (an eventfd write and an extra
+                        // epoll_wait) whenever a new timer is due earlier than
+                        // the driver's next wake-up, and every request arms
+                        // timers (header read, request timeout) further out
+                        // than this one, so none of them does any more.
+                        tokio::spawn(async {
+                            let mut tick = tokio::time::interval(Duration::from_millis(250));
+                            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                            loop {
+                                tick.tick().await;
+                            }
+                        });
                         let gateway = Gateway::new(router, config);
                         gateway
                             .serve(listener, async move {
