@@ -54,9 +54,11 @@ impl ExchangeError {
 /// A response received whole.
 pub(crate) struct Received {
     pub status: StatusCode,
-    pub version: http::Version,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The response has no body by its nature (HEAD, 204, 304): its
+    /// Content-Length, if any, describes another message and passes as is.
+    pub bodiless: bool,
 }
 
 struct Conn {
@@ -136,7 +138,12 @@ fn serialize(req: &Outgoing<'_>) -> Vec<u8> {
     head.extend_from_slice(req.path.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in req.headers {
-        if name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING {
+        // Framed anew below; and the body is already here, so an `Expect:
+        // 100-continue` has been answered (by the gateway, to the client).
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::EXPECT
+        {
             continue;
         }
         head.extend_from_slice(name.as_str().as_bytes());
@@ -262,7 +269,7 @@ async fn round_trip(
     }
 
     // The head; interim (1xx) responses are skipped.
-    let (status, version, headers, keep_alive) = loop {
+    let (status, _version, headers, keep_alive) = loop {
         let parsed = parse_head(&conn.buf)?;
         match parsed {
             Some((len, status, version, headers, keep_alive)) => {
@@ -311,7 +318,10 @@ async fn round_trip(
     let (body, reusable) = if no_body {
         (Bytes::new(), keep_alive)
     } else if chunked {
-        (read_chunked(conn, max, got_bytes).await?, keep_alive)
+        // With a Content-Length too, the message is suspect (RFC 9112
+        // §6.3): read as chunked, and the connection is not reused.
+        let reuse = keep_alive && length.is_none();
+        (read_chunked(conn, max, got_bytes).await?, reuse)
     } else if let Some(len) = length {
         if len > max {
             return Err(ExchangeError::TooLarge);
@@ -340,9 +350,9 @@ async fn round_trip(
     Ok((
         Received {
             status,
-            version,
             headers,
             body,
+            bodiless: no_body,
         },
         reusable,
     ))
@@ -533,6 +543,16 @@ mod tests {
             text,
             "POST /x?y=1 HTTP/1.1\r\nhost: svc\r\ncontent-length: 3\r\n\r\n"
         );
+        let mut h = HeaderMap::new();
+        h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        let text = String::from_utf8(serialize(&Outgoing {
+            method: &Method::PUT,
+            path: "/",
+            headers: &h,
+            body: Bytes::from_static(b"x"),
+        }))
+        .unwrap();
+        assert!(!text.contains("expect"), "{text}");
         let text = String::from_utf8(serialize(&Outgoing {
             method: &Method::GET,
             path: "/",
@@ -629,5 +649,29 @@ mod tests {
             receive(addr, 5).await,
             Err(ExchangeError::Broken(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn head_answers_have_no_body_but_keep_their_length() {
+        let (addr, _t) = server(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"]).await;
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let mut conn = Conn {
+            stream,
+            buf: BytesMut::new(),
+            idle_since: Instant::now(),
+        };
+        let mut got = false;
+        let (r, reusable) = round_trip(
+            &mut conn,
+            b"HEAD / HTTP/1.1\r\n\r\n",
+            &Bytes::new(),
+            true,
+            100,
+            &mut got,
+        )
+        .await
+        .unwrap();
+        assert!(r.bodiless && r.body.is_empty() && reusable);
+        assert_eq!(content_length(&r.headers).unwrap(), Some(5));
     }
 }

@@ -447,10 +447,12 @@ impl Gateway {
         drop(lease);
         let mut headers = received.headers;
         strip_hop_by_hop(&mut headers);
-        headers.insert(
-            header::CONTENT_LENGTH,
-            HeaderValue::from(received.body.len()),
-        );
+        if !received.bodiless {
+            headers.insert(
+                header::CONTENT_LENGTH,
+                HeaderValue::from(received.body.len()),
+            );
+        }
         let mut resp = Response::new(
             Full::new(received.body)
                 .map_err(|never| match never {})
@@ -458,7 +460,6 @@ impl Gateway {
         );
         *resp.status_mut() = received.status;
         *resp.headers_mut() = headers;
-        let _ = received.version;
         Ok(resp)
     }
 
