@@ -39,7 +39,14 @@ fn copy_example(dir: &Path) -> tempfile::TempDir {
 fn skiff_up(dir: &Path, state: &Path) -> (Vec<String>, Duration) {
     let t = Instant::now();
     let mut up = Command::new(SKIFF)
-        .args(["up", "--listen", "127.0.0.1:0", "--state"])
+        .args([
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+            "--state",
+        ])
         .arg(state)
         .arg(dir)
         .stdout(Stdio::piped())

@@ -111,7 +111,14 @@ impl Drop for Up {
 
 fn skiff_up(dirs: &[PathBuf], state: &Path) -> Up {
     let mut child = Command::new(SKIFF)
-        .args(["up", "--listen", "127.0.0.1:0", "--state"])
+        .args([
+            "up",
+            "--listen",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+            "--state",
+        ])
         .arg(state)
         .args(dirs)
         .stdout(Stdio::piped())

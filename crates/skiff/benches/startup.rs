@@ -191,7 +191,14 @@ fn up_to_first_200(runs: usize, base: &Path) {
         let state = tempfile::tempdir().expect("tempdir");
         let t = Instant::now();
         let mut up = Command::new(SKIFF)
-            .args(["up", "--listen", "127.0.0.1:0", "--state"])
+            .args([
+                "up",
+                "--listen",
+                "127.0.0.1:0",
+                "--api",
+                "127.0.0.1:0",
+                "--state",
+            ])
             .arg(state.path())
             .arg(&example)
             .stdout(Stdio::piped())
