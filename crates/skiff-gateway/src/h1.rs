@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 use crate::route::Upstream;
@@ -99,6 +99,10 @@ impl Pool {
 
     fn put(&self, key: &str, mut conn: Conn, alive: impl Fn(&str) -> bool) {
         conn.buf.clear();
+        // A large response's buffer is not kept for an idle connection.
+        if conn.buf.capacity() > 64 * 1024 {
+            conn.buf = BytesMut::with_capacity(8 * 1024);
+        }
         conn.idle_since = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let conns = idle.entry(key.to_string()).or_default();
@@ -108,12 +112,23 @@ impl Pool {
         let mut last = self.last_sweep.lock().unwrap_or_else(|p| p.into_inner());
         if last.elapsed() >= SWEEP_EVERY {
             *last = Instant::now();
-            idle.retain(|key, conns| {
-                conns.retain(|c| c.idle_since.elapsed() < IDLE_TIMEOUT);
-                !conns.is_empty() && alive(key)
-            });
+            sweep(&mut idle, alive);
         }
     }
+
+    /// Drops idle connections that timed out or whose instance is gone
+    /// (called now and then, also when no request comes).
+    pub(crate) fn sweep(&self, alive: impl Fn(&str) -> bool) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        sweep(&mut idle, alive);
+    }
+}
+
+fn sweep(idle: &mut HashMap<String, Vec<Conn>>, alive: impl Fn(&str) -> bool) {
+    idle.retain(|key, conns| {
+        conns.retain(|c| c.idle_since.elapsed() < IDLE_TIMEOUT);
+        !conns.is_empty() && alive(key)
+    });
 }
 
 /// One request, ready to send.
@@ -233,6 +248,46 @@ async fn read_more(conn: &mut Conn, got_bytes: &mut bool) -> Result<usize, Excha
     Ok(n)
 }
 
+/// Writes `parts` unless the instance answers first: returns whether it
+/// did (then the rest of the request is not sent).
+async fn send(stream: &TcpStream, parts: &[&[u8]]) -> io::Result<bool> {
+    for part in parts {
+        let mut off = 0;
+        while off < part.len() {
+            tokio::select! {
+                biased;
+                ready = stream.readable() => {
+                    ready?;
+                    if has_input(stream) {
+                        return Ok(true);
+                    }
+                }
+                ready = stream.writable() => {
+                    ready?;
+                    match stream.try_write(&part[off..]) {
+                        Ok(n) => off += n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Whether the instance sent something (or closed its side), without
+/// consuming it; clears a stale readiness of the socket otherwise.
+fn has_input(stream: &TcpStream) -> bool {
+    let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    match stream.try_io(tokio::io::Interest::READABLE, || {
+        socket2::SockRef::from(stream).peek(&mut probe)
+    }) {
+        Ok(_) => true,
+        Err(e) => e.kind() != io::ErrorKind::WouldBlock,
+    }
+}
+
 fn closed() -> ExchangeError {
     ExchangeError::Broken(io::Error::new(
         io::ErrorKind::UnexpectedEof,
@@ -249,24 +304,27 @@ async fn round_trip(
     got_bytes: &mut bool,
 ) -> Result<(Received, bool), ExchangeError> {
     // One write for small requests: the head and the body together.
-    if body.len() <= 16 * 1024 {
+    let answered_early = if body.len() <= 16 * 1024 {
         let mut out = Vec::with_capacity(head.len() + body.len());
         out.extend_from_slice(head);
         out.extend_from_slice(body);
-        conn.stream
-            .write_all(&out)
-            .await
-            .map_err(ExchangeError::Broken)?;
+        send(&conn.stream, &[&out]).await
     } else {
-        conn.stream
-            .write_all(head)
-            .await
-            .map_err(ExchangeError::Broken)?;
-        conn.stream
-            .write_all(body)
-            .await
-            .map_err(ExchangeError::Broken)?;
-    }
+        send(&conn.stream, &[head, body]).await
+    };
+    // An instance may answer (say, 401 or 413) and close before it read
+    // the whole request: that answer is read and passed on, not lost, and
+    // the connection is not reused. A write that failed with nothing to
+    // read is an early close (retried on a reused connection).
+    let answered_early = match answered_early {
+        Ok(early) => early,
+        Err(e) => {
+            if !has_input(&conn.stream) {
+                return Err(ExchangeError::Broken(e));
+            }
+            true
+        }
+    };
 
     // The head; interim (1xx) responses are skipped.
     let (status, _version, headers, keep_alive) = loop {
@@ -304,23 +362,31 @@ async fn round_trip(
 
     let no_body =
         head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
-    let chunked = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.rsplit(',')
-                .next()
-                .is_some_and(|l| l.trim().eq_ignore_ascii_case("chunked"))
-        });
-    let length = content_length(&headers)?;
+    // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3): chunked
+    // last means chunked; any other coding last means "until the close".
+    let encoded = headers.contains_key(header::TRANSFER_ENCODING);
+    let chunked = encoded
+        && headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.rsplit(',')
+                    .next()
+                    .is_some_and(|l| l.trim().eq_ignore_ascii_case("chunked"))
+            });
+    let length = if encoded {
+        None
+    } else {
+        content_length(&headers)?
+    };
     let (body, reusable) = if no_body {
         (Bytes::new(), keep_alive)
     } else if chunked {
         // With a Content-Length too, the message is suspect (RFC 9112
         // §6.3): read as chunked, and the connection is not reused.
-        let reuse = keep_alive && length.is_none();
+        let reuse = keep_alive && !headers.contains_key(header::CONTENT_LENGTH);
         (read_chunked(conn, max, got_bytes).await?, reuse)
     } else if let Some(len) = length {
         if len > max {
@@ -346,7 +412,7 @@ async fn round_trip(
         (conn.buf.split().freeze(), false)
     };
     // Bytes after the response: the instance is out of step; do not reuse.
-    let reusable = reusable && conn.buf.is_empty();
+    let reusable = reusable && conn.buf.is_empty() && !answered_early;
     Ok((
         Received {
             status,
@@ -383,6 +449,8 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, ExchangeError> {
     };
     let mut headers = HeaderMap::with_capacity(resp.headers.len());
     let mut close = version == http::Version::HTTP_10;
+    // `close` anywhere wins over `keep-alive` anywhere.
+    let mut closing = false;
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| ExchangeError::Malformed(format!("bad header name {:?}", h.name)))?;
@@ -390,10 +458,11 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, ExchangeError> {
             .map_err(|_| ExchangeError::Malformed(format!("bad value of header {}", h.name)))?;
         if name == header::CONNECTION {
             let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
-            if v.split(',').any(|t| t.trim() == "close") {
+            let has = |t: &str| v.split(',').any(|x| x.trim() == t);
+            if has("close") {
                 close = true;
-            }
-            if v.split(',').any(|t| t.trim() == "keep-alive") {
+                closing = true;
+            } else if has("keep-alive") && version == http::Version::HTTP_10 && !closing {
                 close = false;
             }
         }
@@ -443,11 +512,13 @@ async fn read_chunked(
             while !read_line(conn, got_bytes).await?.is_empty() {}
             return Ok(out.freeze());
         }
-        if out.len() as u64 + size > max {
+        if size > max.saturating_sub(out.len() as u64) {
             return Err(ExchangeError::TooLarge);
         }
+        // Within `max`, so it fits memory; `+ 2` is the chunk's CRLF.
         let size = size as usize;
-        while conn.buf.len() < size + 2 {
+        let needed = size.checked_add(2).ok_or(ExchangeError::TooLarge)?;
+        while conn.buf.len() < needed {
             if read_more(conn, got_bytes).await? == 0 {
                 return Err(closed());
             }
@@ -482,6 +553,7 @@ async fn read_line(conn: &mut Conn, got_bytes: &mut bool) -> Result<Vec<u8>, Exc
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
 
     #[test]
     fn heads_are_parsed_with_keep_alive_rules() {
@@ -673,5 +745,86 @@ mod tests {
         .unwrap();
         assert!(r.bodiless && r.body.is_empty() && reusable);
         assert_eq!(content_length(&r.headers).unwrap(), Some(5));
+    }
+
+    #[tokio::test]
+    async fn a_huge_chunk_size_is_refused_not_a_panic() {
+        let (addr, _t) = server(vec![
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\nffffffffffffffff\r\n",
+        ])
+        .await;
+        assert!(matches!(
+            receive(addr, 100).await,
+            Err(ExchangeError::TooLarge)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_coding_other_than_chunked_reads_to_the_close() {
+        let (addr, _t) = server(vec![
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nContent-Length: 2\r\n\r\nabcdef",
+        ])
+        .await;
+        let r = receive(addr, 100).await.unwrap();
+        assert_eq!(
+            &r.body[..],
+            b"abcdef",
+            "Content-Length is ignored under Transfer-Encoding"
+        );
+    }
+
+    #[test]
+    fn close_wins_over_keep_alive() {
+        let (.., keep) =
+            parse_head(b"HTTP/1.1 200 OK\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert!(!keep);
+        let (.., keep) = parse_head(b"HTTP/1.0 200 OK\r\nConnection: keep-alive, close\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!keep);
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_whole_request_is_passed_on() {
+        // The instance answers after the head and closes without reading a
+        // body larger than the socket buffers.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _t = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf).await.unwrap();
+            s.write_all(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbig")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        });
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let mut conn = Conn {
+            stream,
+            buf: BytesMut::new(),
+            idle_since: Instant::now(),
+        };
+        let body = Bytes::from(vec![b'x'; 32 << 20]);
+        let mut got = false;
+        let (r, reusable) = tokio::time::timeout(
+            Duration::from_secs(10),
+            round_trip(
+                &mut conn,
+                b"PUT / HTTP/1.1\r\ncontent-length: 33554432\r\n\r\n",
+                &body,
+                false,
+                100,
+                &mut got,
+            ),
+        )
+        .await
+        .expect("the early answer is read, not waited past")
+        .unwrap();
+        assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(&r.body[..], b"big");
+        assert!(!reusable);
     }
 }

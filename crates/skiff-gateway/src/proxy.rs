@@ -122,10 +122,23 @@ impl Gateway {
             .map_err(|source| GatewayError::Bind { addr, source })
     }
 
+    /// Drops idle upstream connections that timed out or whose instance
+    /// is gone.
+    pub fn sweep_idle(&self) {
+        self.pool.sweep(|key| self.router.upstream(key).is_some());
+    }
+
     /// Serves connections (HTTP/1.1, and HTTP/2 with prior knowledge) until
-    /// `shutdown` completes.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-        tokio::pin!(shutdown);
+    /// `stop_accepting` completes; then tells every connection to close
+    /// after its request in flight and waits for them, at most until
+    /// `stop` completes.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        stop_accepting: impl Future<Output = ()>,
+        stop: impl Future<Output = ()>,
+    ) {
+        tokio::pin!(stop_accepting);
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -134,9 +147,13 @@ impl Gateway {
             .max_buf_size(self.config.max_header_bytes);
         builder.http2().timer(TokioTimer::new());
         let builder = Arc::new(builder);
+        let (closing, _) = tokio::sync::watch::channel(false);
+        // Every connection task adds a permit when it ends.
+        let ended = Arc::new(tokio::sync::Semaphore::new(0));
+        let mut count = 0u32;
         loop {
             let (stream, remote) = tokio::select! {
-                _ = &mut shutdown => return,
+                _ = &mut stop_accepting => break,
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
@@ -150,18 +167,43 @@ impl Gateway {
             let _ = stream.set_nodelay(true);
             let gw = self.clone();
             let builder = builder.clone();
+            let mut closing = closing.subscribe();
+            let ended = ended.clone();
+            count += 1;
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let gw = gw.clone();
                     async move { Ok::<_, std::convert::Infallible>(gw.handle(req, remote).await) }
                 });
-                if let Err(e) = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .await
-                {
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                tokio::pin!(conn);
+                let closed = async move {
+                    let _ = closing.wait_for(|c| *c).await;
+                };
+                let result = tokio::select! {
+                    r = conn.as_mut() => r,
+                    () = closed => {
+                        // Finish the request in flight, then close.
+                        conn.as_mut().graceful_shutdown();
+                        conn.await
+                    }
+                };
+                if let Err(e) = result {
                     debug!("connection from {remote}: {e}");
                 }
+                ended.add_permits(1);
             });
+        }
+        drop(listener);
+        let _ = closing.send(true);
+        let all_ended = async {
+            if let Ok(p) = ended.acquire_many(count).await {
+                p.forget();
+            }
+        };
+        tokio::select! {
+            _ = all_ended => {}
+            _ = stop => {}
         }
     }
 

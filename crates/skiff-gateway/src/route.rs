@@ -93,6 +93,12 @@ pub trait Router: Send + Sync + 'static {
     /// The gateway answered a request for `service` itself (a limit or a
     /// broken exchange): the platform may record it for diagnosis.
     fn refused(&self, _service: &str, _kind: crate::ErrorKind, _message: &str) {}
+    /// The exchange rules of the service's serving version, when it has
+    /// one: the gateway receives a serverless request's body before it
+    /// takes an instance, so a slow upload holds no instance's slot.
+    fn limits(&self, _service: &str) -> Option<ExchangeLimits> {
+        None
+    }
 }
 
 /// The service name in a Host header, when the host is `NAME.<domain>` with

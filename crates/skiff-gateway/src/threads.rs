@@ -60,6 +60,9 @@ fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// How long connections may finish sending after the platform stopped.
+const FINAL_GRACE: Duration = Duration::from_secs(5);
+
 /// The running gateway threads.
 pub struct GatewayThreads {
     handles: Vec<JoinHandle<()>>,
@@ -67,8 +70,9 @@ pub struct GatewayThreads {
 
 impl GatewayThreads {
     /// Starts one thread per listener. They accept until `accepting` turns
-    /// false, then keep serving the connections they have until `running`
-    /// turns false (so requests in flight can finish), then end.
+    /// false; then each connection finishes its request in flight and is
+    /// closed; a thread ends when its connections are, or a few seconds
+    /// after `running` turned false.
     pub fn spawn(
         router: Arc<dyn Router>,
         config: GatewayConfig,
@@ -100,20 +104,31 @@ impl GatewayThreads {
                         // the driver's next wake-up, and every request arms
                         // timers (header read, request timeout) further out
                         // than this one, so none of them does any more.
-                        tokio::spawn(async {
-                            let mut tick = tokio::time::interval(Duration::from_millis(250));
+                        // The same tick drops idle connections to instances
+                        // that are gone, also when no request comes.
+                        let gateway = Gateway::new(router, config);
+                        let sweeper = gateway.clone();
+                        tokio::spawn(async move {
+                            let mut tick = tokio::time::interval(Duration::from_secs(1));
                             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                             loop {
                                 tick.tick().await;
+                                sweeper.sweep_idle();
                             }
                         });
-                        let gateway = Gateway::new(router, config);
                         gateway
-                            .serve(listener, async move {
-                                let _ = accepting.wait_for(|a| !*a).await;
-                            })
+                            .serve(
+                                listener,
+                                async move {
+                                    let _ = accepting.wait_for(|a| !*a).await;
+                                },
+                                async move {
+                                    let _ = running.wait_for(|r| !*r).await;
+                                    // Responses still being sent get a moment.
+                                    tokio::time::sleep(FINAL_GRACE).await;
+                                },
+                            )
                             .await;
-                        let _ = running.wait_for(|r| !*r).await;
                     });
                 })?;
             handles.push(handle);

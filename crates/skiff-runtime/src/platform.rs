@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
 use skiff_gateway::{
-    ErrorKind, GatewayConfig, GatewayError, GatewayThreads, Listeners, Route, Router, Upstream,
+    ErrorKind, ExchangeLimits, GatewayConfig, GatewayError, GatewayThreads, Listeners, Route,
+    Router, Upstream,
 };
 use skiff_model::ServiceSpec;
 use skiff_sandbox::{Cgroups, Sandbox, CGROUP_ROOT};
@@ -63,6 +64,20 @@ pub enum PlatformError {
          or give this one its own with --state"
     )]
     StateInUse(PathBuf),
+}
+
+/// Records an event of `service` in `store`, and a platform line in its log.
+fn record(store: &Store, service: &str, level: &str, kind: &str, message: &str) {
+    if let Err(e) = store.add_event(service, level, kind, message) {
+        warn!("recording an event of {service}: {e}");
+    }
+    store.log_sender(service, None).send(
+        LogSource::Platform,
+        None,
+        None,
+        message,
+        SystemTime::now(),
+    );
 }
 
 /// How long a stopping platform waits for requests in flight.
@@ -339,16 +354,7 @@ impl Shared {
 
     /// Records an event of `service` (and a platform line in its log).
     pub(crate) fn record(&self, service: &str, level: &str, kind: &str, message: &str) {
-        if let Err(e) = self.store.add_event(service, level, kind, message) {
-            warn!("recording an event of {service}: {e}");
-        }
-        self.store.log_sender(service, None).send(
-            LogSource::Platform,
-            None,
-            None,
-            message,
-            SystemTime::now(),
-        );
+        record(&self.store, service, level, kind, message);
     }
 }
 
@@ -405,6 +411,16 @@ impl Router for Shared {
         ups.get(key).cloned()
     }
 
+    fn limits(&self, service: &str) -> Option<ExchangeLimits> {
+        match read(&self.services).get(service) {
+            Some(Entry {
+                serving: Some((_, rt)),
+                ..
+            }) => Some(rt.exchange_limits()),
+            _ => None,
+        }
+    }
+
     fn refused(&self, service: &str, kind: ErrorKind, message: &str) {
         if !read(&self.services).contains_key(service) {
             return;
@@ -432,7 +448,12 @@ impl Router for Shared {
         } else {
             message.to_string()
         };
-        self.record(service, "error", kind.as_str(), &message);
+        // Written from the platform's blocking pool: a database write
+        // (which may wait for a reader) must not stall a gateway thread.
+        let store = self.store.clone();
+        let service = service.to_string();
+        self.runtime
+            .spawn_blocking(move || record(&store, &service, "error", kind.as_str(), &message));
     }
 }
 

@@ -399,8 +399,11 @@ fn misbehaving_clients_and_services_get_the_right_status_and_nothing_leaks() {
     assert_eq!(up.get(&h, "/").status, 200, "still serving");
     std::thread::sleep(Duration::from_millis(500));
     let fds_after = open_fds(pid);
+    // Each gateway thread (one per core) may keep a pooled connection or
+    // two to the instance; nothing per request survives it.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     assert!(
-        fds_after <= fds_before + 4,
+        fds_after <= fds_before + 2 * threads + 2,
         "file descriptors grew from {fds_before} to {fds_after}"
     );
 }
