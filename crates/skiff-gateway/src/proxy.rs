@@ -237,7 +237,7 @@ impl Gateway {
 
     async fn forward(
         &self,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
         remote: SocketAddr,
     ) -> Result<Response<Body>, (ErrorKind, String)> {
         let domain = &self.config.domain;
@@ -287,6 +287,25 @@ impl Gateway {
                 ));
             }
         }
+        // The body can be taken out (to receive it first) and the rest kept.
+        let mut req = req.map(Some);
+        // Serverless: the body is received before an instance is taken, so
+        // a slow upload holds no instance's slot (see `Router::limits`).
+        let mut received = None;
+        let mut deadline = None;
+        if upgrade.is_none() {
+            if let Some(limits) = self.router.limits(&service) {
+                if limits.max_response.is_some() {
+                    deadline = limits.request_timeout.map(|t| Instant::now() + t);
+                    if let Some(body) = req.body_mut().take() {
+                        let bytes = self
+                            .receive_body(body, req.headers(), &service, limits, deadline)
+                            .await?;
+                        received = Some(bytes);
+                    }
+                }
+            }
+        }
         let lease = self.lease(&service).await?;
         let upstream = lease.upstream.clone();
         // A body announced too large is refused before it is read.
@@ -296,7 +315,9 @@ impl Gateway {
                 return Err(too_large_request(max));
             }
         }
-        let deadline = upstream.limits.request_timeout.map(|t| Instant::now() + t);
+        if deadline.is_none() {
+            deadline = upstream.limits.request_timeout.map(|t| Instant::now() + t);
+        }
 
         let path = req
             .uri()
@@ -337,12 +358,18 @@ impl Gateway {
         add_forwarded(headers, remote, &host);
         if let (true, Some(max)) = (serverless, upstream.limits.max_response) {
             return self
-                .serverless(req, &path, &service, &upstream, lease, max, deadline)
+                .serverless(
+                    req, received, &path, &service, &upstream, lease, max, deadline,
+                )
                 .await;
         }
-        let req = req.map(|body| match upstream.limits.max_request {
-            Some(max) => Limited::new(body, max as usize).boxed(),
-            None => body.map_err(BoxError::from).boxed(),
+        let req = req.map(|body| match (body, upstream.limits.max_request) {
+            (Some(body), Some(max)) => Limited::new(body, max as usize).boxed(),
+            (Some(body), None) => body.map_err(BoxError::from).boxed(),
+            // Received already: the service turned persistent meanwhile.
+            (None, _) => Full::new(received.clone().unwrap_or_default())
+                .map_err(|never| match never {})
+                .boxed(),
         });
 
         let sent = self.client.request(req);
@@ -432,7 +459,8 @@ impl Gateway {
     #[allow(clippy::too_many_arguments)]
     async fn serverless(
         &self,
-        req: Request<Incoming>,
+        req: Request<Option<Incoming>>,
+        received: Option<Bytes>,
         path: &str,
         service: &str,
         upstream: &crate::route::Upstream,
@@ -443,22 +471,15 @@ impl Gateway {
         let (parts, body) = req.into_parts();
         let limit = upstream.limits.max_request;
         let exchange = async {
-            let collected = match limit {
-                Some(l) => Limited::new(body, usize::try_from(l).unwrap_or(usize::MAX))
-                    .collect()
-                    .await
-                    .map_err(|e| e.is::<LengthLimitError>()),
-                None => body.collect().await.map_err(|_| false),
-            };
-            let body = match collected {
-                Ok(c) => c.to_bytes(),
-                Err(true) => return Err(Err(too_large_request(limit.unwrap_or(0)))),
-                Err(false) => {
-                    return Err(Err((
-                        ErrorKind::BadRequest,
-                        "The request body broke off before it was complete.".to_string(),
-                    )))
+            let body = match received {
+                Some(bytes) if limit.is_some_and(|l| bytes.len() as u64 > l) => {
+                    return Err(Err(too_large_request(limit.unwrap_or(0))))
                 }
+                Some(bytes) => bytes,
+                None => match body {
+                    Some(body) => collect_body(body, limit).await.map_err(Err)?,
+                    None => Bytes::new(),
+                },
             };
             let out = h1::Outgoing {
                 method: &parts.method,
@@ -503,6 +524,30 @@ impl Gateway {
         *resp.status_mut() = received.status;
         *resp.headers_mut() = headers;
         Ok(resp)
+    }
+
+    /// A serverless request's body, received whole within its limit and
+    /// the request timeout, before an instance is taken.
+    async fn receive_body(
+        &self,
+        body: Incoming,
+        headers: &HeaderMap,
+        service: &str,
+        limits: ExchangeLimits,
+        deadline: Option<Instant>,
+    ) -> Result<Bytes, (ErrorKind, String)> {
+        if let (Some(max), Some(len)) = (limits.max_request, content_length(headers)) {
+            if len > max {
+                return Err(too_large_request(max));
+            }
+        }
+        let collect = collect_body(body, limits.max_request);
+        match deadline {
+            Some(d) => tokio::time::timeout_at(d, collect)
+                .await
+                .map_err(|_| timed_out(service, limits))?,
+            None => collect.await,
+        }
     }
 
     /// What to tell the client when the instance could not be reached or
@@ -591,6 +636,25 @@ impl Gateway {
             ),
         };
         (ErrorKind::UpstreamFailed, message)
+    }
+}
+
+/// A request body received whole, at most `limit` bytes.
+async fn collect_body(body: Incoming, limit: Option<u64>) -> Result<Bytes, (ErrorKind, String)> {
+    let collected = match limit {
+        Some(l) => Limited::new(body, usize::try_from(l).unwrap_or(usize::MAX))
+            .collect()
+            .await
+            .map_err(|e| e.is::<LengthLimitError>()),
+        None => body.collect().await.map_err(|_| false),
+    };
+    match collected {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(true) => Err(too_large_request(limit.unwrap_or(0))),
+        Err(false) => Err((
+            ErrorKind::BadRequest,
+            "The request body broke off before it was complete.".to_string(),
+        )),
     }
 }
 

@@ -407,3 +407,34 @@ fn misbehaving_clients_and_services_get_the_right_status_and_nothing_leaks() {
         "file descriptors grew from {fds_before} to {fds_after}"
     );
 }
+
+#[test]
+fn a_slow_upload_holds_no_instance_slot() {
+    // One instance taking one request at a time, and a short queue wait:
+    // were the upload's request given the instance while its body
+    // trickles in, the next request would be turned away.
+    let name = unique("slowup");
+    let app = App::new(
+        &format!(
+            "name = \"{name}\"\nstart = \"exec python3 app.py\"\n[limits]\n\
+             max_instances = 1\nconcurrency = 1\nqueue_timeout = \"1s\"\n\
+             request_timeout = \"10s\"\n"
+        ),
+        &[("app.py", APP)],
+    );
+    let mut up = Up::start(&[app.path()], &[]);
+    assert_eq!(up.wait_urls(1, FIRST_START).len(), 1, "{}", up.stderr());
+    let port = up.port.unwrap();
+    let h = host(&name);
+    let mut slow = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    slow.write_all(
+        format!("POST /echo HTTP/1.1\r\nHost: {h}\r\nContent-Length: 1000\r\n\r\npart").as_bytes(),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..3 {
+        let r = up.get(&h, "/");
+        assert_eq!(r.status, 200, "served while the upload trickles: {r:?}");
+    }
+    drop(slow);
+}
