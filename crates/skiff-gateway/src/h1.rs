@@ -252,7 +252,12 @@ async fn read_more(conn: &mut Conn, got_bytes: &mut bool) -> Result<usize, Excha
 /// did (then the rest of the request is not sent).
 async fn send(stream: &TcpStream, parts: &[&[u8]]) -> io::Result<bool> {
     for part in parts {
-        let mut off = 0;
+        // Nearly always the socket takes it all at once.
+        let mut off = match stream.try_write(part) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
         while off < part.len() {
             tokio::select! {
                 biased;

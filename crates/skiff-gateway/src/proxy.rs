@@ -641,6 +641,9 @@ impl Gateway {
 
 /// A request body received whole, at most `limit` bytes.
 async fn collect_body(body: Incoming, limit: Option<u64>) -> Result<Bytes, (ErrorKind, String)> {
+    if hyper::body::Body::is_end_stream(&body) {
+        return Ok(Bytes::new());
+    }
     let collected = match limit {
         Some(l) => Limited::new(body, usize::try_from(l).unwrap_or(usize::MAX))
             .collect()
