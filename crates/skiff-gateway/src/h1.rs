@@ -146,8 +146,11 @@ fn idempotent(m: &Method) -> bool {
     )
 }
 
+/// The request head, and the body after it when it is small (one write).
 fn serialize(req: &Outgoing<'_>) -> Vec<u8> {
-    let mut head = Vec::with_capacity(256 + req.headers.len() * 32);
+    let inline = req.body.len() <= INLINE_BODY;
+    let mut head =
+        Vec::with_capacity(256 + req.headers.len() * 48 + if inline { req.body.len() } else { 0 });
     head.extend_from_slice(req.method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(req.path.as_bytes());
@@ -174,8 +177,14 @@ fn serialize(req: &Outgoing<'_>) -> Vec<u8> {
         head.extend_from_slice(b"\r\n");
     }
     head.extend_from_slice(b"\r\n");
+    if inline {
+        head.extend_from_slice(&req.body);
+    }
     head
 }
+
+/// Bodies up to this size are sent with the head in one write.
+const INLINE_BODY: usize = 16 * 1024;
 
 /// Sends `req` to the instance behind `upstream` and receives the whole
 /// response, at most `max` body bytes. A pooled connection the instance
@@ -308,12 +317,9 @@ async fn round_trip(
     max: u64,
     got_bytes: &mut bool,
 ) -> Result<(Received, bool), ExchangeError> {
-    // One write for small requests: the head and the body together.
-    let answered_early = if body.len() <= 16 * 1024 {
-        let mut out = Vec::with_capacity(head.len() + body.len());
-        out.extend_from_slice(head);
-        out.extend_from_slice(body);
-        send(&conn.stream, &[&out]).await
+    // Small bodies were serialised with the head (one write).
+    let answered_early = if body.len() <= INLINE_BODY {
+        send(&conn.stream, &[head]).await
     } else {
         send(&conn.stream, &[head, body]).await
     };
@@ -618,7 +624,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             text,
-            "POST /x?y=1 HTTP/1.1\r\nhost: svc\r\ncontent-length: 3\r\n\r\n"
+            "POST /x?y=1 HTTP/1.1\r\nhost: svc\r\ncontent-length: 3\r\n\r\nabc"
         );
         let mut h = HeaderMap::new();
         h.insert(header::EXPECT, HeaderValue::from_static("100-continue"));

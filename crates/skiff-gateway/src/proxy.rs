@@ -329,7 +329,7 @@ impl Gateway {
             // hyper's pooled client finds the instance by the authority.
             let uri = Uri::builder()
                 .scheme("http")
-                .authority(upstream.key.as_str())
+                .authority(&*upstream.key)
                 .path_and_query(path.as_str())
                 .build()
                 .map_err(|e| {
@@ -739,7 +739,24 @@ impl hyper::body::Body for LeasedBody {
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1):
 /// they must not be forwarded.
+/// Headers that concern one connection only (RFC 9110 §7.6.1).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
+}
+
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages have none: one pass over the names, no lookups.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -63,8 +63,9 @@ pub struct ExchangeLimits {
 /// One instance the gateway may send a request to.
 #[derive(Clone)]
 pub struct Upstream {
-    /// Unique per instance; connections are pooled by it.
-    pub key: String,
+    /// Unique per instance; connections are pooled by it. Shared, as the
+    /// upstream is cloned for every request.
+    pub key: Arc<str>,
     pub connect: Arc<dyn Connect>,
     pub limits: ExchangeLimits,
 }

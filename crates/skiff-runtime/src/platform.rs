@@ -269,7 +269,7 @@ impl Shared {
     }
 
     pub(crate) fn register_upstream(&self, upstream: &Upstream) {
-        write(&self.upstreams).insert(upstream.key.clone(), upstream.clone());
+        write(&self.upstreams).insert(upstream.key.to_string(), upstream.clone());
     }
 
     pub(crate) fn forget_upstream(&self, key: &str) {

@@ -346,7 +346,7 @@ impl ServiceRuntime {
         let id = started.instance.id.clone();
         let (exit_tx, exit_rx) = watch::channel(None);
         let upstream = Upstream {
-            key: id.clone(),
+            key: id.as_str().into(),
             connect: Arc::new(NetnsConnect {
                 netns: started.netns.clone(),
                 port: self.spec.port,
