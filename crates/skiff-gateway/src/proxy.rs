@@ -560,20 +560,13 @@ impl Gateway {
     ) -> (ErrorKind, String) {
         let exit = upstream.connect.failure().await;
         let message = match (e, exit) {
-            (_, Some(exit)) => format!(
-                "Service {service:?} did not answer the request: its instance {exit} while \
-                 handling it. See `skiff logs {service}`."
-            ),
             (h1::ExchangeError::Malformed(what), None) => format!(
                 "Service {service:?} broke off its response: {what}. See `skiff logs {service}`."
             ),
-            (h1::ExchangeError::Connect(e) | h1::ExchangeError::Broken(e), None) => format!(
-                "Service {service:?} did not answer the request: {e}. The instance may have \
-                 crashed or closed the connection; see `skiff logs {service}`."
-            ),
-            (h1::ExchangeError::TooLarge, None) => {
-                format!("Service {service:?} answered with more than its limit allows.")
+            (h1::ExchangeError::Connect(e) | h1::ExchangeError::Broken(e), exit) => {
+                broke_off(service, exit, &e.to_string())
             }
+            (_, exit) => broke_off(service, exit, "its answer was cut off"),
         };
         (ErrorKind::UpstreamFailed, message)
     }
@@ -625,17 +618,23 @@ impl Gateway {
         let cause = std::error::Error::source(&e)
             .map(|s| s.to_string())
             .unwrap_or_else(|| e.to_string());
-        let message = match upstream.connect.failure().await {
-            Some(exit) => format!(
-                "Service {service:?} did not answer the request: its instance {exit} \
-                 while handling it. See `skiff logs {service}`."
-            ),
-            None => format!(
-                "Service {service:?} did not answer the request: {cause}. The instance may \
-                 have crashed or closed the connection; see `skiff logs {service}`."
-            ),
-        };
-        (ErrorKind::UpstreamFailed, message)
+        let exit = upstream.connect.failure().await;
+        (ErrorKind::UpstreamFailed, broke_off(service, exit, &cause))
+    }
+}
+
+/// Why a service did not answer: its instance's exit when known, else
+/// the connection's error.
+fn broke_off(service: &str, exit: Option<String>, cause: &str) -> String {
+    match exit {
+        Some(exit) => format!(
+            "Service {service:?} did not answer the request: its instance {exit} while \
+             handling it. See `skiff logs {service}`."
+        ),
+        None => format!(
+            "Service {service:?} did not answer the request: {cause}. The instance may have \
+             crashed or closed the connection; see `skiff logs {service}`."
+        ),
     }
 }
 
