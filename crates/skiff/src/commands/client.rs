@@ -158,3 +158,11 @@ pub fn instances(i: &skiff_api::types::Instances, state: &str) -> String {
         parts.join(", ")
     }
 }
+
+/// Every line of `text` indented by two spaces.
+pub fn indent(text: &str) -> String {
+    text.lines()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}

@@ -10,7 +10,7 @@ use clap::Args;
 use http::Method;
 use skiff_api::types::DeployMessage;
 
-use super::client::{ClientArgs, Paint};
+use super::client::{indent, ClientArgs, Paint};
 
 #[derive(Debug, Args)]
 pub struct DeployArgs {
@@ -133,11 +133,4 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<ExitCode> {
         "the daemon stopped answering before the deploy finished; `skiff status {name}` shows \
          how it ended"
     )
-}
-
-pub fn indent(text: &str) -> String {
-    text.lines()
-        .map(|l| format!("  {l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
 }

@@ -6,8 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 use skiff_api::types::ServiceStatus;
 
-use super::client::{instances, print_json, ClientArgs, Paint};
-use super::deploy::indent;
+use super::client::{indent, instances, print_json, ClientArgs, Paint};
 use super::doctor::{phase_header, phase_row};
 use super::rm::path_segment;
 

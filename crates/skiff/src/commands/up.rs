@@ -14,6 +14,7 @@ use skiff_runtime::{Event, Phase, Platform};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::broadcast::error::RecvError;
 
+use super::client::indent;
 use super::serve::start_api;
 use super::PlatformArgs;
 
@@ -140,13 +141,6 @@ fn ms(d: Duration) -> String {
 
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
-}
-
-fn indent(text: &str) -> String {
-    text.lines()
-        .map(|l| format!("  {l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 /// Prints what the platform reports: base image progress, service logs.
