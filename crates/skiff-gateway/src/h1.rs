@@ -183,6 +183,9 @@ fn serialize(req: &Outgoing<'_>) -> Vec<u8> {
     head
 }
 
+/// Response bodies up to this size are copied out of the read buffer.
+const COPY_BODY: usize = 4096;
+
 /// Bodies up to this size are sent with the head in one write.
 const INLINE_BODY: usize = 16 * 1024;
 
@@ -409,7 +412,17 @@ async fn round_trip(
                 return Err(closed());
             }
         }
-        (conn.buf.split_to(len).freeze(), keep_alive)
+        // A small body is copied out, so the connection's buffer stays
+        // whole and is reused by the next exchange instead of a new one
+        // being allocated; a large one is handed over without a copy.
+        let body = if len <= COPY_BODY {
+            let body = Bytes::copy_from_slice(&conn.buf[..len]);
+            conn.buf.advance(len);
+            body
+        } else {
+            conn.buf.split_to(len).freeze()
+        };
+        (body, keep_alive)
     } else {
         // Delimited by the end of the connection.
         loop {
