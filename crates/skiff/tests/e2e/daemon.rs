@@ -93,6 +93,32 @@ fn deploy_ls_status_logs_redeploy_rm() {
         !out.contains('\x1b'),
         "no colour when not on a terminal: {out:?}"
     );
+    // On a terminal (script(1) gives it one): colour, unless NO_COLOR.
+    let on_tty = |no_color: bool| {
+        let cmd = format!(
+            "{} ls --state {}",
+            crate::support::SKIFF,
+            d.state_dir().display()
+        );
+        let mut c = std::process::Command::new("script");
+        c.args(["-q", "-e", "-c", &cmd, "/dev/null"])
+            .env_remove("NO_COLOR");
+        if no_color {
+            c.env("NO_COLOR", "1");
+        }
+        let out = c.output().expect("run script(1)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let coloured = on_tty(false);
+    assert!(
+        coloured.contains("\x1b[32mready"),
+        "colour on a terminal: {coloured:?}"
+    );
+    let plain = on_tty(true);
+    assert!(
+        plain.contains("ready") && !plain.contains('\x1b'),
+        "NO_COLOR: {plain:?}"
+    );
 
     // A redeploy switches to the new version; `logs -f` shows it start.
     let follow = LogFollower::start(&d.state_dir(), &name);
