@@ -677,13 +677,16 @@ mod tests {
         (addr, task)
     }
 
-    async fn receive(addr: std::net::SocketAddr, max: u64) -> Result<Received, ExchangeError> {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let mut conn = Conn {
-            stream,
+    async fn connect(addr: std::net::SocketAddr) -> Conn {
+        Conn {
+            stream: TcpStream::connect(addr).await.unwrap(),
             buf: BytesMut::new(),
             idle_since: Instant::now(),
-        };
+        }
+    }
+
+    async fn receive(addr: std::net::SocketAddr, max: u64) -> Result<Received, ExchangeError> {
+        let mut conn = connect(addr).await;
         let mut got = false;
         round_trip(
             &mut conn,
@@ -750,12 +753,7 @@ mod tests {
     #[tokio::test]
     async fn head_answers_have_no_body_but_keep_their_length() {
         let (addr, _t) = server(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"]).await;
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let mut conn = Conn {
-            stream,
-            buf: BytesMut::new(),
-            idle_since: Instant::now(),
-        };
+        let mut conn = connect(addr).await;
         let mut got = false;
         let (r, reusable) = round_trip(
             &mut conn,
@@ -825,12 +823,7 @@ mod tests {
                 .unwrap();
             tokio::time::sleep(Duration::from_millis(200)).await;
         });
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let mut conn = Conn {
-            stream,
-            buf: BytesMut::new(),
-            idle_since: Instant::now(),
-        };
+        let mut conn = connect(addr).await;
         let body = Bytes::from(vec![b'x'; 32 << 20]);
         let mut got = false;
         let (r, reusable) = tokio::time::timeout(
