@@ -211,7 +211,6 @@ pub(crate) async fn exchange(
                     .connect()
                     .await
                     .map_err(ExchangeError::Connect)?;
-                quickack(&stream);
                 let conn = Conn {
                     stream,
                     buf: BytesMut::with_capacity(8 * 1024),
@@ -239,7 +238,12 @@ pub(crate) async fn exchange(
     }
 }
 
-/// Keeps ACKs to the instance immediate (see `upstream_io.rs` for why).
+/// Sends the ACK the kernel is holding back, at once. Many small servers
+/// (Python's `http.server`, for one) write a response's head and body in
+/// two writes without `TCP_NODELAY`: the body then waits, by Nagle's
+/// algorithm, for the ACK of the head, which our side would delay by up to
+/// 40 ms hoping to piggy-back it. Setting `TCP_QUICKACK` sends a pending
+/// ACK immediately (the flag is not sticky, so it is set each time).
 fn quickack(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_tcp_quickack(true);
 }
@@ -248,12 +252,17 @@ async fn read_more(conn: &mut Conn, got_bytes: &mut bool) -> Result<usize, Excha
     if conn.buf.capacity() - conn.buf.len() < 4096 {
         conn.buf.reserve(16 * 1024);
     }
+    if *got_bytes {
+        // Part of the answer is here and the rest must be waited for: ACK
+        // now (see `quickack`). A whole answer in one read, the usual case,
+        // needs no system call for this.
+        quickack(&conn.stream);
+    }
     let n = conn
         .stream
         .read_buf(&mut conn.buf)
         .await
         .map_err(ExchangeError::Broken)?;
-    quickack(&conn.stream);
     if n > 0 {
         *got_bytes = true;
     }
