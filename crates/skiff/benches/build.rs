@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
+mod common;
 const BUILD: &str = "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt";
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -38,19 +38,7 @@ fn copy_example(dir: &Path) -> tempfile::TempDir {
 /// Runs `skiff up` until it prints the URL; returns (stderr lines, elapsed).
 fn skiff_up(dir: &Path, state: &Path) -> (Vec<String>, Duration) {
     let t = Instant::now();
-    let mut up = Command::new(SKIFF)
-        .args([
-            "up",
-            "--listen",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-            "--state",
-        ])
-        .arg(state)
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+    let mut up = common::skiff_up(state, &[dir], Stdio::piped())
         .spawn()
         .expect("skiff up");
     let (tx, rx) = mpsc::channel();

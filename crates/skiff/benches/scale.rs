@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
+mod common;
 
 /// A minimal HTTP/1.1 server in C: one process per connection, keep-alive.
 const SERVER_C: &str = r#"
@@ -110,19 +110,8 @@ impl Drop for Up {
 }
 
 fn skiff_up(dirs: &[PathBuf], state: &Path) -> Up {
-    let mut child = Command::new(SKIFF)
-        .args([
-            "up",
-            "--listen",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-            "--state",
-        ])
-        .arg(state)
-        .args(dirs)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+    let dirs_ref: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
+    let mut child = common::skiff_up(state, &dirs_ref, Stdio::null())
         .spawn()
         .expect("skiff up");
     let out = BufReader::new(child.stdout.take().expect("stdout"));
@@ -133,12 +122,7 @@ fn skiff_up(dirs: &[PathBuf], state: &Path) -> Up {
         let line = lines.next().expect("skiff ended early").expect("read");
         if line.starts_with("http://") {
             seen += 1;
-            port = line
-                .trim_end_matches('/')
-                .rsplit(':')
-                .next()
-                .and_then(|p| p.parse().ok())
-                .expect("port");
+            port = common::port_of(&line).expect("port");
         }
     }
     // Keep draining stdout so skiff never blocks on a full pipe.

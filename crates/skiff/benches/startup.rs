@@ -17,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use skiff_sandbox::{Bind, CgroupLimits, Identity, Sandbox, SandboxConfig};
 
-const SKIFF: &str = env!("CARGO_BIN_EXE_skiff");
+mod common;
+use common::SKIFF;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
@@ -190,19 +191,7 @@ fn up_to_first_200(runs: usize, base: &Path) {
 
         let state = tempfile::tempdir().expect("tempdir");
         let t = Instant::now();
-        let mut up = Command::new(SKIFF)
-            .args([
-                "up",
-                "--listen",
-                "127.0.0.1:0",
-                "--api",
-                "127.0.0.1:0",
-                "--state",
-            ])
-            .arg(state.path())
-            .arg(&example)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+        let mut up = common::skiff_up(state.path(), &[&example], Stdio::null())
             .spawn()
             .expect("skiff up");
         let out = BufReader::new(up.stdout.take().expect("stdout"));
@@ -211,12 +200,7 @@ fn up_to_first_200(runs: usize, base: &Path) {
             .map_while(Result::ok)
             .find(|l| l.starts_with("http://"))
             .expect("skiff printed no URL");
-        let port: u16 = url
-            .trim_end_matches('/')
-            .rsplit(':')
-            .next()
-            .and_then(|p| p.parse().ok())
-            .expect("port in URL");
+        let port = common::port_of(&url).expect("port in URL");
         while !get_ok(port, "hello-python.localhost") {
             std::thread::sleep(Duration::from_millis(1));
         }
