@@ -54,11 +54,38 @@ impl ExchangeError {
 /// A response received whole.
 pub(crate) struct Received {
     pub status: StatusCode,
-    pub headers: HeaderMap,
+    /// The header fields that pass on to the client, in wire form
+    /// (`name: value\r\n` each): hop-by-hop fields and the framing are
+    /// left out, except that a bodiless answer keeps its Content-Length.
+    pub lines: Vec<u8>,
     pub body: Bytes,
     /// The response has no body by its nature (HEAD, 204, 304): its
     /// Content-Length, if any, describes another message and passes as is.
     pub bodiless: bool,
+}
+
+impl Received {
+    /// The header fields as a map, for hyper's side of the gateway.
+    pub(crate) fn header_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        // Written by `parse_head` from fields httparse checked: one field
+        // per line, the name up to the first colon.
+        for line in self.lines.split(|b| *b == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let Some(colon) = line.iter().position(|b| *b == b':') else {
+                continue;
+            };
+            let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
+            if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
+                map.append(n, v);
+            }
+        }
+        map
+    }
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    b.trim_ascii()
 }
 
 struct Conn {
@@ -105,9 +132,12 @@ impl Pool {
         }
         conn.idle_since = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let conns = idle.entry(key.to_string()).or_default();
-        if conns.len() < MAX_IDLE {
-            conns.push(conn);
+        match idle.get_mut(key) {
+            Some(conns) if conns.len() < MAX_IDLE => conns.push(conn),
+            Some(_) => {}
+            None => {
+                idle.insert(key.to_string(), vec![conn]);
+            }
         }
         let mut last = self.last_sweep.lock().unwrap_or_else(|p| p.into_inner());
         if last.elapsed() >= SWEEP_EVERY {
@@ -131,7 +161,7 @@ fn sweep(idle: &mut HashMap<String, Vec<Conn>>, alive: impl Fn(&str) -> bool) {
     });
 }
 
-/// One request, ready to send.
+/// One request from a header map (the hyper side), to be serialised.
 pub(crate) struct Outgoing<'a> {
     pub method: &'a Method,
     pub path: &'a str,
@@ -139,18 +169,92 @@ pub(crate) struct Outgoing<'a> {
     pub body: Bytes,
 }
 
-fn idempotent(m: &Method) -> bool {
+/// A request ready to send: its head in wire form (with the body after it
+/// when small, see `end_request`), and its body.
+pub(crate) struct Prepared<'a> {
+    pub bytes: &'a [u8],
+    pub body: &'a Bytes,
+    /// A HEAD request: the answer has no body whatever its length says.
+    pub head_only: bool,
+    /// Safe to send again when a reused connection turns out closed.
+    pub idempotent: bool,
+}
+
+pub(crate) fn idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     )
 }
 
+/// Headers that concern one connection only (RFC 9110 §7.6.1), and the
+/// framing the gateway does anew; none of them is forwarded as it came.
+pub(crate) fn is_hop_by_hop(name: &[u8]) -> bool {
+    const NAMES: [&[u8]; 9] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    ];
+    NAMES.iter().any(|n| n.eq_ignore_ascii_case(name))
+}
+
+/// Ends a request head: frames the body anew (Content-Length) and puts it
+/// right after the head when it is small, so head and body go in one write.
+pub(crate) fn end_request(out: &mut Vec<u8>, body: &[u8], method_has_body: bool) {
+    if !body.is_empty() || method_has_body {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa(body.len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if body.len() <= INLINE_BODY {
+        out.extend_from_slice(body);
+    }
+}
+
+/// A number in decimal, without the formatting machinery.
+pub(crate) fn itoa(mut n: usize) -> ItoaBuf {
+    let mut buf = ItoaBuf {
+        bytes: [0; 20],
+        start: 20,
+    };
+    loop {
+        buf.start -= 1;
+        buf.bytes[buf.start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return buf;
+        }
+    }
+}
+
+pub(crate) struct ItoaBuf {
+    bytes: [u8; 20],
+    start: usize,
+}
+
+impl ItoaBuf {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.bytes[self.start..]
+    }
+}
+
 /// The request head, and the body after it when it is small (one write).
-fn serialize(req: &Outgoing<'_>) -> Vec<u8> {
-    let inline = req.body.len() <= INLINE_BODY;
-    let mut head =
-        Vec::with_capacity(256 + req.headers.len() * 48 + if inline { req.body.len() } else { 0 });
+pub(crate) fn serialize(req: &Outgoing<'_>) -> Vec<u8> {
+    let mut head = Vec::with_capacity(
+        256 + req.headers.len() * 48
+            + if req.body.len() <= INLINE_BODY {
+                req.body.len()
+            } else {
+                0
+            },
+    );
     head.extend_from_slice(req.method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(req.path.as_bytes());
@@ -169,17 +273,8 @@ fn serialize(req: &Outgoing<'_>) -> Vec<u8> {
         head.extend_from_slice(value.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
-    let has_body =
-        !req.body.is_empty() || matches!(*req.method, Method::POST | Method::PUT | Method::PATCH);
-    if has_body {
-        head.extend_from_slice(b"content-length: ");
-        head.extend_from_slice(req.body.len().to_string().as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
-    head.extend_from_slice(b"\r\n");
-    if inline {
-        head.extend_from_slice(&req.body);
-    }
+    let has_body = matches!(*req.method, Method::POST | Method::PUT | Method::PATCH);
+    end_request(&mut head, &req.body, has_body);
     head
 }
 
@@ -195,12 +290,10 @@ const INLINE_BODY: usize = 16 * 1024;
 pub(crate) async fn exchange(
     pool: &Pool,
     upstream: &Upstream,
-    req: Outgoing<'_>,
+    req: Prepared<'_>,
     max: u64,
     alive: impl Fn(&str) -> bool,
 ) -> Result<Received, ExchangeError> {
-    let head = serialize(&req);
-    let head_only = req.method == Method::HEAD;
     let mut retried = false;
     loop {
         let (mut conn, reused) = match pool.take(&upstream.key) {
@@ -220,7 +313,15 @@ pub(crate) async fn exchange(
             }
         };
         let mut got_bytes = false;
-        let result = round_trip(&mut conn, &head, &req.body, head_only, max, &mut got_bytes).await;
+        let result = round_trip(
+            &mut conn,
+            req.bytes,
+            req.body,
+            req.head_only,
+            max,
+            &mut got_bytes,
+        )
+        .await;
         match result {
             Ok((received, reusable)) => {
                 if reusable {
@@ -228,9 +329,7 @@ pub(crate) async fn exchange(
                 }
                 return Ok(received);
             }
-            Err(e)
-                if reused && !retried && idempotent(req.method) && e.is_early_close(got_bytes) =>
-            {
+            Err(e) if reused && !retried && req.idempotent && e.is_early_close(got_bytes) => {
                 retried = true;
             }
             Err(e) => return Err(e),
@@ -350,20 +449,19 @@ async fn round_trip(
     };
 
     // The head; interim (1xx) responses are skipped.
-    let (status, _version, headers, keep_alive) = loop {
-        let parsed = parse_head(&conn.buf)?;
-        match parsed {
-            Some((len, status, version, headers, keep_alive)) => {
-                conn.buf.advance(len);
-                if status.is_informational() {
-                    if status == StatusCode::SWITCHING_PROTOCOLS {
+    let head = loop {
+        match parse_head(&conn.buf, head_only)? {
+            Some(head) => {
+                conn.buf.advance(head.len);
+                if head.status.is_informational() {
+                    if head.status == StatusCode::SWITCHING_PROTOCOLS {
                         return Err(ExchangeError::Malformed(
                             "it switched protocols without being asked to".into(),
                         ));
                     }
                     continue;
                 }
-                break (status, version, headers, keep_alive);
+                break head;
             }
             None => {
                 if conn.buf.len() > MAX_HEAD {
@@ -383,33 +481,21 @@ async fn round_trip(
         }
     };
 
-    let no_body =
-        head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let keep_alive = head.keep_alive;
     // Transfer-Encoding overrides Content-Length (RFC 9112 §6.3): chunked
     // last means chunked; any other coding last means "until the close".
-    let encoded = headers.contains_key(header::TRANSFER_ENCODING);
-    let chunked = encoded
-        && headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                v.rsplit(',')
-                    .next()
-                    .is_some_and(|l| l.trim().eq_ignore_ascii_case("chunked"))
-            });
-    let length = if encoded {
+    let length = if head.encoded {
         None
     } else {
-        content_length(&headers)?
+        head.length
+            .map_err(|e| ExchangeError::Malformed(e.into()))?
     };
-    let (body, reusable) = if no_body {
+    let (body, reusable) = if head.bodiless {
         (Bytes::new(), keep_alive)
-    } else if chunked {
+    } else if head.chunked {
         // With a Content-Length too, the message is suspect (RFC 9112
         // §6.3): read as chunked, and the connection is not reused.
-        let reuse = keep_alive && !headers.contains_key(header::CONTENT_LENGTH);
+        let reuse = keep_alive && !head.has_length;
         (read_chunked(conn, max, got_bytes).await?, reuse)
     } else if let Some(len) = length {
         if len > max {
@@ -448,21 +534,43 @@ async fn round_trip(
     let reusable = reusable && conn.buf.is_empty() && !answered_early;
     Ok((
         Received {
-            status,
-            headers,
+            status: head.status,
+            lines: head.lines,
             body,
-            bodiless: no_body,
+            bodiless: head.bodiless,
         },
         reusable,
     ))
 }
 
-type Head = (usize, StatusCode, http::Version, HeaderMap, bool);
+/// A response head: what frames its body, and the fields that pass on.
+struct Head {
+    /// Bytes of the head, up to and with its empty line.
+    len: usize,
+    status: StatusCode,
+    keep_alive: bool,
+    /// No body by its nature (HEAD, 204, 304).
+    bodiless: bool,
+    /// Transfer-Encoding is present; `chunked` when its last coding is.
+    encoded: bool,
+    chunked: bool,
+    /// A Content-Length field is present, and the length it gives: an
+    /// error when a value is not a number or the values disagree.
+    has_length: bool,
+    length: Result<Option<u64>, &'static str>,
+    /// See `Received::lines`.
+    lines: Vec<u8>,
+}
 
-fn parse_head(buf: &[u8]) -> Result<Option<Head>, ExchangeError> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut fields);
-    let len = match resp.parse(buf) {
+fn parse_head(buf: &[u8], head_only: bool) -> Result<Option<Head>, ExchangeError> {
+    let mut fields =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut resp,
+        buf,
+        &mut fields,
+    ) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => {
@@ -475,51 +583,86 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, ExchangeError> {
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or_else(|| ExchangeError::Malformed("its status code is invalid".into()))?;
-    let version = if resp.version == Some(0) {
-        http::Version::HTTP_10
-    } else {
-        http::Version::HTTP_11
-    };
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
-    let mut close = version == http::Version::HTTP_10;
-    // `close` anywhere wins over `keep-alive` anywhere.
+    let bodiless =
+        head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let http10 = resp.version == Some(0);
+
+    // Connection first: it decides keep-alive, and the fields it names
+    // concern this connection only. `close` anywhere wins over
+    // `keep-alive` anywhere.
+    let mut close = http10;
     let mut closing = false;
+    let mut named: Vec<&[u8]> = Vec::new();
     for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| ExchangeError::Malformed(format!("bad header name {:?}", h.name)))?;
-        let value = HeaderValue::from_bytes(h.value)
-            .map_err(|_| ExchangeError::Malformed(format!("bad value of header {}", h.name)))?;
-        if name == header::CONNECTION {
-            let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
-            let has = |t: &str| v.split(',').any(|x| x.trim() == t);
-            if has("close") {
+        if !h.name.eq_ignore_ascii_case("connection") {
+            continue;
+        }
+        for token in h.value.split(|b| *b == b',').map(trim) {
+            if token.eq_ignore_ascii_case(b"close") {
                 close = true;
                 closing = true;
-            } else if has("keep-alive") && version == http::Version::HTTP_10 && !closing {
-                close = false;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                if http10 && !closing {
+                    close = false;
+                }
+            } else if !token.is_empty() {
+                named.push(token);
             }
         }
-        headers.append(name, value);
     }
-    Ok(Some((len, status, version, headers, !close)))
+
+    let mut head = Head {
+        len,
+        status,
+        keep_alive: !close,
+        bodiless,
+        encoded: false,
+        chunked: false,
+        has_length: false,
+        length: Ok(None),
+        lines: Vec::with_capacity(len),
+    };
+    for h in resp.headers.iter() {
+        let name = h.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            head.encoded = true;
+            // The last field's last coding decides.
+            head.chunked = h
+                .value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|c| trim(c).eq_ignore_ascii_case(b"chunked"));
+            continue;
+        }
+        if name.eq_ignore_ascii_case(b"content-length") {
+            head.has_length = true;
+            head.length = head.length.and_then(|found| merge_length(found, h.value));
+            if !bodiless {
+                continue;
+            }
+        } else if is_hop_by_hop(name) || named.iter().any(|n| n.eq_ignore_ascii_case(name)) {
+            continue;
+        }
+        head.lines.extend_from_slice(name);
+        head.lines.extend_from_slice(b": ");
+        head.lines.extend_from_slice(h.value);
+        head.lines.extend_from_slice(b"\r\n");
+    }
+    Ok(Some(head))
 }
 
-/// The response's Content-Length; several that disagree are an error.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ExchangeError> {
-    let mut found: Option<u64> = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.to_str().unwrap_or("x").split(',') {
-            let n: u64 = part
-                .trim()
-                .parse()
-                .map_err(|_| ExchangeError::Malformed("its Content-Length is invalid".into()))?;
-            if found.is_some_and(|f| f != n) {
-                return Err(ExchangeError::Malformed(
-                    "it sent Content-Length values that disagree".into(),
-                ));
-            }
-            found = Some(n);
+/// Adds one Content-Length field's value (a list, maybe) to the length
+/// found so far: values must be numbers and agree.
+fn merge_length(mut found: Option<u64>, value: &[u8]) -> Result<Option<u64>, &'static str> {
+    for part in value.split(|b| *b == b',') {
+        let n: u64 = std::str::from_utf8(part)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .ok_or("its Content-Length is invalid")?;
+        if found.is_some_and(|f| f != n) {
+            return Err("it sent Content-Length values that disagree");
         }
+        found = Some(n);
     }
     Ok(found)
 }
@@ -588,44 +731,78 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
+    fn head(text: &[u8]) -> Head {
+        parse_head(text, false).unwrap().unwrap()
+    }
+
     #[test]
     fn heads_are_parsed_with_keep_alive_rules() {
-        let (len, status, _, headers, keep) =
-            parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                .unwrap()
-                .unwrap();
-        assert_eq!((len, status, keep), (38, StatusCode::OK, true));
-        assert_eq!(content_length(&headers).unwrap(), Some(2));
-        let (.., keep) = parse_head(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        assert!(!keep);
-        let (.., keep) = parse_head(b"HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap();
-        assert!(!keep, "HTTP/1.0 closes unless told otherwise");
-        let (.., keep) = parse_head(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        assert!(keep);
-        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-")
+        let h = head(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        assert_eq!((h.len, h.status, h.keep_alive), (38, StatusCode::OK, true));
+        assert_eq!(h.length, Ok(Some(2)));
+        assert!(!head(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n").keep_alive);
+        assert!(
+            !head(b"HTTP/1.0 200 OK\r\n\r\n").keep_alive,
+            "HTTP/1.0 closes unless told otherwise"
+        );
+        assert!(head(b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\n\r\n").keep_alive);
+        assert!(parse_head(b"HTTP/1.1 200 OK\r\nContent-", false)
             .unwrap()
             .is_none());
         assert!(matches!(
-            parse_head(b"garbage\r\n\r\n"),
+            parse_head(b"garbage\r\n\r\n", false),
             Err(ExchangeError::Malformed(_))
         ));
     }
 
     #[test]
     fn conflicting_lengths_are_refused() {
-        let (.., headers, _) =
-            parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n")
-                .unwrap()
-                .unwrap();
-        assert!(content_length(&headers).is_err());
-        let (.., headers, _) = parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\n")
+        let h = head(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n");
+        assert!(h.length.is_err());
+        let h = head(b"HTTP/1.1 200 OK\r\nContent-Length: 2, 2\r\n\r\n");
+        assert_eq!(h.length, Ok(Some(2)));
+        assert!(head(b"HTTP/1.1 200 OK\r\nContent-Length: two\r\n\r\n")
+            .length
+            .is_err());
+    }
+
+    #[test]
+    fn hop_by_hop_fields_and_the_framing_do_not_pass_on() {
+        let h = head(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Secret-Hop\r\nX-Secret-Hop: 1\r\n\
+              Keep-Alive: timeout=5\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\
+              X-Custom: kept\r\nContent-Length: 4\r\nUpgrade: h2c\r\n\r\n",
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&h.lines),
+            "Content-Type: text/plain\r\nX-Custom: kept\r\n"
+        );
+        assert!(h.encoded && h.chunked && h.has_length && h.keep_alive);
+        let received = Received {
+            status: h.status,
+            lines: h.lines,
+            body: Bytes::new(),
+            bodiless: false,
+        };
+        let map = received.header_map();
+        assert_eq!(map.len(), 2);
+        assert_eq!(map["content-type"], "text/plain");
+        assert_eq!(map["x-custom"], "kept");
+        // A bodiless answer keeps its length, which describes another message.
+        let h = parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true)
             .unwrap()
             .unwrap();
-        assert_eq!(content_length(&headers).unwrap(), Some(2));
+        assert_eq!(String::from_utf8_lossy(&h.lines), "Content-Length: 5\r\n");
+        let h = head(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n");
+        assert!(h.bodiless);
+        assert_eq!(String::from_utf8_lossy(&h.lines), "Content-Length: 5\r\n");
+    }
+
+    #[test]
+    fn numbers_are_written_in_decimal() {
+        for n in [0, 7, 10, 4096, 6_291_456, usize::MAX] {
+            assert_eq!(itoa(n).as_bytes(), n.to_string().as_bytes());
+        }
     }
 
     #[test]
@@ -775,7 +952,7 @@ mod tests {
         .await
         .unwrap();
         assert!(r.bodiless && r.body.is_empty() && reusable);
-        assert_eq!(content_length(&r.headers).unwrap(), Some(5));
+        assert_eq!(r.header_map()["content-length"], "5");
     }
 
     #[tokio::test]
@@ -806,15 +983,11 @@ mod tests {
 
     #[test]
     fn close_wins_over_keep_alive() {
-        let (.., keep) =
-            parse_head(b"HTTP/1.1 200 OK\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n")
-                .unwrap()
-                .unwrap();
-        assert!(!keep);
-        let (.., keep) = parse_head(b"HTTP/1.0 200 OK\r\nConnection: keep-alive, close\r\n\r\n")
-            .unwrap()
-            .unwrap();
-        assert!(!keep);
+        assert!(
+            !head(b"HTTP/1.1 200 OK\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n")
+                .keep_alive
+        );
+        assert!(!head(b"HTTP/1.0 200 OK\r\nConnection: keep-alive, close\r\n\r\n").keep_alive);
     }
 
     #[tokio::test]

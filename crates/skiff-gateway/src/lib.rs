@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod front;
 mod h1;
 mod proxy;
 mod route;

@@ -37,6 +37,9 @@ pub enum GatewayError {
     Bind { addr: SocketAddr, source: io::Error },
 }
 
+/// hyper's server side, for the connections `front.rs` hands over.
+pub(crate) type HyperBuilder = hyper_util::server::conn::auto::Builder<TokioExecutor>;
+
 /// How the gateway treats client connections.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -122,6 +125,18 @@ impl Gateway {
             .map_err(|source| GatewayError::Bind { addr, source })
     }
 
+    pub(crate) fn config(&self) -> &GatewayConfig {
+        &self.config
+    }
+
+    pub(crate) fn router(&self) -> &dyn Router {
+        &*self.router
+    }
+
+    pub(crate) fn pool(&self) -> &h1::Pool {
+        &self.pool
+    }
+
     /// Drops idle upstream connections that timed out or whose instance
     /// is gone.
     pub fn sweep_idle(&self) {
@@ -139,7 +154,7 @@ impl Gateway {
         stop: impl Future<Output = ()>,
     ) {
         tokio::pin!(stop_accepting);
-        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        let mut builder = HyperBuilder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
@@ -167,30 +182,11 @@ impl Gateway {
             let _ = stream.set_nodelay(true);
             let gw = self.clone();
             let builder = builder.clone();
-            let mut closing = closing.subscribe();
+            let closing = closing.subscribe();
             let ended = ended.clone();
             count += 1;
             tokio::spawn(async move {
-                let service = service_fn(move |req| {
-                    let gw = gw.clone();
-                    async move { Ok::<_, std::convert::Infallible>(gw.handle(req, remote).await) }
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                tokio::pin!(conn);
-                let closed = async move {
-                    let _ = closing.wait_for(|c| *c).await;
-                };
-                let result = tokio::select! {
-                    r = conn.as_mut() => r,
-                    () = closed => {
-                        // Finish the request in flight, then close.
-                        conn.as_mut().graceful_shutdown();
-                        conn.await
-                    }
-                };
-                if let Err(e) = result {
-                    debug!("connection from {remote}: {e}");
-                }
+                crate::front::serve(gw, stream, remote, builder, closing).await;
                 ended.add_permits(1);
             });
         }
@@ -207,6 +203,57 @@ impl Gateway {
         }
     }
 
+    /// Serves a connection with hyper (HTTP/2, and HTTP/1 requests
+    /// `front.rs` does not serve itself) until it ends, or, once `closing`
+    /// turns true, until its request in flight is answered.
+    pub(crate) async fn serve_with_hyper<I>(
+        self: &Arc<Self>,
+        io: I,
+        remote: SocketAddr,
+        builder: &HyperBuilder,
+        mut closing: tokio::sync::watch::Receiver<bool>,
+    ) where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let gw = self.clone();
+        let service = service_fn(move |req| {
+            let gw = gw.clone();
+            async move { Ok::<_, std::convert::Infallible>(gw.handle(req, remote).await) }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        let closed = async move {
+            let _ = closing.wait_for(|c| *c).await;
+        };
+        let result = tokio::select! {
+            r = conn.as_mut() => r,
+            () = closed => {
+                // Finish the request in flight, then close.
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(e) = result {
+            debug!("connection from {remote}: {e}");
+        }
+    }
+
+    /// Tells the platform the gateway answered a request for `service`
+    /// itself, when the cause lies with the service (for diagnosis).
+    pub(crate) fn report(&self, service: &str, kind: ErrorKind, message: &str) {
+        let service_side = matches!(
+            kind,
+            ErrorKind::ResponseTooLarge
+                | ErrorKind::RequestTimeout
+                | ErrorKind::RequestTooLarge
+                | ErrorKind::StreamingNeedsPersistent
+                | ErrorKind::UpstreamFailed
+        );
+        if service_side {
+            self.router.refused(service, kind, message);
+        }
+    }
+
     async fn handle(&self, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
         let json = wants_json(req.headers());
         // A refcounted copy, read only when the gateway answers itself.
@@ -214,21 +261,12 @@ impl Gateway {
         match self.forward(req, remote).await {
             Ok(resp) => resp,
             Err((kind, message)) => {
-                let service_side = matches!(
-                    kind,
-                    ErrorKind::ResponseTooLarge
-                        | ErrorKind::RequestTimeout
-                        | ErrorKind::RequestTooLarge
-                        | ErrorKind::StreamingNeedsPersistent
-                        | ErrorKind::UpstreamFailed
-                );
                 let service = host
                     .as_ref()
                     .and_then(|h| h.to_str().ok())
                     .and_then(|h| host_to_service(h, &self.config.domain));
-                if let (true, Some(service)) = (service_side, service) {
-                    self.router
-                        .refused(&service.to_ascii_lowercase(), kind, &message);
+                if let Some(service) = service {
+                    self.report(&service.to_ascii_lowercase(), kind, &message);
                 }
                 error_response(kind, &message, json)
             }
@@ -481,11 +519,17 @@ impl Gateway {
                     None => Bytes::new(),
                 },
             };
-            let out = h1::Outgoing {
+            let head = h1::serialize(&h1::Outgoing {
                 method: &parts.method,
                 path,
                 headers: &parts.headers,
-                body,
+                body: body.clone(),
+            });
+            let out = h1::Prepared {
+                bytes: &head,
+                body: &body,
+                head_only: parts.method == http::Method::HEAD,
+                idempotent: h1::idempotent(&parts.method),
             };
             h1::exchange(&self.pool, upstream, out, max, |key| {
                 self.router.upstream(key).is_some()
@@ -502,14 +546,11 @@ impl Gateway {
         let received = match result {
             Ok(r) => r,
             Err(Err(refusal)) => return Err(refusal),
-            Err(Ok(h1::ExchangeError::TooLarge)) => return Err(too_large_response(service, max)),
-            // Still leased while the exit is learned: released, an idle
-            // instance would be frozen before it could report its end.
-            Err(Ok(e)) => return Err(self.exchange_error(service, upstream, e).await),
+            // Still leased while the exit is learned (`exchange_failed`).
+            Err(Ok(e)) => return Err(self.exchange_failed(service, upstream, e, max).await),
         };
         drop(lease);
-        let mut headers = received.headers;
-        strip_hop_by_hop(&mut headers);
+        let mut headers = received.header_map();
         if !received.bodiless {
             headers.insert(
                 header::CONTENT_LENGTH,
@@ -550,14 +591,20 @@ impl Gateway {
         }
     }
 
-    /// What to tell the client when the instance could not be reached or
-    /// broke the exchange.
-    async fn exchange_error(
+    /// What to tell the client when the exchange with the instance failed:
+    /// an answer over `max`, or an instance that could not be reached or
+    /// broke it off. Call while still holding the lease: released, an idle
+    /// instance would be frozen before it could report its exit.
+    pub(crate) async fn exchange_failed(
         &self,
         service: &str,
         upstream: &crate::route::Upstream,
         e: h1::ExchangeError,
+        max: u64,
     ) -> (ErrorKind, String) {
+        if let h1::ExchangeError::TooLarge = e {
+            return too_large_response(service, max);
+        }
         let exit = upstream.connect.failure().await;
         let message = match (e, exit) {
             (h1::ExchangeError::Malformed(what), None) => format!(
@@ -572,7 +619,7 @@ impl Gateway {
     }
 
     /// Asks the platform for an instance, waiting while one starts or thaws.
-    async fn lease(&self, service: &str) -> Result<Lease, (ErrorKind, String)> {
+    pub(crate) async fn lease(&self, service: &str) -> Result<Lease, (ErrorKind, String)> {
         let mut route = self.router.route(service);
         loop {
             route = match route {
@@ -697,7 +744,7 @@ fn too_large_request(max: u64) -> (ErrorKind, String) {
     )
 }
 
-fn timed_out(service: &str, limits: ExchangeLimits) -> (ErrorKind, String) {
+pub(crate) fn timed_out(service: &str, limits: ExchangeLimits) -> (ErrorKind, String) {
     let shown = skiff_model::format_duration(limits.request_timeout.unwrap_or_default());
     (
         ErrorKind::RequestTimeout,
@@ -736,19 +783,8 @@ impl hyper::body::Body for LeasedBody {
     }
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1):
-/// they must not be forwarded.
-/// Headers that concern one connection only (RFC 9110 §7.6.1).
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::PROXY_AUTHENTICATE
-        || name == header::PROXY_AUTHORIZATION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name.as_str() == "keep-alive"
-        || name.as_str() == "proxy-connection"
+    h1::is_hop_by_hop(name.as_str().as_bytes())
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {

@@ -1,0 +1,555 @@
+//! The client side of HTTP/1.1 connections. Requests to serverless
+//! services — nearly all traffic — are read, forwarded and answered here:
+//! httparse and one buffer per connection, the instance's request head
+//! written straight from the client's, the answer written back straight
+//! from the instance's; no header maps, no request or response objects, no
+//! timer armed per request. Whatever else comes (HTTP/2, HTTP/1.0,
+//! upgrades, chunked or too-large bodies, `Expect`, persistent services,
+//! unknown hosts, anything malformed) is handed to hyper together with the
+//! bytes read so far, and hyper serves the rest of that connection
+//! (`Gateway::serve_with_hyper`), answering errors as it always does.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::error::{error_response, ErrorKind};
+use crate::h1;
+use crate::proxy::{timed_out, Gateway, HyperBuilder};
+use crate::route::{host_to_service, ExchangeLimits};
+
+/// Most header fields in a request served here; hyper takes requests
+/// with more.
+const MAX_FIELDS: usize = 64;
+
+/// Request bodies up to this size are copied out of the read buffer.
+const COPY_BODY: usize = 4096;
+
+/// What the head in the buffer asks for.
+enum Inspected {
+    /// Not all of it is here yet.
+    Partial,
+    /// Served here (the instance's request head is in `Front::up`).
+    Here(Plan),
+    /// For hyper: anything this module does not serve itself.
+    Hyper,
+}
+
+/// A request served here.
+struct Plan {
+    head_len: usize,
+    body_len: usize,
+    service: String,
+    limits: ExchangeLimits,
+    max_response: u64,
+    /// The client asked for JSON errors.
+    json: bool,
+    head_only: bool,
+    idempotent: bool,
+    /// POST, PUT and PATCH carry a Content-Length even when empty.
+    has_body: bool,
+    /// The client asked to close the connection after this request.
+    close: bool,
+}
+
+/// One client connection.
+struct Front {
+    gw: Arc<Gateway>,
+    stream: TcpStream,
+    remote: SocketAddr,
+    /// The client's address as written in X-Forwarded-For.
+    remote_ip: String,
+    /// Bytes read from the client, not yet used.
+    buf: BytesMut,
+    /// The request head for the instance (reused).
+    up: Vec<u8>,
+    /// The response head for the client (reused).
+    out: Vec<u8>,
+}
+
+/// Serves one client connection until it closes, fails, or `closing`
+/// turns true (then after its request in flight).
+pub(crate) async fn serve(
+    gw: Arc<Gateway>,
+    stream: TcpStream,
+    remote: SocketAddr,
+    hyper: Arc<HyperBuilder>,
+    mut closing: watch::Receiver<bool>,
+) {
+    let header_timeout = gw.config().header_read_timeout;
+    let max_head = gw.config().max_header_bytes;
+    let mut front = Front {
+        gw,
+        stream,
+        remote,
+        remote_ip: remote.ip().to_string(),
+        buf: BytesMut::with_capacity(8 * 1024),
+        up: Vec::with_capacity(1024),
+        out: Vec::with_capacity(1024),
+    };
+    // Two timers for the life of the connection, each only ever moved
+    // later (a cheap update, no re-registration): one for the client to
+    // send a request's head, one for the request timeout.
+    let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let head_timer = tokio::time::sleep_until(far);
+    let request_timer = tokio::time::sleep_until(far);
+    tokio::pin!(head_timer, request_timer);
+    loop {
+        head_timer.as_mut().reset(Instant::now() + header_timeout);
+        let plan = loop {
+            match front.inspect() {
+                Inspected::Here(plan) => break plan,
+                Inspected::Hyper => return front.hand_over(hyper, closing).await,
+                Inspected::Partial if front.buf.len() > max_head => {
+                    // hyper answers 431.
+                    return front.hand_over(hyper, closing).await;
+                }
+                Inspected::Partial => {}
+            }
+            reserve(&mut front.buf);
+            let idle = front.buf.is_empty();
+            tokio::select! {
+                biased;
+                read = front.stream.read_buf(&mut front.buf) => match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                },
+                // A head that never completes (slowloris), or an idle
+                // keep-alive connection: closed.
+                () = &mut head_timer => return,
+                _ = closing.wait_for(|c| *c), if idle => return,
+            }
+        };
+        let close = match front.serve(plan, request_timer.as_mut(), &closing).await {
+            Ok(close) => close,
+            Err(_) => return,
+        };
+        if close {
+            let _ = front.stream.shutdown().await;
+            return;
+        }
+        // A large head's buffers are not kept for the connection.
+        for buf in [&mut front.up, &mut front.out] {
+            if buf.capacity() > 32 * 1024 {
+                *buf = Vec::with_capacity(1024);
+            }
+        }
+    }
+}
+
+fn reserve(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < 1024 {
+        buf.reserve(8 * 1024);
+    }
+}
+
+impl Front {
+    /// Parses the head in the buffer and decides who serves it; for a
+    /// request served here, writes the instance's request head.
+    fn inspect(&mut self) -> Inspected {
+        let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_FIELDS];
+        let mut req = httparse::Request::new(&mut []);
+        let head_len = match req.parse_with_uninit_headers(&self.buf, &mut fields) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => return Inspected::Partial,
+            // hyper answers 400 (or 431 for too many fields), or takes
+            // the HTTP/2 preface.
+            Err(_) => return Inspected::Hyper,
+        };
+        let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
+            return Inspected::Hyper;
+        };
+        if method == "CONNECT" || !path.starts_with('/') {
+            return Inspected::Hyper;
+        }
+        let mut host = None;
+        let mut length: Option<u64> = None;
+        let mut close = false;
+        let mut json = false;
+        let mut forwarded_for = None;
+        for h in req.headers.iter() {
+            let name = h.name.as_bytes();
+            if name.eq_ignore_ascii_case(b"host") {
+                if host.replace(h.value).is_some() {
+                    return Inspected::Hyper;
+                }
+            } else if name.eq_ignore_ascii_case(b"content-length") {
+                // One plain number; anything else is hyper's to judge.
+                let n = match parse_length(h.value) {
+                    Some(n) if length.is_none() => n,
+                    _ => return Inspected::Hyper,
+                };
+                length = Some(n);
+            } else if name.eq_ignore_ascii_case(b"transfer-encoding")
+                || name.eq_ignore_ascii_case(b"upgrade")
+                || name.eq_ignore_ascii_case(b"expect")
+            {
+                return Inspected::Hyper;
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                for token in h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                        // It names more fields that concern this hop.
+                        return Inspected::Hyper;
+                    }
+                }
+            } else if name.eq_ignore_ascii_case(b"accept") {
+                json |= h.value.windows(4).any(|w| w == b"json");
+            } else if name.eq_ignore_ascii_case(b"x-forwarded-for")
+                && forwarded_for.replace(h.value).is_some()
+            {
+                return Inspected::Hyper;
+            }
+        }
+        let Some(host) = host.and_then(|h| std::str::from_utf8(h).ok()) else {
+            return Inspected::Hyper;
+        };
+        let gw = &self.gw;
+        let Some(service) = host_to_service(host, &gw.config().domain) else {
+            return Inspected::Hyper;
+        };
+        let service = service.to_ascii_lowercase();
+        let Some(limits) = gw.router().limits(&service) else {
+            return Inspected::Hyper;
+        };
+        let Some(max_response) = limits.max_response else {
+            // Persistent: streamed by hyper.
+            return Inspected::Hyper;
+        };
+        let length = length.unwrap_or(0);
+        if limits.max_request.is_some_and(|max| length > max) {
+            // hyper's side answers 413 without reading the body.
+            return Inspected::Hyper;
+        }
+        let Ok(body_len) = usize::try_from(length) else {
+            return Inspected::Hyper;
+        };
+
+        // The instance's request head: the client's fields less those of
+        // this hop and the framing, with X-Forwarded-* added.
+        let up = &mut self.up;
+        up.clear();
+        up.extend_from_slice(method.as_bytes());
+        up.push(b' ');
+        up.extend_from_slice(path.as_bytes());
+        up.extend_from_slice(b" HTTP/1.1\r\n");
+        for h in req.headers.iter() {
+            let name = h.name.as_bytes();
+            if h1::is_hop_by_hop(name)
+                || name.eq_ignore_ascii_case(b"content-length")
+                || name.eq_ignore_ascii_case(b"x-forwarded-for")
+                || name.eq_ignore_ascii_case(b"x-forwarded-proto")
+                || name.eq_ignore_ascii_case(b"x-forwarded-host")
+            {
+                continue;
+            }
+            up.extend_from_slice(name);
+            up.extend_from_slice(b": ");
+            up.extend_from_slice(h.value);
+            up.extend_from_slice(b"\r\n");
+        }
+        up.extend_from_slice(b"x-forwarded-for: ");
+        if let Some(previous) = forwarded_for {
+            up.extend_from_slice(previous);
+            up.extend_from_slice(b", ");
+        }
+        up.extend_from_slice(self.remote_ip.as_bytes());
+        up.extend_from_slice(b"\r\nx-forwarded-proto: http\r\nx-forwarded-host: ");
+        up.extend_from_slice(host.as_bytes());
+        up.extend_from_slice(b"\r\n");
+
+        Inspected::Here(Plan {
+            head_len,
+            body_len,
+            service,
+            limits,
+            max_response,
+            json,
+            head_only: method == "HEAD",
+            idempotent: matches!(
+                method,
+                "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
+            ),
+            has_body: matches!(method, "POST" | "PUT" | "PATCH"),
+            close,
+        })
+    }
+
+    /// Receives the body, forwards the request, answers the client.
+    /// Returns whether the connection is to be closed after it; an error
+    /// when the client is gone.
+    async fn serve(
+        &mut self,
+        plan: Plan,
+        mut timer: Pin<&mut tokio::time::Sleep>,
+        closing: &watch::Receiver<bool>,
+    ) -> io::Result<bool> {
+        let deadline = plan.limits.request_timeout.map(|t| Instant::now() + t);
+        if let Some(d) = deadline {
+            timer.as_mut().reset(d);
+        }
+        // The body first, before an instance is taken: a slow upload
+        // holds no instance's slot.
+        let total = plan.head_len + plan.body_len;
+        while self.buf.len() < total {
+            if self.buf.capacity() < total {
+                self.buf.reserve(total - self.buf.len());
+            }
+            tokio::select! {
+                biased;
+                read = self.stream.read_buf(&mut self.buf) => {
+                    if read? == 0 {
+                        return Err(io::ErrorKind::UnexpectedEof.into());
+                    }
+                }
+                () = timer.as_mut(), if deadline.is_some() => {
+                    // The rest of the body is not read: the connection
+                    // closes after the answer.
+                    let (kind, message) = timed_out(&plan.service, plan.limits);
+                    self.write_error(&plan, kind, &message).await?;
+                    return Ok(true);
+                }
+            }
+        }
+        self.buf.advance(plan.head_len);
+        let body = if plan.body_len == 0 {
+            Bytes::new()
+        } else if plan.body_len <= COPY_BODY {
+            let body = Bytes::copy_from_slice(&self.buf[..plan.body_len]);
+            self.buf.advance(plan.body_len);
+            body
+        } else {
+            self.buf.split_to(plan.body_len).freeze()
+        };
+        if self.buf.capacity() > 64 * 1024 && self.buf.is_empty() {
+            // A large upload's buffer is not kept for the connection.
+            self.buf = BytesMut::with_capacity(8 * 1024);
+        }
+        h1::end_request(&mut self.up, &body, plan.has_body);
+
+        let gw = self.gw.clone();
+        let lease = match gw.lease(&plan.service).await {
+            Ok(lease) => lease,
+            Err((kind, message)) => {
+                self.write_error(&plan, kind, &message).await?;
+                return Ok(plan.close);
+            }
+        };
+        let upstream = &lease.upstream;
+        let prepared = h1::Prepared {
+            bytes: &self.up,
+            body: &body,
+            head_only: plan.head_only,
+            idempotent: plan.idempotent,
+        };
+        let exchange = h1::exchange(gw.pool(), upstream, prepared, plan.max_response, |key| {
+            gw.router().upstream(key).is_some()
+        });
+        let result = tokio::select! {
+            biased;
+            r = exchange => Some(r),
+            () = timer.as_mut(), if deadline.is_some() => None,
+        };
+        let received = match result {
+            Some(Ok(received)) => received,
+            failed => {
+                // Still leased while the exit is learned (see
+                // `Gateway::exchange_failed`).
+                let (kind, message) = match failed {
+                    Some(Err(e)) => {
+                        gw.exchange_failed(&plan.service, upstream, e, plan.max_response)
+                            .await
+                    }
+                    _ => timed_out(&plan.service, plan.limits),
+                };
+                drop(lease);
+                self.write_error(&plan, kind, &message).await?;
+                return Ok(plan.close);
+            }
+        };
+        drop(lease);
+
+        let close = plan.close || *closing.borrow();
+        let out = &mut self.out;
+        status_line(out, received.status);
+        out.extend_from_slice(&received.lines);
+        let length = (!received.bodiless).then_some(received.body.len());
+        end_head(out, length, close);
+        self.send(&received.body).await?;
+        Ok(close)
+    }
+
+    /// Writes `self.out` and then `body` (in one write when small).
+    async fn send(&mut self, body: &[u8]) -> io::Result<()> {
+        if body.len() <= 16 * 1024 {
+            self.out.extend_from_slice(body);
+            self.stream.write_all(&self.out).await
+        } else {
+            self.stream.write_all(&self.out).await?;
+            self.stream.write_all(body).await
+        }
+    }
+
+    /// Answers the request itself, as hyper's side would (`error.rs`).
+    async fn write_error(&mut self, plan: &Plan, kind: ErrorKind, message: &str) -> io::Result<()> {
+        self.gw.report(&plan.service, kind, message);
+        let (parts, body) = error_response(kind, message, plan.json).into_parts();
+        let body = body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let out = &mut self.out;
+        status_line(out, parts.status);
+        for (name, value) in &parts.headers {
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        end_head(out, Some(body.len()), false);
+        if !plan.head_only {
+            self.send(&body).await
+        } else {
+            self.send(&[]).await
+        }
+    }
+
+    /// Lets hyper serve the rest of the connection, starting with the
+    /// bytes already read.
+    async fn hand_over(self, hyper: Arc<HyperBuilder>, closing: watch::Receiver<bool>) {
+        let io = Rewind {
+            pre: self.buf.freeze(),
+            stream: self.stream,
+        };
+        self.gw
+            .serve_with_hyper(io, self.remote, &hyper, closing)
+            .await;
+    }
+}
+
+/// Starts a response head in `out` (cleared first).
+fn status_line(out: &mut Vec<u8>, status: http::StatusCode) {
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Ends a response head: its body's length, when it has one, and whether
+/// the connection closes after it.
+fn end_head(out: &mut Vec<u8>, length: Option<usize>, close: bool) {
+    if let Some(n) = length {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(h1::itoa(n).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A Content-Length value that is one plain decimal number.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let digits = value.trim_ascii();
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(
+        digits
+            .iter()
+            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0')),
+    )
+}
+
+/// The client's connection with the bytes already read put back in
+/// front, for hyper.
+pub(crate) struct Rewind {
+    pre: Bytes,
+    stream: TcpStream,
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            buf.put_slice(&self.pre[..n]);
+            self.pre.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_are_plain_numbers_only() {
+        assert_eq!(parse_length(b"0"), Some(0));
+        assert_eq!(parse_length(b" 6291456 "), Some(6_291_456));
+        assert_eq!(parse_length(b"18446744073709551615"), None, "20 digits");
+        assert_eq!(
+            parse_length(b"9999999999999999999"),
+            Some(9_999_999_999_999_999_999)
+        );
+        for bad in [&b""[..], b"+5", b"-1", b"5, 5", b"0x10", b"1 2"] {
+            assert_eq!(
+                parse_length(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}
