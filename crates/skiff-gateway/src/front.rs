@@ -101,12 +101,11 @@ pub(crate) async fn serve(
     // Two timers for the life of the connection, each only ever moved
     // later (a cheap update, no re-registration): one for the client to
     // send a request's head, one for the request timeout.
-    let far = Instant::now() + Duration::from_secs(365 * 24 * 3600);
-    let head_timer = tokio::time::sleep_until(far);
-    let request_timer = tokio::time::sleep_until(far);
+    let head_timer = tokio::time::sleep_until(after(FAR));
+    let request_timer = tokio::time::sleep_until(after(FAR));
     tokio::pin!(head_timer, request_timer);
     loop {
-        head_timer.as_mut().reset(Instant::now() + header_timeout);
+        head_timer.as_mut().reset(after(header_timeout));
         let plan = loop {
             match front.inspect() {
                 Inspected::Here(plan) => break plan,
@@ -135,15 +134,60 @@ pub(crate) async fn serve(
             Ok(close) => close,
             Err(_) => return,
         };
-        if close {
-            let _ = front.stream.shutdown().await;
-            return;
+        match close {
+            Close::No => {}
+            Close::Now => {
+                let _ = front.stream.shutdown().await;
+                return;
+            }
+            Close::AfterUnread => return front.linger().await,
         }
         // A large head's buffers are not kept for the connection.
         for buf in [&mut front.up, &mut front.out] {
             if buf.capacity() > 32 * 1024 {
                 *buf = Vec::with_capacity(1024);
             }
+        }
+    }
+}
+
+/// Further than any deadline the gateway sets.
+const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// `d` from now; far in the future when that does not fit an `Instant`.
+fn after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d)
+        .or_else(|| now.checked_add(FAR))
+        .unwrap_or(now)
+}
+
+/// What becomes of the connection after an answer.
+enum Close {
+    No,
+    Now,
+    /// Part of the request was not read: close without resetting the
+    /// answer away (`Front::linger`).
+    AfterUnread,
+}
+
+/// Completes when the client closed the connection or it broke, reading
+/// what the client sends meanwhile (its next request, pipelined) into
+/// `buf`, up to `cap` bytes; past that it only waits.
+async fn client_gone(stream: &TcpStream, buf: &mut BytesMut, cap: usize) {
+    loop {
+        if buf.len() >= cap {
+            return std::future::pending().await;
+        }
+        if stream.readable().await.is_err() {
+            return;
+        }
+        reserve(buf);
+        match stream.try_read_buf(buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
         }
     }
 }
@@ -170,9 +214,17 @@ impl Front {
         let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
             return Inspected::Hyper;
         };
-        if method == "CONNECT" || !path.starts_with('/') {
+        if head_len > self.gw.config().max_header_bytes
+            || method == "CONNECT"
+            || !path.starts_with('/')
+        {
+            // hyper answers 431 or serves it.
             return Inspected::Hyper;
         }
+        // The target as hyper reads it: checked, without a fragment.
+        let Ok(target) = http::uri::PathAndQuery::try_from(path) else {
+            return Inspected::Hyper;
+        };
         let mut host = None;
         let mut length: Option<u64> = None;
         let mut close = false;
@@ -243,7 +295,7 @@ impl Front {
         up.clear();
         up.extend_from_slice(method.as_bytes());
         up.push(b' ');
-        up.extend_from_slice(path.as_bytes());
+        up.extend_from_slice(target.as_str().as_bytes());
         up.extend_from_slice(b" HTTP/1.1\r\n");
         for h in req.headers.iter() {
             let name = h.name.as_bytes();
@@ -288,24 +340,27 @@ impl Front {
     }
 
     /// Receives the body, forwards the request, answers the client.
-    /// Returns whether the connection is to be closed after it; an error
-    /// when the client is gone.
+    /// Returns what becomes of the connection; an error when the client
+    /// is gone.
     async fn serve(
         &mut self,
         plan: Plan,
         mut timer: Pin<&mut tokio::time::Sleep>,
         closing: &watch::Receiver<bool>,
-    ) -> io::Result<bool> {
-        let deadline = plan.limits.request_timeout.map(|t| Instant::now() + t);
-        if let Some(d) = deadline {
-            timer.as_mut().reset(d);
+    ) -> io::Result<Close> {
+        let started = Instant::now();
+        let mut limits = plan.limits;
+        if let Some(t) = limits.request_timeout {
+            timer.as_mut().reset(after(t));
         }
         // The body first, before an instance is taken: a slow upload
-        // holds no instance's slot.
+        // holds no instance's slot. The buffer grows as bytes come, not by
+        // what the client announced.
         let total = plan.head_len + plan.body_len;
         while self.buf.len() < total {
-            if self.buf.capacity() < total {
-                self.buf.reserve(total - self.buf.len());
+            let want = (total - self.buf.len()).min(64 * 1024);
+            if self.buf.capacity() - self.buf.len() < want {
+                self.buf.reserve(want);
             }
             tokio::select! {
                 biased;
@@ -314,12 +369,10 @@ impl Front {
                         return Err(io::ErrorKind::UnexpectedEof.into());
                     }
                 }
-                () = timer.as_mut(), if deadline.is_some() => {
-                    // The rest of the body is not read: the connection
-                    // closes after the answer.
-                    let (kind, message) = timed_out(&plan.service, plan.limits);
-                    self.write_error(&plan, kind, &message).await?;
-                    return Ok(true);
+                () = timer.as_mut(), if limits.request_timeout.is_some() => {
+                    let (kind, message) = timed_out(&plan.service, limits);
+                    self.write_error(&plan, kind, &message, true).await?;
+                    return Ok(Close::AfterUnread);
                 }
             }
         }
@@ -331,37 +384,75 @@ impl Front {
             self.buf.advance(plan.body_len);
             body
         } else {
-            self.buf.split_to(plan.body_len).freeze()
+            let body = self.buf.split_to(plan.body_len).freeze();
+            if total > 64 * 1024 {
+                // What follows moves to a buffer of its own, so the large
+                // one goes with the body.
+                let mut rest = BytesMut::with_capacity((8 * 1024).max(self.buf.len()));
+                rest.extend_from_slice(&self.buf);
+                self.buf = rest;
+            }
+            body
         };
-        if self.buf.capacity() > 64 * 1024 && self.buf.is_empty() {
-            // A large upload's buffer is not kept for the connection.
-            self.buf = BytesMut::with_capacity(8 * 1024);
-        }
         h1::end_request(&mut self.up, &body, plan.has_body);
+        // Past this, bytes from the client are its next request (read
+        // into the buffer while waiting, up to a head's worth), and its
+        // end means nobody waits for the answer: the exchange is dropped
+        // and the instance's slot freed.
+        let cap = self.gw.config().max_header_bytes + 1;
 
         let gw = self.gw.clone();
-        let lease = match gw.lease(&plan.service).await {
+        let leased = tokio::select! {
+            biased;
+            leased = gw.lease(&plan.service) => leased,
+            () = client_gone(&self.stream, &mut self.buf, cap) => {
+                return Err(io::ErrorKind::ConnectionAborted.into());
+            }
+        };
+        let lease = match leased {
             Ok(lease) => lease,
             Err((kind, message)) => {
-                self.write_error(&plan, kind, &message).await?;
-                return Ok(plan.close);
+                let close = plan.close || *closing.borrow();
+                self.write_error(&plan, kind, &message, close).await?;
+                return Ok(if close { Close::Now } else { Close::No });
             }
         };
         let upstream = &lease.upstream;
+        // The instance leased may run a version deployed meanwhile: its
+        // rules apply (a service turned persistent keeps the rules the
+        // request was received under).
+        let max_response = match upstream.limits.max_response {
+            Some(max) => {
+                if upstream.limits.request_timeout != limits.request_timeout {
+                    limits.request_timeout = upstream.limits.request_timeout;
+                    if let Some(t) = limits.request_timeout {
+                        timer
+                            .as_mut()
+                            .reset(started.checked_add(t).unwrap_or(started));
+                    }
+                }
+                max
+            }
+            None => plan.max_response,
+        };
         let prepared = h1::Prepared {
             bytes: &self.up,
             body: &body,
             head_only: plan.head_only,
             idempotent: plan.idempotent,
         };
-        let exchange = h1::exchange(gw.pool(), upstream, prepared, plan.max_response, |key| {
+        let exchange = h1::exchange(gw.pool(), upstream, prepared, max_response, |key| {
             gw.router().upstream(key).is_some()
         });
         let result = tokio::select! {
             biased;
             r = exchange => Some(r),
-            () = timer.as_mut(), if deadline.is_some() => None,
+            () = timer.as_mut(), if limits.request_timeout.is_some() => None,
+            () = client_gone(&self.stream, &mut self.buf, cap) => {
+                return Err(io::ErrorKind::ConnectionAborted.into());
+            }
         };
+        let close = plan.close || *closing.borrow();
         let received = match result {
             Some(Ok(received)) => received,
             failed => {
@@ -369,26 +460,28 @@ impl Front {
                 // `Gateway::exchange_failed`).
                 let (kind, message) = match failed {
                     Some(Err(e)) => {
-                        gw.exchange_failed(&plan.service, upstream, e, plan.max_response)
+                        gw.exchange_failed(&plan.service, upstream, e, max_response)
                             .await
                     }
-                    _ => timed_out(&plan.service, plan.limits),
+                    _ => timed_out(&plan.service, limits),
                 };
                 drop(lease);
-                self.write_error(&plan, kind, &message).await?;
-                return Ok(plan.close);
+                self.write_error(&plan, kind, &message, close).await?;
+                return Ok(if close { Close::Now } else { Close::No });
             }
         };
         drop(lease);
 
-        let close = plan.close || *closing.borrow();
         let out = &mut self.out;
         status_line(out, received.status);
         out.extend_from_slice(&received.lines);
+        if !received.has_date {
+            date_line(out);
+        }
         let length = (!received.bodiless).then_some(received.body.len());
         end_head(out, length, close);
         self.send(&received.body).await?;
-        Ok(close)
+        Ok(if close { Close::Now } else { Close::No })
     }
 
     /// Writes `self.out` and then `body` (in one write when small).
@@ -403,7 +496,13 @@ impl Front {
     }
 
     /// Answers the request itself, as hyper's side would (`error.rs`).
-    async fn write_error(&mut self, plan: &Plan, kind: ErrorKind, message: &str) -> io::Result<()> {
+    async fn write_error(
+        &mut self,
+        plan: &Plan,
+        kind: ErrorKind,
+        message: &str,
+        close: bool,
+    ) -> io::Result<()> {
         self.gw.report(&plan.service, kind, message);
         let (parts, body) = error_response(kind, message, plan.json).into_parts();
         let body = body
@@ -419,7 +518,8 @@ impl Front {
             out.extend_from_slice(value.as_bytes());
             out.extend_from_slice(b"\r\n");
         }
-        end_head(out, Some(body.len()), false);
+        date_line(out);
+        end_head(out, Some(body.len()), close);
         if !plan.head_only {
             self.send(&body).await
         } else {
@@ -427,9 +527,32 @@ impl Front {
         }
     }
 
+    /// Closes after an answer sent while part of the request was still
+    /// unread: closing at once would make the kernel reset the connection
+    /// and the client could lose the answer. The sending side is shut,
+    /// and what the client still sends is read and dropped for a moment.
+    async fn linger(mut self) {
+        let _ = self.stream.shutdown().await;
+        let mut sink = [0u8; 16 * 1024];
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Ok(n) = self.stream.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+
     /// Lets hyper serve the rest of the connection, starting with the
-    /// bytes already read.
-    async fn hand_over(self, hyper: Arc<HyperBuilder>, closing: watch::Receiver<bool>) {
+    /// bytes already read. When the gateway is closing already, the
+    /// connection is closed instead (hyper would close it before reading
+    /// the request).
+    async fn hand_over(mut self, hyper: Arc<HyperBuilder>, closing: watch::Receiver<bool>) {
+        if *closing.borrow() {
+            let _ = self.stream.shutdown().await;
+            return;
+        }
         let io = Rewind {
             pre: self.buf.freeze(),
             stream: self.stream,
@@ -438,6 +561,27 @@ impl Front {
             .serve_with_hyper(io, self.remote, &hyper, closing)
             .await;
     }
+}
+
+/// A `date` field for a response (RFC 9110 §6.6.1: an answer forwarded
+/// without one gets one), formatted once a second per thread.
+fn date_line(out: &mut Vec<u8>) {
+    thread_local! {
+        static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
+    }
+    let now = std::time::SystemTime::now();
+    let second = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with(|date| {
+        let mut date = date.borrow_mut();
+        if date.0 != second || date.1.is_empty() {
+            *date = (second, httpdate::fmt_http_date(now));
+        }
+        out.extend_from_slice(b"date: ");
+        out.extend_from_slice(date.1.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    });
 }
 
 /// Starts a response head in `out` (cleared first).
@@ -494,6 +638,10 @@ impl AsyncRead for Rewind {
             let n = self.pre.len().min(buf.remaining());
             buf.put_slice(&self.pre[..n]);
             self.pre.advance(n);
+            if self.pre.is_empty() {
+                // Gives the buffer back (an emptied view would keep it).
+                self.pre = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.stream).poll_read(cx, buf)
@@ -533,6 +681,22 @@ impl AsyncWrite for Rewind {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_date_is_an_http_date_of_now() {
+        let mut out = Vec::new();
+        date_line(&mut out);
+        let text = String::from_utf8(out).unwrap();
+        let value = text
+            .strip_prefix("date: ")
+            .and_then(|t| t.strip_suffix("\r\n"))
+            .unwrap_or_else(|| panic!("{text:?}"));
+        let when = httpdate::parse_http_date(value).unwrap();
+        let age = std::time::SystemTime::now()
+            .duration_since(when)
+            .unwrap_or_default();
+        assert!(age < Duration::from_secs(5), "{value}");
+    }
 
     #[test]
     fn lengths_are_plain_numbers_only() {

@@ -56,8 +56,11 @@ pub(crate) struct Received {
     pub status: StatusCode,
     /// The header fields that pass on to the client, in wire form
     /// (`name: value\r\n` each): hop-by-hop fields and the framing are
-    /// left out, except that a bodiless answer keeps its Content-Length.
+    /// left out, except that the answer to a HEAD request keeps its
+    /// Content-Length (as hyper does).
     pub lines: Vec<u8>,
+    /// The service sent a Date field.
+    pub has_date: bool,
     pub body: Bytes,
     /// The response has no body by its nature (HEAD, 204, 304): its
     /// Content-Length, if any, describes another message and passes as is.
@@ -536,6 +539,7 @@ async fn round_trip(
         Received {
             status: head.status,
             lines: head.lines,
+            has_date: head.has_date,
             body,
             bodiless: head.bodiless,
         },
@@ -560,6 +564,7 @@ struct Head {
     length: Result<Option<u64>, &'static str>,
     /// See `Received::lines`.
     lines: Vec<u8>,
+    has_date: bool,
 }
 
 fn parse_head(buf: &[u8], head_only: bool) -> Result<Option<Head>, ExchangeError> {
@@ -583,8 +588,11 @@ fn parse_head(buf: &[u8], head_only: bool) -> Result<Option<Head>, ExchangeError
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or_else(|| ExchangeError::Malformed("its status code is invalid".into()))?;
-    let bodiless =
-        head_only || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let no_content = status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    let bodiless = head_only || no_content;
+    // The length a HEAD answer gives describes the body a GET would get,
+    // and passes on; 204 and 304 lose theirs (RFC 9110 §8.6).
+    let keep_length = head_only && !no_content;
     let http10 = resp.version == Some(0);
 
     // Connection first: it decides keep-alive, and the fields it names
@@ -621,6 +629,7 @@ fn parse_head(buf: &[u8], head_only: bool) -> Result<Option<Head>, ExchangeError
         has_length: false,
         length: Ok(None),
         lines: Vec::with_capacity(len),
+        has_date: false,
     };
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
@@ -637,9 +646,11 @@ fn parse_head(buf: &[u8], head_only: bool) -> Result<Option<Head>, ExchangeError
         if name.eq_ignore_ascii_case(b"content-length") {
             head.has_length = true;
             head.length = head.length.and_then(|found| merge_length(found, h.value));
-            if !bodiless {
+            if !keep_length {
                 continue;
             }
+        } else if name.eq_ignore_ascii_case(b"date") {
+            head.has_date = true;
         } else if is_hop_by_hop(name) || named.iter().any(|n| n.eq_ignore_ascii_case(name)) {
             continue;
         }
@@ -781,6 +792,7 @@ mod tests {
         let received = Received {
             status: h.status,
             lines: h.lines,
+            has_date: h.has_date,
             body: Bytes::new(),
             bodiless: false,
         };
@@ -788,14 +800,22 @@ mod tests {
         assert_eq!(map.len(), 2);
         assert_eq!(map["content-type"], "text/plain");
         assert_eq!(map["x-custom"], "kept");
-        // A bodiless answer keeps its length, which describes another message.
+        assert!(!h.has_date);
+        // A HEAD answer keeps its length, which describes the body a GET
+        // would get; 204 and 304 lose theirs.
         let h = parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", true)
             .unwrap()
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&h.lines), "Content-Length: 5\r\n");
-        let h = head(b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n");
-        assert!(h.bodiless);
-        assert_eq!(String::from_utf8_lossy(&h.lines), "Content-Length: 5\r\n");
+        for answer in [
+            &b"HTTP/1.1 304 Not Modified\r\n"[..],
+            b"HTTP/1.1 204 No Content\r\n",
+        ] {
+            let text = [answer, b"Content-Length: 5\r\nDate: x\r\n\r\n"].concat();
+            let h = head(&text);
+            assert!(h.bodiless && h.has_date);
+            assert_eq!(String::from_utf8_lossy(&h.lines), "Date: x\r\n");
+        }
     }
 
     #[test]

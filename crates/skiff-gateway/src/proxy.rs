@@ -186,8 +186,10 @@ impl Gateway {
             let ended = ended.clone();
             count += 1;
             tokio::spawn(async move {
+                // Counted as ended however the task ends (a panic too), or
+                // shutdown would wait for it in vain.
+                let _ended = EndedGuard(ended);
                 crate::front::serve(gw, stream, remote, builder, closing).await;
-                ended.add_permits(1);
             });
         }
         drop(listener);
@@ -279,6 +281,14 @@ impl Gateway {
         remote: SocketAddr,
     ) -> Result<Response<Body>, (ErrorKind, String)> {
         let domain = &self.config.domain;
+        if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+            // RFC 9112 §3.2: one Host, or the gateway and the service
+            // might each route by a different one.
+            return Err((
+                ErrorKind::BadRequest,
+                "The request has more than one Host header; send exactly one.".to_string(),
+            ));
+        }
         // Request smuggling: hyper's HTTP/1 parser refuses Content-Length
         // values that disagree (400) and, for a body framed by both
         // Content-Length and Transfer-Encoding, drops Content-Length and
@@ -667,6 +677,15 @@ impl Gateway {
             .unwrap_or_else(|| e.to_string());
         let exit = upstream.connect.failure().await;
         (ErrorKind::UpstreamFailed, broke_off(service, exit, &cause))
+    }
+}
+
+/// Adds a permit when dropped: one connection task has ended.
+struct EndedGuard(Arc<tokio::sync::Semaphore>);
+
+impl Drop for EndedGuard {
+    fn drop(&mut self) {
+        self.0.add_permits(1);
     }
 }
 

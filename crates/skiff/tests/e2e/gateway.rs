@@ -107,6 +107,22 @@ fn start(name: &str, extra: &[&str]) -> (App, Up) {
     (app, up)
 }
 
+/// The app as a service of one instance taking one request at a time,
+/// with a short wait in the queue (1 s) and the given request timeout.
+fn start_one_at_a_time(name: &str, request_timeout: &str) -> (App, Up) {
+    let app = App::new(
+        &format!(
+            "name = \"{name}\"\nstart = \"exec python3 app.py\"\n[limits]\n\
+             max_instances = 1\nconcurrency = 1\nqueue_timeout = \"1s\"\n\
+             request_timeout = \"{request_timeout}\"\n"
+        ),
+        &[("app.py", APP)],
+    );
+    let mut up = Up::start(&[app.path()], &[]);
+    assert_eq!(up.wait_urls(1, FIRST_START).len(), 1, "{}", up.stderr());
+    (app, up)
+}
+
 /// Sends raw bytes, returns everything the gateway answers until it closes
 /// or goes quiet.
 fn raw(port: u16, request: &[u8]) -> Vec<u8> {
@@ -357,6 +373,19 @@ fn misbehaving_clients_and_services_get_the_right_status_and_nothing_leaks() {
             rest, b"0",
             "the service saw an empty chunked body and nothing else: {text}"
         );
+        // Two Host fields: the gateway and the service might route by
+        // different ones.
+        let (head, _) = head_and_body(&raw(
+            port,
+            format!("GET / HTTP/1.1\r\nHost: {h}\r\nHost: other.localhost\r\n\r\n").as_bytes(),
+        ));
+        assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+        // A request target with characters a URI cannot have.
+        let (head, _) = head_and_body(&raw(
+            port,
+            format!("GET /a<b> HTTP/1.1\r\nHost: {h}\r\n\r\n").as_bytes(),
+        ));
+        assert!(head.starts_with("HTTP/1.1 400"), "{head}");
         // Content-Length values that disagree are refused.
         let (head, _) = head_and_body(&raw(
             port,
@@ -414,16 +443,7 @@ fn a_slow_upload_holds_no_instance_slot() {
     // were the upload's request given the instance while its body
     // trickles in, the next request would be turned away.
     let name = unique("slowup");
-    let app = App::new(
-        &format!(
-            "name = \"{name}\"\nstart = \"exec python3 app.py\"\n[limits]\n\
-             max_instances = 1\nconcurrency = 1\nqueue_timeout = \"1s\"\n\
-             request_timeout = \"10s\"\n"
-        ),
-        &[("app.py", APP)],
-    );
-    let mut up = Up::start(&[app.path()], &[]);
-    assert_eq!(up.wait_urls(1, FIRST_START).len(), 1, "{}", up.stderr());
+    let (_app, up) = start_one_at_a_time(&name, "10s");
     let port = up.port.unwrap();
     let h = host(&name);
     let mut slow = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -532,4 +552,46 @@ fn pipelined_requests_in_pieces_are_answered_in_order_and_hyper_takes_over_unusu
         "{head}"
     );
     assert_eq!(body, b"4", "the chunked body reached the service whole");
+}
+
+#[test]
+fn a_body_that_stops_coming_gets_504_and_a_client_that_leaves_frees_the_instance() {
+    // One instance, one request at a time, a short wait in the queue.
+    let name = unique("leave");
+    let (_app, up) = start_one_at_a_time(&name, "2s");
+    let port = up.port.unwrap();
+    let h = host(&name);
+
+    // 100 bytes announced, 10 sent: the request timeout answers, marked,
+    // and the connection closes (the answer is not lost to a reset).
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        format!("POST / HTTP/1.1\r\nHost: {h}\r\nContent-Length: 100\r\n\r\n0123456789").as_bytes(),
+    )
+    .unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let (head, body) = head_and_body(&answer);
+    assert!(head.starts_with("HTTP/1.1 504"), "{head}");
+    assert!(head.contains("x-skiff-error: request-timeout"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(
+        String::from_utf8_lossy(&body).contains("2s"),
+        "names the timeout"
+    );
+
+    // A client that sends a slow request and leaves at once: the instance's
+    // one slot is free again, so the next request is served instead of
+    // waiting out the queue.
+    for _ in 0..2 {
+        let mut gone = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        gone.write_all(format!("GET /sleep?ms=1500 HTTP/1.1\r\nHost: {h}\r\n\r\n").as_bytes())
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        drop(gone);
+        std::thread::sleep(Duration::from_millis(100));
+        let r = up.get(&h, "/");
+        assert_eq!(r.status, 200, "{r:?}");
+    }
 }
