@@ -113,7 +113,8 @@ median() { # file; values sorted numerically by their number part (us/ms aware)
         | sort -n | awk '{ a[NR]=$2 } END { print a[int((NR+1)/2)] }'
 }
 report() {
-    printf '%-28s %12s req/s   p50 %-9s p99 %s\n' "$1" "$(median "$work/$1.rps")" "$(median "$work/$1.p50")" "$(median "$work/$1.p99")"
+    printf '%-28s %12s req/s   p50 %-9s p99 %-9s runs: %s\n' "$1" "$(median "$work/$1.rps")" "$(median "$work/$1.p50")" "$(median "$work/$1.p99")" \
+        "$(awk '{ printf "%s%.0f", (NR > 1 ? " " : ""), $1 }' "$work/$1.rps")"
 }
 wrk_in_ns() { nsenter --net="$netns" wrk "$@"; }
 H="Host: bench-nginx.localhost"
