@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use crate::error::{error_response, ErrorKind};
 use crate::h1;
-use crate::proxy::{timed_out, Gateway, HyperBuilder};
+use crate::proxy::{timed_out, too_large_request, Gateway, HyperBuilder};
 use crate::route::{host_to_service, ExchangeLimits};
 
 /// Most header fields in a request served here; hyper takes requests
@@ -76,6 +76,9 @@ struct Front {
     up: Vec<u8>,
     /// The response head for the client (reused).
     out: Vec<u8>,
+    /// The client shut its sending side after pipelined requests: those
+    /// are answered, then the connection closes.
+    read_closed: bool,
 }
 
 /// Serves one client connection until it closes, fails, or `closing`
@@ -97,6 +100,7 @@ pub(crate) async fn serve(
         buf: BytesMut::with_capacity(8 * 1024),
         up: Vec::with_capacity(1024),
         out: Vec::with_capacity(1024),
+        read_closed: false,
     };
     // Two timers for the life of the connection, each only ever moved
     // later (a cheap update, no re-registration): one for the client to
@@ -114,6 +118,7 @@ pub(crate) async fn serve(
                     // hyper answers 431.
                     return front.hand_over(hyper, closing).await;
                 }
+                Inspected::Partial if front.read_closed => return,
                 Inspected::Partial => {}
             }
             reserve(&mut front.buf);
@@ -138,6 +143,14 @@ pub(crate) async fn serve(
             Close::No => {}
             Close::Now => {
                 let _ = front.stream.shutdown().await;
+                // Bytes the client sent that will not be read would make
+                // the close a reset, which can destroy the answer.
+                let mut probe = [0u8; 1];
+                if !front.buf.is_empty()
+                    || matches!(front.stream.try_read(&mut probe), Ok(n) if n > 0)
+                {
+                    front.linger().await;
+                }
                 return;
             }
             Close::AfterUnread => return front.linger().await,
@@ -148,6 +161,11 @@ pub(crate) async fn serve(
                 *buf = Vec::with_capacity(1024);
             }
         }
+        if front.buf.capacity() > 32 * 1024 && front.buf.len() <= 8 * 1024 {
+            let mut rest = BytesMut::with_capacity(8 * 1024);
+            rest.extend_from_slice(&front.buf);
+            front.buf = rest;
+        }
     }
 }
 
@@ -155,11 +173,13 @@ pub(crate) async fn serve(
 const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// `d` from now; far in the future when that does not fit an `Instant`.
-fn after(d: Duration) -> Instant {
-    let now = Instant::now();
-    now.checked_add(d)
-        .or_else(|| now.checked_add(FAR))
-        .unwrap_or(now)
+pub(crate) fn after(d: Duration) -> Instant {
+    later(Instant::now(), d)
+}
+
+/// `d` after `t`, or far after it when that does not fit an `Instant`.
+fn later(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d).or_else(|| t.checked_add(FAR)).unwrap_or(t)
 }
 
 /// What becomes of the connection after an answer.
@@ -173,10 +193,12 @@ enum Close {
 
 /// Completes when the client closed the connection or it broke, reading
 /// what the client sends meanwhile (its next request, pipelined) into
-/// `buf`, up to `cap` bytes; past that it only waits.
-async fn client_gone(stream: &TcpStream, buf: &mut BytesMut, cap: usize) {
+/// `buf`, up to `cap` bytes; past that it only waits. A client that shut
+/// its sending side after pipelined requests still waits for their
+/// answers (`read_closed`), as with hyper.
+async fn client_gone(stream: &TcpStream, buf: &mut BytesMut, cap: usize, read_closed: &mut bool) {
     loop {
-        if buf.len() >= cap {
+        if buf.len() >= cap || *read_closed {
             return std::future::pending().await;
         }
         if stream.readable().await.is_err() {
@@ -184,6 +206,7 @@ async fn client_gone(stream: &TcpStream, buf: &mut BytesMut, cap: usize) {
         }
         reserve(buf);
         match stream.try_read_buf(buf) {
+            Ok(0) if !buf.is_empty() => *read_closed = true,
             Ok(0) => return,
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -405,7 +428,7 @@ impl Front {
         let leased = tokio::select! {
             biased;
             leased = gw.lease(&plan.service) => leased,
-            () = client_gone(&self.stream, &mut self.buf, cap) => {
+            () = client_gone(&self.stream, &mut self.buf, cap, &mut self.read_closed) => {
                 return Err(io::ErrorKind::ConnectionAborted.into());
             }
         };
@@ -426,9 +449,16 @@ impl Front {
                 if upstream.limits.request_timeout != limits.request_timeout {
                     limits.request_timeout = upstream.limits.request_timeout;
                     if let Some(t) = limits.request_timeout {
-                        timer
-                            .as_mut()
-                            .reset(started.checked_add(t).unwrap_or(started));
+                        timer.as_mut().reset(later(started, t));
+                    }
+                }
+                if let Some(limit) = upstream.limits.max_request {
+                    if body.len() as u64 > limit {
+                        drop(lease);
+                        let (kind, message) = too_large_request(limit);
+                        let close = plan.close || *closing.borrow();
+                        self.write_error(&plan, kind, &message, close).await?;
+                        return Ok(if close { Close::Now } else { Close::No });
                     }
                 }
                 max
@@ -448,7 +478,7 @@ impl Front {
             biased;
             r = exchange => Some(r),
             () = timer.as_mut(), if limits.request_timeout.is_some() => None,
-            () = client_gone(&self.stream, &mut self.buf, cap) => {
+            () = client_gone(&self.stream, &mut self.buf, cap, &mut self.read_closed) => {
                 return Err(io::ErrorKind::ConnectionAborted.into());
             }
         };
@@ -504,7 +534,20 @@ impl Front {
         close: bool,
     ) -> io::Result<()> {
         self.gw.report(&plan.service, kind, message);
-        let (parts, body) = error_response(kind, message, plan.json).into_parts();
+        self.write_answer(kind, message, plan.json, plan.head_only, close)
+            .await
+    }
+
+    /// Writes a gateway-made answer (`error.rs`).
+    async fn write_answer(
+        &mut self,
+        kind: ErrorKind,
+        message: &str,
+        json: bool,
+        head_only: bool,
+        close: bool,
+    ) -> io::Result<()> {
+        let (parts, body) = error_response(kind, message, json).into_parts();
         let body = body
             .collect()
             .await
@@ -520,7 +563,7 @@ impl Front {
         }
         date_line(out);
         end_head(out, Some(body.len()), close);
-        if !plan.head_only {
+        if !head_only {
             self.send(&body).await
         } else {
             self.send(&[]).await
@@ -533,7 +576,8 @@ impl Front {
     /// and what the client still sends is read and dropped for a moment.
     async fn linger(mut self) {
         let _ = self.stream.shutdown().await;
-        let mut sink = [0u8; 16 * 1024];
+        // On the heap: in the future it would enlarge every connection's task.
+        let mut sink = vec![0u8; 16 * 1024];
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             while let Ok(n) = self.stream.read(&mut sink).await {
                 if n == 0 {
@@ -550,16 +594,33 @@ impl Front {
     /// the request).
     async fn hand_over(mut self, hyper: Arc<HyperBuilder>, closing: watch::Receiver<bool>) {
         if *closing.borrow() {
-            let _ = self.stream.shutdown().await;
-            return;
+            // hyper would close before reading it: a request here is
+            // told, and the connection closes.
+            let mut fields = [httparse::EMPTY_HEADER; 16];
+            let request = matches!(
+                httparse::Request::new(&mut fields).parse(&self.buf),
+                Ok(_) | Err(httparse::Error::TooManyHeaders)
+            );
+            if request {
+                let message = "The gateway is shutting down; send the request again.";
+                let _ = self
+                    .write_answer(ErrorKind::Unavailable, message, false, false, true)
+                    .await;
+            }
+            return self.linger().await;
         }
+        let Front {
+            gw,
+            stream,
+            remote,
+            buf,
+            ..
+        } = self;
         let io = Rewind {
-            pre: self.buf.freeze(),
-            stream: self.stream,
+            pre: buf.freeze(),
+            stream,
         };
-        self.gw
-            .serve_with_hyper(io, self.remote, &hyper, closing)
-            .await;
+        gw.serve_with_hyper(io, remote, &hyper, closing).await;
     }
 }
 

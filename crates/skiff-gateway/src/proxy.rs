@@ -344,7 +344,7 @@ impl Gateway {
         if upgrade.is_none() {
             if let Some(limits) = self.router.limits(&service) {
                 if limits.max_response.is_some() {
-                    deadline = limits.request_timeout.map(|t| Instant::now() + t);
+                    deadline = limits.request_timeout.map(crate::front::after);
                     if let Some(body) = req.body_mut().take() {
                         let bytes = self
                             .receive_body(body, req.headers(), &service, limits, deadline)
@@ -364,7 +364,7 @@ impl Gateway {
             }
         }
         if deadline.is_none() {
-            deadline = upstream.limits.request_timeout.map(|t| Instant::now() + t);
+            deadline = upstream.limits.request_timeout.map(crate::front::after);
         }
 
         let path = req
@@ -752,7 +752,7 @@ fn too_large_response(service: &str, max: u64) -> (ErrorKind, String) {
     )
 }
 
-fn too_large_request(max: u64) -> (ErrorKind, String) {
+pub(crate) fn too_large_request(max: u64) -> (ErrorKind, String) {
     (
         ErrorKind::RequestTooLarge,
         format!(

@@ -552,6 +552,29 @@ fn pipelined_requests_in_pieces_are_answered_in_order_and_hyper_takes_over_unusu
         "{head}"
     );
     assert_eq!(body, b"4", "the chunked body reached the service whole");
+
+    // Two requests, then the client shuts its sending side: both are
+    // still answered, then the connection closes.
+    let mut s = TcpStream::connect(("127.0.0.1", up.port.unwrap())).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(
+        format!(
+            "GET /sleep?ms=300 HTTP/1.1\r\nHost: {h}\r\n\r\n\
+             GET /status?code=202 HTTP/1.1\r\nHost: {h}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).unwrap();
+    let answers = split_answers(&all, &[false, false]);
+    assert_eq!(answers[0].1, b"slept", "{}", answers[0].0);
+    assert!(
+        answers[1].0.starts_with("HTTP/1.1 202 "),
+        "{}",
+        answers[1].0
+    );
 }
 
 #[test]
