@@ -26,6 +26,9 @@ pub enum ErrorKind {
     ResponseTooLarge,
     /// The service did not answer within the request timeout (upstream).
     RequestTimeout,
+    /// The client did not send the request's body within the request
+    /// timeout (client side; the service never saw the request).
+    BodyTimeout,
     /// An upgrade (WebSocket) to a serverless service (client side).
     StreamingNeedsPersistent,
 }
@@ -49,6 +52,7 @@ impl ErrorKind {
             Self::UpstreamFailed => "upstream-failed",
             Self::ResponseTooLarge => "response-too-large",
             Self::RequestTimeout => "request-timeout",
+            Self::BodyTimeout => "request-body-timeout",
             Self::StreamingNeedsPersistent => "streaming-needs-persistent",
         }
     }
@@ -60,7 +64,8 @@ impl ErrorKind {
             Self::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamFailed | Self::ResponseTooLarge => StatusCode::BAD_GATEWAY,
-            Self::RequestTimeout => StatusCode::GATEWAY_TIMEOUT,
+            // INTERFACE.md: a request past the request timeout gets 504.
+            Self::RequestTimeout | Self::BodyTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::StreamingNeedsPersistent => StatusCode::NOT_IMPLEMENTED,
         }
     }
@@ -71,6 +76,7 @@ impl ErrorKind {
             | Self::BadHost
             | Self::BadRequest
             | Self::RequestTooLarge
+            | Self::BodyTimeout
             | Self::StreamingNeedsPersistent => Source::Client,
             Self::Unavailable => Source::Platform,
             Self::UpstreamFailed | Self::ResponseTooLarge | Self::RequestTimeout => {
@@ -168,6 +174,7 @@ mod tests {
             ErrorKind::UpstreamFailed,
             ErrorKind::ResponseTooLarge,
             ErrorKind::RequestTimeout,
+            ErrorKind::BodyTimeout,
             ErrorKind::StreamingNeedsPersistent,
         ] {
             assert!(kind.status().as_u16() >= 400, "{kind:?}");

@@ -26,7 +26,7 @@ use tokio::time::Instant;
 
 use crate::error::{error_response, ErrorKind};
 use crate::h1;
-use crate::proxy::{timed_out, too_large_request, Gateway, HyperBuilder};
+use crate::proxy::{body_timed_out, timed_out, too_large_request, Gateway, HyperBuilder};
 use crate::route::{host_to_service, ExchangeLimits};
 
 /// Most header fields in a request served here; hyper takes requests
@@ -393,7 +393,7 @@ impl Front {
                     }
                 }
                 () = timer.as_mut(), if limits.request_timeout.is_some() => {
-                    let (kind, message) = timed_out(&plan.service, limits);
+                    let (kind, message) = body_timed_out(&plan.service, limits);
                     self.write_error(&plan, kind, &message, true).await?;
                     return Ok(Close::AfterUnread);
                 }

@@ -596,7 +596,7 @@ impl Gateway {
         match deadline {
             Some(d) => tokio::time::timeout_at(d, collect)
                 .await
-                .map_err(|_| timed_out(service, limits))?,
+                .map_err(|_| body_timed_out(service, limits))?,
             None => collect.await,
         }
     }
@@ -775,6 +775,21 @@ pub(crate) fn timed_out(service: &str, limits: ExchangeLimits) -> (ErrorKind, St
     )
 }
 
+/// The client's body did not arrive in time: the service is not to blame
+/// (and never saw the request).
+pub(crate) fn body_timed_out(service: &str, limits: ExchangeLimits) -> (ErrorKind, String) {
+    let shown = skiff_model::format_duration(limits.request_timeout.unwrap_or_default());
+    (
+        ErrorKind::BodyTimeout,
+        format!(
+            "The request body did not arrive within the request timeout of {shown} \
+             (limits.request_timeout of service {service:?}); the request was not sent to \
+             the service. Send the body at once, or upload large data to object storage \
+             and send its URL."
+        ),
+    )
+}
+
 /// A response body that holds the request's lease until it is dropped
 /// (sent completely, or abandoned by the client).
 struct LeasedBody {
@@ -909,6 +924,12 @@ mod tests {
         let (k, m) = timed_out("svc", limits);
         assert_eq!(k, ErrorKind::RequestTimeout);
         assert!(m.contains("request timeout of 15m"), "{m}");
+        let (k, m) = body_timed_out("svc", limits);
+        assert_eq!(k, ErrorKind::BodyTimeout);
+        assert!(
+            m.contains("request timeout of 15m") && m.contains("was not sent to the service"),
+            "{m}"
+        );
         let (k, m) = too_large_request(6 << 20);
         assert_eq!(k, ErrorKind::RequestTooLarge);
         assert!(m.contains("limits.max_request"), "{m}");

@@ -585,8 +585,9 @@ fn a_body_that_stops_coming_gets_504_and_a_client_that_leaves_frees_the_instance
     let port = up.port.unwrap();
     let h = host(&name);
 
-    // 100 bytes announced, 10 sent: the request timeout answers, marked,
-    // and the connection closes (the answer is not lost to a reset).
+    // 100 bytes announced, 10 sent: the request timeout answers, marked
+    // as the client's doing (the service is not blamed), and the
+    // connection closes (the answer is not lost to a reset).
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(
@@ -597,7 +598,10 @@ fn a_body_that_stops_coming_gets_504_and_a_client_that_leaves_frees_the_instance
     let _ = s.read_to_end(&mut answer);
     let (head, body) = head_and_body(&answer);
     assert!(head.starts_with("HTTP/1.1 504"), "{head}");
-    assert!(head.contains("x-skiff-error: request-timeout"), "{head}");
+    assert!(
+        head.contains("x-skiff-error: request-body-timeout"),
+        "{head}"
+    );
     assert!(head.contains("connection: close"), "{head}");
     assert!(
         String::from_utf8_lossy(&body).contains("2s"),
