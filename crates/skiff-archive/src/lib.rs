@@ -776,9 +776,14 @@ impl Unpacker<'_> {
     /// let this entry be written wherever that symlink points.
     fn prepare_parents(&mut self, parts: &[&OsStr], shown: &str) -> Result<PathBuf, UnpackError> {
         let mut path = self.dest.to_path_buf();
-        let (last, parents) = parts
-            .split_last()
-            .expect("safe_components never returns an empty path");
+        // `safe_components` refuses empty paths; answered the same here
+        // rather than assumed.
+        let Some((last, parents)) = parts.split_last() else {
+            return Err(UnpackError::UnsafePath {
+                path: shown.to_string(),
+                problem: PathProblem::Empty,
+            });
+        };
         for (depth, part) in parents.iter().enumerate() {
             path.push(part);
             match fs::symlink_metadata(&path) {

@@ -33,9 +33,6 @@ use crate::route::{host_to_service, ExchangeLimits};
 /// with more.
 const MAX_FIELDS: usize = 64;
 
-/// Request bodies up to this size are copied out of the read buffer.
-const COPY_BODY: usize = 4096;
-
 /// What the head in the buffer asks for.
 enum Inspected {
     /// Not all of it is here yet.
@@ -402,7 +399,7 @@ impl Front {
         self.buf.advance(plan.head_len);
         let body = if plan.body_len == 0 {
             Bytes::new()
-        } else if plan.body_len <= COPY_BODY {
+        } else if plan.body_len <= h1::COPY_BODY {
             let body = Bytes::copy_from_slice(&self.buf[..plan.body_len]);
             self.buf.advance(plan.body_len);
             body

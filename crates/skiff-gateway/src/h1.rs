@@ -78,17 +78,13 @@ impl Received {
             let Some(colon) = line.iter().position(|b| *b == b':') else {
                 continue;
             };
-            let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
+            let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
             if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
                 map.append(n, v);
             }
         }
         map
     }
-}
-
-fn trim(b: &[u8]) -> &[u8] {
-    b.trim_ascii()
 }
 
 struct Conn {
@@ -281,8 +277,9 @@ pub(crate) fn serialize(req: &Outgoing<'_>) -> Vec<u8> {
     head
 }
 
-/// Response bodies up to this size are copied out of the read buffer.
-const COPY_BODY: usize = 4096;
+/// Bodies up to this size are copied out of a read buffer (which then
+/// stays whole for reuse) rather than split off it.
+pub(crate) const COPY_BODY: usize = 4096;
 
 /// Bodies up to this size are sent with the head in one write.
 const INLINE_BODY: usize = 16 * 1024;
@@ -605,7 +602,7 @@ fn parse_head(buf: &[u8], head_only: bool) -> Result<Option<Head>, ExchangeError
         if !h.name.eq_ignore_ascii_case("connection") {
             continue;
         }
-        for token in h.value.split(|b| *b == b',').map(trim) {
+        for token in h.value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
             if token.eq_ignore_ascii_case(b"close") {
                 close = true;
                 closing = true;
@@ -640,7 +637,7 @@ fn parse_head(buf: &[u8], head_only: bool) -> Result<Option<Head>, ExchangeError
                 .value
                 .rsplit(|b| *b == b',')
                 .next()
-                .is_some_and(|c| trim(c).eq_ignore_ascii_case(b"chunked"));
+                .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
             continue;
         }
         if name.eq_ignore_ascii_case(b"content-length") {
