@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use crate::error::{error_response, ErrorKind};
 use crate::h1;
 use crate::proxy::{body_timed_out, timed_out, too_large_request, Gateway, HyperBuilder};
-use crate::route::{host_to_service, ExchangeLimits};
+use crate::route::{host_to_service, ExchangeLimits, Lease};
 
 /// Most header fields in a request served here; hyper takes requests
 /// with more.
@@ -85,7 +85,7 @@ pub(crate) async fn serve(
     stream: TcpStream,
     remote: SocketAddr,
     hyper: Arc<HyperBuilder>,
-    mut closing: watch::Receiver<bool>,
+    closing: watch::Receiver<bool>,
 ) {
     let header_timeout = gw.config().header_read_timeout;
     let max_head = gw.config().max_header_bytes;
@@ -99,14 +99,19 @@ pub(crate) async fn serve(
         out: Vec::with_capacity(1024),
         read_closed: false,
     };
-    // Two timers for the life of the connection, each only ever moved
-    // later (a cheap update, no re-registration): one for the client to
-    // send a request's head, one for the request timeout.
+    // Two timers for the life of the connection: one for the client to
+    // send a request's head, one for the request timeout (see `until`).
     let head_timer = tokio::time::sleep_until(after(FAR));
     let request_timer = tokio::time::sleep_until(after(FAR));
-    tokio::pin!(head_timer, request_timer);
+    // Made once: waiting on the gateway's closing registers with it once
+    // for the connection, not again for every request.
+    let mut closing_rx = closing.clone();
+    let closed = async move {
+        let _ = closing_rx.wait_for(|c| *c).await;
+    };
+    tokio::pin!(head_timer, request_timer, closed);
     loop {
-        head_timer.as_mut().reset(after(header_timeout));
+        let head_by = after(header_timeout);
         let plan = loop {
             match front.inspect() {
                 Inspected::Here(plan) => break plan,
@@ -128,8 +133,8 @@ pub(crate) async fn serve(
                 },
                 // A head that never completes (slowloris), or an idle
                 // keep-alive connection: closed.
-                () = &mut head_timer => return,
-                _ = closing.wait_for(|c| *c), if idle => return,
+                () = until(head_timer.as_mut(), head_by) => return,
+                () = &mut closed, if idle => return,
             }
         };
         let close = match front.serve(plan, request_timer.as_mut(), &closing).await {
@@ -177,6 +182,23 @@ pub(crate) fn after(d: Duration) -> Instant {
 /// `d` after `t`, or far after it when that does not fit an `Instant`.
 fn later(t: Instant, d: Duration) -> Instant {
     t.checked_add(d).or_else(|| t.checked_add(FAR)).unwrap_or(t)
+}
+
+/// Completes at `at`. Each request moves a connection's deadlines later;
+/// the timer behind one is only moved when it fires before its deadline
+/// or is set later than it — about once per timeout on a busy connection
+/// rather than once per request.
+async fn until(mut timer: Pin<&mut tokio::time::Sleep>, at: Instant) {
+    if timer.deadline() > at {
+        timer.as_mut().reset(at);
+    }
+    loop {
+        timer.as_mut().await;
+        if Instant::now() >= at {
+            return;
+        }
+        timer.as_mut().reset(at);
+    }
 }
 
 /// What becomes of the connection after an answer.
@@ -370,9 +392,7 @@ impl Front {
     ) -> io::Result<Close> {
         let started = Instant::now();
         let mut limits = plan.limits;
-        if let Some(t) = limits.request_timeout {
-            timer.as_mut().reset(after(t));
-        }
+        let mut answer_by = later(started, limits.request_timeout.unwrap_or(FAR));
         // The body first, before an instance is taken: a slow upload
         // holds no instance's slot. The buffer grows as bytes come, not by
         // what the client announced.
@@ -389,7 +409,7 @@ impl Front {
                         return Err(io::ErrorKind::UnexpectedEof.into());
                     }
                 }
-                () = timer.as_mut(), if limits.request_timeout.is_some() => {
+                () = until(timer.as_mut(), answer_by), if limits.request_timeout.is_some() => {
                     let (kind, message) = body_timed_out(&plan.service, limits);
                     self.write_error(&plan, kind, &message, true).await?;
                     return Ok(Close::AfterUnread);
@@ -445,9 +465,7 @@ impl Front {
             Some(max) => {
                 if upstream.limits.request_timeout != limits.request_timeout {
                     limits.request_timeout = upstream.limits.request_timeout;
-                    if let Some(t) = limits.request_timeout {
-                        timer.as_mut().reset(later(started, t));
-                    }
+                    answer_by = later(started, limits.request_timeout.unwrap_or(FAR));
                 }
                 if let Some(limit) = upstream.limits.max_request {
                     if body.len() as u64 > limit {
@@ -474,7 +492,7 @@ impl Front {
         let result = tokio::select! {
             biased;
             r = exchange => Some(r),
-            () = timer.as_mut(), if limits.request_timeout.is_some() => None,
+            () = until(timer.as_mut(), answer_by), if limits.request_timeout.is_some() => None,
             () = client_gone(&self.stream, &mut self.buf, cap, &mut self.read_closed) => {
                 return Err(io::ErrorKind::ConnectionAborted.into());
             }
@@ -497,7 +515,6 @@ impl Front {
                 return Ok(if close { Close::Now } else { Close::No });
             }
         };
-        drop(lease);
 
         let out = &mut self.out;
         status_line(out, received.status);
@@ -507,19 +524,31 @@ impl Front {
         }
         let length = (!received.bodiless).then_some(received.body.len());
         end_head(out, length, close);
-        self.send(&received.body).await?;
+        self.send(&received.body, Some(lease)).await?;
         Ok(if close { Close::Now } else { Close::No })
     }
 
-    /// Writes `self.out` and then `body` (in one write when small).
-    async fn send(&mut self, body: &[u8]) -> io::Result<()> {
-        if body.len() <= 16 * 1024 {
+    /// Writes `self.out` and then `body` (in one write when small). The
+    /// instance's slot (`lease`) is given back once the kernel has taken
+    /// what it takes at once: usually the whole answer is on its way
+    /// first, and the release is done while the client wakes up rather
+    /// than before it is sent; a client that reads slowly holds no slot.
+    async fn send(&mut self, body: &[u8], lease: Option<Lease>) -> io::Result<()> {
+        let small = body.len() <= 16 * 1024;
+        if small {
             self.out.extend_from_slice(body);
-            self.stream.write_all(&self.out).await
-        } else {
-            self.stream.write_all(&self.out).await?;
-            self.stream.write_all(body).await
         }
+        let sent = match self.stream.try_write(&self.out) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(e),
+        };
+        drop(lease);
+        self.stream.write_all(&self.out[sent..]).await?;
+        if !small {
+            self.stream.write_all(body).await?;
+        }
+        Ok(())
     }
 
     /// Answers the request itself, as hyper's side would (`error.rs`).
@@ -561,9 +590,9 @@ impl Front {
         date_line(out);
         end_head(out, Some(body.len()), close);
         if !head_only {
-            self.send(&body).await
+            self.send(&body, None).await
         } else {
-            self.send(&[]).await
+            self.send(&[], None).await
         }
     }
 
@@ -645,6 +674,10 @@ fn date_line(out: &mut Vec<u8>) {
 /// Starts a response head in `out` (cleared first).
 fn status_line(out: &mut Vec<u8>, status: http::StatusCode) {
     out.clear();
+    if status == http::StatusCode::OK {
+        out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+        return;
+    }
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.push(b' ');

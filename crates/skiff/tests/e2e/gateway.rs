@@ -145,6 +145,35 @@ fn head_and_body(raw: &[u8]) -> (String, Vec<u8>) {
     )
 }
 
+/// Reads one answer with a Content-Length from a kept-alive connection.
+fn read_answer(s: &mut TcpStream) -> (String, Vec<u8>) {
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(split) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..split]).into_owned();
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse().ok())?
+                })
+                .expect("a Content-Length");
+            if got.len() >= split + 4 + length {
+                return (head, got[split + 4..split + 4 + length].to_vec());
+            }
+        }
+        let n = s.read(&mut chunk).expect("the answer");
+        assert!(
+            n > 0,
+            "closed mid-answer: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&chunk[..n]);
+    }
+}
+
 fn get_raw(port: u16, host: &str, path: &str) -> (String, Vec<u8>) {
     head_and_body(&raw(
         port,
@@ -422,6 +451,35 @@ fn misbehaving_clients_and_services_get_the_right_status_and_nothing_leaks() {
     assert!(
         t.elapsed() < Duration::from_secs(5),
         "the slow client held on for {:?}",
+        t.elapsed()
+    );
+
+    // A connection in use outlives both timeouts (header 1 s, request
+    // 2 s), as each request moves them on: slow answers back to back and
+    // pauses between requests, 4 s in all. Left idle, it is closed.
+    let mut busy = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    busy.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    for i in 0..8 {
+        busy.write_all(format!("GET /sleep?ms=300 HTTP/1.1\r\nHost: {h}\r\n\r\n").as_bytes())
+            .unwrap();
+        let (head, body) = read_answer(&mut busy);
+        assert!(head.starts_with("HTTP/1.1 200"), "request {i}: {head}");
+        assert_eq!(body, b"slept");
+        if i % 2 == 0 {
+            std::thread::sleep(Duration::from_millis(400));
+        }
+    }
+    let t = Instant::now();
+    let mut rest = Vec::new();
+    let closed = busy.read_to_end(&mut rest);
+    assert!(
+        closed.is_ok() && rest.is_empty(),
+        "an idle connection is closed: {closed:?} {rest:?}"
+    );
+    assert!(
+        t.elapsed() >= Duration::from_millis(500) && t.elapsed() < Duration::from_secs(5),
+        "closed after {:?} idle; the header timeout is 1 s",
         t.elapsed()
     );
 
