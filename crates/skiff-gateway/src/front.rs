@@ -486,9 +486,7 @@ impl Front {
             head_only: plan.head_only,
             idempotent: plan.idempotent,
         };
-        let exchange = h1::exchange(gw.pool(), upstream, prepared, max_response, |key| {
-            gw.router().upstream(key).is_some()
-        });
+        let exchange = h1::exchange(gw.pool(), upstream, prepared, max_response);
         let result = tokio::select! {
             biased;
             r = exchange => Some(r),

@@ -25,10 +25,9 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 /// Idle connections kept per instance (per gateway thread).
 const MAX_IDLE: usize = 256;
-/// An idle connection unused this long is closed.
+/// An idle connection unused this long is closed (by the gateway
+/// thread's sweep, once a second).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// How often idle connections of instances that are gone are dropped.
-const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// What went wrong talking to the instance.
 #[derive(Debug)]
@@ -96,14 +95,12 @@ struct Conn {
 /// Idle keep-alive connections by instance key.
 pub(crate) struct Pool {
     idle: Mutex<HashMap<String, Vec<Conn>>>,
-    last_sweep: Mutex<Instant>,
 }
 
 impl Pool {
     pub(crate) fn new() -> Self {
         Self {
             idle: Mutex::default(),
-            last_sweep: Mutex::new(Instant::now()),
         }
     }
 
@@ -123,7 +120,7 @@ impl Pool {
         None
     }
 
-    fn put(&self, key: &str, mut conn: Conn, alive: impl Fn(&str) -> bool) {
+    fn put(&self, key: &str, mut conn: Conn) {
         conn.buf.clear();
         // A large response's buffer is not kept for an idle connection.
         if conn.buf.capacity() > 64 * 1024 {
@@ -138,26 +135,18 @@ impl Pool {
                 idle.insert(key.to_string(), vec![conn]);
             }
         }
-        let mut last = self.last_sweep.lock().unwrap_or_else(|p| p.into_inner());
-        if last.elapsed() >= SWEEP_EVERY {
-            *last = Instant::now();
-            sweep(&mut idle, alive);
-        }
     }
 
     /// Drops idle connections that timed out or whose instance is gone
-    /// (called now and then, also when no request comes).
+    /// (each gateway thread calls it once a second, not on a request's
+    /// path).
     pub(crate) fn sweep(&self, alive: impl Fn(&str) -> bool) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        sweep(&mut idle, alive);
+        idle.retain(|key, conns| {
+            conns.retain(|c| c.idle_since.elapsed() < IDLE_TIMEOUT);
+            !conns.is_empty() && alive(key)
+        });
     }
-}
-
-fn sweep(idle: &mut HashMap<String, Vec<Conn>>, alive: impl Fn(&str) -> bool) {
-    idle.retain(|key, conns| {
-        conns.retain(|c| c.idle_since.elapsed() < IDLE_TIMEOUT);
-        !conns.is_empty() && alive(key)
-    });
 }
 
 /// One request from a header map (the hyper side), to be serialised.
@@ -292,7 +281,6 @@ pub(crate) async fn exchange(
     upstream: &Upstream,
     req: Prepared<'_>,
     max: u64,
-    alive: impl Fn(&str) -> bool,
 ) -> Result<Received, ExchangeError> {
     let mut retried = false;
     loop {
@@ -325,7 +313,7 @@ pub(crate) async fn exchange(
         match result {
             Ok((received, reusable)) => {
                 if reusable {
-                    pool.put(&upstream.key, conn, alive);
+                    pool.put(&upstream.key, conn);
                 }
                 return Ok(received);
             }

@@ -541,11 +541,9 @@ impl Gateway {
                 head_only: parts.method == http::Method::HEAD,
                 idempotent: h1::idempotent(&parts.method),
             };
-            h1::exchange(&self.pool, upstream, out, max, |key| {
-                self.router.upstream(key).is_some()
-            })
-            .await
-            .map_err(Ok)
+            h1::exchange(&self.pool, upstream, out, max)
+                .await
+                .map_err(Ok)
         };
         let result = match deadline {
             Some(d) => tokio::time::timeout_at(d, exchange)

@@ -84,13 +84,8 @@ impl GatewayThreads {
         for (i, socket) in listeners.sockets.into_iter().enumerate() {
             let (router, config) = (router.clone(), config.clone());
             let (mut accepting, mut running) = (accepting.clone(), running.clone());
-            // Sockets and timers only: the process and signal drivers
-            // would look for exited children on every wake-up, and the
-            // gateway starts none (instances are started on the
-            // platform's runtime).
             let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_io()
-                .enable_time()
+                .enable_all()
                 .build()?;
             let handle = std::thread::Builder::new()
                 .name(format!("skiff-gateway-{i}"))
