@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use crate::error::{error_response, ErrorKind};
 use crate::h1;
 use crate::proxy::{body_timed_out, timed_out, too_large_request, Gateway, HyperBuilder};
-use crate::route::{host_to_service, ExchangeLimits, Lease};
+use crate::route::{host_to_service, ExchangeLimits};
 
 /// Most header fields in a request served here; hyper takes requests
 /// with more.
@@ -513,6 +513,11 @@ impl Front {
                 return Ok(if close { Close::Now } else { Close::No });
             }
         };
+        // Released before the answer goes out: a client that sends its
+        // next request on another connection as soon as it has this
+        // answer must find the slot free (else it would queue, or even
+        // start another instance, for a moment's overlap).
+        drop(lease);
 
         let out = &mut self.out;
         status_line(out, received.status);
@@ -522,31 +527,19 @@ impl Front {
         }
         let length = (!received.bodiless).then_some(received.body.len());
         end_head(out, length, close);
-        self.send(&received.body, Some(lease)).await?;
+        self.send(&received.body).await?;
         Ok(if close { Close::Now } else { Close::No })
     }
 
-    /// Writes `self.out` and then `body` (in one write when small). The
-    /// instance's slot (`lease`) is given back once the kernel has taken
-    /// what it takes at once: usually the whole answer is on its way
-    /// first, and the release is done while the client wakes up rather
-    /// than before it is sent; a client that reads slowly holds no slot.
-    async fn send(&mut self, body: &[u8], lease: Option<Lease>) -> io::Result<()> {
-        let small = body.len() <= 16 * 1024;
-        if small {
+    /// Writes `self.out` and then `body` (in one write when small).
+    async fn send(&mut self, body: &[u8]) -> io::Result<()> {
+        if body.len() <= 16 * 1024 {
             self.out.extend_from_slice(body);
+            self.stream.write_all(&self.out).await
+        } else {
+            self.stream.write_all(&self.out).await?;
+            self.stream.write_all(body).await
         }
-        let sent = match self.stream.try_write(&self.out) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-            Err(e) => return Err(e),
-        };
-        drop(lease);
-        self.stream.write_all(&self.out[sent..]).await?;
-        if !small {
-            self.stream.write_all(body).await?;
-        }
-        Ok(())
     }
 
     /// Answers the request itself, as hyper's side would (`error.rs`).
@@ -588,9 +581,9 @@ impl Front {
         date_line(out);
         end_head(out, Some(body.len()), close);
         if !head_only {
-            self.send(&body, None).await
+            self.send(&body).await
         } else {
-            self.send(&[], None).await
+            self.send(&[]).await
         }
     }
 

@@ -101,11 +101,12 @@ impl GatewayThreads {
                         // A timer that is always due soon: tokio wakes its
                         // own driver (an eventfd write and an extra
                         // epoll_wait) whenever a new timer is due earlier than
-                        // the driver's next wake-up, and every request arms
-                        // timers (header read, request timeout) further out
-                        // than this one, so none of them does any more.
-                        // The same tick drops idle connections to instances
-                        // that are gone, also when no request comes.
+                        // the driver's next wake-up, and the timers
+                        // connections arm (header read, request timeout) are
+                        // due further out than this one, so none of them does
+                        // any more. The same tick drops pooled connections
+                        // to instances that are gone or idle too long, also
+                        // when no request comes.
                         let gateway = Gateway::new(router, config);
                         let sweeper = gateway.clone();
                         tokio::spawn(async move {
