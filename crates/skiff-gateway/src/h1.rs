@@ -64,6 +64,10 @@ pub(crate) struct Received {
     /// The response has no body by its nature (HEAD, 204, 304): its
     /// Content-Length, if any, describes another message and passes as is.
     pub bodiless: bool,
+    /// The connection it came on, when it can be used again: back to the
+    /// pool with `Pool::put_back`, which the gateway's own side does once
+    /// the answer is on its way to the client.
+    conn: Option<Conn>,
 }
 
 impl Received {
@@ -101,6 +105,14 @@ impl Pool {
     pub(crate) fn new() -> Self {
         Self {
             idle: Mutex::default(),
+        }
+    }
+
+    /// Gives the connection a response came on back to the pool, when it
+    /// can be used again.
+    pub(crate) fn put_back(&self, key: &str, received: &mut Received) {
+        if let Some(conn) = received.conn.take() {
+            self.put(key, conn);
         }
     }
 
@@ -311,9 +323,9 @@ pub(crate) async fn exchange(
         )
         .await;
         match result {
-            Ok((received, reusable)) => {
+            Ok((mut received, reusable)) => {
                 if reusable {
-                    pool.put(&upstream.key, conn);
+                    received.conn = Some(conn);
                 }
                 return Ok(received);
             }
@@ -527,6 +539,7 @@ async fn round_trip(
             has_date: head.has_date,
             body,
             bodiless: head.bodiless,
+            conn: None,
         },
         reusable,
     ))
@@ -780,6 +793,7 @@ mod tests {
             has_date: h.has_date,
             body: Bytes::new(),
             bodiless: false,
+            conn: None,
         };
         let map = received.header_map();
         assert_eq!(map.len(), 2);

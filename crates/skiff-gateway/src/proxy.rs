@@ -551,12 +551,13 @@ impl Gateway {
                 .map_err(|_| timed_out(service, upstream.limits))?,
             None => exchange.await,
         };
-        let received = match result {
+        let mut received = match result {
             Ok(r) => r,
             Err(Err(refusal)) => return Err(refusal),
             // Still leased while the exit is learned (`exchange_failed`).
             Err(Ok(e)) => return Err(self.exchange_failed(service, upstream, e, max).await),
         };
+        self.pool.put_back(&upstream.key, &mut received);
         drop(lease);
         let mut headers = received.header_map();
         if !received.bodiless {

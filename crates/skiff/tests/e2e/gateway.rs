@@ -52,6 +52,8 @@ class H(BaseHTTPRequestHandler):
             self.send(b"slept")
         elif path == "/status":
             self.send(b"teapot", int(q["code"]), [("X-Custom", "kept"), ("Cache-Control", "no-store")])
+        elif path == "/peer":
+            self.send(str(self.client_address[1]).encode())
         elif path == "/headers":
             seen = {k.lower(): v for k, v in self.headers.items()}
             self.send(json.dumps(seen).encode())
@@ -296,6 +298,31 @@ fn the_service_status_and_headers_pass_and_forwarding_headers_are_added() {
     assert!(
         !seen.contains("\"connection\""),
         "hop-by-hop header forwarded: {seen}"
+    );
+}
+
+#[test]
+fn requests_on_one_connection_reuse_one_connection_to_the_instance() {
+    let name = unique("pool");
+    let (_app, up) = start(&name, &[]);
+    let port = up.port.unwrap();
+    let h = host(&name);
+    // One client connection stays on one gateway thread, whose pool
+    // holds the connection to the instance between requests: the
+    // instance sees every request come from the same port.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut peers = Vec::new();
+    for _ in 0..5 {
+        s.write_all(format!("GET /peer HTTP/1.1\r\nHost: {h}\r\n\r\n").as_bytes())
+            .unwrap();
+        let (head, body) = read_answer(&mut s);
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        peers.push(String::from_utf8(body).unwrap());
+    }
+    assert!(
+        peers[1..].iter().all(|p| *p == peers[0]),
+        "a new connection to the instance per request: {peers:?}"
     );
 }
 
