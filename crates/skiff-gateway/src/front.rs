@@ -520,11 +520,11 @@ impl Front {
                 return Ok(if close { Close::Now } else { Close::No });
             }
         };
+        let key = upstream.key.clone();
         // Released before the answer goes out: a client that sends its
         // next request on another connection as soon as it has this
         // answer must find the slot free (else it would queue, or even
         // start another instance, for a moment's overlap).
-        let key = upstream.key.clone();
         drop(lease);
 
         let out = &mut self.out;

@@ -65,8 +65,8 @@ pub(crate) struct Received {
     /// Content-Length, if any, describes another message and passes as is.
     pub bodiless: bool,
     /// The connection it came on, when it can be used again: back to the
-    /// pool with `Pool::put_back`, which the gateway's own side does once
-    /// the answer is on its way to the client.
+    /// pool with `Pool::put_back` (`front.rs` does it once the answer is
+    /// written to the client, hyper's side at once).
     conn: Option<Conn>,
 }
 
