@@ -147,6 +147,15 @@ fn head_and_body(raw: &[u8]) -> (String, Vec<u8>) {
     )
 }
 
+/// The Content-Length of a response head, when it has a readable one.
+fn content_length(head: &str) -> Option<usize> {
+    head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse().ok())?
+    })
+}
+
 /// Reads one answer with a Content-Length from a kept-alive connection.
 fn read_answer(s: &mut TcpStream) -> (String, Vec<u8>) {
     let mut got = Vec::new();
@@ -154,14 +163,7 @@ fn read_answer(s: &mut TcpStream) -> (String, Vec<u8>) {
     loop {
         if let Some(split) = got.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&got[..split]).into_owned();
-            let length: usize = head
-                .lines()
-                .find_map(|l| {
-                    let (name, value) = l.split_once(':')?;
-                    name.eq_ignore_ascii_case("content-length")
-                        .then(|| value.trim().parse().ok())?
-                })
-                .expect("a Content-Length");
+            let length = content_length(&head).expect("a Content-Length");
             if got.len() >= split + 4 + length {
                 return (head, got[split + 4..split + 4 + length].to_vec());
             }
@@ -556,14 +558,8 @@ fn split_answers(mut raw: &[u8], bodiless: &[bool]) -> Vec<(String, Vec<u8>)> {
                 panic!("answer {i} has no head: {:?}", String::from_utf8_lossy(raw))
             });
         let head = String::from_utf8_lossy(&raw[..end]).into_owned();
-        let length = head
-            .lines()
-            .find_map(|l| {
-                let (name, value) = l.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse::<usize>().unwrap())
-            })
-            .unwrap_or_else(|| panic!("answer {i} has no Content-Length: {head}"));
+        let length = content_length(&head)
+            .unwrap_or_else(|| panic!("answer {i} has no readable Content-Length: {head}"));
         let length = if *no_body { 0 } else { length };
         answers.push((head, raw[end + 4..end + 4 + length].to_vec()));
         raw = &raw[end + 4 + length..];
