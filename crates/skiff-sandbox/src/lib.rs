@@ -12,6 +12,7 @@
 //! disappears with the last process: there is nothing to unmount on the host.
 //! Cgroups are the one host-side thing, and [`Cgroups`] removes them.
 
+pub mod beneath;
 mod cgroup;
 mod init;
 mod netns;
