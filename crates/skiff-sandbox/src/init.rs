@@ -9,10 +9,11 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::OFlag;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::signal::Signal;
@@ -23,6 +24,7 @@ use nix::unistd::{
     Gid, Pid, Uid,
 };
 
+use crate::beneath::Tree;
 use crate::{Identity, SandboxConfig};
 
 /// What a build's root keeps: the default set of container engines, enough
@@ -208,7 +210,10 @@ fn mnt(
     })
 }
 
-fn bind_ro(src: &Path, target: &Path, extra: MsFlags) -> Res<()> {
+/// Bind-mounts `src` read-only on `target`; `then_at` is the path that
+/// leads to the new mount (for a [`Target`], its checked plain path: the
+/// descriptor still names what lies beneath the mount).
+fn bind_ro(src: &Path, target: &Path, then_at: &Path, extra: MsFlags) -> Res<()> {
     mnt(
         Some(src),
         target,
@@ -218,7 +223,7 @@ fn bind_ro(src: &Path, target: &Path, extra: MsFlags) -> Res<()> {
     )?;
     mnt(
         None,
-        target,
+        then_at,
         None,
         MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | extra,
         None,
@@ -258,7 +263,7 @@ fn build_root(config: &SandboxConfig) -> Res<()> {
                 w.work.display()
             )),
         )?,
-        ([only], None) => bind_ro(only, root, nosuid_nodev)?,
+        ([only], None) => bind_ro(only, root, root, nosuid_nodev)?,
         (_, None) => mnt(
             Some(Path::new("overlay")),
             root,
@@ -267,64 +272,77 @@ fn build_root(config: &SandboxConfig) -> Res<()> {
             Some(&format!("lowerdir={}", lower())),
         )?,
     }
-    let inside = |p: &str| -> PathBuf { root.join(p.trim_start_matches('/')) };
+    // Mount targets are places in the image, which a build wrote: each is
+    // resolved beneath the root with no link on the way and mounted on
+    // through its descriptor, so a link in the image can never redirect a
+    // mount to a host path.
+    let image = ctx(Tree::open(root), || {
+        format!("opening the root file system at {}", root.display())
+    })?;
+    let inside = |p: &str| -> Res<Target> {
+        let rel = Path::new(p.trim_start_matches('/'));
+        let fd = ctx(image.open_beneath(rel, OFlag::O_PATH), || {
+            format!("the image's {p} cannot be mounted on (it must be a real directory or file, not a link)")
+        })?;
+        Ok(Target {
+            path: PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())),
+            plain: root.join(rel),
+            _fd: fd,
+        })
+    };
 
     for bind in &config.binds {
-        let target = inside(&bind.target);
-        if !target.exists() {
-            return Err(format!(
-                "the image has no {} to mount {} on",
-                bind.target,
-                bind.source.display()
-            ));
-        }
+        let checked = inside(&bind.target)?;
+        let target = &checked.path;
         if bind.writable {
             mnt(
                 Some(&bind.source),
-                &target,
+                target,
                 None,
                 MsFlags::MS_BIND | MsFlags::MS_REC,
                 None,
             )?;
         } else {
-            bind_ro(&bind.source, &target, nosuid_nodev)?;
+            bind_ro(&bind.source, target, &checked.plain, nosuid_nodev)?;
         }
     }
 
     mnt(
         Some(Path::new("tmpfs")),
-        &inside("/tmp"),
+        &inside("/tmp")?.path,
         Some("tmpfs"),
         nosuid_nodev,
         Some(&format!("size={},mode=1777", config.tmp_size)),
     )?;
 
-    let proc_dir = inside("/proc");
+    let proc_target = inside("/proc")?;
     mnt(
         Some(Path::new("proc")),
-        &proc_dir,
+        &proc_target.path,
         Some("proc"),
         nosuid_nodev | MsFlags::MS_NOEXEC,
         None,
     )?;
+    let proc_dir = &proc_target.plain;
     // Defence in depth: the instance is not root, but /proc/sys and friends
     // stay read-only even if that ever changed.
     for p in ["sys", "sysrq-trigger", "irq", "bus"] {
         let path = proc_dir.join(p);
         if path.exists() {
-            bind_ro(&path, &path, nosuid_nodev | MsFlags::MS_NOEXEC)?;
+            bind_ro(&path, &path, &path, nosuid_nodev | MsFlags::MS_NOEXEC)?;
         }
     }
 
     mnt(
         Some(Path::new("sysfs")),
-        &inside("/sys"),
+        &inside("/sys")?.path,
         Some("sysfs"),
         MsFlags::MS_RDONLY | nosuid_nodev | MsFlags::MS_NOEXEC,
         None,
     )?;
 
-    build_dev(&inside("/dev"))?;
+    let dev = inside("/dev")?;
+    build_dev(&dev.path, &dev.plain)?;
 
     ctx(chdir(root), || "entering the root file system".into())?;
     // pivot_root(".", ".") stacks the old root under the new one; detaching
@@ -337,12 +355,26 @@ fn build_root(config: &SandboxConfig) -> Res<()> {
     Ok(())
 }
 
+/// A place in the image to mount on, held open while it is used.
+struct Target {
+    /// `/proc/self/fd/N`: mounting on it mounts on what the descriptor
+    /// holds, whatever the path would resolve to now.
+    path: PathBuf,
+    /// The same place by name: checked to hold no link when the descriptor
+    /// was opened, and nothing else writes the image while the sandbox is
+    /// built; after the mount it leads into the new mount.
+    plain: PathBuf,
+    _fd: OwnedFd,
+}
+
 /// A minimal `/dev`: the usual character devices, and a read-only `/dev/shm`
-/// (CONTRACT.md: shared memory is not supported).
-fn build_dev(dev: &Path) -> Res<()> {
+/// (CONTRACT.md: shared memory is not supported). The tmpfs is mounted on
+/// `target` (the image's checked `/dev`), then filled through `dev`, the
+/// path that now leads into it.
+fn build_dev(target: &Path, dev: &Path) -> Res<()> {
     mnt(
         Some(Path::new("tmpfs")),
-        dev,
+        target,
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("size=64k,mode=755"),
