@@ -658,10 +658,8 @@ impl Drop for Staging {
     fn drop(&mut self) {
         let dir = std::mem::take(&mut self.0);
         let remove = move || {
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    warn!("removing {}: {e}", dir.display());
-                }
+            if let Err(e) = skiff_runtime::remove_tree(&dir) {
+                warn!("removing {}: {e}", dir.display());
             }
         };
         // A large tree is removed off the async threads when there are any.

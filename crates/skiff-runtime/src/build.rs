@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use skiff_model::{format_duration, ServiceSpec};
+use skiff_sandbox::beneath::remove_tree;
 use skiff_sandbox::{
     Bind, CgroupLimits, Exit, Identity, Sandbox, SandboxConfig, SandboxError, WritableLayer,
 };
@@ -18,18 +19,49 @@ use crate::instance::{command_environment, LogSink, Tail};
 use crate::store::LogSender;
 
 /// What a build leaves that no instance needs: package-manager downloads,
-/// indexes and caches. Paths inside the build's layer; globs are not used,
-/// each entry's contents are removed.
+/// indexes and caches. Each directory's contents are removed at the end of
+/// the build, inside the build sandbox (see [`build_argv`]); `/tmp` is the
+/// build's own tmpfs and never reaches the layer.
 const DROPPED_AFTER_BUILD: &[&str] = &[
-    "var/cache/apt",
-    "var/lib/apt/lists",
-    "var/cache/debconf",
-    "var/log",
-    "root/.cache",
-    "root/.npm",
-    "tmp",
-    "var/tmp",
+    "/var/cache/apt",
+    "/var/lib/apt/lists",
+    "/var/cache/debconf",
+    "/var/log",
+    "/root/.cache",
+    "/root/.npm",
+    "/var/tmp",
 ];
+
+/// The build sandbox's command: the build command, then, if it succeeded,
+/// the removal of [`DROPPED_AFTER_BUILD`]'s contents.
+///
+/// The removal runs in the sandbox, as the build did, and not in the
+/// platform: a build can leave links anywhere in its layer (`ln -s /etc
+/// /root/.npm`), and inside the sandbox a link resolves in the build's own
+/// root, never the host's. A directory reached through a link is left as it
+/// is (`realpath` must give the path back unchanged), so a link the build
+/// made does not even empty a directory of its own image. The overlay
+/// records the deletion of files from lower layers as whiteouts by itself.
+/// The build command is passed as `$1` (no quoting); its exit status is the
+/// build's.
+fn build_argv(build: &str) -> Vec<String> {
+    let dirs = DROPPED_AFTER_BUILD.join(" ");
+    let script = format!(
+        "bash -c \"$1\" || exit\n\
+         for d in {dirs}; do\n\
+         [ \"$(realpath -eq -- \"$d\")\" = \"$d\" ] && \
+         find \"$d\" -mindepth 1 -maxdepth 1 -exec rm -rf -- {{}} + 2>/dev/null\n\
+         done\n\
+         exit 0"
+    );
+    vec![
+        "bash".into(),
+        "-c".into(),
+        script,
+        "bash".into(),
+        build.to_string(),
+    ]
+}
 
 /// Host files a build sees in place of the image's, read-only: name
 /// resolution and the trusted certificate authorities. Both are public.
@@ -124,9 +156,7 @@ pub async fn run(
         let dir = dir.to_path_buf();
         move |source| BuildError::Io { dir, source }
     };
-    if image.dir.exists() {
-        fs::remove_dir_all(&image.dir).map_err(io(&image.dir))?;
-    }
+    remove_tree(&image.dir).map_err(io(&image.dir))?;
     for dir in [image.upper(), image.work()] {
         fs::create_dir_all(&dir).map_err(io(&dir))?;
     }
@@ -134,7 +164,7 @@ pub async fn run(
     let written = tree_size(&image.upper());
     let cleanup = match &result {
         Ok(()) => finish_layer(image).map_err(io(&image.dir)),
-        Err(_) => fs::remove_dir_all(&image.dir).map_err(io(&image.dir)),
+        Err(_) => remove_tree(&image.dir).map_err(io(&image.dir)),
     };
     result?;
     cleanup?;
@@ -179,7 +209,7 @@ async fn run_sandboxed(
         tmp_size: BUILD_TMP,
         identity: Identity::BuildRoot,
         host_network: true,
-        argv: vec!["bash".into(), "-c".into(), build.to_string()],
+        argv: build_argv(build),
         env: environment(spec),
     };
     let limits = CgroupLimits {
@@ -224,26 +254,66 @@ async fn run_sandboxed(
     Ok(())
 }
 
-/// Drops caches from the new layer and removes the overlay work directory.
+/// Removes the overlay work directory (the platform's own: the kernel, not
+/// the build, writes there) and marks the layer complete. Nothing under the
+/// layer itself is touched: the build's caches were dropped in its sandbox.
 fn finish_layer(image: &ImageDir) -> std::io::Result<()> {
-    let upper = image.upper();
-    for rel in DROPPED_AFTER_BUILD {
-        let dir = upper.join(rel);
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            // Whiteouts (character devices) record deletions of lower
-            // files and must stay; everything else the build left goes.
-            let ft = entry.file_type()?;
-            if ft.is_dir() {
-                fs::remove_dir_all(&path)?;
-            } else if ft.is_file() || ft.is_symlink() {
-                fs::remove_file(&path)?;
-            }
-        }
-    }
     fs::remove_dir_all(image.work())?;
     image.mark_ready()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wrapper runs in bash: here on the host, in a directory of the
+    /// test's own, with the dropped directories replaced by ones under it.
+    fn run_wrapper(build: &str, root: &Path) -> (i32, String) {
+        let mut argv = build_argv(build);
+        let r = root.display().to_string();
+        for d in DROPPED_AFTER_BUILD {
+            argv[2] = argv[2].replacen(&format!(" {d}"), &format!(" {r}{d}"), 1);
+        }
+        let out = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    }
+
+    #[test]
+    fn the_build_status_is_kept_and_caches_go_only_after_success() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        fs::create_dir_all(r.join("var/cache/apt/archives")).unwrap();
+        fs::write(r.join("var/cache/apt/archives/x.deb"), "x").unwrap();
+        fs::write(r.join("var/cache/apt/.hidden"), "x").unwrap();
+        // A failing build keeps its status and its files.
+        let (code, _) = run_wrapper("echo 'it''s \"quoted\"'; exit 7", r);
+        assert_eq!(code, 7);
+        assert!(r.join("var/cache/apt/archives/x.deb").exists());
+        // The command arrives unquoted and unchanged.
+        let (code, out) = run_wrapper("echo \"a  b\" '$HOME'", r);
+        assert_eq!((code, out.as_str()), (0, "a  b $HOME\n"));
+        assert!(r.join("var/cache/apt").is_dir());
+        assert_eq!(fs::read_dir(r.join("var/cache/apt")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_directory_reached_through_a_link_is_not_emptied() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        let elsewhere = tempfile::tempdir().unwrap();
+        fs::write(elsewhere.path().join("keep"), "k").unwrap();
+        fs::create_dir_all(r.join("root")).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), r.join("root/.npm")).unwrap();
+        fs::create_dir_all(r.join("var")).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), r.join("var/log")).unwrap();
+        let (code, _) = run_wrapper("true", r);
+        assert_eq!(code, 0);
+        assert!(elsewhere.path().join("keep").exists());
+    }
 }

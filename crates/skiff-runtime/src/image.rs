@@ -14,10 +14,11 @@
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
+use skiff_sandbox::beneath::{remove_tree, Kind, Tree};
 
 use crate::base::APP_PATH;
 
@@ -88,17 +89,13 @@ impl ImageStore {
         let dir = self.root.join(format!("src-{}", &key[..32]));
         if !dir.join(".complete").is_file() {
             let partial = self.root.join(format!("src-{}.partial", &key[..32]));
-            if partial.exists() {
-                fs::remove_dir_all(&partial)?;
-            }
+            remove_tree(&partial)?;
             let app = partial.join(APP_PATH.trim_start_matches('/'));
             fs::create_dir_all(&app)?;
             fs::set_permissions(&app, fs::Permissions::from_mode(0o755))?;
             copy_tree(source, &app)?;
             fs::write(partial.join(".complete"), "")?;
-            if dir.exists() {
-                fs::remove_dir_all(&dir)?;
-            }
+            remove_tree(&dir)?;
             fs::rename(&partial, &dir)?;
         }
         Ok(SourceLayer { key, dir })
@@ -178,7 +175,7 @@ impl ImageStore {
             let layer = (name.starts_with("src-") || name.starts_with("img-"))
                 && !name.ends_with(".partial");
             if layer && !live.contains(&name) {
-                fs::remove_dir_all(entry.path())?;
+                remove_tree(&entry.path())?;
                 removed.push(name);
             }
         }
@@ -190,26 +187,29 @@ impl ImageStore {
 /// paths, kinds, executable bits, symlink targets and contents.
 pub fn hash_tree(dir: &Path) -> io::Result<String> {
     let mut h = Sha256::new();
-    walk(dir, Path::new(""), &mut |rel, path, meta| {
-        h.update(rel.as_os_str().as_encoded_bytes());
+    Tree::open(dir)?.walk(SKIPPED_DIRS, &mut |e| {
+        h.update(e.rel.as_os_str().as_encoded_bytes());
         h.update(b"\0");
-        if meta.is_dir() {
-            h.update(b"d");
-        } else if meta.file_type().is_symlink() {
-            h.update(b"l");
-            h.update(fs::read_link(path)?.as_os_str().as_encoded_bytes());
-        } else if meta.is_file() {
-            h.update(if meta.mode() & 0o111 != 0 { b"x" } else { b"f" });
-            h.update(meta.len().to_le_bytes());
-            let mut f = fs::File::open(path)?;
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                let n = f.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
+        match e.kind {
+            Kind::Dir => h.update(b"d"),
+            Kind::Symlink => {
+                h.update(b"l");
+                h.update(e.read_link()?.as_encoded_bytes());
             }
+            Kind::File => {
+                h.update(if e.mode & 0o111 != 0 { b"x" } else { b"f" });
+                h.update(e.len.to_le_bytes());
+                let mut f = e.open()?;
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    let n = f.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    h.update(&buf[..n]);
+                }
+            }
+            Kind::Other => {}
         }
         h.update(b"\0");
         Ok(())
@@ -217,61 +217,44 @@ pub fn hash_tree(dir: &Path) -> io::Result<String> {
     Ok(hex(&h.finalize()))
 }
 
-/// Copies `src` into `dst` (which exists): regular files, directories and
-/// symlinks (as links, never followed); sockets and devices are skipped.
+/// Copies `src` into `dst` (which exists and is the platform's own, new
+/// directory): regular files, directories and symlinks (as links, never
+/// followed); sockets and devices are skipped.
 fn copy_tree(src: &Path, dst: &Path) -> io::Result<()> {
-    walk(src, Path::new(""), &mut |rel, path, meta| {
-        let target = dst.join(rel);
-        if meta.is_dir() {
-            fs::create_dir(&target)?;
-            fs::set_permissions(&target, fs::Permissions::from_mode(0o755))?;
-        } else if meta.file_type().is_symlink() {
-            std::os::unix::fs::symlink(fs::read_link(path)?, &target)?;
-        } else if meta.is_file() {
-            fs::copy(path, &target)?;
-            let mode = if meta.mode() & 0o111 != 0 {
-                0o755
-            } else {
-                0o644
-            };
-            fs::set_permissions(&target, fs::Permissions::from_mode(mode))?;
+    Tree::open(src)?.walk(SKIPPED_DIRS, &mut |e| {
+        let target = dst.join(e.rel);
+        match e.kind {
+            Kind::Dir => {
+                fs::create_dir(&target)?;
+                fs::set_permissions(&target, fs::Permissions::from_mode(0o755))?;
+            }
+            Kind::Symlink => std::os::unix::fs::symlink(e.read_link()?, &target)?,
+            Kind::File => {
+                let mode = if e.mode & 0o111 != 0 { 0o755 } else { 0o644 };
+                let mut to = fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(mode)
+                    .open(&target)?;
+                io::copy(&mut e.open()?, &mut to)?;
+                fs::set_permissions(&target, fs::Permissions::from_mode(mode))?;
+            }
+            Kind::Other => {}
         }
         Ok(())
     })
 }
 
-/// Visits every entry under `dir` in sorted order, parents before children.
-fn walk(
-    dir: &Path,
-    rel: &Path,
-    visit: &mut dyn FnMut(&Path, &Path, &fs::Metadata) -> io::Result<()>,
-) -> io::Result<()> {
-    let mut entries: Vec<_> = fs::read_dir(dir.join(rel))?.collect::<Result<_, _>>()?;
-    entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
-        let name = entry.file_name();
-        if SKIPPED_DIRS.iter().any(|s| name == *s) {
-            continue;
-        }
-        let rel = rel.join(&name);
-        let path = entry.path();
-        let meta = fs::symlink_metadata(&path)?;
-        visit(&rel, &path, &meta)?;
-        if meta.is_dir() {
-            walk(dir, &rel, visit)?;
-        }
-    }
-    Ok(())
-}
-
 /// Bytes in regular files under `dir` (a layer's size).
 pub fn tree_size(dir: &Path) -> u64 {
     let mut total = 0;
-    let _ = walk(dir, Path::new(""), &mut |_, _, meta| {
-        if meta.is_file() {
-            total += meta.len();
-        }
-        Ok(())
+    let _ = Tree::open(dir).and_then(|t| {
+        t.walk(&[], &mut |e| {
+            if e.kind == Kind::File {
+                total += e.len;
+            }
+            Ok(())
+        })
     });
     total
 }
@@ -279,6 +262,7 @@ pub fn tree_size(dir: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
 
     fn tree(files: &[(&str, &str)]) -> tempfile::TempDir {
         let d = tempfile::tempdir().unwrap();

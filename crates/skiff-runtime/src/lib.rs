@@ -22,3 +22,6 @@ pub use platform::{
     DeployError, Deployed, Handle, InstanceCounts, LiveStatus, Platform, PlatformConfig,
     PlatformError, RemoveError, ServiceState,
 };
+/// Removes a tree a tenant may have written, following no link (uploads,
+/// layers); safe against trees nested deeper than any stack.
+pub use skiff_sandbox::beneath::remove_tree;

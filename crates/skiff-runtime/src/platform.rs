@@ -1085,10 +1085,8 @@ impl Handle {
             warn!("removing the image ref of {name}: {e}");
         }
         let writable = shared.writable_dir(name);
-        if writable.exists() {
-            if let Err(e) = std::fs::remove_dir_all(&writable) {
-                warn!("removing {}: {e}", writable.display());
-            }
+        if let Err(e) = skiff_sandbox::beneath::remove_tree(&writable) {
+            warn!("removing {}: {e}", writable.display());
         }
         shared.collect_images().await;
         Ok(())

@@ -8,10 +8,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use nix::fcntl::OFlag;
 use skiff_gateway::{
     Connect, ConnectFuture, ExchangeLimits, FailureFuture, Lease, Route, Upstream,
 };
 use skiff_model::ServiceSpec;
+use skiff_sandbox::beneath::Tree;
 use skiff_sandbox::{Freezer, NetNs, Prepared, WritableLayer};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
@@ -592,7 +594,7 @@ pub(crate) fn prune_writable(dir: &Path, keep: &[i64]) -> std::io::Result<()> {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if !keep.iter().any(|v| name == format!("v{v}")) {
-            std::fs::remove_dir_all(entry.path())?;
+            skiff_sandbox::beneath::remove_tree(&entry.path())?;
         }
     }
     Ok(())
@@ -605,22 +607,31 @@ pub(crate) fn prune_writable(dir: &Path, keep: &[i64]) -> std::io::Result<()> {
 /// must never share an upper directory. `/app` in it belongs to the run
 /// user, so the service can write its files next to its code.
 fn writable_layer(dir: &Path, version: i64) -> std::io::Result<WritableLayer> {
-    use std::os::unix::fs::PermissionsExt;
+    use nix::sys::stat::Mode;
     let base = writable_version_dir(dir, version);
     let layer = WritableLayer {
         upper: base.join("upper"),
         work: base.join("work"),
     };
     std::fs::create_dir_all(&layer.work)?;
-    let app = layer.upper.join(APP_PATH.trim_start_matches('/'));
-    if !app.exists() {
-        std::fs::create_dir_all(&app)?;
-        std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o755))?;
-        nix::unistd::chown(
-            &app,
-            Some(nix::unistd::Uid::from_raw(RUN_UID)),
-            Some(nix::unistd::Gid::from_raw(RUN_GID)),
-        )?;
+    std::fs::create_dir_all(&layer.upper)?;
+    // What is in the upper directory is the service's: `/app` is made
+    // there through the directory's descriptor, and only when absent, so a
+    // link the service left in its layer is never followed.
+    let upper = Tree::open(&layer.upper)?;
+    let app = APP_PATH.trim_start_matches('/');
+    match nix::sys::stat::mkdirat(&upper, app, Mode::from_bits_truncate(0o755)) {
+        Ok(()) => {
+            let fd = upper.open_beneath(Path::new(app), OFlag::O_RDONLY | OFlag::O_DIRECTORY)?;
+            nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(0o755))?;
+            nix::unistd::fchown(
+                &fd,
+                Some(nix::unistd::Uid::from_raw(RUN_UID)),
+                Some(nix::unistd::Gid::from_raw(RUN_GID)),
+            )?;
+        }
+        Err(nix::errno::Errno::EEXIST) => {}
+        Err(e) => return Err(e.into()),
     }
     Ok(layer)
 }

@@ -93,7 +93,7 @@ pub async fn start_api(
         max_upload: args.max_upload,
     };
     // Uploads left by a daemon that was killed mid-deploy.
-    let _ = std::fs::remove_dir_all(&config.uploads);
+    let _ = skiff_runtime::remove_tree(&config.uploads);
     let task = tokio::spawn(skiff_api::server::serve(
         listener,
         platform.clone(),

@@ -1,0 +1,136 @@
+//! What a build or a service does cannot harm the host: each test is an
+//! attack a tenant could write, aimed at a throwaway directory the test
+//! made on the host (never a real host path).
+
+use std::path::Path;
+
+use crate::sandbox::host;
+use crate::support::*;
+use crate::FIRST_START;
+
+/// A host directory with files in it that no build may touch.
+struct Victim {
+    dir: tempfile::TempDir,
+}
+
+impl Victim {
+    fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("skiff-victim-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::write(dir.path().join("precious"), "keep me").unwrap();
+        std::fs::create_dir_all(dir.path().join("apt/sub")).unwrap();
+        std::fs::write(dir.path().join("apt/sub/deep"), "keep me too").unwrap();
+        std::fs::write(dir.path().join("apt/file"), "and me").unwrap();
+        Self { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Every file the victim had is still there, unchanged.
+    fn assert_untouched(&self, what: &str) {
+        for (rel, content) in [
+            ("precious", "keep me"),
+            ("apt/sub/deep", "keep me too"),
+            ("apt/file", "and me"),
+        ] {
+            let got = std::fs::read_to_string(self.path().join(rel));
+            assert_eq!(
+                got.as_deref().ok(),
+                Some(content),
+                "{what}: the host's {rel} under {} was changed: {got:?}",
+                self.path().display()
+            );
+        }
+    }
+}
+
+/// Deploys a service whose build leaves links to the victim where the
+/// platform cleans up after builds, and checks the service runs and the
+/// victim is untouched.
+fn build_leaving_links(links: &str, victim: &Victim) {
+    let name = unique("links");
+    let v = victim.path().display();
+    let build = links.replace("VICTIM", &v.to_string());
+    let app = App::new(
+        &format!(
+            "name = \"{name}\"\n\
+             build = \"{build}\"\n\
+             start = \"exec python3 -m http.server $PORT --directory /app\"\n"
+        ),
+        &[("index.html", "up")],
+    );
+    let mut up = Up::start(&[app.path()], &[]);
+    assert_eq!(up.wait_urls(1, FIRST_START).len(), 1, "{}", up.stderr());
+    victim.assert_untouched(links);
+    let r = up.get(&host(&name), "/index.html");
+    assert_eq!(r.status, 200, "{r:?}");
+}
+
+#[test]
+fn a_build_cannot_make_skiff_empty_a_host_directory_through_a_dropped_cache_link() {
+    let victim = Victim::new();
+    // Every directory skiff empties after a build, replaced by a link to
+    // the victim.
+    build_leaving_links(
+        "rm -rf /root/.npm /root/.cache /var/log && ln -s VICTIM /root/.npm \
+         && ln -s VICTIM /root/.cache && ln -s VICTIM /var/log",
+        &victim,
+    );
+}
+
+#[test]
+fn a_build_cannot_make_skiff_empty_a_host_directory_through_a_linked_parent() {
+    let victim = Victim::new();
+    // `var/cache/apt` is reached through a linked `var/cache`, and
+    // `var/lib/apt/lists` through a linked `var/lib/apt`.
+    build_leaving_links(
+        "rm -rf /var/cache && ln -s VICTIM /var/cache \
+         && rm -rf /var/lib/apt && ln -s VICTIM/apt /var/lib/apt",
+        &victim,
+    );
+}
+
+#[test]
+fn a_build_nesting_directories_deeper_than_a_stack_does_not_take_the_platform_down() {
+    let d = Up::serve(None, &[]);
+    // 20 000 nested directories in the build's layer, then a failure: the
+    // platform removes the partial layer (a recursive removal overflowed
+    // its stack and aborted the daemon, every service with it).
+    let name = unique("deep");
+    let app = App::new(
+        &format!(
+            "name = \"{name}\"\n\
+             build = \"python3 -c 'import os\\nfor _ in range(20000): os.mkdir(\\\"d\\\"); os.chdir(\\\"d\\\")' && exit 3\"\n\
+             start = \"exec python3 -m http.server $PORT\"\n"
+        ),
+        &[],
+    );
+    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    assert!(!status.success(), "{out}{err}");
+    assert!(
+        err.contains("exit code 3") || err.contains("code 3"),
+        "{err}"
+    );
+    // The daemon is still there and serves a new deploy.
+    let ok = unique("after");
+    let next = App::new(
+        &format!("name = \"{ok}\"\nstart = \"exec python3 -m http.server $PORT\"\n"),
+        &[("index.html", "fine")],
+    );
+    let (status, out, err) = d.cli(&["deploy", next.path().to_str().unwrap()]);
+    assert!(status.success(), "{out}{err}\n{}", d.stderr());
+    assert_eq!(d.get(&host(&ok), "/index.html").status, 200);
+    // Nothing of the failed build's layer is left.
+    let images = d.state_dir().join("images");
+    let left: Vec<_> = std::fs::read_dir(&images)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("img-"))
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
