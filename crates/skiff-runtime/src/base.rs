@@ -122,10 +122,17 @@ pub async fn ensure(
         log: log.clone(),
         mirror: mirror.to_string(),
     };
-    if which("debootstrap").is_none() && which("apt-get").is_some() {
-        // A fresh Debian host: bring the one tool skiff needs from the host's
+    // debootstrap makes the base image; slirp4netns gives builds their
+    // network (skiff_sandbox::outbound).
+    let missing: Vec<&str> = ["debootstrap", "slirp4netns"]
+        .into_iter()
+        .filter(|tool| which(tool).is_none())
+        .collect();
+    if !missing.is_empty() && which("apt-get").is_some() {
+        // A fresh Debian host: bring the tools skiff needs from the host's
         // own package sources, as the user would have been told to.
-        progress("debootstrap is missing; installing it with apt-get");
+        let missing_list = missing.join(" ");
+        progress(&format!("{missing_list} missing; installing with apt-get"));
         let apt = |args: &[&str]| -> Vec<String> {
             std::iter::once("apt-get")
                 .chain(args.iter().copied())
@@ -135,14 +142,12 @@ pub async fn ensure(
         run_step("apt-get update", &apt(&["update"]), &mut logf, &progress)
             .await
             .map_err(|s| fail("apt-get update", s))?;
-        run_step(
-            "apt-get install debootstrap",
-            &apt(&["install", "-y", "--no-install-recommends", "debootstrap"]),
-            &mut logf,
-            &progress,
-        )
-        .await
-        .map_err(|s| fail("apt-get install debootstrap", s))?;
+        let step = format!("apt-get install {missing_list}");
+        let mut args = vec!["install", "-y", "--no-install-recommends"];
+        args.extend(&missing);
+        run_step(&step, &apt(&args), &mut logf, &progress)
+            .await
+            .map_err(|s| fail(&step, s))?;
     }
     let debootstrap = which("debootstrap").ok_or(BaseImageError::NoDebootstrap)?;
     let debootstrap = debootstrap.to_string_lossy().into_owned();

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use skiff_model::{format_duration, ServiceSpec};
 use skiff_sandbox::beneath::remove_tree;
 use skiff_sandbox::{
-    Bind, CgroupLimits, Exit, Identity, Sandbox, SandboxConfig, SandboxError, WritableLayer,
+    outbound, Bind, CgroupLimits, Exit, Identity, Network, Sandbox, SandboxConfig, SandboxError,
+    WritableLayer,
 };
 use tokio::sync::broadcast;
 
@@ -63,9 +64,15 @@ fn build_argv(build: &str) -> Vec<String> {
     ]
 }
 
-/// Host files a build sees in place of the image's, read-only: name
-/// resolution and the trusted certificate authorities. Both are public.
-const HOST_FILES_FOR_BUILDS: &[&str] = &["/etc/resolv.conf", "/etc/ssl/certs/ca-certificates.crt"];
+/// Host files a build sees in place of the image's, read-only: the trusted
+/// certificate authorities (a host behind a TLS-inspecting proxy has its CA
+/// there). Public.
+const HOST_FILES_FOR_BUILDS: &[&str] = &["/etc/ssl/certs/ca-certificates.crt"];
+
+/// The `resolv.conf` of builds: the DNS forwarder of their user-space
+/// network, which asks the host's resolvers.
+pub const BUILD_RESOLV_CONF: &str =
+    "# skiff: builds resolve names through their network's forwarder\nnameserver 10.0.2.3\n";
 
 /// Memory and processes a build may use, whatever the service's own limits:
 /// compilers and package managers need more than a small service does.
@@ -87,6 +94,8 @@ pub enum BuildError {
         format_duration(*after)
     )]
     TimedOut { after: Duration },
+    #[error("the build cannot get its network: {0}")]
+    Network(String),
     #[error("preparing the build layer {dir}: {source}")]
     Io {
         dir: PathBuf,
@@ -124,6 +133,9 @@ pub struct BuildReport {
 pub struct BuildContext<'a> {
     pub sandbox: &'a Sandbox,
     pub mount_point: &'a Path,
+    /// A file holding [`BUILD_RESOLV_CONF`], mounted as the build's
+    /// `/etc/resolv.conf`.
+    pub resolv_conf: &'a Path,
     pub log: LogSender,
     pub events: broadcast::Sender<Event>,
 }
@@ -184,10 +196,10 @@ async fn run_sandboxed(
     id: &str,
 ) -> Result<(), BuildError> {
     let service = spec.name.to_string();
-    // The build resolves names and trusts certificate authorities as the
-    // host does (a host behind a TLS-inspecting proxy has its CA in its
-    // bundle); the image keeps its own files for later.
-    let binds = HOST_FILES_FOR_BUILDS
+    // The build trusts certificate authorities as the host does and
+    // resolves names through its network's forwarder; the image keeps its
+    // own files for later.
+    let mut binds: Vec<Bind> = HOST_FILES_FOR_BUILDS
         .iter()
         .filter(|p| Path::new(p).exists())
         .map(|p| Bind {
@@ -196,6 +208,16 @@ async fn run_sandboxed(
             writable: false,
         })
         .collect();
+    binds.push(Bind {
+        source: ctx.resolv_conf.to_path_buf(),
+        target: "/etc/resolv.conf".into(),
+        writable: false,
+    });
+    let network = Network::Outbound {
+        slirp4netns: outbound::slirp4netns().map_err(BuildError::Network)?,
+        blocked: outbound::blocked_for_builds()
+            .map_err(|e| BuildError::Network(format!("listing the host's addresses: {e}")))?,
+    };
     let config = SandboxConfig {
         hostname: format!("build-{service}"),
         mount_point: ctx.mount_point.to_path_buf(),
@@ -208,7 +230,7 @@ async fn run_sandboxed(
         cwd: APP_PATH.into(),
         tmp_size: BUILD_TMP,
         identity: Identity::BuildRoot,
-        host_network: true,
+        network,
         argv: build_argv(build),
         env: environment(spec),
     };

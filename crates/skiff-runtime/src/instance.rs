@@ -10,8 +10,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use skiff_model::ServiceSpec;
 use skiff_sandbox::{
-    CgroupLimits, Exit, Identity, Instance, NetNs, Prepared, Sandbox, SandboxConfig, SandboxError,
-    WritableLayer,
+    CgroupLimits, Exit, Identity, Instance, NetNs, Network, Prepared, Sandbox, SandboxConfig,
+    SandboxError, WritableLayer,
 };
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::sync::broadcast;
@@ -238,7 +238,7 @@ pub async fn start_prepared(
             uid: RUN_UID,
             gid: RUN_GID,
         },
-        host_network: false,
+        network: Network::Loopback,
         argv: vec!["bash".into(), "-c".into(), spec.start.clone()],
         env: environment(spec),
     };

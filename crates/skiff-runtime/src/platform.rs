@@ -21,6 +21,9 @@ use tracing::{info, warn};
 
 use crate::base::{self, BaseImageError};
 use crate::build::{self, BuildContext, BuildError};
+
+/// The build's `/etc/resolv.conf`, under the state directory.
+const BUILD_RESOLV_CONF_FILE: &str = "build-resolv.conf";
 use crate::events::{Event, StartReport};
 use crate::image::{self, ImageStore};
 use crate::instance::StartError;
@@ -510,6 +513,8 @@ impl Platform {
             let dir = dir.to_path_buf();
             move |source| PlatformError::State { dir, source }
         };
+        let resolv = config.state_dir.join(BUILD_RESOLV_CONF_FILE);
+        std::fs::write(&resolv, build::BUILD_RESOLV_CONF).map_err(state_err(&resolv))?;
         let lock_path = config.state_dir.join("lock");
         let lock_file = std::fs::OpenOptions::new()
             .create(true)
@@ -1023,9 +1028,11 @@ impl Handle {
             });
         } else {
             let mount_point = shared.mount_point();
+            let resolv_conf = shared.config.state_dir.join(BUILD_RESOLV_CONF_FILE);
             let ctx = BuildContext {
                 sandbox: &shared.sandbox,
                 mount_point: &mount_point,
+                resolv_conf: &resolv_conf,
                 log: shared.store.log_sender(&name, Some(version)),
                 events: shared.events.clone(),
             };

@@ -25,7 +25,7 @@ use nix::unistd::{
 };
 
 use crate::beneath::Tree;
-use crate::{Identity, SandboxConfig};
+use crate::{outbound, Identity, Network, SandboxConfig};
 
 /// What a build's root keeps: the default set of container engines, enough
 /// for apt, dpkg, pip and npm, and nothing that reaches past the sandbox
@@ -99,15 +99,18 @@ fn helper(control: &mut UnixStream) -> Res<i32> {
         "parsing the sandbox configuration".into()
     })?;
 
-    let mut flags = CloneFlags::CLONE_NEWNS
+    let flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWCGROUP;
-    if !config.host_network {
-        flags |= CloneFlags::CLONE_NEWNET;
-    }
+        | CloneFlags::CLONE_NEWCGROUP
+        | CloneFlags::CLONE_NEWNET;
     ctx(unshare(flags), || "creating namespaces".into())?;
+    // Before the platform hears `ns` and connects slirp4netns: no packet
+    // may leave before the reject routes are in place.
+    if let Network::Outbound { blocked, .. } = &config.network {
+        outbound::add_reject_routes(blocked)?;
+    }
     ctx(control.write_all(b"ns\n"), || "control socket".into())?;
 
     // SAFETY: this process is single-threaded (a fresh exec of the skiff
@@ -165,6 +168,9 @@ fn pid1(config: &SandboxConfig, control: &mut UnixStream) -> Res<i32> {
         "setting the host name".into()
     })?;
     loopback_up()?;
+    if matches!(config.network, Network::Outbound { .. }) {
+        outbound::wait_until_configured()?;
+    }
 
     // SAFETY: still single-threaded (see `helper`).
     match ctx(unsafe { fork() }, || "forking the start command".into())? {

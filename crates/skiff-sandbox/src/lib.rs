@@ -16,6 +16,7 @@ pub mod beneath;
 mod cgroup;
 mod init;
 mod netns;
+pub mod outbound;
 mod spawn;
 
 pub use cgroup::{CgroupError, CgroupLimits, Cgroups, Freezer};
@@ -58,13 +59,26 @@ pub struct SandboxConfig {
     pub tmp_size: u64,
     /// Who the command runs as.
     pub identity: Identity,
-    /// Use the host's network (builds fetch packages). Otherwise the
-    /// sandbox gets its own network namespace with only loopback.
-    pub host_network: bool,
+    /// The sandbox's own network namespace: loopback only, or outbound too.
+    pub network: Network,
     /// The command, e.g. `["bash", "-c", "python3 app.py"]`.
     pub argv: Vec<String>,
     /// The whole environment of the command.
     pub env: Vec<(String, String)>,
+}
+
+/// What a sandbox's network namespace holds. No sandbox shares the host's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Network {
+    /// Loopback only (instances: the platform reaches them from inside).
+    Loopback,
+    /// Loopback and outbound connections through slirp4netns (builds
+    /// download packages), except to `blocked`, which get reject routes
+    /// the sandbox cannot remove. See [`outbound`].
+    Outbound {
+        slirp4netns: PathBuf,
+        blocked: Vec<outbound::Ipv4Net>,
+    },
 }
 
 /// An overlay upper and work directory pair on the host (same file system).

@@ -16,7 +16,7 @@ use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use crate::cgroup::{CgroupError, CgroupLimits, Cgroups};
 use crate::init::CONTROL_FD;
 use crate::netns::NetNs;
-use crate::{SandboxConfig, INIT_ARG};
+use crate::{outbound, Network, SandboxConfig, INIT_ARG};
 
 /// How long building a sandbox may take before it counts as failed.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -108,7 +108,10 @@ impl Sandbox {
         let theirs_fd = theirs.as_raw_fd();
 
         let mut cmd = Command::new(&self.helper);
-        cmd.arg(INIT_ARG)
+        // The instance's pid 1 is a fork of the helper: with this name, its
+        // /proc/1/cmdline shows no host path.
+        cmd.arg0("skiff")
+            .arg(INIT_ARG)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -156,6 +159,7 @@ impl Sandbox {
             stderr: child.stderr.take(),
             child,
             netns: None,
+            slirp: None,
             cgroups: Some(cgroups),
             timings: StartTimings {
                 requested: prepared_at,
@@ -246,6 +250,9 @@ pub struct Instance {
     pid: u32,
     child: Child,
     netns: Option<Arc<NetNs>>,
+    /// The user-space NAT of a sandbox with outbound network (builds);
+    /// killed when the instance is stopped or dropped.
+    slirp: Option<tokio::process::Child>,
     cgroups: Option<Cgroups>,
     /// The command's output; take them to read the logs.
     pub stdout: Option<ChildStdout>,
@@ -274,6 +281,19 @@ impl Instance {
                 ("ns", _) => {
                     self.netns = Some(Arc::new(NetNs::of_pid(self.pid)?));
                     self.timings.namespaces = elapsed;
+                    if let Network::Outbound { slirp4netns, .. } = &config.network {
+                        // The sandbox waits for its interface before it
+                        // runs the command; if this fails, it says so.
+                        match outbound::start_slirp(slirp4netns, self.pid) {
+                            Ok(child) => self.slirp = Some(child),
+                            Err(e) => {
+                                error = Some(format!(
+                                    "starting {} for the build's network: {e}",
+                                    slirp4netns.display()
+                                ))
+                            }
+                        }
+                    }
                 }
                 ("exec", _) => exec_seen = true,
                 ("err", msg) => error = Some(msg.to_string()),
@@ -359,6 +379,9 @@ impl Instance {
                 .map_err(io::Error::other)??;
         }
         self.netns = None;
+        if let Some(mut slirp) = self.slirp.take() {
+            let _ = slirp.kill().await;
+        }
         Ok(exit)
     }
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use skiff_sandbox::{Bind, CgroupLimits, Identity, Sandbox, SandboxConfig};
+use skiff_sandbox::{Bind, CgroupLimits, Identity, Network, Sandbox, SandboxConfig};
 
 mod common;
 use common::SKIFF;
@@ -85,7 +85,7 @@ fn sandbox_cost(runs: usize) -> PathBuf {
             uid: 10001,
             gid: 10001,
         },
-        host_network: false,
+        network: Network::Loopback,
         argv: vec!["/bin/true".into()],
         env: vec![("PATH".into(), "/usr/bin:/bin".into())],
     };

@@ -134,3 +134,74 @@ fn a_build_nesting_directories_deeper_than_a_stack_does_not_take_the_platform_do
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// Tries each `host:port` in `$TARGETS` from inside a build; any that
+/// answers fails the build, naming it. A UDP `connect` to the metadata
+/// address sends nothing, but fails when no route leads there.
+const REACH_PROBE: &str = r#"
+import os, socket, sys
+reached = []
+for t in os.environ["TARGETS"].split():
+    host, port = t.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+        reached.append(t)
+    except OSError as e:
+        print("refused", t, e)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+try:
+    u.connect(("169.254.169.254", 80))
+    reached.append("169.254.169.254 (a route leads there)")
+except OSError as e:
+    print("no route to 169.254.169.254:", e)
+if reached:
+    print("REACHED", *reached)
+    sys.exit(1)
+"#;
+
+#[test]
+fn a_build_reaches_neither_the_hosts_services_nor_link_local_addresses() {
+    let d = Up::serve(None, &[]);
+    let api = std::fs::read_to_string(d.state_dir().join("api-address")).unwrap();
+    let api_port = api.trim().rsplit(':').next().unwrap().to_string();
+    // A service of the host's bound to every address, as many are.
+    let wide = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let wide_port = wide.local_addr().unwrap().port();
+    let mut targets = vec![
+        format!("127.0.0.1:{}", d.port.unwrap()),
+        format!("127.0.0.1:{api_port}"),
+        format!("127.0.0.1:{wide_port}"),
+        format!("10.0.2.2:{wide_port}"),
+    ];
+    for ifa in nix::ifaddrs::getifaddrs().unwrap() {
+        if let Some(a) = ifa.address.as_ref().and_then(|a| a.as_sockaddr_in()) {
+            if !a.ip().is_loopback() {
+                targets.push(format!("{}:{wide_port}", a.ip()));
+            }
+        }
+    }
+    let name = unique("reach");
+    let app = App::new(
+        &format!(
+            "name = \"{name}\"\n\
+             build = \"python3 probe.py\"\n\
+             start = \"exec python3 -m http.server $PORT\"\n\
+             [env]\nTARGETS = \"{}\"\n",
+            targets.join(" ")
+        ),
+        &[("probe.py", REACH_PROBE)],
+    );
+    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    assert!(
+        status.success(),
+        "the build reached the host:\n{out}{err}\n{}",
+        d.stderr()
+    );
+    // The build did try, and was refused at each.
+    let (_, logs, _) = d.cli(&["logs", &name]);
+    for t in &targets {
+        assert!(logs.contains(&format!("refused {t}")), "{t}: {logs}");
+    }
+    assert!(logs.contains("no route to 169.254.169.254"), "{logs}");
+    drop(wide);
+}
