@@ -8,6 +8,7 @@
 //! service's own.
 #![forbid(unsafe_code)]
 
+mod admission;
 mod error;
 mod front;
 mod h1;
@@ -16,6 +17,7 @@ mod route;
 mod threads;
 mod upstream_io;
 
+pub use admission::{Admitted, Cidr, CidrError, ConnectionLimits, ConnectionTable, Refused};
 pub use error::{ErrorKind, Source};
 pub use proxy::{Gateway, GatewayConfig, GatewayError};
 pub use route::{
