@@ -26,6 +26,7 @@ use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use skiff_gateway::{ConnectionLimits, ConnectionTable};
 use skiff_model::Overrides;
 use skiff_runtime::diagnose::Diagnoser;
 use skiff_runtime::store::{LogQuery, LogRecord, LogSource};
@@ -55,10 +56,19 @@ pub const ROUTES: &[(&str, &str)] = &[
 
 /// Log lines answered when the caller asks for no particular tail.
 const DEFAULT_TAIL: u32 = 1000;
-/// Connections served at once; more are closed.
-const MAX_CONNECTIONS: usize = 256;
-/// A caller must send a request's headers within this.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once, and from one address; more are closed at
+/// once. The API's callers are the CLI and scripts of the platform's
+/// operators, one connection per call (a `logs -f` holds one): 32 from one
+/// address is plenty, and idle connections from one address cannot lock
+/// the others out.
+const CONNECTIONS: ConnectionLimits = ConnectionLimits {
+    total: 256,
+    per_address: 32,
+};
+/// A caller must send a request's head within this, and a connection is
+/// closed when idle this long between requests: a caller that holds a
+/// connection without using it (without the token, too) is cut off soon.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
@@ -94,22 +104,29 @@ pub async fn serve(
         next_upload: AtomicU64::new(0),
     });
     tokio::pin!(shutdown);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let connections = ConnectionTable::new();
+    let mut warned: Option<tokio::time::Instant> = None;
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(e) => {
-                    warn!("control API: accepting a connection: {e}");
+                    // Out of descriptors and the like: the connection
+                    // stays queued; wait a little, log now and then.
+                    if warned.is_none_or(|w| w.elapsed() >= Duration::from_secs(10)) {
+                        warn!("control API: cannot accept a connection: {e}; retrying");
+                        warned = Some(tokio::time::Instant::now());
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
             _ = &mut shutdown => return,
         };
-        // Beyond the cap a connection is closed at once: idle connections
-        // must not take the descriptors the gateway and sandboxes need.
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
+        // Beyond a cap a connection is closed at once: idle connections
+        // must not take the descriptors the gateway and sandboxes need,
+        // nor one caller's the slots of another.
+        let Ok(slot) = connections.admit(peer.ip(), CONNECTIONS) else {
             drop(stream);
             continue;
         };
@@ -225,13 +242,20 @@ impl Api {
             .and_then(|v| v.strip_prefix("Bearer "))
             .is_some_and(|t| same_token(t.trim().as_bytes(), self.config.token.as_bytes()));
         if !authorized {
-            return error(
+            // Closed after the answer: a connection serves no caller
+            // without the token for longer than one request.
+            let mut answer = error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "missing or wrong API token: send `Authorization: Bearer <token>`; the token is \
                  in the file api-token of the daemon's state directory (the skiff CLI on the \
                  same machine reads it by itself when run as root)",
             );
+            answer.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            return answer;
         }
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         let method = req.method().clone();

@@ -31,6 +31,11 @@ pub enum ErrorKind {
     BodyTimeout,
     /// An upgrade (WebSocket) to a serverless service (client side).
     StreamingNeedsPersistent,
+    /// A `CONNECT` request: the gateway is no forward proxy (client side).
+    ConnectNotSupported,
+    /// A connection over the gateway's caps, per client address or in
+    /// total (platform side; retry later).
+    TooManyConnections,
 }
 
 /// Who caused an error.
@@ -54,6 +59,8 @@ impl ErrorKind {
             Self::RequestTimeout => "request-timeout",
             Self::BodyTimeout => "request-body-timeout",
             Self::StreamingNeedsPersistent => "streaming-needs-persistent",
+            Self::ConnectNotSupported => "connect-not-supported",
+            Self::TooManyConnections => "too-many-connections",
         }
     }
 
@@ -62,11 +69,12 @@ impl ErrorKind {
             Self::UnknownService => StatusCode::NOT_FOUND,
             Self::BadHost | Self::BadRequest => StatusCode::BAD_REQUEST,
             Self::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable | Self::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamFailed | Self::ResponseTooLarge => StatusCode::BAD_GATEWAY,
             // INTERFACE.md: a request past the request timeout gets 504.
             Self::RequestTimeout | Self::BodyTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::StreamingNeedsPersistent => StatusCode::NOT_IMPLEMENTED,
+            Self::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -77,8 +85,9 @@ impl ErrorKind {
             | Self::BadRequest
             | Self::RequestTooLarge
             | Self::BodyTimeout
-            | Self::StreamingNeedsPersistent => Source::Client,
-            Self::Unavailable => Source::Platform,
+            | Self::StreamingNeedsPersistent
+            | Self::ConnectNotSupported => Source::Client,
+            Self::Unavailable | Self::TooManyConnections => Source::Platform,
             Self::UpstreamFailed | Self::ResponseTooLarge | Self::RequestTimeout => {
                 Source::Upstream
             }
@@ -87,7 +96,10 @@ impl ErrorKind {
 
     /// Whether sending the same request again may succeed.
     pub fn retryable(self) -> bool {
-        matches!(self, Self::Unavailable | Self::UpstreamFailed)
+        matches!(
+            self,
+            Self::Unavailable | Self::UpstreamFailed | Self::TooManyConnections
+        )
     }
 }
 
@@ -130,11 +142,22 @@ pub(crate) fn error_response(kind: ErrorKind, message: &str, json: bool) -> Resp
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert("x-skiff-error", HeaderValue::from_static(kind.as_str()));
-    if kind == ErrorKind::Unavailable {
+    if matches!(kind, ErrorKind::Unavailable | ErrorKind::TooManyConnections) {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     }
-    if kind == ErrorKind::BadRequest {
-        // After an ambiguous request the connection's framing is unknown.
+    if kind == ErrorKind::ConnectNotSupported {
+        // RFC 9110 §15.5.6: a 405 says which methods are allowed.
+        h.insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH"),
+        );
+    }
+    if matches!(
+        kind,
+        ErrorKind::BadRequest | ErrorKind::ConnectNotSupported | ErrorKind::TooManyConnections
+    ) {
+        // After an ambiguous request the connection's framing is unknown;
+        // a CONNECT client may already send what it meant to tunnel.
         h.insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
@@ -176,6 +199,8 @@ mod tests {
             ErrorKind::RequestTimeout,
             ErrorKind::BodyTimeout,
             ErrorKind::StreamingNeedsPersistent,
+            ErrorKind::ConnectNotSupported,
+            ErrorKind::TooManyConnections,
         ] {
             assert!(kind.status().as_u16() >= 400, "{kind:?}");
             assert!(!kind.as_str().is_empty());

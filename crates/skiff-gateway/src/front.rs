@@ -26,7 +26,9 @@ use tokio::time::Instant;
 
 use crate::error::{error_response, ErrorKind};
 use crate::h1;
-use crate::proxy::{body_timed_out, timed_out, too_large_request, Gateway, HyperBuilder};
+use crate::proxy::{
+    body_due, body_timed_out, body_too_slow, timed_out, too_large_request, Gateway, HyperBuilder,
+};
 use crate::route::{host_to_service, ExchangeLimits};
 
 /// Most header fields in a request served here; hyper takes requests
@@ -67,6 +69,9 @@ struct Front {
     remote: SocketAddr,
     /// The client's address as written in X-Forwarded-For.
     remote_ip: String,
+    /// The client is a trusted proxy: its X-Forwarded-For is appended to
+    /// (otherwise replaced).
+    trusted: bool,
     /// Bytes read from the client, not yet used.
     buf: BytesMut,
     /// The request head for the instance (reused).
@@ -88,12 +93,15 @@ pub(crate) async fn serve(
     closing: watch::Receiver<bool>,
 ) {
     let header_timeout = gw.config().header_read_timeout;
+    let idle_timeout = gw.config().idle_timeout;
     let max_head = gw.config().max_header_bytes;
+    let trusted = gw.config().trusts(remote.ip());
     let mut front = Front {
         gw,
         stream,
         remote,
         remote_ip: remote.ip().to_string(),
+        trusted,
         buf: BytesMut::with_capacity(8 * 1024),
         up: Vec::with_capacity(1024),
         out: Vec::with_capacity(1024),
@@ -110,8 +118,18 @@ pub(crate) async fn serve(
         let _ = closing_rx.wait_for(|c| *c).await;
     };
     tokio::pin!(head_timer, request_timer, closed);
+    let mut first = true;
     loop {
-        let head_by = after(header_timeout);
+        // A new connection must bring its first head soon; a kept-alive
+        // one may wait for its next request longer, but once that has
+        // begun, its head must come as soon as a first one.
+        let mut begun = !front.buf.is_empty();
+        let mut head_by = after(if first || begun {
+            header_timeout
+        } else {
+            idle_timeout
+        });
+        first = false;
         let plan = loop {
             match front.inspect() {
                 Inspected::Here(plan) => break plan,
@@ -123,6 +141,10 @@ pub(crate) async fn serve(
                 Inspected::Partial if front.read_closed => return,
                 Inspected::Partial => {}
             }
+            if !begun && !front.buf.is_empty() {
+                begun = true;
+                head_by = head_by.min(after(header_timeout));
+            }
             reserve(&mut front.buf);
             let idle = front.buf.is_empty();
             tokio::select! {
@@ -131,8 +153,8 @@ pub(crate) async fn serve(
                     Ok(0) | Err(_) => return,
                     Ok(_) => {}
                 },
-                // A head that never completes (slowloris), or an idle
-                // keep-alive connection: closed.
+                // A head that never completes (slowloris), a connection
+                // that sends nothing, or an idle keep-alive one: closed.
                 () = until(head_timer.as_mut(), head_by) => return,
                 () = &mut closed, if idle => return,
             }
@@ -180,7 +202,7 @@ pub(crate) fn after(d: Duration) -> Instant {
 }
 
 /// `d` after `t`, or far after it when that does not fit an `Instant`.
-fn later(t: Instant, d: Duration) -> Instant {
+pub(crate) fn later(t: Instant, d: Duration) -> Instant {
     t.checked_add(d).or_else(|| t.checked_add(FAR)).unwrap_or(t)
 }
 
@@ -308,9 +330,12 @@ impl Front {
                 }
             } else if name.eq_ignore_ascii_case(b"accept") {
                 json |= h.value.windows(4).any(|w| w == b"json");
-            } else if name.eq_ignore_ascii_case(b"x-forwarded-for")
+            } else if self.trusted
+                && name.eq_ignore_ascii_case(b"x-forwarded-for")
                 && forwarded_for.replace(h.value).is_some()
             {
+                // A trusted proxy's list in several fields: hyper's side
+                // joins them.
                 return Inspected::Hyper;
             }
         }
@@ -361,6 +386,8 @@ impl Front {
             up.extend_from_slice(h.value);
             up.extend_from_slice(b"\r\n");
         }
+        // A client's own X-Forwarded-For was dropped above; only a
+        // trusted proxy's is kept (`forwarded_for` is set only for one).
         up.extend_from_slice(b"x-forwarded-for: ");
         if let Some(previous) = forwarded_for {
             up.extend_from_slice(previous);
@@ -403,12 +430,26 @@ impl Front {
         // The body first, before an instance is taken: a slow upload
         // holds no instance's slot. The buffer grows as bytes come, not by
         // what the client announced.
+        // It must also come at a minimum rate (`body_due`), checked
+        // against the same timer: the deadline moves by a store per read.
         let total = plan.head_len + plan.body_len;
+        let (rate, grace) = {
+            let config = self.gw.config();
+            (config.min_body_rate, config.header_read_timeout)
+        };
         while self.buf.len() < total {
             let want = (total - self.buf.len()).min(64 * 1024);
             if self.buf.capacity() - self.buf.len() < want {
                 self.buf.reserve(want);
             }
+            let got = (self.buf.len() - plan.head_len) as u64;
+            let timeout = limits.request_timeout.map(|_| (answer_by, false));
+            let due = match (timeout, body_due(started, grace, got, rate)) {
+                (Some((t, _)), Some(r)) if r < t => Some((r, true)),
+                (None, Some(r)) => Some((r, true)),
+                (t, _) => t,
+            };
+            let (due_at, slow) = due.unwrap_or((answer_by, false));
             tokio::select! {
                 biased;
                 read = self.stream.read_buf(&mut self.buf) => {
@@ -416,8 +457,12 @@ impl Front {
                         return Err(io::ErrorKind::UnexpectedEof.into());
                     }
                 }
-                () = until(timer.as_mut(), answer_by), if limits.request_timeout.is_some() => {
-                    let (kind, message) = body_timed_out(&plan.service, limits);
+                () = until(timer.as_mut(), due_at), if due.is_some() => {
+                    let (kind, message) = if slow {
+                        body_too_slow(&plan.service, got, started.elapsed(), rate, grace)
+                    } else {
+                        body_timed_out(&plan.service, limits)
+                    };
                     self.write_error(&plan, kind, &message, true).await?;
                     return Ok(Close::AfterUnread);
                 }

@@ -17,11 +17,12 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, warn};
 
+use crate::admission::{Cidr, ConnectionLimits, ConnectionTable, Refused};
 use crate::error::{error_response, wants_json, Body, ErrorKind};
 use crate::h1;
 use crate::route::{host_to_service, ExchangeLimits, Lease, Route, Router};
@@ -45,19 +46,61 @@ pub(crate) type HyperBuilder = hyper_util::server::conn::auto::Builder<TokioExec
 pub struct GatewayConfig {
     /// Services are reached at `NAME.<domain>`.
     pub domain: String,
-    /// A client must send a request's headers within this (slowloris).
+    /// A client must send a request's head within this once it started
+    /// one, and a new connection its first head (slowloris). Connections
+    /// hyper serves (HTTP/1.0, persistent services) are also closed after
+    /// this long idle between requests.
     pub header_read_timeout: Duration,
+    /// A kept-alive connection with no request for this long is closed.
+    pub idle_timeout: Duration,
+    /// A serverless request's body must arrive at this many bytes per
+    /// second or faster, after `header_read_timeout` of grace (0: no
+    /// minimum, only the request timeout).
+    pub min_body_rate: u64,
     /// Largest request head a client may send (431 beyond).
     pub max_header_bytes: usize,
+    /// How many client connections may be open, per address and in total.
+    pub connections: ConnectionLimits,
+    /// Peers whose `X-Forwarded-For` is kept and appended to; anyone
+    /// else's is replaced by the peer's address.
+    pub trusted_proxies: Arc<[Cidr]>,
 }
 
+/// What `GatewayConfig::new` starts from (`GatewayConfig::install_defaults`).
+static DEFAULTS: OnceLock<GatewayConfig> = OnceLock::new();
+
 impl GatewayConfig {
+    /// The gateway's settings for `domain`: those installed with
+    /// `install_defaults`, else the built-in defaults.
     pub fn new(domain: &str) -> Self {
+        let mut config = DEFAULTS.get().cloned().unwrap_or_else(Self::built_in);
+        config.domain = domain.to_ascii_lowercase();
+        config
+    }
+
+    fn built_in() -> Self {
         Self {
-            domain: domain.to_ascii_lowercase(),
-            header_read_timeout: Duration::from_secs(30),
+            domain: String::new(),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            min_body_rate: 1024,
             max_header_bytes: 64 * 1024,
+            connections: ConnectionLimits::default(),
+            trusted_proxies: Arc::from([]),
         }
+    }
+
+    /// Makes `config` (less its domain) what `new` returns from now on in
+    /// this process; only the first call counts. The binary installs the
+    /// command line's settings here before the platform builds its
+    /// gateway with `new`.
+    pub fn install_defaults(config: GatewayConfig) {
+        let _ = DEFAULTS.set(config);
+    }
+
+    /// Whether `X-Forwarded-For` from `peer` is kept (and appended to).
+    pub(crate) fn trusts(&self, peer: std::net::IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|c| c.contains(peer))
     }
 }
 
@@ -99,10 +142,23 @@ pub struct Gateway {
     client: Client<Connector, UpBody>,
     /// Serverless services: whole requests and responses (`h1.rs`).
     pool: h1::Pool,
+    /// The open client connections, shared with the gateway's other
+    /// threads.
+    connections: Arc<ConnectionTable>,
 }
 
 impl Gateway {
     pub fn new(router: Arc<dyn Router>, config: GatewayConfig) -> Arc<Self> {
+        Self::sharing(router, config, ConnectionTable::new())
+    }
+
+    /// A gateway that counts its connections in `connections`, with
+    /// others (one per thread).
+    pub(crate) fn sharing(
+        router: Arc<dyn Router>,
+        config: GatewayConfig,
+        connections: Arc<ConnectionTable>,
+    ) -> Arc<Self> {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .set_host(false)
@@ -114,6 +170,7 @@ impl Gateway {
             config,
             client,
             pool: h1::Pool::new(),
+            connections,
         })
     }
 
@@ -166,18 +223,56 @@ impl Gateway {
         // Every connection task adds a permit when it ends.
         let ended = Arc::new(tokio::sync::Semaphore::new(0));
         let mut count = 0u32;
+        let mut backoff = ACCEPT_BACKOFF_MIN;
+        let mut warned: Option<Instant> = None;
+        let mut refused = 0u64;
         loop {
             let (stream, remote) = tokio::select! {
                 _ = &mut stop_accepting => break,
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
                     Err(e) => {
-                        // Out of file descriptors and the like: wait, go on.
-                        debug!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        // Out of descriptors (EMFILE, ENFILE), or out of
+                        // memory: the pending connection stays queued.
+                        // Waiting a little, longer each time, keeps this
+                        // loop from spinning; it never ends.
+                        if warned.is_none_or(|w| w.elapsed() >= WARN_EVERY) {
+                            warn!(
+                                "gateway: cannot accept a connection: {e} ({} client                                  connections open); retrying",
+                                self.connections.open()
+                            );
+                            warned = Some(Instant::now());
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                         continue;
                     }
                 },
+            };
+            backoff = ACCEPT_BACKOFF_MIN;
+            let admitted = match self.connections.admit(remote.ip(), self.config.connections) {
+                Ok(a) => a,
+                Err(why) => {
+                    refuse(&stream, why);
+                    refused += 1;
+                    if warned.is_none_or(|w| w.elapsed() >= WARN_EVERY) {
+                        let caps = self.config.connections;
+                        warn!(
+                            "gateway: refused {refused} connections (the last from {}: {});                              raise --max-connections / --max-connections-per-address if                              these are real clients",
+                            remote.ip(),
+                            match why {
+                                Refused::PerAddress => format!(
+                                    "{} open from that address already",
+                                    caps.per_address
+                                ),
+                                Refused::Total => format!("{} open already", caps.total),
+                            }
+                        );
+                        warned = Some(Instant::now());
+                        refused = 0;
+                    }
+                    continue;
+                }
             };
             let _ = stream.set_nodelay(true);
             let gw = self.clone();
@@ -189,6 +284,7 @@ impl Gateway {
                 // Counted as ended however the task ends (a panic too), or
                 // shutdown would wait for it in vain.
                 let _ended = EndedGuard(ended);
+                let _admitted = admitted;
                 crate::front::serve(gw, stream, remote, builder, closing).await;
             });
         }
@@ -281,6 +377,18 @@ impl Gateway {
         remote: SocketAddr,
     ) -> Result<Response<Body>, (ErrorKind, String)> {
         let domain = &self.config.domain;
+        if req.method() == http::Method::CONNECT {
+            // Passed on, it would reach the service as `CONNECT /` and
+            // the client would be left with an empty close.
+            return Err((
+                ErrorKind::ConnectNotSupported,
+                format!(
+                    "CONNECT is not supported: skiff's gateway is not a forward proxy and \
+                     opens no tunnels. Send plain requests to http://NAME.{domain}/ to reach \
+                     service NAME."
+                ),
+            ));
+        }
         if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
             // RFC 9112 §3.2: one Host, or the gateway and the service
             // might each route by a different one.
@@ -403,7 +511,7 @@ impl Gateway {
                 headers.insert(header::HOST, v);
             }
         }
-        add_forwarded(headers, remote, &host);
+        add_forwarded(headers, remote, self.config.trusts(remote.ip()), &host);
         if let (true, Some(max)) = (serverless, upstream.limits.max_response) {
             return self
                 .serverless(
@@ -591,12 +699,51 @@ impl Gateway {
                 return Err(too_large_request(max));
             }
         }
-        let collect = collect_body(body, limits.max_request);
-        match deadline {
-            Some(d) => tokio::time::timeout_at(d, collect)
-                .await
-                .map_err(|_| body_timed_out(service, limits))?,
-            None => collect.await,
+        let started = Instant::now();
+        let (rate, grace) = (self.config.min_body_rate, self.config.header_read_timeout);
+        let mut body = body;
+        let mut received = bytes::BytesMut::new();
+        loop {
+            // The body's own deadline moves with every piece that comes.
+            let by_rate = body_due(started, grace, received.len() as u64, rate);
+            let due = match (deadline, by_rate) {
+                (Some(d), Some(r)) => Some(d.min(r)),
+                (d, r) => d.or(r),
+            };
+            let frame = match due {
+                Some(at) => match tokio::time::timeout_at(at, body.frame()).await {
+                    Ok(frame) => frame,
+                    Err(_) if Some(at) == by_rate && deadline.is_none_or(|d| at < d) => {
+                        return Err(body_too_slow(
+                            service,
+                            received.len() as u64,
+                            started.elapsed(),
+                            rate,
+                            grace,
+                        ));
+                    }
+                    Err(_) => return Err(body_timed_out(service, limits)),
+                },
+                None => body.frame().await,
+            };
+            match frame {
+                None => return Ok(received.freeze()),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        let total = (received.len() + data.len()) as u64;
+                        if let Some(max) = limits.max_request.filter(|max| total > *max) {
+                            return Err(too_large_request(max));
+                        }
+                        received.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(_)) => {
+                    return Err((
+                        ErrorKind::BadRequest,
+                        "The request body broke off before it was complete.".to_string(),
+                    ))
+                }
+            }
         }
     }
 
@@ -676,6 +823,39 @@ impl Gateway {
             .unwrap_or_else(|| e.to_string());
         let exit = upstream.connect.failure().await;
         (ErrorKind::UpstreamFailed, broke_off(service, exit, &cause))
+    }
+}
+
+/// The first and the longest wait after a failed accept.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// Refusals and accept errors are logged at most this often.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Closes a connection over a cap, after telling the client why if its
+/// socket takes the answer at once (never waiting: the accept loop must
+/// go on). A client that sends its request afterwards may see a reset
+/// instead; either way it holds nothing here.
+fn refuse(stream: &tokio::net::TcpStream, why: Refused) {
+    let _ = stream.try_write(refusal(why));
+}
+
+/// The answer to a connection over a cap (`ErrorKind::TooManyConnections`).
+fn refusal(why: Refused) -> &'static [u8] {
+    match why {
+        Refused::PerAddress => {
+            b"HTTP/1.1 503 Service Unavailable\r\n\
+            content-type: text/plain; charset=utf-8\r\nx-skiff-error: too-many-connections\r\n\
+            retry-after: 5\r\nconnection: close\r\ncontent-length: 107\r\n\r\n\
+            Too many connections from your address are open at this gateway; close idle ones \
+            or try again in a moment.\n"
+        }
+        Refused::Total => {
+            b"HTTP/1.1 503 Service Unavailable\r\n\
+            content-type: text/plain; charset=utf-8\r\nx-skiff-error: too-many-connections\r\n\
+            retry-after: 5\r\nconnection: close\r\ncontent-length: 72\r\n\r\n\
+            The gateway holds as many connections as it can; try again in a moment.\n"
+        }
     }
 }
 
@@ -789,6 +969,45 @@ pub(crate) fn body_timed_out(service: &str, limits: ExchangeLimits) -> (ErrorKin
     )
 }
 
+/// When a request body that started arriving at `started` and brought
+/// `received` bytes so far must have brought more: `grace`, plus a second
+/// for every `rate` bytes (mod_reqtimeout's rule). `None` without a
+/// minimum rate.
+pub(crate) fn body_due(
+    started: Instant,
+    grace: Duration,
+    received: u64,
+    rate: u64,
+) -> Option<Instant> {
+    if rate == 0 {
+        return None;
+    }
+    let earned = Duration::from_millis(received.saturating_mul(1000) / rate);
+    Some(crate::front::later(started, grace.saturating_add(earned)))
+}
+
+/// The client's body came slower than the gateway's minimum rate: the
+/// client held a connection and memory while sending almost nothing.
+pub(crate) fn body_too_slow(
+    service: &str,
+    received: u64,
+    took: Duration,
+    rate: u64,
+    grace: Duration,
+) -> (ErrorKind, String) {
+    (
+        ErrorKind::BodyTimeout,
+        format!(
+            "The request body arrived too slowly: {received} bytes in {:.0} s, under the \
+             gateway's minimum of {rate} bytes per second after {} (--min-body-rate); the \
+             request was not sent to service {service:?}. Send the body at once, or upload \
+             large data to object storage and send its URL.",
+            took.as_secs_f64(),
+            skiff_model::format_duration(grace)
+        ),
+    )
+}
+
 /// A response body that holds the request's lease until it is dropped
 /// (sent completely, or abandoned by the client).
 struct LeasedBody {
@@ -850,18 +1069,31 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn add_forwarded(headers: &mut HeaderMap, remote: SocketAddr, host: &str) {
+/// Sets `X-Forwarded-*` for the service. A client's own
+/// `X-Forwarded-For` is replaced by its address, since anyone can write
+/// one; only a trusted proxy's (`--trusted-proxy`) is kept and appended
+/// to. The request's own fields go in any case.
+fn add_forwarded(headers: &mut HeaderMap, remote: SocketAddr, trusted: bool, host: &str) {
     let ip = remote.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
-    };
+    let mut xff = String::new();
+    if trusted {
+        // All of its fields, in order: together they are one list.
+        for prev in headers.get_all("x-forwarded-for") {
+            if let Ok(prev) = prev.to_str() {
+                xff.push_str(prev);
+                xff.push_str(", ");
+            }
+        }
+    }
+    xff.push_str(&ip);
     if let Ok(v) = HeaderValue::from_str(&xff) {
         headers.insert("x-forwarded-for", v);
     }
     headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
     if let Ok(v) = HeaderValue::from_str(host) {
         headers.insert("x-forwarded-host", v);
+    } else {
+        headers.remove("x-forwarded-host");
     }
 }
 
@@ -891,17 +1123,50 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_headers_append() {
+    fn a_clients_forwarded_for_is_replaced_a_trusted_proxys_appended_to() {
+        let remote = "127.0.0.1:5000".parse().unwrap();
         let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("10.1.2.3"));
-        add_forwarded(
-            &mut h,
-            "127.0.0.1:5000".parse().unwrap(),
-            "a.localhost:8000",
-        );
-        assert_eq!(h["x-forwarded-for"], "10.1.2.3, 127.0.0.1");
+        h.append("x-forwarded-for", HeaderValue::from_static("10.1.2.3"));
+        h.append("x-forwarded-for", HeaderValue::from_static("10.4.5.6"));
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        let mut trusted = h.clone();
+        add_forwarded(&mut h, remote, false, "a.localhost:8000");
+        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(h["x-forwarded-for"], "127.0.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "a.localhost:8000");
+        add_forwarded(&mut trusted, remote, true, "a.localhost:8000");
+        assert_eq!(trusted.get_all("x-forwarded-for").iter().count(), 1);
+        assert_eq!(trusted["x-forwarded-for"], "10.1.2.3, 10.4.5.6, 127.0.0.1");
+        let mut none = HeaderMap::new();
+        add_forwarded(&mut none, remote, true, "a.localhost");
+        assert_eq!(none["x-forwarded-for"], "127.0.0.1");
+    }
+
+    #[test]
+    fn refusals_are_whole_http_answers() {
+        for why in [Refused::PerAddress, Refused::Total] {
+            let answer = refusal(why);
+            let mut fields = [httparse::EMPTY_HEADER; 16];
+            let mut resp = httparse::Response::new(&mut fields);
+            let head = match resp.parse(answer) {
+                Ok(httparse::Status::Complete(n)) => n,
+                other => panic!("{why:?}: {other:?}"),
+            };
+            assert_eq!(resp.code, Some(503));
+            let field = |name: &str| {
+                resp.headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                    .map(|h| std::str::from_utf8(h.value).unwrap().to_string())
+            };
+            assert_eq!(
+                field("x-skiff-error").as_deref(),
+                Some(ErrorKind::TooManyConnections.as_str())
+            );
+            let length: usize = field("content-length").unwrap().parse().unwrap();
+            assert_eq!(length, answer.len() - head, "{why:?}");
+        }
     }
 
     #[test]

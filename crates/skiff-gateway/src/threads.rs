@@ -18,6 +18,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 use tracing::warn;
 
+use crate::admission::ConnectionTable;
 use crate::proxy::{Gateway, GatewayConfig, GatewayError};
 use crate::route::Router;
 
@@ -81,8 +82,12 @@ impl GatewayThreads {
         running: watch::Receiver<bool>,
     ) -> io::Result<Self> {
         let mut handles = Vec::new();
+        // Connections are counted across threads: the caps are the
+        // gateway's, whichever thread accepted.
+        let connections = ConnectionTable::new();
         for (i, socket) in listeners.sockets.into_iter().enumerate() {
             let (router, config) = (router.clone(), config.clone());
+            let connections = connections.clone();
             let (mut accepting, mut running) = (accepting.clone(), running.clone());
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -107,7 +112,7 @@ impl GatewayThreads {
                         // any more. The same tick drops pooled connections
                         // to instances that are gone or idle too long, also
                         // when no request comes.
-                        let gateway = Gateway::new(router, config);
+                        let gateway = Gateway::sharing(router, config, connections);
                         let sweeper = gateway.clone();
                         tokio::spawn(async move {
                             let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -103,10 +103,39 @@ pub struct PlatformArgs {
     /// Services are reached at NAME.<domain>.
     #[arg(long, default_value = "localhost", env = "SKIFF_DOMAIN")]
     pub domain: String,
-    /// How long a client may take to send a request's headers (slow
-    /// clients are cut off after it).
-    #[arg(long, default_value = "30s", value_parser = parse_duration, env = "SKIFF_HEADER_TIMEOUT")]
+    /// How long a client may take to send a request's head, and a new
+    /// connection its first request (slow or silent clients are cut off
+    /// after it).
+    #[arg(long, default_value = "10s", value_parser = parse_duration, env = "SKIFF_HEADER_TIMEOUT")]
     pub header_timeout: std::time::Duration,
+    /// How long a kept-alive gateway connection may wait for its next
+    /// request before it is closed.
+    #[arg(long, default_value = "60s", value_parser = parse_duration, env = "SKIFF_IDLE_TIMEOUT")]
+    pub idle_timeout: std::time::Duration,
+    /// Slowest a serverless request's body may arrive, per second, after
+    /// --header-timeout of grace (0: only the request timeout applies).
+    #[arg(long, default_value = "1KiB", value_parser = parse_size, env = "SKIFF_MIN_BODY_RATE")]
+    pub min_body_rate: u64,
+    /// Most client connections the gateway holds at once (default: from
+    /// the open-file limit, leaving room for instances, logs, the
+    /// database).
+    #[arg(long, env = "SKIFF_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most gateway connections from one client address (IPv6: one /64)
+    /// (default: an eighth of --max-connections; clients behind one NAT
+    /// share an address).
+    #[arg(long, env = "SKIFF_MAX_CONNECTIONS_PER_ADDRESS")]
+    pub max_connections_per_address: Option<usize>,
+    /// A proxy in front of the gateway whose X-Forwarded-For is kept and
+    /// appended to, as an address or range (repeatable; the variable takes
+    /// a comma-separated list); anyone else's is replaced by their address.
+    #[arg(
+        long = "trusted-proxy",
+        value_name = "CIDR",
+        env = "SKIFF_TRUSTED_PROXY",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<skiff_gateway::Cidr>,
     /// Debian mirror used once to build the base image.
     #[arg(
         long,
@@ -125,6 +154,15 @@ impl PlatformArgs {
             );
         }
         let helper = std::env::current_exe().context("cannot find the skiff binary itself")?;
+        let connections = self.connection_limits(raise_open_files());
+        skiff_gateway::GatewayConfig::install_defaults(skiff_gateway::GatewayConfig {
+            header_read_timeout: self.header_timeout,
+            idle_timeout: self.idle_timeout,
+            min_body_rate: self.min_body_rate,
+            connections,
+            trusted_proxies: self.trusted_proxies.clone().into(),
+            ..skiff_gateway::GatewayConfig::new(&self.domain)
+        });
         Ok(skiff_runtime::PlatformConfig {
             state_dir: self
                 .state
@@ -141,6 +179,90 @@ impl PlatformArgs {
             header_read_timeout: self.header_timeout,
             gateway_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         })
+    }
+}
+
+impl PlatformArgs {
+    /// The gateway's connection caps: the flags, else what fits `open_files`.
+    fn connection_limits(&self, open_files: OpenFiles) -> skiff_gateway::ConnectionLimits {
+        let derived = skiff_gateway::ConnectionLimits::for_descriptors(open_files.limit);
+        let total = self.max_connections.unwrap_or(derived.total).max(1);
+        let per_address = self
+            .max_connections_per_address
+            .unwrap_or(if self.max_connections.is_some() {
+                (total / 8).max(8)
+            } else {
+                derived.per_address
+            })
+            .clamp(1, total);
+        let caps = skiff_gateway::ConnectionLimits { total, per_address };
+        let raised = match open_files.was {
+            Some(was) => format!(" (raised from {was})"),
+            None => String::new(),
+        };
+        eprintln!(
+            "skiff: open-file limit {}{raised}: the gateway holds at most {} client \
+             connections, {} per address",
+            open_files.limit, caps.total, caps.per_address
+        );
+        if caps.total.saturating_mul(2) > usize::try_from(open_files.limit).unwrap_or(usize::MAX) {
+            tracing::warn!(
+                "--max-connections {} is more than half the open-file limit of {}: a flood \
+                 of connections can leave none for instances, logs and the database; lower it",
+                caps.total,
+                open_files.limit
+            );
+        }
+        caps
+    }
+}
+
+/// The process's open-file limit, and what it was before skiff raised it.
+#[derive(Debug, Clone, Copy)]
+pub struct OpenFiles {
+    pub limit: u64,
+    pub was: Option<u64>,
+}
+
+/// Raises the soft open-file limit to the hard one (the most a process
+/// may without CAP_SYS_RESOURCE, and often far above the soft 1024):
+/// every client connection, pooled instance connection, log pipe and
+/// sandbox takes descriptors. Returns what the process has.
+pub fn raise_open_files() -> OpenFiles {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return OpenFiles {
+            limit: 1024,
+            was: None,
+        };
+    };
+    // An unlimited hard limit still stops at the kernel's nr_open.
+    let most = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let target = hard.min(most);
+    if soft >= target {
+        return OpenFiles {
+            limit: soft,
+            was: None,
+        };
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+        Ok(()) => OpenFiles {
+            limit: target,
+            was: Some(soft),
+        },
+        Err(e) => {
+            tracing::warn!(
+                "cannot raise the open-file limit from {soft} to {hard}: {e}; the gateway's \
+                 connection caps follow {soft}"
+            );
+            OpenFiles {
+                limit: soft,
+                was: None,
+            }
+        }
     }
 }
 
