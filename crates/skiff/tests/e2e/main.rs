@@ -8,6 +8,7 @@ mod daemon;
 mod diagnose;
 mod doctor;
 mod gateway;
+mod gateway_safety;
 mod host_safety;
 mod persistent;
 mod sandbox;

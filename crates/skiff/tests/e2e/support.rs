@@ -92,7 +92,20 @@ impl Up {
     ) -> Self {
         let mut args: Vec<std::ffi::OsString> = vec!["up".into()];
         args.extend(dirs.iter().map(|d| d.as_os_str().to_owned()));
-        Self::launch(args, state, extra, temp)
+        Self::launch(&[], args, state, extra, temp)
+    }
+
+    /// Starts `skiff up` on `dirs` with new state, run through `wrapper`
+    /// (a command that runs the rest of its arguments, e.g. `prlimit`).
+    pub fn start_wrapped(wrapper: &[&str], dirs: &[&Path], extra: &[&str]) -> Self {
+        let state = tempfile::Builder::new()
+            .prefix("skiff-state-")
+            .tempdir()
+            .expect("tempdir");
+        let path = state.path().to_path_buf();
+        let mut args: Vec<std::ffi::OsString> = vec!["up".into()];
+        args.extend(dirs.iter().map(|d| d.as_os_str().to_owned()));
+        Self::launch(wrapper, args, &path, extra, Some(state))
     }
 
     /// Starts `skiff serve` (the daemon) with free ports on `state`, or on
@@ -108,7 +121,7 @@ impl Up {
                 (t.path().to_path_buf(), Some(t))
             }
         };
-        let mut up = Self::launch(vec!["serve".into()], &path, extra, temp);
+        let mut up = Self::launch(&[], vec!["serve".into()], &path, extra, temp);
         assert!(
             up.wait_output("control API on", Duration::from_secs(30)),
             "skiff serve did not start:\n{}",
@@ -137,13 +150,21 @@ impl Up {
     }
 
     fn launch(
+        wrapper: &[&str],
         args: Vec<std::ffi::OsString>,
         state: &Path,
         extra: &[&str],
         temp: Option<tempfile::TempDir>,
     ) -> Self {
         require_root();
-        let mut cmd = Command::new(SKIFF);
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(rest).arg(SKIFF);
+                cmd
+            }
+            None => Command::new(SKIFF),
+        };
         cmd.args(args)
             .args(["--listen", "127.0.0.1:0", "--api", "127.0.0.1:0", "--state"])
             .arg(state)
