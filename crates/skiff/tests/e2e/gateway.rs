@@ -386,7 +386,7 @@ fn open_fds(pid: u32) -> usize {
 #[test]
 fn misbehaving_clients_and_services_get_the_right_status_and_nothing_leaks() {
     let name = unique("robust");
-    let (_app, up) = start(&name, &["--header-timeout", "1s"]);
+    let (_app, up) = start(&name, &["--header-timeout", "1s", "--idle-timeout", "2s"]);
     let port = up.port.unwrap();
     let h = host(&name);
     let pid = up.child.id();
@@ -483,9 +483,10 @@ fn misbehaving_clients_and_services_get_the_right_status_and_nothing_leaks() {
         t.elapsed()
     );
 
-    // A connection in use outlives both timeouts (header 1 s, request
-    // 2 s), as each request moves them on: slow answers back to back and
-    // pauses between requests, 4 s in all. Left idle, it is closed.
+    // A connection in use outlives the timeouts (header 1 s, idle 2 s,
+    // request 2 s), as each request moves them on: slow answers back to
+    // back and pauses between requests, 4 s in all. Left idle, it is
+    // closed after the idle timeout.
     let mut busy = TcpStream::connect(("127.0.0.1", port)).unwrap();
     busy.set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
@@ -508,7 +509,7 @@ fn misbehaving_clients_and_services_get_the_right_status_and_nothing_leaks() {
     );
     assert!(
         t.elapsed() >= Duration::from_millis(500) && t.elapsed() < Duration::from_secs(5),
-        "closed after {:?} idle; the header timeout is 1 s",
+        "closed after {:?} idle; the idle timeout is 2 s",
         t.elapsed()
     );
 
