@@ -1144,6 +1144,32 @@ mod tests {
     }
 
     #[test]
+    fn a_body_earns_a_second_per_rate_bytes_after_its_grace() {
+        let start = Instant::now();
+        let grace = Duration::from_secs(10);
+        assert_eq!(body_due(start, grace, 5000, 0), None, "no minimum");
+        for (received, rate, after) in [
+            (0, 1024, Duration::from_secs(10)),
+            (1024, 1024, Duration::from_secs(11)),
+            (512, 1024, Duration::from_millis(10_500)),
+            (
+                u64::MAX,
+                1,
+                Duration::from_secs(10) + Duration::from_millis(u64::MAX),
+            ),
+        ] {
+            let due = body_due(start, grace, received, rate).unwrap();
+            assert_eq!(due - start, after, "{received} bytes at {rate}/s");
+        }
+        let (kind, message) = body_too_slow("svc", 3, Duration::from_secs(12), 1024, grace);
+        assert_eq!(kind, ErrorKind::BodyTimeout);
+        assert!(
+            message.contains("3 bytes in 12 s") && message.contains("--min-body-rate"),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn refusals_are_whole_http_answers() {
         for why in [Refused::PerAddress, Refused::Total] {
             let answer = refusal(why);
