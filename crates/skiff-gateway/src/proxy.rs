@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -66,21 +66,11 @@ pub struct GatewayConfig {
     pub trusted_proxies: Arc<[Cidr]>,
 }
 
-/// What `GatewayConfig::new` starts from (`GatewayConfig::install_defaults`).
-static DEFAULTS: OnceLock<GatewayConfig> = OnceLock::new();
-
 impl GatewayConfig {
-    /// The gateway's settings for `domain`: those installed with
-    /// `install_defaults`, else the built-in defaults.
+    /// The gateway's default settings for `domain`.
     pub fn new(domain: &str) -> Self {
-        let mut config = DEFAULTS.get().cloned().unwrap_or_else(Self::built_in);
-        config.domain = domain.to_ascii_lowercase();
-        config
-    }
-
-    fn built_in() -> Self {
         Self {
-            domain: String::new(),
+            domain: domain.to_ascii_lowercase(),
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             min_body_rate: 1024,
@@ -88,14 +78,6 @@ impl GatewayConfig {
             connections: ConnectionLimits::default(),
             trusted_proxies: Arc::from([]),
         }
-    }
-
-    /// Makes `config` (less its domain) what `new` returns from now on in
-    /// this process; only the first call counts. The binary installs the
-    /// command line's settings here before the platform builds its
-    /// gateway with `new`.
-    pub fn install_defaults(config: GatewayConfig) {
-        let _ = DEFAULTS.set(config);
     }
 
     /// Whether `X-Forwarded-For` from `peer` is kept (and appended to).

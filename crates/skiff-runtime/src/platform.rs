@@ -45,8 +45,8 @@ pub struct PlatformConfig {
     pub helper: PathBuf,
     /// Debian mirror for building the base image.
     pub mirror: String,
-    /// A client must send a request's headers within this.
-    pub header_read_timeout: std::time::Duration,
+    /// How the gateway treats client connections (its domain is `domain`).
+    pub gateway: GatewayConfig,
     /// Threads that serve the gateway (one per core is best).
     pub gateway_threads: usize,
 }
@@ -564,8 +564,8 @@ impl Platform {
         let gateway = GatewayThreads::spawn(
             shared.clone(),
             GatewayConfig {
-                header_read_timeout: shared.config.header_read_timeout,
-                ..GatewayConfig::new(&shared.config.domain)
+                domain: shared.config.domain.clone(),
+                ..shared.config.gateway.clone()
             },
             listeners,
             accepting_rx,

@@ -155,14 +155,15 @@ impl PlatformArgs {
         }
         let helper = std::env::current_exe().context("cannot find the skiff binary itself")?;
         let connections = self.connection_limits(raise_open_files());
-        skiff_gateway::GatewayConfig::install_defaults(skiff_gateway::GatewayConfig {
+        let domain = self.domain.trim_matches('.').to_ascii_lowercase();
+        let gateway = skiff_gateway::GatewayConfig {
             header_read_timeout: self.header_timeout,
             idle_timeout: self.idle_timeout,
             min_body_rate: self.min_body_rate,
             connections,
             trusted_proxies: self.trusted_proxies.clone().into(),
-            ..skiff_gateway::GatewayConfig::new(&self.domain)
-        });
+            ..skiff_gateway::GatewayConfig::new(&domain)
+        };
         Ok(skiff_runtime::PlatformConfig {
             state_dir: self
                 .state
@@ -173,10 +174,10 @@ impl PlatformArgs {
                 .clone()
                 .unwrap_or_else(|| PathBuf::from("/var/cache/skiff")),
             listen: self.listen,
-            domain: self.domain.trim_matches('.').to_ascii_lowercase(),
+            domain,
             helper,
             mirror: self.mirror.clone(),
-            header_read_timeout: self.header_timeout,
+            gateway,
             gateway_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         })
     }
