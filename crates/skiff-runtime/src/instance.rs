@@ -254,7 +254,9 @@ pub async fn start_prepared(
     };
     let pumps = sink.pump_output(&mut instance);
     let Some(netns) = instance.netns() else {
-        return Err(SandboxError::Setup("the instance has no network namespace".into()).into());
+        // The command ended before the platform opened the namespace.
+        let exit = instance.wait().await.map_err(SandboxError::from)?;
+        return Err(early_exit(instance, exit, pumps, &tail, spec).await);
     };
     let started_at = instance.timings.requested + instance.timings.started;
     let deadline = started_at + spec.limits.start_timeout;
@@ -280,19 +282,7 @@ pub async fn start_prepared(
         tokio::select! {
             exit = instance.wait() => {
                 let exit = exit.map_err(SandboxError::from)?;
-                // The output pipes close with the last process: let the
-                // readers finish so the message shows the last lines.
-                for p in pumps {
-                    let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
-                }
-                let oom_limit = was_oom_killed(&instance).then_some(spec.limits.memory);
-                let _ = instance.stop(Duration::ZERO).await;
-                return Err(StartError::EarlyExit {
-                    exit,
-                    port: spec.port,
-                    tail: tail.lines(),
-                    oom_limit,
-                });
+                return Err(early_exit(instance, exit, pumps, &tail, spec).await);
             }
             _ = tokio::time::sleep(poll_interval(started_at.elapsed()).min(remaining)) => {}
         }
@@ -316,6 +306,30 @@ pub async fn start_prepared(
         tail,
         pumps,
     })
+}
+
+/// The start command ended before the port answered: the message, with
+/// its last lines of output.
+async fn early_exit(
+    mut instance: Instance,
+    exit: Exit,
+    pumps: Vec<JoinHandle<()>>,
+    tail: &Tail,
+    spec: &ServiceSpec,
+) -> StartError {
+    // The output pipes close with the last process: let the readers finish
+    // so the message shows the last lines.
+    for p in pumps {
+        let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
+    }
+    let oom_limit = was_oom_killed(&instance).then_some(spec.limits.memory);
+    let _ = instance.stop(Duration::ZERO).await;
+    StartError::EarlyExit {
+        exit,
+        port: spec.port,
+        tail: tail.lines(),
+        oom_limit,
+    }
 }
 
 fn poll_interval(since_start: Duration) -> Duration {

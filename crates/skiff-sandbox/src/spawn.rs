@@ -275,11 +275,22 @@ impl Instance {
         let mut lines = BufReader::new(control).lines();
         let mut error = None;
         let mut exec_seen = false;
+        let mut helper_gone = false;
         while let Some(line) = lines.next_line().await? {
             let elapsed = self.timings.requested.elapsed();
             match line.split_once(' ').unwrap_or((line.as_str(), "")) {
                 ("ns", _) => {
-                    self.netns = Some(Arc::new(NetNs::of_pid(self.pid)?));
+                    self.netns = match NetNs::of_pid(self.pid) {
+                        Ok(ns) => Some(Arc::new(ns)),
+                        // A command that ends at once can take the helper
+                        // with it before this line is read: the instance
+                        // is over, and its exit tells why.
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                            helper_gone = true;
+                            None
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
                     self.timings.namespaces = elapsed;
                     if let Network::Outbound { slirp4netns, .. } = &config.network {
                         // The sandbox waits for its interface before it
@@ -305,7 +316,7 @@ impl Instance {
         self.timings.started = self.timings.requested.elapsed();
         match error {
             Some(e) => Err(SandboxError::Setup(e)),
-            None if exec_seen && self.netns.is_some() => Ok(()),
+            None if exec_seen && (self.netns.is_some() || helper_gone) => Ok(()),
             None => {
                 // The helper died without a word: report what it printed.
                 let status = self.child.wait().await?;
