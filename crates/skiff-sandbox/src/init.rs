@@ -247,27 +247,16 @@ fn build_root(config: &SandboxConfig) -> Res<()> {
     )?;
     let root = &config.mount_point;
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    let lower = || {
-        config
-            .layers
-            .iter()
-            .map(|l| l.display().to_string())
-            .collect::<Vec<_>>()
-            .join(":")
-    };
-    match (config.layers.as_slice(), &config.writable) {
+    let staged = stage(config)?;
+    let lower = staged.lower.join(":");
+    match (config.layers.as_slice(), &staged.writable) {
         ([], _) => return Err("the image has no layers".into()),
-        (_, Some(w)) => mnt(
+        (_, Some((upper, work))) => mnt(
             Some(Path::new("overlay")),
             root,
             Some("overlay"),
             nosuid_nodev,
-            Some(&format!(
-                "lowerdir={},upperdir={},workdir={}",
-                lower(),
-                w.upper.display(),
-                w.work.display()
-            )),
+            Some(&format!("lowerdir={lower},upperdir={upper},workdir={work}")),
         )?,
         ([only], None) => bind_ro(only, root, root, nosuid_nodev)?,
         (_, None) => mnt(
@@ -275,7 +264,7 @@ fn build_root(config: &SandboxConfig) -> Res<()> {
             root,
             Some("overlay"),
             MsFlags::MS_RDONLY | nosuid_nodev,
-            Some(&format!("lowerdir={}", lower())),
+            Some(&format!("lowerdir={lower}")),
         )?,
     }
     // Mount targets are places in the image, which a build wrote: each is
@@ -297,19 +286,19 @@ fn build_root(config: &SandboxConfig) -> Res<()> {
         })
     };
 
-    for bind in &config.binds {
+    for (bind, source) in config.binds.iter().zip(&staged.bind_sources) {
         let checked = inside(&bind.target)?;
         let target = &checked.path;
         if bind.writable {
             mnt(
-                Some(&bind.source),
+                Some(source),
                 target,
                 None,
                 MsFlags::MS_BIND | MsFlags::MS_REC,
                 None,
             )?;
         } else {
-            bind_ro(&bind.source, target, &checked.plain, nosuid_nodev)?;
+            bind_ro(source, target, &checked.plain, nosuid_nodev)?;
         }
     }
 
@@ -359,6 +348,86 @@ fn build_root(config: &SandboxConfig) -> Res<()> {
     })?;
     ctx(chdir("/"), || "chdir /".into())?;
     Ok(())
+}
+
+/// What the overlay is made of, under short names relative to the staging
+/// directory (the working directory while the sandbox is built).
+struct Staged {
+    lower: Vec<String>,
+    /// Upper and work directory.
+    writable: Option<(String, String)>,
+    /// Per bind, where to mount it from.
+    bind_sources: Vec<PathBuf>,
+}
+
+/// Gathers the layers (and the read-only files to bind) under short names
+/// on a small tmpfs over the mount point, and makes it the working
+/// directory. The overlay's options then read `lowerdir=l0:l1`, so the
+/// instance's `/proc/self/mountinfo` shows no host path (the state
+/// directory, the image cache); the tmpfs ends up beneath the overlay and
+/// leaves with the host's old root.
+fn stage(config: &SandboxConfig) -> Res<Staged> {
+    let root = &config.mount_point;
+    mnt(
+        Some(Path::new("tmpfs")),
+        root,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some("size=16m,mode=700"),
+    )?;
+    let make = |name: &str| {
+        let path = root.join(name);
+        ctx(std::fs::create_dir(&path), || {
+            format!("creating {}", path.display())
+        })?;
+        Ok::<_, String>(path)
+    };
+    let mut lower = Vec::new();
+    for (i, layer) in config.layers.iter().enumerate() {
+        let name = format!("l{i}");
+        mnt(Some(layer), &make(&name)?, None, MsFlags::MS_BIND, None)?;
+        lower.push(name);
+    }
+    let writable = match &config.writable {
+        None => None,
+        Some(w) => {
+            let (Some(dir), Some(upper), Some(work)) =
+                (w.upper.parent(), w.upper.file_name(), w.work.file_name())
+            else {
+                return Err("the writable layer has no upper or work directory".into());
+            };
+            if w.work.parent() != Some(dir) {
+                return Err(format!(
+                    "the writable layer's upper and work directories must share a parent: {} {}",
+                    w.upper.display(),
+                    w.work.display()
+                ));
+            }
+            mnt(Some(dir), &make("w")?, None, MsFlags::MS_BIND, None)?;
+            let name = |n: &std::ffi::OsStr| format!("w/{}", n.to_string_lossy());
+            Some((name(upper), name(work)))
+        }
+    };
+    let mut bind_sources = Vec::new();
+    for (i, bind) in config.binds.iter().enumerate() {
+        // A read-only file is copied here, so its bind shows no host path.
+        let source = if !bind.writable && bind.source.is_file() {
+            let name = format!("f{i}");
+            ctx(std::fs::copy(&bind.source, root.join(&name)), || {
+                format!("copying {}", bind.source.display())
+            })?;
+            PathBuf::from(name)
+        } else {
+            bind.source.clone()
+        };
+        bind_sources.push(source);
+    }
+    ctx(chdir(root), || "entering the staging directory".into())?;
+    Ok(Staged {
+        lower,
+        writable,
+        bind_sources,
+    })
 }
 
 /// A place in the image to mount on, held open while it is used.

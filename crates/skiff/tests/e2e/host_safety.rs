@@ -205,3 +205,37 @@ fn a_build_reaches_neither_the_hosts_services_nor_link_local_addresses() {
     assert!(logs.contains("no route to 169.254.169.254"), "{logs}");
     drop(wide);
 }
+
+#[test]
+fn an_instance_and_a_build_see_no_host_path_in_their_mounts_or_pid_1() {
+    let name = unique("paths");
+    let manifest = r#"
+name = "NAME"
+mode = "persistent"
+build = "cat /proc/self/mountinfo > /app/build-mounts && tr '\\0' ' ' < /proc/1/cmdline > /app/build-cmdline"
+start = "cat /proc/self/mountinfo > /tmp/mounts && tr '\\0' ' ' < /proc/1/cmdline > /tmp/cmdline && cp /app/build-* /tmp/ && exec python3 -m http.server $PORT --directory /tmp"
+"#
+    .replace("NAME", &name);
+    let app = App::new(&manifest, &[]);
+    let mut up = Up::start(&[app.path()], &[]);
+    assert_eq!(up.wait_urls(1, FIRST_START).len(), 1, "{}", up.stderr());
+    let state = up.state_dir().display().to_string();
+    let binary = std::fs::canonicalize(SKIFF).unwrap().display().to_string();
+    for file in ["mounts", "cmdline", "build-mounts", "build-cmdline"] {
+        let r = up.get(&host(&name), &format!("/{file}"));
+        assert_eq!(r.status, 200, "{file}: {r:?}");
+        assert!(!r.body.trim().is_empty(), "{file} is empty");
+        for leak in [
+            state.as_str(),
+            "/var/cache/skiff",
+            binary.as_str(),
+            "images/",
+        ] {
+            assert!(
+                !r.body.contains(leak),
+                "{file} shows the host path {leak}:\n{}",
+                r.body
+            );
+        }
+    }
+}
