@@ -13,7 +13,7 @@ use skiff_sandbox::{
 };
 use tokio::sync::broadcast;
 
-use crate::base::APP_PATH;
+use crate::base::{which, APP_PATH};
 use crate::events::{Event, Phase};
 use crate::image::{tree_size, ImageDir};
 use crate::instance::{command_environment, LogSink, Tail};
@@ -124,7 +124,9 @@ fn failed_message(exit: Exit, tail: &[String]) -> String {
 #[derive(Debug, Clone, Copy)]
 pub struct BuildReport {
     pub elapsed: Duration,
-    /// Bytes the build wrote.
+    /// Bytes the build left in its layer. Caches are dropped inside the
+    /// build sandbox, before the platform sees the layer, so this is also
+    /// the layer's size.
     pub written: u64,
     /// Bytes in the new layer, after dropping caches.
     pub layer_size: u64,
@@ -172,18 +174,22 @@ pub async fn run(
     for dir in [image.upper(), image.work()] {
         fs::create_dir_all(&dir).map_err(io(&dir))?;
     }
-    let result = run_sandboxed(ctx, spec, build, lower, image, id).await;
-    let written = tree_size(&image.upper());
-    let cleanup = match &result {
-        Ok(()) => finish_layer(image).map_err(io(&image.dir)),
-        Err(_) => remove_tree(&image.dir).map_err(io(&image.dir)),
-    };
-    result?;
-    cleanup?;
+    if let Err(e) = run_sandboxed(ctx, spec, build, lower, image, id).await {
+        // The build's own failure is what the user needs to hear.
+        if let Err(r) = remove_tree(&image.dir) {
+            tracing::warn!(
+                "removing the failed build's layer {}: {r}",
+                image.dir.display()
+            );
+        }
+        return Err(e);
+    }
+    finish_layer(image).map_err(io(&image.dir))?;
+    let size = tree_size(&image.upper());
     Ok(BuildReport {
         elapsed: started.elapsed(),
-        written,
-        layer_size: tree_size(&image.upper()),
+        written: size,
+        layer_size: size,
     })
 }
 
@@ -214,7 +220,13 @@ async fn run_sandboxed(
         writable: false,
     });
     let network = Network::Outbound {
-        slirp4netns: outbound::slirp4netns().map_err(BuildError::Network)?,
+        slirp4netns: which("slirp4netns").ok_or_else(|| {
+            BuildError::Network(
+                "builds reach package registries through slirp4netns, which is not \
+                 installed: install it with `apt-get install slirp4netns`"
+                    .into(),
+            )
+        })?,
         blocked: outbound::blocked_for_builds()
             .map_err(|e| BuildError::Network(format!("listing the host's addresses: {e}")))?,
     };

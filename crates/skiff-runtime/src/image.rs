@@ -85,6 +85,9 @@ impl ImageStore {
     /// Modes are normalised so that the non-root run user can read
     /// everything (and run what was executable); owners become root.
     pub fn snapshot(&self, source: &Path) -> io::Result<SourceLayer> {
+        // The path itself is the deployer's (`skiff up ./link` is fine);
+        // below it, nothing is followed.
+        let source = &fs::canonicalize(source)?;
         let key = hash_tree(source)?;
         let dir = self.root.join(format!("src-{}", &key[..32]));
         if !dir.join(".complete").is_file() {
@@ -326,6 +329,11 @@ mod tests {
 
         let again = store.snapshot(src.path()).unwrap();
         assert_eq!(again.dir, layer.dir);
+        // A source directory named through a link of the deployer's.
+        let named = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(src.path(), named.path().join("src")).unwrap();
+        let linked = store.snapshot(&named.path().join("src")).unwrap();
+        assert_eq!(linked.dir, layer.dir);
     }
 
     #[test]

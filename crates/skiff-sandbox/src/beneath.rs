@@ -262,8 +262,7 @@ fn empty_dir(top: OwnedFd) -> io::Result<()> {
         id: id(cur.as_fd())?,
         pending: clear_files(cur.as_fd())?,
     }];
-    loop {
-        let level = stack.last_mut().expect("the top level stays");
+    while let Some(level) = stack.last_mut() {
         if let Some(child) = level.pending.pop() {
             // A subdirectory: go down and clear its files.
             let fd = match openat(&cur, child.as_os_str(), DIR_FLAGS, Mode::empty()) {
@@ -279,14 +278,12 @@ fn empty_dir(top: OwnedFd) -> io::Result<()> {
             cur = fd;
             continue;
         }
-        // Everything below is gone: climb back and remove this directory.
-        if stack.len() == 1 {
-            return Ok(());
-        }
-        let done = stack.pop().expect("more than one level");
+        // Everything below is gone: climb back and remove this directory
+        // (the top one is the caller's to remove).
+        let Some(done) = stack.pop() else { break };
+        let Some(parent) = stack.last() else { break };
         let up = openat(&cur, "..", DIR_FLAGS, Mode::empty())?;
-        let expected = stack.last().expect("a parent level").id;
-        if id(up.as_fd())? != expected {
+        if id(up.as_fd())? != parent.id {
             return Err(io::Error::other(
                 "a directory was moved while it was being removed",
             ));
@@ -297,6 +294,7 @@ fn empty_dir(top: OwnedFd) -> io::Result<()> {
         }
         cur = up;
     }
+    Ok(())
 }
 
 /// Unlinks everything in `dir` that is not a directory and returns the

@@ -14,7 +14,7 @@
 
 use std::io;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -75,21 +75,6 @@ pub fn blocked_for_builds() -> io::Result<Vec<Ipv4Net>> {
         }
     }
     Ok(blocked)
-}
-
-/// Finds slirp4netns on the host, or says how to get it.
-pub fn slirp4netns() -> Result<PathBuf, String> {
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .chain(["/usr/bin".into(), "/usr/sbin".into()])
-        .map(|d| d.join("slirp4netns"))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            "builds reach package registries through slirp4netns, which is not installed: \
-             install it with `apt-get install slirp4netns`"
-                .to_string()
-        })
 }
 
 /// Starts slirp4netns for the network namespace of `pid`. It runs until it
