@@ -28,7 +28,7 @@ use hyper::body::{Body, Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use skiff_gateway::{ConnectionLimits, ConnectionTable};
 use skiff_model::Overrides;
-use skiff_runtime::diagnose::Diagnoser;
+use skiff_runtime::diagnose::{Diagnoser, Disks};
 use skiff_runtime::store::{LogQuery, LogRecord, LogSource};
 use skiff_runtime::{Event, Handle, LiveStatus, Phase, RemoveError};
 use tokio::io::AsyncWriteExt;
@@ -805,7 +805,21 @@ fn diagnose(store: &skiff_runtime::store::Store, name: &str) -> Diagnosis {
         )
         .unwrap_or_default();
     let events = store.events(name, DIAGNOSIS_EVENTS).unwrap_or_default();
-    let mut d = Diagnoser::default();
+    // A full disk is explained with the current version's limits.
+    let spec = store
+        .service(name)
+        .ok()
+        .flatten()
+        .and_then(|s| s.current)
+        .and_then(|v| store.version(v).ok().flatten())
+        .map(|v| v.spec);
+    let mut d = spec.map_or_else(Diagnoser::default, |spec| {
+        Diagnoser::with_disks(Disks {
+            persistent: spec.mode == skiff_model::Mode::Persistent,
+            tmp_size: spec.limits.tmp_size,
+            disk: spec.limits.disk,
+        })
+    });
     let mut log_lines = 0;
     for l in lines.iter().filter(|l| l.source == LogSource::Run) {
         log_lines += 1;

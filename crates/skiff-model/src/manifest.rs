@@ -41,6 +41,7 @@ impl Mode {
 
 /// The `[limits]` table. Defaults are those of INTERFACE.md.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Limits {
     /// Memory of one instance, in bytes (cgroup memory limit).
     pub memory: u64,
@@ -72,6 +73,10 @@ pub struct Limits {
     pub tmp_size: u64,
     /// Most processes and threads one instance may have.
     pub pids: u32,
+    /// The most a build may write into its layer, in bytes.
+    pub build_disk: u64,
+    /// Persistent mode: the most the writable layer may hold, in bytes.
+    pub disk: u64,
 }
 
 impl Default for Limits {
@@ -92,6 +97,8 @@ impl Default for Limits {
             cpu: 1.0,
             tmp_size: 512 << 20,
             pids: 1024,
+            build_disk: 4 << 30,
+            disk: 1 << 30,
         }
     }
 }
@@ -186,6 +193,8 @@ const LIMIT_FIELDS: &[&str] = &[
     "cpu",
     "tmp_size",
     "pids",
+    "build_disk",
+    "disk",
 ];
 /// Variables the platform sets itself; `[env]` may not override them.
 const RESERVED_ENV: &[(&str, &str)] = &[
@@ -652,6 +661,12 @@ impl Validator<'_> {
         }
         if let Some(n) = size(self, "tmp_size", 1 << 20) {
             limits.tmp_size = n;
+        }
+        if let Some(n) = size(self, "build_disk", 64 << 20) {
+            limits.build_disk = n;
+        }
+        if let Some(n) = size(self, "disk", 16 << 20) {
+            limits.disk = n;
         }
         if let Some(d) = duration(self, "request_timeout") {
             limits.request_timeout = d;

@@ -50,6 +50,26 @@ idle_stop = "5m"
 }
 
 #[test]
+fn disk_limits_default_and_parse() {
+    let spec = check("start = \"x\"", &Overrides::default()).unwrap();
+    assert_eq!(spec.limits.build_disk, 4 << 30);
+    assert_eq!(spec.limits.disk, 1 << 30);
+    let spec = check(
+        "start = \"x\"\n[limits]\nbuild_disk = \"10GiB\"\ndisk = \"64MiB\"",
+        &Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(spec.limits.build_disk, 10 << 30);
+    assert_eq!(spec.limits.disk, 64 << 20);
+    // A version recorded before these limits existed reads with defaults.
+    let mut old = toml::Table::try_from(&spec.limits).unwrap();
+    old.remove("build_disk");
+    old.remove("disk");
+    let read: Limits = old.try_into().unwrap();
+    assert_eq!((read.build_disk, read.disk), (4 << 30, 1 << 30));
+}
+
+#[test]
 fn defaults_and_derived_name() {
     let spec = check("start = \"./server\"", &Overrides::default()).unwrap();
     assert_eq!(spec.name.as_str(), "hello");
@@ -161,6 +181,16 @@ fn bad_values_table() {
             "start = \"x\"\n[limits]\nmemory = \"1MiB\"",
             "limits.memory",
             "too small",
+        ),
+        (
+            "start = \"x\"\n[limits]\nbuild_disk = \"1MiB\"",
+            "limits.build_disk",
+            "too small; the least is 64MiB",
+        ),
+        (
+            "start = \"x\"\n[limits]\ndisk = \"lots\"",
+            "limits.disk",
+            "is not a size",
         ),
         (
             "start = \"x\"\n[limits]\ncpu = -1",

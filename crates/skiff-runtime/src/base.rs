@@ -123,11 +123,17 @@ pub async fn ensure(
         mirror: mirror.to_string(),
     };
     // debootstrap makes the base image; slirp4netns gives builds their
-    // network (skiff_sandbox::outbound).
-    let missing: Vec<&str> = ["debootstrap", "slirp4netns"]
-        .into_iter()
-        .filter(|tool| which(tool).is_none())
-        .collect();
+    // network (skiff_sandbox::outbound); mkfs.ext4 makes the disks of
+    // layers (skiff_sandbox::disk).
+    let missing: Vec<&str> = [
+        ("debootstrap", "debootstrap"),
+        ("slirp4netns", "slirp4netns"),
+        ("mkfs.ext4", "e2fsprogs"),
+    ]
+    .into_iter()
+    .filter(|(tool, _)| which(tool).is_none())
+    .map(|(_, package)| package)
+    .collect();
     if !missing.is_empty() && which("apt-get").is_some() {
         // A fresh Debian host: bring the tools skiff needs from the host's
         // own package sources, as the user would have been told to.

@@ -5,17 +5,16 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use skiff_model::{format_duration, ServiceSpec};
-use skiff_sandbox::beneath::remove_tree;
+use skiff_model::{format_duration, format_size, ServiceSpec};
 use skiff_sandbox::{
-    outbound, Bind, CgroupLimits, Exit, Identity, Network, Sandbox, SandboxConfig, SandboxError,
-    WritableLayer,
+    disk, outbound, Bind, CgroupLimits, Exit, Identity, Network, Sandbox, SandboxConfig,
+    SandboxError, WritableLayer,
 };
 use tokio::sync::broadcast;
 
 use crate::base::{which, APP_PATH};
 use crate::events::{Event, Phase};
-use crate::image::{tree_size, ImageDir};
+use crate::image::{tree_size, ImageDir, ImageStore};
 use crate::instance::{command_environment, LogSink, Tail};
 use crate::store::LogSender;
 
@@ -96,6 +95,29 @@ pub enum BuildError {
     TimedOut { after: Duration },
     #[error("the build cannot get its network: {0}")]
     Network(String),
+    #[error("{}", disk_full_message(*limit, *used, tail))]
+    DiskFull {
+        limit: u64,
+        used: u64,
+        tail: Vec<String>,
+    },
+    #[error(
+        "The build may write up to {} (limits.build_disk), but the file system of skiff's \
+         state directory ({}) has only {} free. Free space there, or lower [limits] \
+         build_disk in skiff.toml if the build needs less. The running version of the \
+         service, if any, was not changed.",
+        format_size(*needed), dir.display(), format_size(*free)
+    )]
+    NoRoom {
+        needed: u64,
+        free: u64,
+        dir: PathBuf,
+    },
+    #[error(
+        "builds write their layer on a disk of their own, made with mkfs.ext4, which is not \
+         installed: install it with `apt-get install e2fsprogs`"
+    )]
+    NoMkfs,
     #[error("preparing the build layer {dir}: {source}")]
     Io {
         dir: PathBuf,
@@ -105,6 +127,17 @@ pub enum BuildError {
 
 fn failed_message(exit: Exit, tail: &[String]) -> String {
     let mut s = format!("The build command failed ({exit}).");
+    push_tail(&mut s, tail);
+    s.push_str(
+        "\nFix the build command (build = \"...\" in skiff.toml) or what it installs; \
+         it runs as root with bash -c in /app. The running version of the service, \
+         if any, was not changed.",
+    );
+    s
+}
+
+/// The build's last lines of output, quoted.
+fn push_tail(s: &mut String, tail: &[String]) {
     if !tail.is_empty() {
         s.push_str("\nIts last output:");
         for line in tail {
@@ -112,10 +145,21 @@ fn failed_message(exit: Exit, tail: &[String]) -> String {
             s.push_str(line);
         }
     }
+}
+
+fn disk_full_message(limit: u64, used: u64, tail: &[String]) -> String {
+    let mut s = format!(
+        "The build wrote {} and filled its disk: a build may write at most {} \
+         (limits.build_disk).",
+        format_size(used),
+        format_size(limit)
+    );
+    push_tail(&mut s, tail);
     s.push_str(
-        "\nFix the build command (build = \"...\" in skiff.toml) or what it installs; \
-         it runs as root with bash -c in /app. The running version of the service, \
-         if any, was not changed.",
+        "\nRaise [limits] build_disk in skiff.toml, or have the build leave less behind: \
+         drop caches and intermediate files in the build command (pip install \
+         --no-cache-dir, npm ci && npm cache clean --force, rm -rf of build directories). \
+         The running version of the service, if any, was not changed.",
     );
     s
 }
@@ -134,6 +178,7 @@ pub struct BuildReport {
 
 pub struct BuildContext<'a> {
     pub sandbox: &'a Sandbox,
+    pub images: &'a ImageStore,
     pub mount_point: &'a Path,
     /// A file holding [`BUILD_RESOLV_CONF`], mounted as the build's
     /// `/etc/resolv.conf`.
@@ -156,7 +201,8 @@ fn environment(spec: &ServiceSpec) -> Vec<(String, String)> {
 }
 
 /// Runs `spec.build` over `lower` (top first) and leaves its writes in
-/// `image.upper()`. On any failure the partial layer is removed.
+/// `image.upper()`, on a disk of `limits.build_disk` (mounted read-only
+/// once the build is done). On any failure the partial layer is removed.
 pub async fn run(
     ctx: &BuildContext<'_>,
     spec: &ServiceSpec,
@@ -166,17 +212,33 @@ pub async fn run(
     id: &str,
 ) -> Result<BuildReport, BuildError> {
     let started = Instant::now();
-    let io = |dir: &Path| {
-        let dir = dir.to_path_buf();
-        move |source| BuildError::Io { dir, source }
-    };
-    remove_tree(&image.dir).map_err(io(&image.dir))?;
-    for dir in [image.upper(), image.work()] {
-        fs::create_dir_all(&dir).map_err(io(&dir))?;
+    let result = async {
+        prepare_disk(ctx.images, spec, image)?;
+        let built = run_sandboxed(ctx, spec, build, lower, image, id).await;
+        if let Ok(()) | Err(BuildError::Failed { .. }) = built {
+            // A write that failed for want of space may have failed the
+            // build, or been ignored by it: either way the layer is not
+            // what the build meant to make.
+            let usage = disk::usage(&image.disk_dir()).map_err(io(&image.disk_dir()))?;
+            if usage.is_full() {
+                let tail = match built {
+                    Err(BuildError::Failed { tail, .. }) => tail,
+                    _ => Vec::new(),
+                };
+                return Err(BuildError::DiskFull {
+                    limit: spec.limits.build_disk,
+                    used: usage.used,
+                    tail,
+                });
+            }
+        }
+        built?;
+        finish_layer(image).map_err(io(&image.dir))
     }
-    if let Err(e) = run_sandboxed(ctx, spec, build, lower, image, id).await {
+    .await;
+    if let Err(e) = result {
         // The build's own failure is what the user needs to hear.
-        if let Err(r) = remove_tree(&image.dir) {
+        if let Err(r) = ctx.images.remove_image(&image.dir) {
             tracing::warn!(
                 "removing the failed build's layer {}: {r}",
                 image.dir.display()
@@ -184,13 +246,52 @@ pub async fn run(
         }
         return Err(e);
     }
-    finish_layer(image).map_err(io(&image.dir))?;
     let size = tree_size(&image.upper());
     Ok(BuildReport {
         elapsed: started.elapsed(),
         written: size,
         layer_size: size,
     })
+}
+
+fn io(dir: &Path) -> impl FnOnce(std::io::Error) -> BuildError {
+    let dir = dir.to_path_buf();
+    move |source| BuildError::Io { dir, source }
+}
+
+/// A new, empty disk of `limits.build_disk` for the layer, mounted with the
+/// overlay's upper and work directories on it. Refused when the state
+/// directory's file system could not hold what the build may write.
+fn prepare_disk(
+    images: &ImageStore,
+    spec: &ServiceSpec,
+    image: &ImageDir,
+) -> Result<(), BuildError> {
+    let mkfs = which("mkfs.ext4").ok_or(BuildError::NoMkfs)?;
+    images.remove_image(&image.dir).map_err(io(&image.dir))?;
+    let store = image.dir.parent().unwrap_or(&image.dir);
+    let free = disk::free_space(store).map_err(io(store))?;
+    if free < spec.limits.build_disk {
+        return Err(BuildError::NoRoom {
+            needed: spec.limits.build_disk,
+            free,
+            dir: store.to_path_buf(),
+        });
+    }
+    fs::create_dir_all(image.disk_dir()).map_err(io(&image.dir))?;
+    disk::format(
+        &mkfs,
+        &image.disk_file(),
+        spec.limits.build_disk,
+        disk::Durability::Scratch,
+    )
+    .map_err(io(&image.disk_file()))?;
+    disk::mount_disk(&image.disk_file(), &image.disk_dir(), false)
+        .map_err(io(&image.disk_dir()))?;
+    for dir in [image.upper(), image.work()] {
+        fs::create_dir(&dir).map_err(io(&dir))?;
+    }
+    Ok(())
 }
 
 async fn run_sandboxed(
@@ -289,10 +390,12 @@ async fn run_sandboxed(
 }
 
 /// Removes the overlay work directory (the platform's own: the kernel, not
-/// the build, writes there) and marks the layer complete. Nothing under the
-/// layer itself is touched: the build's caches were dropped in its sandbox.
+/// the build, writes there), makes the disk read-only and marks the layer
+/// complete. Nothing under the layer itself is touched: the build's caches
+/// were dropped in its sandbox.
 fn finish_layer(image: &ImageDir) -> std::io::Result<()> {
     fs::remove_dir_all(image.work())?;
+    disk::remount_read_only(&image.disk_dir())?;
     image.mark_ready()
 }
 

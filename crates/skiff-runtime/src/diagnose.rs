@@ -6,6 +6,8 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
+use skiff_model::format_size;
+
 /// Which rule a finding comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum FindingKind {
@@ -43,6 +45,20 @@ pub enum FindingKind {
     /// Background work (schedulers, heartbeats, work after the response)
     /// ran late: a serverless instance has no CPU between requests.
     BackgroundWorkStalled,
+    /// A write failed for want of space: `/tmp` or a persistent service's
+    /// writable layer is full.
+    DiskFull,
+}
+
+/// What the service may write, for the rules that name a limit: from the
+/// service's current version, when known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Disks {
+    pub persistent: bool,
+    /// `limits.tmp_size`.
+    pub tmp_size: u64,
+    /// `limits.disk` (persistent mode).
+    pub disk: u64,
 }
 
 /// One diagnosis: what happened (with the evidence), why, what to do.
@@ -90,6 +106,10 @@ const WHY_STREAMING: &str = "serverless services serve short request/response ex
 const WHY_SUSPENDED: &str = "a serverless instance gets CPU only while a request is in flight: \
      it is frozen limits.idle_suspend after the last request ends (default: at once), so \
      schedulers, heartbeats and work started after the response stop until the next request";
+const WHY_DISK: &str = "what an instance writes goes to its /tmp, which holds at most \
+     limits.tmp_size (default 512MiB), or, in a persistent service, also to its writable \
+     layer, a disk of its own of limits.disk (default 1GiB); past them, writes fail with \
+     \"No space left on device\" and the service goes on running";
 const WHY_CRASH: &str = "requests in flight on an instance that ends get 502; the platform \
      starts another for the next request";
 
@@ -97,16 +117,26 @@ const WHY_CRASH: &str = "requests in flight on an instance that ends get 502; th
 #[derive(Debug, Default)]
 pub struct Diagnoser {
     findings: BTreeMap<(FindingKind, String), Finding>,
+    disks: Option<Disks>,
     /// The line before, for errors that need their context (a Python
     /// traceback names the failing call on the line above the error).
     previous: String,
 }
 
 impl Diagnoser {
+    /// A diagnoser that knows the service's mode and disk limits, so that
+    /// a full disk is explained with the limit that applied.
+    pub fn with_disks(disks: Disks) -> Self {
+        Self {
+            disks: Some(disks),
+            ..Self::default()
+        }
+    }
+
     /// Looks at one line; returns the finding when it is new (to show it
     /// once), `None` when the line says nothing or repeats a known finding.
     pub fn observe(&mut self, line: &str, at: SystemTime) -> Option<&Finding> {
-        let classified = classify(line, &self.previous);
+        let classified = classify(line, &self.previous, self.disks);
         // Python 3.11 underlines the failing call with a line of carets;
         // the context is the code line above it.
         if !line.trim().chars().all(|c| matches!(c, '^' | '~')) {
@@ -157,6 +187,7 @@ impl Diagnoser {
             FindingKind::StreamingNeedsPersistent => WHY_STREAMING,
             FindingKind::InstanceCrashed => WHY_CRASH,
             FindingKind::BackgroundWorkStalled => WHY_SUSPENDED,
+            FindingKind::DiskFull => WHY_DISK,
         };
         let key = (kind, subject);
         let mut new = false;
@@ -357,10 +388,20 @@ fn quoted_after(line: &str, marker: &str) -> Option<String> {
 type Classified = (FindingKind, String, String, String);
 
 /// The rules, most specific first. `previous` is the line before, lowercase.
-fn classify(line: &str, previous: &str) -> Option<Classified> {
+fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classified> {
     let lower = line.to_ascii_lowercase();
     if let Some(c) = stalled(line, &lower) {
         return Some(c);
+    }
+    if (lower.contains("no space left on device")
+        || lower.contains("enospc")
+        || lower.contains("disk quota exceeded")
+        || lower.contains("edquot")
+        || lower.contains("[errno 28]"))
+        // Node's "ENOSPC: System limit for number of file watchers".
+        && !lower.contains("watchers")
+    {
+        return Some(disk_full(line, disks));
     }
     let failed = lower.contains("error") || lower.contains("denied");
     if lower.contains("/dev/shm")
@@ -510,6 +551,46 @@ fn classify(line: &str, previous: &str) -> Option<Classified> {
     None
 }
 
+/// A write that failed for want of space: which disk was full follows from
+/// the path the line names (`/tmp` or not) and the service's mode.
+fn disk_full(line: &str, disks: Option<Disks>) -> Classified {
+    let path = path_in(line);
+    let in_tmp = path
+        .as_deref()
+        .map(|p| p == "/tmp" || p.starts_with("/tmp/"));
+    let named = |limit: Option<u64>| limit.map(|n| format!(" ({})", format_size(n)));
+    let tmp = named(disks.map(|d| d.tmp_size)).unwrap_or_default();
+    let layer = named(disks.map(|d| d.disk)).unwrap_or_default();
+    let persistent = disks.map(|d| d.persistent);
+    let written = path
+        .as_deref()
+        .map(|p| format!(" (writing {p})"))
+        .unwrap_or_default();
+    let (subject, what, fix) = match (in_tmp, persistent) {
+        (Some(true), _) | (None, Some(false)) => (
+            "/tmp",
+            format!("The service's /tmp is full{written}: it holds at most limits.tmp_size{tmp}."),
+            "Delete temporary files once they are used, stream large data instead of              storing it, or raise [limits] tmp_size in skiff.toml."
+                .to_string(),
+        ),
+        (Some(false), _) | (None, Some(true)) => (
+            "disk",
+            format!(
+                "The service's writable layer is full{written}: a persistent service keeps at                  most limits.disk{layer} of files outside /tmp."
+            ),
+            "Delete files the service no longer needs (old logs, caches), keep large data in              a database or object storage, or raise [limits] disk in skiff.toml and deploy              again (a new version starts with a new, empty writable layer)."
+                .to_string(),
+        ),
+        (None, None) => (
+            "",
+            format!("A write failed for want of space{written}."),
+            "Free space or raise the limit that applies in skiff.toml: [limits] tmp_size for              /tmp, [limits] disk for a persistent service's files."
+                .to_string(),
+        ),
+    };
+    (FindingKind::DiskFull, subject.into(), what, fix)
+}
+
 fn root_only(tool: &str, _line: &str) -> Option<Classified> {
     Some((
         FindingKind::RootOnlyCommand,
@@ -525,6 +606,69 @@ fn root_only(tool: &str, _line: &str) -> Option<Classified> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_names_the_limit_that_applied() {
+        let persistent = Disks {
+            persistent: true,
+            tmp_size: 512 << 20,
+            disk: 16 << 20,
+        };
+        let serverless = Disks {
+            persistent: false,
+            ..persistent
+        };
+        let cases = [
+            (
+                "OSError: [Errno 28] No space left on device: '/app/big'",
+                Some(persistent),
+                "limits.disk (16MiB)",
+            ),
+            (
+                "Error: ENOSPC: no space left on device, write",
+                Some(persistent),
+                "limits.disk (16MiB)",
+            ),
+            (
+                "Error: ENOSPC: no space left on device, open '/tmp/upload.bin'",
+                Some(persistent),
+                "limits.tmp_size (512MiB)",
+            ),
+            (
+                "write /tmp/cache/x: no space left on device",
+                Some(serverless),
+                "limits.tmp_size (512MiB)",
+            ),
+            (
+                "dd: error writing 'out': No space left on device",
+                Some(serverless),
+                "tmp_size",
+            ),
+            (
+                "cp: error writing '/var/lib/x': Disk quota exceeded",
+                None,
+                "limits.disk",
+            ),
+        ];
+        for (line, disks, needle) in cases {
+            let mut d = disks.map_or_else(Diagnoser::default, Diagnoser::with_disks);
+            let found = d.observe(line, SystemTime::now()).cloned();
+            let f = found.unwrap_or_else(|| panic!("nothing found in {line:?}"));
+            assert_eq!(f.kind, FindingKind::DiskFull, "{line}");
+            assert!(
+                f.what.contains(needle) || f.fix.contains(needle),
+                "{line}: {f}"
+            );
+        }
+        // Not a disk: Node's inotify limit.
+        let found = diagnose_lines([
+            "Error: ENOSPC: System limit for number of file watchers reached, watch '/app'",
+        ]);
+        assert!(
+            found.iter().all(|f| f.kind != FindingKind::DiskFull),
+            "{found:?}"
+        );
+    }
 
     #[test]
     fn late_background_work_points_at_cpu_suspension() {

@@ -7,7 +7,12 @@
 //! the image without building. Layout under `<state>/images/`:
 //!
 //! - `src-<hash>/app/...`: a source snapshot;
-//! - `img-<hash>/upper/`: a build's layer, `img-<hash>/ready` once complete;
+//! - `img-<hash>/disk.ext4`: a build's layer, on a disk of its own whose
+//!   size is the build's `limits.build_disk` (see `skiff_sandbox::disk`);
+//!   mounted read-only on `img-<hash>/disk/` (the layer is `disk/upper/`)
+//!   in the daemon's own mount namespace while the daemon runs;
+//!   `img-<hash>/ready` once complete. (Images made before layers had
+//!   disks hold the layer in `img-<hash>/upper/`, and are used as they are.)
 //! - `refs/<service>`: the image key the service's current version uses.
 //!   Images no ref names are garbage.
 
@@ -19,6 +24,7 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use skiff_sandbox::beneath::{remove_tree, Kind, Tree};
+use skiff_sandbox::disk;
 
 use crate::base::APP_PATH;
 
@@ -29,6 +35,9 @@ const SKIPPED_DIRS: &[&str] = &[".git", ".hg", ".svn"];
 #[derive(Debug, Clone)]
 pub struct ImageStore {
     root: PathBuf,
+    /// Held while a layer's disk is mounted or unmounted, so that two
+    /// deploys of one image never mount it twice.
+    mounts: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 /// A source snapshot, ready to be a layer.
@@ -47,12 +56,22 @@ pub struct ImageDir {
 }
 
 impl ImageDir {
+    /// The file holding the layer's disk.
+    pub fn disk_file(&self) -> PathBuf {
+        self.dir.join("disk.ext4")
+    }
+
+    /// Where the layer's disk is mounted.
+    pub fn disk_dir(&self) -> PathBuf {
+        self.dir.join("disk")
+    }
+
     pub fn upper(&self) -> PathBuf {
-        self.dir.join("upper")
+        self.disk_dir().join("upper")
     }
 
     pub fn work(&self) -> PathBuf {
-        self.dir.join("work")
+        self.disk_dir().join("work")
     }
 
     fn marker(&self) -> PathBuf {
@@ -78,7 +97,39 @@ impl ImageStore {
     pub fn open(state_dir: &Path) -> io::Result<Self> {
         let root = state_dir.join("images");
         fs::create_dir_all(root.join("refs"))?;
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            mounts: Default::default(),
+        })
+    }
+
+    /// Mounts (read-only) the disks of those of `layers` that are build
+    /// layers of this store and not mounted yet: after a restart of the
+    /// daemon, or for a deploy that reuses an image.
+    pub fn attach(&self, layers: &[PathBuf]) -> io::Result<()> {
+        let _guard = self.mounts.lock().unwrap_or_else(|p| p.into_inner());
+        for entry in self.entries(layers) {
+            let image = ImageDir {
+                dir: self.root.join(&entry),
+                key: String::new(),
+            };
+            if entry.starts_with("img-")
+                && image.disk_file().is_file()
+                && !disk::is_mount_point(&image.disk_dir())?
+            {
+                disk::mount_disk(&image.disk_file(), &image.disk_dir(), true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes an image's directory, its disk unmounted first.
+    pub fn remove_image(&self, dir: &Path) -> io::Result<()> {
+        {
+            let _guard = self.mounts.lock().unwrap_or_else(|p| p.into_inner());
+            disk::unmount(&dir.join("disk"))?;
+        }
+        remove_tree(dir)
     }
 
     /// Snapshots `source` (unless a snapshot of the same content exists).
@@ -113,7 +164,8 @@ impl ImageStore {
         env: &BTreeMap<String, String>,
     ) -> ImageDir {
         let mut h = Sha256::new();
-        h.update(b"skiff-image-v1\0");
+        // v2: build layers on disks of their own.
+        h.update(b"skiff-image-v2\0");
         for part in [base, &source.key, build] {
             h.update(part.as_bytes());
             h.update(b"\0");
@@ -178,7 +230,7 @@ impl ImageStore {
             let layer = (name.starts_with("src-") || name.starts_with("img-"))
                 && !name.ends_with(".partial");
             if layer && !live.contains(&name) {
-                remove_tree(&entry.path())?;
+                self.remove_image(&entry.path())?;
                 removed.push(name);
             }
         }

@@ -119,6 +119,8 @@ pub enum DeployError {
          rebuild it"
     )]
     ImageMissing { version: i64, path: PathBuf },
+    #[error("cannot mount the disk of the service's image: {source}; deploy it again")]
+    ImageDisk { source: std::io::Error },
     #[error("the platform is shutting down")]
     ShuttingDown,
 }
@@ -721,6 +723,7 @@ impl Handle {
     ) -> Result<(), DeployError> {
         let name = spec.name.to_string();
         self.base_image().await?;
+        self.attach_images(&layers).await?;
         if let Some(missing) = layers.iter().find(|l| !l.exists()) {
             return Err(DeployError::ImageMissing {
                 version,
@@ -1020,6 +1023,8 @@ impl Handle {
         };
         let mut elapsed = None;
         if image.is_ready() {
+            self.attach_images(std::slice::from_ref(&image.upper()))
+                .await?;
             let _ = shared.events.send(Event::BuildFinished {
                 service: name,
                 elapsed: None,
@@ -1031,6 +1036,7 @@ impl Handle {
             let resolv_conf = shared.config.state_dir.join(BUILD_RESOLV_CONF_FILE);
             let ctx = BuildContext {
                 sandbox: &shared.sandbox,
+                images: &shared.images,
                 mount_point: &mount_point,
                 resolv_conf: &resolv_conf,
                 log: shared.store.log_sender(&name, Some(version)),
@@ -1047,6 +1053,17 @@ impl Handle {
             });
         }
         Ok(([vec![image.upper()], lower].concat(), elapsed))
+    }
+
+    /// Mounts the disks of the build layers among `layers`.
+    async fn attach_images(&self, layers: &[PathBuf]) -> Result<(), DeployError> {
+        let store = self.shared.images.clone();
+        let layers = layers.to_vec();
+        tokio::task::spawn_blocking(move || store.attach(&layers))
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r)
+            .map_err(|source| DeployError::ImageDisk { source })
     }
 
     /// Stops the service (every version), forgets its records, its image
@@ -1092,7 +1109,9 @@ impl Handle {
             warn!("removing the image ref of {name}: {e}");
         }
         let writable = shared.writable_dir(name);
-        if let Err(e) = skiff_sandbox::beneath::remove_tree(&writable) {
+        if let Err(e) = service::prune_writable(&writable, &[])
+            .and_then(|()| skiff_sandbox::beneath::remove_tree(&writable))
+        {
             warn!("removing {}: {e}", writable.display());
         }
         shared.collect_images().await;

@@ -14,12 +14,12 @@ use skiff_gateway::{
 };
 use skiff_model::ServiceSpec;
 use skiff_sandbox::beneath::Tree;
-use skiff_sandbox::{Freezer, NetNs, Prepared, WritableLayer};
+use skiff_sandbox::{disk, Freezer, NetNs, Prepared, WritableLayer};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use crate::base::{APP_PATH, RUN_GID, RUN_UID};
+use crate::base::{which, APP_PATH, RUN_GID, RUN_UID};
 use crate::events::{Event, StartReport};
 use crate::instance::{self, StartContext, StartError};
 use crate::platform::Shared;
@@ -84,6 +84,7 @@ impl ServiceRuntime {
             Some(writable_layer(
                 &shared.writable_dir(spec.name.as_str()),
                 version,
+                spec.limits.disk,
             )?)
         } else {
             None
@@ -594,6 +595,7 @@ pub(crate) fn prune_writable(dir: &Path, keep: &[i64]) -> std::io::Result<()> {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().into_owned();
         if !keep.iter().any(|v| name == format!("v{v}")) {
+            skiff_sandbox::disk::unmount(&entry.path().join("disk"))?;
             skiff_sandbox::beneath::remove_tree(&entry.path())?;
         }
     }
@@ -606,13 +608,40 @@ pub(crate) fn prune_writable(dir: &Path, keep: &[i64]) -> std::io::Result<()> {
 /// version still runs beside it until it has drained, and two overlays
 /// must never share an upper directory. `/app` in it belongs to the run
 /// user, so the service can write its files next to its code.
-fn writable_layer(dir: &Path, version: i64) -> std::io::Result<WritableLayer> {
+///
+/// The layer is on a disk of its own of `size` bytes (`limits.disk`),
+/// `disk.ext4` mounted on `disk/`: past it, the service's writes fail with
+/// ENOSPC and the host's disk is untouched. (A layer made before layers had
+/// disks, `upper/` and `work/` directly under the version's directory, is
+/// used as it is.)
+fn writable_layer(dir: &Path, version: i64, size: u64) -> std::io::Result<WritableLayer> {
     use nix::sys::stat::Mode;
     let base = writable_version_dir(dir, version);
-    let layer = WritableLayer {
-        upper: base.join("upper"),
-        work: base.join("work"),
+    let legacy = base.join("upper").is_dir() && !base.join("disk.ext4").exists();
+    let disk_dir = if legacy {
+        base.clone()
+    } else {
+        base.join("disk")
     };
+    let layer = WritableLayer {
+        upper: disk_dir.join("upper"),
+        work: disk_dir.join("work"),
+    };
+    if !legacy {
+        let file = base.join("disk.ext4");
+        std::fs::create_dir_all(&disk_dir)?;
+        if !file.exists() {
+            let mkfs = which("mkfs.ext4").ok_or_else(|| {
+                std::io::Error::other(
+                    "mkfs.ext4 is not installed: install it with `apt-get install e2fsprogs`",
+                )
+            })?;
+            disk::format(&mkfs, &file, size, disk::Durability::Journaled)?;
+        }
+        if !disk::is_mount_point(&disk_dir)? {
+            disk::mount_disk(&file, &disk_dir, false)?;
+        }
+    }
     std::fs::create_dir_all(&layer.work)?;
     std::fs::create_dir_all(&layer.upper)?;
     // What is in the upper directory is the service's: `/app` is made

@@ -14,6 +14,7 @@
 
 pub mod beneath;
 mod cgroup;
+pub mod disk;
 mod init;
 mod netns;
 pub mod outbound;
@@ -27,6 +28,25 @@ pub use spawn::{Exit, Instance, Prepared, Sandbox, SandboxError, StartTimings};
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+
+/// Gives the calling process a mount namespace of its own, which receives
+/// the host's mounts but shows none of its own to the host: the disks the
+/// platform mounts for layers (see [`disk`]) stay out of the host's mount
+/// table and are unmounted by the kernel when the process ends, however it
+/// ends. Call it before any thread starts (it applies to the calling
+/// thread; later threads and children inherit it).
+pub fn own_mount_namespace() -> std::io::Result<()> {
+    use nix::mount::{mount, MsFlags};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    )?;
+    Ok(())
+}
 
 /// Where the cgroup hierarchies are mounted on this kind of host.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";

@@ -288,6 +288,14 @@ pub fn init_tracing() {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if matches!(cli.command, Command::Up(_) | Command::Serve(_)) {
+        // Before any thread: the disks the platform mounts stay in a mount
+        // namespace of its own, gone with the process however it ends.
+        skiff_sandbox::own_mount_namespace().context(
+            "cannot give the platform a mount namespace of its own; skiff up and skiff \
+             serve run as root",
+        )?;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

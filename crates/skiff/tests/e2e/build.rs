@@ -63,12 +63,13 @@ fn apt_get_in_the_build_and_its_program_at_run_time() {
         .flatten()
         .find(|e| e.file_name().to_string_lossy().starts_with("img-"))
         .expect("an image layer");
-    let lists = img.path().join("upper/var/lib/apt/lists");
+    let upper = up.platform_view(&img.path().join("disk/upper"));
+    let lists = upper.join("var/lib/apt/lists");
     let left: Vec<_> = std::fs::read_dir(&lists)
         .map(|d| d.flatten().filter(|e| e.path().is_file()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "apt lists kept in the image: {left:?}");
-    assert!(img.path().join("upper/usr/bin/jq").exists());
+    assert!(upper.join("usr/bin/jq").exists());
 }
 
 #[test]

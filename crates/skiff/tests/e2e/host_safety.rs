@@ -239,3 +239,146 @@ start = "cat /proc/self/mountinfo > /tmp/mounts && tr '\\0' ' ' < /proc/1/cmdlin
         }
     }
 }
+
+/// The names of the image directories in the state directory.
+fn images(d: &Up) -> Vec<String> {
+    std::fs::read_dir(d.state_dir().join("images"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("img-"))
+        .collect()
+}
+
+#[test]
+fn a_build_that_writes_past_build_disk_fails_and_the_old_version_keeps_serving() {
+    let d = Up::serve(None, &[]);
+    let name = unique("bigbuild");
+    let manifest = |build: &str, limit: &str| {
+        format!(
+            "name = \"{name}\"\n\
+             build = \"{build}\"\n\
+             start = \"exec python3 -m http.server $PORT --directory /app\"\n\
+             [limits]\nbuild_disk = \"{limit}\"\n"
+        )
+    };
+    let app = App::new(&manifest("echo one > /app/version", "64MiB"), &[]);
+    let deploy = || d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (status, out, err) = deploy();
+    assert!(status.success(), "{out}{err}");
+    assert_eq!(d.get(&host(&name), "/version").body, "one\n");
+    let first = images(&d);
+    // 100 MiB into a 64 MiB layer: once failing the build on the error,
+    // once ignoring it (the layer would be cut short without a word).
+    for build in [
+        "head -c 100M /dev/zero > /var/big",
+        "head -c 100M /dev/zero > /var/big; echo two > /app/version",
+    ] {
+        std::fs::write(app.path().join("skiff.toml"), manifest(build, "64MiB")).unwrap();
+        let (status, out, err) = deploy();
+        assert!(!status.success(), "{build}: {out}{err}");
+        for needle in [
+            "filled its disk",
+            "limits.build_disk",
+            "64MiB",
+            "was not changed",
+        ] {
+            assert!(err.contains(needle), "{build}: no {needle:?} in {err}");
+        }
+        assert_eq!(d.get(&host(&name), "/version").body, "one\n", "{build}");
+        assert_eq!(images(&d), first, "{build}: the failed layer was kept");
+    }
+    // A build that may write more than the state directory's file system
+    // has free is not started.
+    std::fs::write(
+        app.path().join("skiff.toml"),
+        manifest("echo three > /app/version", "1000000GiB"),
+    )
+    .unwrap();
+    let (status, out, err) = deploy();
+    assert!(!status.success(), "{out}{err}");
+    for needle in ["limits.build_disk", "free", "was not changed"] {
+        assert!(err.contains(needle), "no {needle:?} in {err}");
+    }
+    assert_eq!(d.get(&host(&name), "/version").body, "one\n");
+}
+
+/// A persistent service that fills its files on `/fill` and says how
+/// its writes ended.
+const FILLER: &str = r#"import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = b"alive"
+        if self.path == "/fill":
+            try:
+                with open("/app/big", "wb") as f:
+                    for _ in range(40):
+                        f.write(b"x" * (1 << 20))
+                        f.flush()
+                        os.fsync(f.fileno())
+                body = b"wrote everything"
+            except OSError as e:
+                print(f"OSError: [Errno {e.errno}] {e.strerror}: '/app/big'", flush=True)
+                body = f"errno {e.errno}".encode()
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(body)
+http.server.ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+#[test]
+fn a_persistent_service_past_its_disk_gets_enospc_and_keeps_running() {
+    let d = Up::serve(None, &[]);
+    let name = unique("fill");
+    let app = App::new(
+        &format!(
+            "name = \"{name}\"\n\
+             mode = \"persistent\"\n\
+             start = \"exec python3 /app/filler.py\"\n\
+             [limits]\ndisk = \"16MiB\"\n"
+        ),
+        &[("filler.py", FILLER)],
+    );
+    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    assert!(status.success(), "{out}{err}");
+    let r = d.get(&host(&name), "/fill");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.body, "errno 28", "40 MiB into a 16 MiB layer: {r:?}");
+    // The service runs on, and the host's disk holds no more than the limit.
+    assert_eq!(d.get(&host(&name), "/").body, "alive");
+    let disks: Vec<_> = walk(&d.state_dir().join("writable"))
+        .into_iter()
+        .filter(|p| p.ends_with("disk.ext4"))
+        .collect();
+    assert_eq!(disks.len(), 1, "{disks:?}");
+    use std::os::unix::fs::MetadataExt;
+    let taken = std::fs::metadata(&disks[0]).unwrap().blocks() * 512;
+    assert!(
+        taken < 24 << 20,
+        "the layer takes {taken} bytes of the host's disk"
+    );
+    // The doctor names the limit that applied.
+    let (_, out, _) = d.cli(&["doctor", &name]);
+    for needle in [
+        "writable layer is full",
+        "limits.disk (16MiB)",
+        "[limits] disk",
+    ] {
+        assert!(out.contains(needle), "no {needle:?} in {out}");
+    }
+}
+
+/// Every path under `dir` (not following links).
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                todo.push(e.path());
+            }
+            out.push(e.path());
+        }
+    }
+    out
+}

@@ -324,6 +324,13 @@ impl Up {
     pub fn state_dir(&self) -> PathBuf {
         self.state.clone()
     }
+
+    /// `path` as the platform sees it: the disks of image layers are
+    /// mounted in its own mount namespace only. (Not through a wrapper.)
+    pub fn platform_view(&self, path: &Path) -> PathBuf {
+        Path::new(&format!("/proc/{}/root", self.pid()))
+            .join(path.strip_prefix("/").unwrap_or(path))
+    }
 }
 
 impl Drop for Up {

@@ -1,0 +1,418 @@
+//! Disks of a fixed size for what tenants write: a build's layer, a
+//! persistent service's writable layer.
+//!
+//! Each is an ext4 file system in a sparse file of its own, attached to a
+//! loop device and mounted where the layer lives. The kernel enforces the
+//! size: past it, writes fail with ENOSPC and nothing else on the host's
+//! disk is touched. The file takes only what is written (plus about 2 MiB
+//! of metadata), so a generous limit costs nothing until it is used.
+//!
+//! The loop device is configured with `LO_FLAGS_AUTOCLEAR`: it is freed by
+//! the kernel when the file system is unmounted, or when the mount
+//! namespace holding the mount goes away with the daemon. The image is only
+//! ever written through the kernel's ext4 (a tenant writes files, never the
+//! image's blocks), so mounting it is not mounting a crafted file system.
+
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::Path;
+use std::process::Command;
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+/// Block size of every disk: 4 KiB, the page size.
+const BLOCK: u64 = 4096;
+/// Bytes of data per inode: 64 Ki inodes per GiB, more than
+/// `node_modules` or a Python virtualenv use.
+const BYTES_PER_INODE: u64 = 16 * 1024;
+const INODE_SIZE: u64 = 256;
+
+/// What a disk holds besides its files: the inode tables, bitmaps, the
+/// clusters ext4 keeps back for its own metadata (2 %, at most 16 MiB), the
+/// journal, and some slack. Sized so that at least `usable` bytes of files
+/// fit (see the test `a_disk_holds_what_it_promises_and_not_more`).
+fn image_size(usable: u64, journal: u64) -> u64 {
+    let inodes = usable / BYTES_PER_INODE * INODE_SIZE;
+    let groups = usable / (BLOCK * 8 * BLOCK) + 1;
+    let bitmaps = groups * 3 * BLOCK + 64 * BLOCK;
+    let reserved = (usable / 49).min(16 << 20);
+    let total = usable + inodes + bitmaps + reserved + journal + usable / 1024 + (1 << 20);
+    total.div_ceil(BLOCK) * BLOCK
+}
+
+/// The journal of a disk that keeps data across crashes: 1/64 of it,
+/// between 4 and 64 MiB.
+fn journal_size(usable: u64) -> u64 {
+    (usable / 64).clamp(4 << 20, 64 << 20) / (1 << 20) * (1 << 20)
+}
+
+/// Whether a disk's files must survive a crash of the host. A build's
+/// layer is thrown away when anything goes wrong, so it needs no journal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    Scratch,
+    Journaled,
+}
+
+/// Makes `file` (which must not exist) a new, empty ext4 file system that
+/// holds at least `usable` bytes of files, with `mkfs`
+/// (`mkfs.ext4` from e2fsprogs). Its root directory belongs to root, 0755.
+pub fn format(mkfs: &Path, file: &Path, usable: u64, durability: Durability) -> io::Result<()> {
+    let journal = match durability {
+        Durability::Scratch => 0,
+        Durability::Journaled => journal_size(usable),
+    };
+    let image = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(file)?;
+    image.set_len(image_size(usable, journal))?;
+    drop(image);
+    let mut features = String::from("^resize_inode");
+    if journal == 0 {
+        features.push_str(",^has_journal");
+    }
+    let mut cmd = Command::new(mkfs);
+    cmd.args(["-q", "-F", "-t", "ext4", "-m", "0"])
+        .args(["-b", &BLOCK.to_string()])
+        .args(["-i", &BYTES_PER_INODE.to_string()])
+        .args(["-I", &INODE_SIZE.to_string()])
+        .args(["-O", &features])
+        .args([
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0",
+        ]);
+    if journal > 0 {
+        cmd.args(["-J", &format!("size={}", journal >> 20)]);
+    }
+    let out = cmd.arg(file).output()?;
+    if !out.status.success() {
+        let _ = std::fs::remove_file(file);
+        return Err(io::Error::other(format!(
+            "{} failed ({}): {}",
+            mkfs.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+// From <linux/loop.h>.
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LO_FLAGS_READ_ONLY: u32 = 1;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+const LO_FLAGS_DIRECT_IO: u32 = 16;
+
+#[repr(C)]
+struct LoopInfo64 {
+    device: u64,
+    inode: u64,
+    rdevice: u64,
+    offset: u64,
+    size_limit: u64,
+    number: u32,
+    encrypt_type: u32,
+    encrypt_key_size: u32,
+    flags: u32,
+    file_name: [u8; 64],
+    crypt_name: [u8; 64],
+    encrypt_key: [u8; 32],
+    init: [u64; 2],
+}
+
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+/// A loop device bound to `image`, open. It frees itself once nothing
+/// holds it (autoclear): keep it open until the file system is mounted.
+fn attach_loop(image: &File, read_only: bool) -> io::Result<File> {
+    let control = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/loop-control")?;
+    // Another process may take the free device between the two calls.
+    for _ in 0..32 {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
+        let n = unsafe { libc::ioctl(control.as_raw_fd(), LOOP_CTL_GET_FREE) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let device = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(format!("/dev/loop{n}"))?;
+        let mut flags = LO_FLAGS_AUTOCLEAR;
+        if read_only {
+            flags |= LO_FLAGS_READ_ONLY;
+        }
+        // Direct I/O keeps the image's blocks out of the host's page cache:
+        // the mounted file system caches them once already. Not every
+        // backing file system takes it; then the loop device runs without.
+        for direct in [true, false] {
+            let config = LoopConfig {
+                fd: image.as_raw_fd() as u32,
+                block_size: if direct { BLOCK as u32 } else { 0 },
+                info: LoopInfo64 {
+                    device: 0,
+                    inode: 0,
+                    rdevice: 0,
+                    offset: 0,
+                    size_limit: 0,
+                    number: 0,
+                    encrypt_type: 0,
+                    encrypt_key_size: 0,
+                    flags: if direct {
+                        flags | LO_FLAGS_DIRECT_IO
+                    } else {
+                        flags
+                    },
+                    file_name: [0; 64],
+                    crypt_name: [0; 64],
+                    encrypt_key: [0; 32],
+                    init: [0; 2],
+                },
+                reserved: [0; 8],
+            };
+            // SAFETY: LOOP_CONFIGURE reads one `struct loop_config`, which
+            // `LoopConfig` lays out; it lives across the call.
+            let r = unsafe {
+                libc::ioctl(
+                    device.as_raw_fd(),
+                    LOOP_CONFIGURE,
+                    &config as *const LoopConfig,
+                )
+            };
+            if r == 0 {
+                return Ok(device);
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINVAL) if direct => continue,
+                Some(libc::EBUSY) => break,
+                _ => return Err(e),
+            }
+        }
+    }
+    Err(io::Error::other(
+        "no free loop device: others kept taking the free one",
+    ))
+}
+
+/// Mounts the disk in `file` on `target` (an empty directory), without
+/// set-user-id programs or device files.
+pub fn mount_disk(file: &Path, target: &Path, read_only: bool) -> io::Result<()> {
+    let image = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(file)?;
+    let device = attach_loop(&image, read_only)?;
+    let source = format!("/proc/self/fd/{}", device.as_raw_fd());
+    let source = std::fs::read_link(&source)?;
+    let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    // noinit_itable: the inode tables were left unwritten by `format` and
+    // stay so (ext4 would otherwise zero them in the background, filling
+    // the sparse file).
+    let data = if read_only {
+        "noinit_itable,noload"
+    } else {
+        "noinit_itable"
+    };
+    mount(
+        Some(source.as_path()),
+        target,
+        Some("ext4"),
+        flags,
+        Some(data),
+    )
+    .map_err(io::Error::from)
+    // `device` closes here; the mount holds the loop device from now on.
+}
+
+/// Makes the disk mounted on `target` read-only (what is written is final).
+pub fn remount_read_only(target: &Path) -> io::Result<()> {
+    mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("noinit_itable"),
+    )
+    .map_err(io::Error::from)
+}
+
+/// Unmounts what is mounted on `target`, if anything. Instances that still
+/// run on it keep it until they end; the loop device goes with the last.
+pub fn unmount(target: &Path) -> io::Result<()> {
+    loop {
+        if !is_mount_point(target)? {
+            return Ok(());
+        }
+        umount2(target, MntFlags::MNT_DETACH).map_err(io::Error::from)?;
+    }
+}
+
+/// Whether something is mounted on `dir` (its device differs from its
+/// parent's). A missing directory is not.
+pub fn is_mount_point(dir: &Path) -> io::Result<bool> {
+    let here = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let parent = std::fs::metadata(dir.join(".."))?;
+    Ok(here.dev() != parent.dev() || here.ino() == parent.ino())
+}
+
+/// How full a mounted disk is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes in files and directories.
+    pub used: u64,
+    /// Bytes that can still be written.
+    pub free: u64,
+    /// Files that can still be made.
+    pub free_files: u64,
+}
+
+impl Usage {
+    /// Whether a write has (almost certainly) failed for want of space: less
+    /// than 1 MiB or no inode left.
+    pub fn is_full(&self) -> bool {
+        self.free < (1 << 20) || self.free_files == 0
+    }
+}
+
+/// How full the file system mounted on `dir` is.
+pub fn usage(dir: &Path) -> io::Result<Usage> {
+    let path = CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let s = nix::sys::statvfs::statvfs(path.as_c_str()).map_err(io::Error::from)?;
+    let unit = s.fragment_size();
+    Ok(Usage {
+        used: (s.blocks() - s.blocks_free()) * unit,
+        free: s.blocks_available() * unit,
+        free_files: s.files_free(),
+    })
+}
+
+/// Bytes the unprivileged may still write on the file system of `dir`.
+pub fn free_space(dir: &Path) -> io::Result<u64> {
+    usage(dir).map(|u| u.free)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mkfs() -> Option<std::path::PathBuf> {
+        ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"]
+            .iter()
+            .map(std::path::PathBuf::from)
+            .find(|p| p.is_file())
+    }
+
+    /// Unmounts the test's disk even when an assertion fails.
+    struct Mounted<'a>(&'a Path);
+    impl Drop for Mounted<'_> {
+        fn drop(&mut self) {
+            let _ = unmount(self.0);
+        }
+    }
+
+    #[test]
+    fn image_sizes_grow_with_what_they_hold() {
+        for usable in [16 << 20, 1 << 30, 4 << 30, 64 << 30] {
+            let size = image_size(usable, journal_size(usable));
+            assert!(size > usable && size.is_multiple_of(BLOCK));
+            assert!(size < usable + usable / 16 + (80 << 20), "{usable}: {size}");
+        }
+    }
+
+    #[test]
+    fn a_disk_holds_what_it_promises_and_not_more() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let mkfs = mkfs().expect("mkfs.ext4 (e2fsprogs) is installed");
+        for (usable, durability) in [
+            (16u64 << 20, Durability::Journaled),
+            (40 << 20, Durability::Scratch),
+            (1 << 30, Durability::Journaled),
+            (4 << 30, Durability::Scratch),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("disk.ext4");
+            let target = dir.path().join("disk");
+            std::fs::create_dir(&target).unwrap();
+            format(&mkfs, &file, usable, durability).unwrap();
+            // Sparse: the file takes a few MiB whatever its size.
+            let taken = std::fs::metadata(&file).unwrap().blocks() * 512;
+            assert!(taken < 4 << 20, "{usable}: the image takes {taken}");
+            mount_disk(&file, &target, false).unwrap();
+            let _m = Mounted(&target);
+            assert!(is_mount_point(&target).unwrap());
+            let u = usage(&target).unwrap();
+            assert!(u.free >= usable, "{usable}: only {} free", u.free);
+            assert!(u.free < usable + usable / 50 + (2 << 20), "{usable}: {u:?}");
+            assert!(!u.is_full());
+            let root = std::fs::metadata(&target).unwrap();
+            assert_eq!((root.uid(), root.mode() & 0o7777), (0, 0o755));
+        }
+    }
+
+    #[test]
+    fn writes_past_the_size_fail_with_enospc() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let mkfs = mkfs().expect("mkfs.ext4 (e2fsprogs) is installed");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("disk.ext4");
+        let target = dir.path().join("disk");
+        std::fs::create_dir(&target).unwrap();
+        format(&mkfs, &file, 16 << 20, Durability::Journaled).unwrap();
+        mount_disk(&file, &target, false).unwrap();
+        let m = Mounted(&target);
+        let mut f = File::create(target.join("big")).unwrap();
+        let chunk = vec![7u8; 1 << 20];
+        let mut written = 0u64;
+        let err = loop {
+            match io::Write::write_all(&mut f, &chunk).and_then(|_| f.sync_data()) {
+                Ok(()) => written += chunk.len() as u64,
+                Err(e) => break e,
+            }
+            assert!(written < 64 << 20, "wrote {written} on a 16 MiB disk");
+        };
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        assert!(written >= 15 << 20, "only {written} fit");
+        drop(f);
+        assert!(usage(&target).unwrap().is_full());
+        // Read-only from now on; unmounting frees the loop device.
+        remount_read_only(&target).unwrap();
+        assert!(File::create(target.join("more")).is_err());
+        drop(m);
+        assert!(!is_mount_point(&target).unwrap());
+        // Mounted again read-only, the files are there.
+        mount_disk(&file, &target, true).unwrap();
+        let _m = Mounted(&target);
+        assert!(std::fs::metadata(target.join("big")).unwrap().len() >= 15 << 20);
+    }
+}
