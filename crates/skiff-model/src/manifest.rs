@@ -77,6 +77,8 @@ pub struct Limits {
     pub build_disk: u64,
     /// Persistent mode: the most the writable layer may hold, in bytes.
     pub disk: u64,
+    /// Open files per process inside an instance (`RLIMIT_NOFILE`).
+    pub open_files: u64,
 }
 
 impl Default for Limits {
@@ -99,6 +101,7 @@ impl Default for Limits {
             pids: 1024,
             build_disk: 4 << 30,
             disk: 1 << 30,
+            open_files: 65536,
         }
     }
 }
@@ -195,6 +198,7 @@ const LIMIT_FIELDS: &[&str] = &[
     "pids",
     "build_disk",
     "disk",
+    "open_files",
 ];
 /// Variables the platform sets itself; `[env]` may not override them.
 const RESERVED_ENV: &[(&str, &str)] = &[
@@ -709,6 +713,17 @@ impl Validator<'_> {
         }
         if let Some(n) = count(self, "pids", 1 << 20) {
             limits.pids = n;
+        }
+        // The kernel's own ceiling is fs.nr_open, 1 Mi by default.
+        if let Some(n) = count(self, "open_files", 1 << 20) {
+            if n < 64 {
+                self.problem(
+                    &["limits", "open_files"],
+                    format!("{n} is too few for any runtime; use at least 64"),
+                );
+            } else {
+                limits.open_files = n.into();
+            }
         }
         match t.get("cpu") {
             None => {}

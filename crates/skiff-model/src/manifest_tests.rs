@@ -54,6 +54,7 @@ fn disk_limits_default_and_parse() {
     let spec = check("start = \"x\"", &Overrides::default()).unwrap();
     assert_eq!(spec.limits.build_disk, 4 << 30);
     assert_eq!(spec.limits.disk, 1 << 30);
+    assert_eq!(spec.limits.open_files, 65536);
     let spec = check(
         "start = \"x\"\n[limits]\nbuild_disk = \"10GiB\"\ndisk = \"64MiB\"",
         &Overrides::default(),
@@ -191,6 +192,16 @@ fn bad_values_table() {
             "start = \"x\"\n[limits]\ndisk = \"lots\"",
             "limits.disk",
             "is not a size",
+        ),
+        (
+            "start = \"x\"\n[limits]\nopen_files = 8",
+            "limits.open_files",
+            "use at least 64",
+        ),
+        (
+            "start = \"x\"\n[limits]\nopen_files = 2000000",
+            "limits.open_files",
+            "out of range",
         ),
         (
             "start = \"x\"\n[limits]\ncpu = -1",

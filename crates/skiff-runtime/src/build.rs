@@ -77,8 +77,11 @@ pub const BUILD_RESOLV_CONF: &str =
 /// compilers and package managers need more than a small service does.
 const BUILD_MEMORY: u64 = 4 << 30;
 const BUILD_PIDS: u32 = 4096;
-/// Size of the build's private `/tmp` (not part of the image).
+/// Size of the build's private `/tmp` (not part of the image); its files
+/// count toward the build's memory cgroup, which holds it on top.
 const BUILD_TMP: u64 = 2 << 30;
+/// Open files per process of a build, at least (bundlers open many).
+const BUILD_OPEN_FILES: u64 = 65536;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -346,9 +349,11 @@ async fn run_sandboxed(
         network,
         argv: build_argv(build),
         env: environment(spec),
+        open_files: spec.limits.open_files.max(BUILD_OPEN_FILES),
+        syscall_filter: true,
     };
     let limits = CgroupLimits {
-        memory_bytes: BUILD_MEMORY.max(spec.limits.memory),
+        memory_bytes: BUILD_MEMORY.max(spec.limits.memory) + BUILD_TMP,
         pids: BUILD_PIDS,
         cpu: std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64),
     };

@@ -48,6 +48,9 @@ pub enum FindingKind {
     /// A write failed for want of space: `/tmp` or a persistent service's
     /// writable layer is full.
     DiskFull,
+    /// A kernel call the sandbox's system-call filter denies (a new user
+    /// namespace, io_uring, keyrings, ...).
+    SyscallDenied,
 }
 
 /// What the service may write, for the rules that name a limit: from the
@@ -93,8 +96,9 @@ const WHY_ROOT_ONLY: &str = "the start command runs as a non-root user with no p
 const WHY_PORT_CHECK: &str = "the platform checks /kaithhealth on 0.0.0.0:$PORT inside the \
      instance until it answers; a service listening on another port or only on another \
      address is never reached";
-const WHY_MEMORY: &str = "each instance may use limits.memory (default 512MiB); the kernel \
-     kills a process that goes over it";
+const WHY_MEMORY: &str = "each instance's processes may use limits.memory (default 512MiB), \
+     and its /tmp, which lives in memory, up to limits.tmp_size on top; the kernel kills a \
+     process when the two together go over";
 const WHY_RESPONSE_SIZE: &str = "a serverless service's response is at most limits.max_response \
      (default 6MiB = 6,291,456 bytes); the gateway refuses larger ones with 502";
 const WHY_TIMEOUT: &str = "a serverless request ends at limits.request_timeout (default 15 min); \
@@ -110,6 +114,10 @@ const WHY_DISK: &str = "what an instance writes goes to its /tmp, which holds at
      limits.tmp_size (default 512MiB), or, in a persistent service, also to its writable \
      layer, a disk of its own of limits.disk (default 1GiB); past them, writes fail with \
      \"No space left on device\" and the service goes on running";
+const WHY_SYSCALL: &str = "instances and builds run under a system-call filter that denies \
+     kernel features services do not need and attacks on the kernel use (new user namespaces, \
+     io_uring, eBPF, userfaultfd, keyrings, perf events, mounts, other namespaces); a denied \
+     call fails with \"Operation not permitted\"";
 const WHY_CRASH: &str = "requests in flight on an instance that ends get 502; the platform \
      starts another for the next request";
 
@@ -188,6 +196,7 @@ impl Diagnoser {
             FindingKind::InstanceCrashed => WHY_CRASH,
             FindingKind::BackgroundWorkStalled => WHY_SUSPENDED,
             FindingKind::DiskFull => WHY_DISK,
+            FindingKind::SyscallDenied => WHY_SYSCALL,
         };
         let key = (kind, subject);
         let mut new = false;
@@ -393,6 +402,9 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
     if let Some(c) = stalled(line, &lower) {
         return Some(c);
     }
+    if let Some(c) = denied_call(&lower) {
+        return Some(c);
+    }
     if (lower.contains("no space left on device")
         || lower.contains("enospc")
         || lower.contains("disk quota exceeded")
@@ -551,6 +563,54 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
     None
 }
 
+/// The kernel features the system-call filter denies, as programs name
+/// them when a call fails, and what the finding calls them.
+const FILTERED: &[(&str, &str)] = &[
+    ("namespace", "a new namespace"),
+    ("unshare", "a new namespace"),
+    ("clone", "a new namespace"),
+    ("bwrap", "a new namespace"),
+    ("io_uring", "io_uring"),
+    ("userfaultfd", "userfaultfd"),
+    ("keyctl", "the kernel keyring"),
+    ("add_key", "the kernel keyring"),
+    ("request_key", "the kernel keyring"),
+    ("keyring", "the kernel keyring"),
+    ("bpf", "eBPF"),
+    ("perf_event_open", "perf events"),
+    ("setns", "another namespace"),
+];
+
+/// A call the system-call filter denied, as the program reports it.
+fn denied_call(lower: &str) -> Option<Classified> {
+    if lower.contains("no usable sandbox") || lower.contains("failed to move to new namespace") {
+        return Some((
+            FindingKind::SyscallDenied,
+            "chromium".into(),
+            "Chromium could not start its own sandbox: it needs user namespaces, which \
+             skiff's sandbox denies."
+                .into(),
+            "Start Chromium with --no-sandbox (Puppeteer: args: ['--no-sandbox']; \
+             Playwright: chromiumSandbox: false): the instance is the sandbox."
+                .into(),
+        ));
+    }
+    if !(lower.contains("operation not permitted") || lower.contains("eperm")) {
+        return None;
+    }
+    let (_, feature) = FILTERED.iter().find(|(word, _)| lower.contains(word))?;
+    Some((
+        FindingKind::SyscallDenied,
+        feature.to_string(),
+        format!("The service asked the kernel for {feature}, which skiff's sandbox denies."),
+        format!(
+            "Use the program's way to do without {feature} (most fall back by themselves; \
+             look for an option that turns it off, e.g. a --no-sandbox flag for tools that \
+             make their own sandbox). It cannot be allowed per service."
+        ),
+    ))
+}
+
 /// A write that failed for want of space: which disk was full follows from
 /// the path the line names (`/tmp` or not) and the service's mode.
 fn disk_full(line: &str, disks: Option<Disks>) -> Classified {
@@ -606,6 +666,45 @@ fn root_only(tool: &str, _line: &str) -> Option<Classified> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_denied_kernel_call_is_named() {
+        for (line, subject) in [
+            (
+                "unshare: unshare failed: Operation not permitted",
+                "a new namespace",
+            ),
+            (
+                "[0101/000000.000:FATAL:zygote_host_impl_linux.cc(127)] No usable sandbox! \
+                 Update your kernel or see https://chromium.googlesource.com/...",
+                "chromium",
+            ),
+            (
+                "io_uring_setup() failed: Operation not permitted",
+                "io_uring",
+            ),
+            (
+                "keyctl_join_session_keyring: Operation not permitted",
+                "the kernel keyring",
+            ),
+            (
+                "bwrap: setting up uid map: Operation not permitted",
+                "a new namespace",
+            ),
+        ] {
+            let found = diagnose_lines([line]);
+            assert_eq!(found.len(), 1, "{line}: {found:?}");
+            assert_eq!(found[0].kind, FindingKind::SyscallDenied, "{line}");
+            assert!(found[0].what.contains(subject) || found[0].fix.contains("--no-sandbox"));
+        }
+        // A plain permission problem is not one.
+        let found =
+            diagnose_lines(["chown: changing ownership of '/app/x': Operation not permitted"]);
+        assert!(
+            found.iter().all(|f| f.kind != FindingKind::SyscallDenied),
+            "{found:?}"
+        );
+    }
 
     #[test]
     fn a_full_disk_names_the_limit_that_applied() {

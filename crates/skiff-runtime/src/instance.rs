@@ -90,7 +90,8 @@ fn early_exit_message(exit: Exit, port: u16, tail: &[String], oom_limit: Option<
 pub fn oom_message(limit: u64) -> String {
     format!(
         "It ran out of memory: the kernel killed it for using more than its limit of {} \
-         (limits.memory in skiff.toml).",
+         (limits.memory in skiff.toml; the part of limits.tmp_size its /tmp did not hold \
+         comes on top).",
         skiff_model::format_size(limit)
     )
 }
@@ -193,7 +194,10 @@ pub(crate) fn command_environment(
 /// The cgroup limits of one instance of `spec`.
 pub fn cgroup_limits(spec: &ServiceSpec) -> CgroupLimits {
     CgroupLimits {
-        memory_bytes: spec.limits.memory,
+        // /tmp is a tmpfs, whose files are memory the kernel charges to the
+        // instance: the cgroup holds both, so that /tmp fills up with
+        // ENOSPC at tmp_size while the processes keep their memory.
+        memory_bytes: spec.limits.memory.saturating_add(spec.limits.tmp_size),
         pids: spec.limits.pids,
         cpu: spec.limits.cpu,
     }
@@ -241,6 +245,8 @@ pub async fn start_prepared(
         network: Network::Loopback,
         argv: vec!["bash".into(), "-c".into(), spec.start.clone()],
         env: environment(spec),
+        open_files: spec.limits.open_files,
+        syscall_filter: true,
     };
     let mut instance = prepared.start(&config).await?;
     let tail = Tail::default();

@@ -542,8 +542,14 @@ fn loopback_up() -> Res<()> {
 /// Returns only on failure, with the reason.
 fn exec_command(config: &SandboxConfig, control: &mut UnixStream) -> String {
     match prepare_exec(config) {
-        Ok((argv, env)) => {
+        Ok((argv, env, filters)) => {
             let _ = control.write_all(b"exec\n");
+            // The filter last: nothing of skiff's own runs under it.
+            if let Some(filters) = filters {
+                if let Err(e) = filters.install() {
+                    return e;
+                }
+            }
             let e = execvpe(&argv[0], &argv, &env).unwrap_err();
             format!("cannot run {:?}: {e}", config.argv[0])
         }
@@ -551,7 +557,9 @@ fn exec_command(config: &SandboxConfig, control: &mut UnixStream) -> String {
     }
 }
 
-fn prepare_exec(config: &SandboxConfig) -> Res<(Vec<CString>, Vec<CString>)> {
+type ReadyToExec = (Vec<CString>, Vec<CString>, Option<crate::seccomp::Filters>);
+
+fn prepare_exec(config: &SandboxConfig) -> Res<ReadyToExec> {
     let cstr = |s: &str| CString::new(s).map_err(|_| format!("{s:?} contains a NUL byte"));
     let argv = config
         .argv
@@ -575,6 +583,35 @@ fn prepare_exec(config: &SandboxConfig) -> Res<(Vec<CString>, Vec<CString>)> {
     ctx(chdir(Path::new(&config.cwd)), || {
         format!("chdir {}", config.cwd)
     })?;
+    // Set while still root. Raising the hard limit needs CAP_SYS_RESOURCE,
+    // which a host may withhold even from root: then the most is skiff's
+    // own hard limit.
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let open_files = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((_, hard))
+            if !caps::has_cap(
+                None,
+                caps::CapSet::Effective,
+                caps::Capability::CAP_SYS_RESOURCE,
+            )
+            .unwrap_or(false) =>
+        {
+            config.open_files.min(hard)
+        }
+        _ => config.open_files,
+    };
+    ctx(
+        setrlimit(Resource::RLIMIT_NOFILE, open_files, open_files),
+        || format!("setting the open-file limit to {open_files}"),
+    )?;
+    ctx(setrlimit(Resource::RLIMIT_CORE, 0, 0), || {
+        "turning core dumps off".into()
+    })?;
+    let filters = if config.syscall_filter {
+        Some(crate::seccomp::compile()?)
+    } else {
+        None
+    };
 
     match config.identity {
         Identity::User { uid, gid } => {
@@ -619,5 +656,5 @@ fn prepare_exec(config: &SandboxConfig) -> Res<(Vec<CString>, Vec<CString>)> {
     ctx(nix::sys::prctl::set_no_new_privs(), || {
         "no_new_privs".into()
     })?;
-    Ok((argv, env))
+    Ok((argv, env, filters))
 }

@@ -18,6 +18,7 @@ pub mod disk;
 mod init;
 mod netns;
 pub mod outbound;
+pub mod seccomp;
 mod spawn;
 
 pub use cgroup::{CgroupError, CgroupLimits, Cgroups, Freezer};
@@ -85,6 +86,11 @@ pub struct SandboxConfig {
     pub argv: Vec<String>,
     /// The whole environment of the command.
     pub env: Vec<(String, String)>,
+    /// Open files per process (`RLIMIT_NOFILE`, soft and hard). Core dumps
+    /// are always off.
+    pub open_files: u64,
+    /// The system-call filter of [`seccomp`]; off only to measure its cost.
+    pub syscall_filter: bool,
 }
 
 /// What a sandbox's network namespace holds. No sandbox shares the host's.

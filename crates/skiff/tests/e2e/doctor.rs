@@ -212,7 +212,9 @@ fn gateway_refusals_and_out_of_memory_kills_are_diagnosed() {
     let name = unique("dr-gw");
     let app = server_app(
         &name,
-        "[limits]\nrequest_timeout = \"1s\"\nmemory = \"128MiB\"\n",
+        // /tmp's size counts on top of the memory limit (a full /tmp must
+        // give ENOSPC, not a kill): small here, so 512 MiB are too many.
+        "[limits]\nrequest_timeout = \"1s\"\nmemory = \"128MiB\"\ntmp_size = \"16MiB\"\n",
     );
     assert!(deploy(&d, &app).0);
 

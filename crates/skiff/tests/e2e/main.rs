@@ -10,6 +10,7 @@ mod doctor;
 mod gateway;
 mod gateway_safety;
 mod host_safety;
+mod isolation;
 mod persistent;
 mod sandbox;
 mod scaling;

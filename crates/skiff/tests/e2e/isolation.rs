@@ -1,0 +1,215 @@
+//! What an instance may ask of the kernel: the system-call filter, resource
+//! limits, `/tmp` at its size. Each probe runs inside the sandbox, and its
+//! risky calls only when it is not root, so it can never change the host.
+
+use crate::sandbox::host;
+use crate::support::*;
+
+/// A service that makes the calls the filter denies and reports each
+/// one's errno (0: it succeeded).
+const SYSCALL_PROBE: &str = r#"
+import ctypes, json, multiprocessing, os, resource
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+
+def call(nr, *args):
+    ctypes.set_errno(0)
+    r = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
+    return 0 if r >= 0 else ctypes.get_errno()
+
+def probe():
+    if os.geteuid() == 0:
+        return {"refused": "running as root"}
+    params = ctypes.create_string_buffer(120)
+    out = {
+        "unshare_user": call(272, 0x10000000),
+        "clone3": call(435, 0, 0),
+        "io_uring_setup": call(425, 1, params),
+        "userfaultfd": call(323, 1),
+        "add_key": call(248, b"user", b"skiff-probe", b"secret", 6, -4),
+        "keyctl": call(250, 0, -4, 0),
+        "bpf": call(321, 0, 0, 0),
+        "perf_event_open": call(298, 0, 0, -1, -1, 0),
+        "mount": call(165, b"none", b"/tmp", b"tmpfs", 0, 0),
+        "setns": call(308, -1, 0),
+        "getpid": call(39),
+    }
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("Seccomp", "Seccomp_filters"):
+                out[k] = v.strip()
+    out["nofile"] = list(resource.getrlimit(resource.RLIMIT_NOFILE))
+    out["core"] = list(resource.getrlimit(resource.RLIMIT_CORE))
+    return out
+
+def square(conn):
+    conn.send(conn.recv() ** 2)
+    conn.close()
+
+def pipes():
+    # multiprocessing with pipes, no shared memory: must work as before.
+    ours, theirs = multiprocessing.Pipe()
+    p = multiprocessing.Process(target=square, args=(theirs,))
+    p.start()
+    ours.send(12)
+    got = ours.recv()
+    p.join()
+    return {"squared": got, "exit": p.exitcode}
+
+def fill_tmp():
+    try:
+        with open("/tmp/fill", "wb") as f:
+            for _ in range(150):
+                f.write(b"x" * (4 << 20))
+        return {"errno": 0}
+    except OSError as e:
+        print(f"OSError: [Errno {e.errno}] {e.strerror}: '/tmp/fill'", flush=True)
+        return {"errno": e.errno}
+    finally:
+        try:
+            os.unlink("/tmp/fill")
+        except OSError:
+            pass
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = {"/probe": probe, "/pipes": pipes, "/filltmp": fill_tmp}.get(self.path, lambda: {"ok": True})()
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+fn probe_service(d: &Up, limits: &str) -> String {
+    let name = unique("probe");
+    let app = App::new(
+        &format!(
+            "name = \"{name}\"\n\
+             start = \"exec python3 /app/probe.py\"\n\
+             [limits]\n{limits}\n"
+        ),
+        &[("probe.py", SYSCALL_PROBE)],
+    );
+    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    assert!(status.success(), "{out}{err}");
+    name
+}
+
+fn json(d: &Up, name: &str, path: &str) -> serde_json::Value {
+    let r = d.get(&host(name), path);
+    assert_eq!(r.status, 200, "{path}: {r:?}");
+    serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{path}: {e}: {}", r.body))
+}
+
+#[test]
+fn risky_kernel_calls_are_denied_with_eperm_and_clone3_falls_back() {
+    let d = Up::serve(None, &[]);
+    let name = probe_service(&d, "");
+    let got = json(&d, &name, "/probe");
+    let eperm = nix::libc::EPERM as i64;
+    for call in [
+        "unshare_user",
+        "io_uring_setup",
+        "userfaultfd",
+        "add_key",
+        "keyctl",
+        "bpf",
+        "perf_event_open",
+        "mount",
+        "setns",
+    ] {
+        assert_eq!(got[call].as_i64(), Some(eperm), "{call}: {got}");
+    }
+    assert_eq!(
+        got["clone3"].as_i64(),
+        Some(nix::libc::ENOSYS as i64),
+        "{got}"
+    );
+    assert_eq!(got["getpid"].as_i64(), Some(0), "{got}");
+    // Mode 2: a filter; two of them (the deny list, and clone3/x32).
+    assert_eq!(got["Seccomp"], "2", "{got}");
+    assert_eq!(got["Seccomp_filters"], "2", "{got}");
+    // Resource limits: the default open files (at most skiff's own hard
+    // limit, on a host that withholds CAP_SYS_RESOURCE from root), no core
+    // dumps.
+    let n = 65536.min(own_hard_open_files());
+    assert_eq!(got["nofile"], serde_json::json!([n, n]), "{got}");
+    assert_eq!(got["core"], serde_json::json!([0, 0]), "{got}");
+    // Ordinary programs still work: multiprocessing with pipes.
+    let pipes = json(&d, &name, "/pipes");
+    assert_eq!(pipes, serde_json::json!({"squared": 144, "exit": 0}));
+}
+
+/// The hard open-file limit the platform inherits from this test.
+fn own_hard_open_files() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .unwrap()
+        .1
+}
+
+#[test]
+fn open_files_follows_the_manifest() {
+    let d = Up::serve(None, &[]);
+    let name = probe_service(&d, "open_files = 1000");
+    let got = json(&d, &name, "/probe");
+    assert_eq!(got["nofile"], serde_json::json!([1000, 1000]), "{got}");
+}
+
+#[test]
+fn filling_tmp_gives_enospc_at_tmp_size_not_an_out_of_memory_kill() {
+    let d = Up::serve(None, &[]);
+    // The defaults: /tmp as large as the memory limit (512 MiB each).
+    let name = probe_service(&d, "");
+    let got = json(&d, &name, "/filltmp");
+    assert_eq!(
+        got["errno"].as_i64(),
+        Some(nix::libc::ENOSPC as i64),
+        "{got}"
+    );
+    // The same instance answers on: it was not killed.
+    assert_eq!(json(&d, &name, "/"), serde_json::json!({"ok": true}));
+    let (_, out, _) = d.cli(&["doctor", &name]);
+    for needle in [
+        "/tmp is full",
+        "limits.tmp_size (512MiB)",
+        "[limits] tmp_size",
+    ] {
+        assert!(out.contains(needle), "no {needle:?} in {out}");
+    }
+    assert!(!out.contains("out of memory"), "{out}");
+}
+
+/// Node's worker threads run under the filter.
+#[test]
+fn node_worker_threads_run_under_the_filter() {
+    let d = Up::serve(None, &[]);
+    let name = unique("workers");
+    let server = r#"
+const { Worker } = require('worker_threads');
+require('http').createServer((req, res) => {
+  const w = new Worker('const { parentPort } = require("worker_threads"); parentPort.postMessage(6 * 7);', { eval: true });
+  w.on('message', (m) => res.end('worker says ' + m));
+  w.on('error', (e) => { res.statusCode = 500; res.end(String(e)); });
+}).listen(process.env.PORT, '0.0.0.0');
+"#;
+    let app = App::new(
+        &format!("name = \"{name}\"\nstart = \"exec node /app/server.js\"\n"),
+        &[("server.js", server)],
+    );
+    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    assert!(status.success(), "{out}{err}");
+    let r = d.get(&host(&name), "/");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "worker says 42"),
+        "{r:?}"
+    );
+}
