@@ -85,7 +85,8 @@ const WHY_READ_ONLY: &str = "only /tmp is writable in a serverless instance (the
      fast cold starts; the next request may reach another instance, and nothing an instance \
      writes is kept)";
 const WHY_SHM: &str = "/dev/shm is read-only: shared memory is not supported";
-const WHY_RUN_USER: &str = "the build runs as root, the service as a non-root user (uid 10001): \
+const WHY_RUN_USER: &str =
+    "the build runs as root, the service as a non-root user of its own (app): \
      files the build made belong to root and cannot be changed at run time";
 const WHY_PORT: &str = "the service runs as a non-root user, and ports below 1024 need root";
 const WHY_MISSING: &str = "the start command runs in the image the build command made; what the \

@@ -17,7 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
-use crate::base::{APP_PATH, RUN_GID, RUN_UID};
+use crate::base::APP_PATH;
 use crate::events::{Event, Phase, Phases, StartReport, Stream};
 use crate::store::{LogSender, LogSource};
 use crate::{diagnose, health};
@@ -159,6 +159,10 @@ pub struct StartContext<'a> {
     pub layers: &'a [PathBuf],
     /// Persistent mode: the instance's own writable layer.
     pub writable: Option<WritableLayer>,
+    /// The service's own host uid and gid (`crate::users`).
+    pub uid: u32,
+    /// The account files that name that uid `app`.
+    pub accounts: &'a [skiff_sandbox::Bind],
     pub mount_point: &'a Path,
     pub log: LogSender,
     pub events: broadcast::Sender<Event>,
@@ -235,12 +239,12 @@ pub async fn start_prepared(
         mount_point: ctx.mount_point.to_path_buf(),
         layers: ctx.layers.to_vec(),
         writable: ctx.writable.clone(),
-        binds: Vec::new(),
+        binds: ctx.accounts.to_vec(),
         cwd: APP_PATH.into(),
         tmp_size: spec.limits.tmp_size,
         identity: Identity::User {
-            uid: RUN_UID,
-            gid: RUN_GID,
+            uid: ctx.uid,
+            gid: ctx.uid,
         },
         network: Network::Loopback,
         argv: vec!["bash".into(), "-c".into(), spec.start.clone()],

@@ -14,6 +14,7 @@ mod platform;
 pub mod scaler;
 mod service;
 pub mod store;
+pub mod users;
 
 pub use build::BuildError;
 pub use events::{Event, Phase, Phases, StartReport, Stream};

@@ -273,6 +273,11 @@ impl Shared {
         self.config.state_dir.join("writable").join(service)
     }
 
+    /// Where a service's account files are, per version (`crate::users`).
+    pub(crate) fn users_dir(&self, service: &str) -> PathBuf {
+        self.config.state_dir.join("users").join(service)
+    }
+
     pub(crate) fn register_upstream(&self, upstream: &Upstream) {
         write(&self.upstreams).insert(upstream.key.to_string(), upstream.clone());
     }
@@ -312,16 +317,21 @@ impl Shared {
         }
     }
 
-    /// Removes the persistent writable layers of `service`'s versions that
-    /// no longer run.
-    fn prune_writable(&self, service: &str) {
+    /// Removes what `service`'s versions that no longer run kept per
+    /// version: persistent writable layers, account files.
+    fn prune_versions(&self, service: &str) {
         let services = read(&self.services);
         let keep = services
             .get(service)
             .map(Entry::live_versions)
             .unwrap_or_default();
-        if let Err(e) = service::prune_writable(&self.writable_dir(service), &keep) {
-            warn!("removing old writable layers of {service}: {e}");
+        for dir in [self.writable_dir(service), self.users_dir(service)] {
+            if let Err(e) = service::prune_versions(&dir, &keep) {
+                warn!(
+                    "removing what old versions of {service} kept in {}: {e}",
+                    dir.display()
+                );
+            }
         }
     }
 
@@ -819,9 +829,7 @@ impl Handle {
             Err(e) => {
                 let reason = e.to_string();
                 shared.unpin(version);
-                if spec.mode == skiff_model::Mode::Persistent {
-                    shared.prune_writable(&name);
-                }
+                shared.prune_versions(&name);
                 if let Err(e) = shared.store.fail_version(version, &reason) {
                     warn!("recording the failure of {name} version {version}: {e}");
                 }
@@ -922,9 +930,7 @@ impl Handle {
                     entry.draining.retain(|(v, _)| *v != old_version);
                 }
                 this.shared.unpin(old_version);
-                if old.persistent() {
-                    this.shared.prune_writable(&old.name);
-                }
+                this.shared.prune_versions(&old.name);
             }
             this.shared.collect_images().await;
         });
@@ -1108,11 +1114,12 @@ impl Handle {
         if let Err(e) = shared.images.remove_ref(name) {
             warn!("removing the image ref of {name}: {e}");
         }
-        let writable = shared.writable_dir(name);
-        if let Err(e) = service::prune_writable(&writable, &[])
-            .and_then(|()| skiff_sandbox::beneath::remove_tree(&writable))
-        {
-            warn!("removing {}: {e}", writable.display());
+        for dir in [shared.writable_dir(name), shared.users_dir(name)] {
+            if let Err(e) = service::prune_versions(&dir, &[])
+                .and_then(|()| skiff_sandbox::beneath::remove_tree(&dir))
+            {
+                warn!("removing {}: {e}", dir.display());
+            }
         }
         shared.collect_images().await;
         Ok(())

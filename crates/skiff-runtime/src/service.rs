@@ -19,7 +19,7 @@ use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use crate::base::{which, APP_PATH, RUN_GID, RUN_UID};
+use crate::base::{which, APP_PATH};
 use crate::events::{Event, StartReport};
 use crate::instance::{self, StartContext, StartError};
 use crate::platform::Shared;
@@ -63,6 +63,10 @@ pub(crate) struct ServiceRuntime {
     shutdown: watch::Sender<bool>,
     /// Persistent mode: the instance's writable layer, kept across restarts.
     writable: Option<WritableLayer>,
+    /// The service's own host uid and gid (`crate::users`).
+    uid: u32,
+    /// `/etc/passwd` and `/etc/group` naming that uid `app`.
+    accounts: Vec<skiff_sandbox::Bind>,
     /// A sandbox prepared for the next start (see `Sandbox::prepare`).
     spare: Mutex<Option<Prepared>>,
 }
@@ -80,11 +84,21 @@ impl ServiceRuntime {
         log: LogSender,
     ) -> std::io::Result<Arc<Self>> {
         let persistent = spec.mode == skiff_model::Mode::Persistent;
+        let uid = shared
+            .store
+            .service_uid(spec.name.as_str())
+            .map_err(std::io::Error::other)?;
+        let accounts = crate::users::account_files(
+            &layers,
+            &writable_version_dir(&shared.users_dir(spec.name.as_str()), version),
+            uid,
+        )?;
         let writable = if persistent {
             Some(writable_layer(
                 &shared.writable_dir(spec.name.as_str()),
                 version,
                 spec.limits.disk,
+                uid,
             )?)
         } else {
             None
@@ -119,6 +133,8 @@ impl ServiceRuntime {
             wake: Notify::new(),
             shutdown: watch::channel(false).0,
             writable,
+            uid,
+            accounts,
             spare: Mutex::default(),
         }))
     }
@@ -315,6 +331,8 @@ impl ServiceRuntime {
             sandbox: &shared.sandbox,
             layers: &self.layers,
             writable: self.writable.clone(),
+            uid: self.uid,
+            accounts: &self.accounts,
             mount_point: &shared.mount_point(),
             log: self.log.clone(),
             events: shared.events.clone(),
@@ -583,9 +601,10 @@ pub(crate) fn writable_version_dir(dir: &Path, version: i64) -> PathBuf {
     dir.join(format!("v{version}"))
 }
 
-/// Removes a persistent service's writable layers of every version but
-/// those in `keep` (the versions that still run).
-pub(crate) fn prune_writable(dir: &Path, keep: &[i64]) -> std::io::Result<()> {
+/// Removes what a service keeps per version (`dir/v<version>`: a
+/// persistent writable layer, with its disk unmounted first; account files)
+/// for every version but those in `keep` (the versions that still run).
+pub(crate) fn prune_versions(dir: &Path, keep: &[i64]) -> std::io::Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -614,7 +633,7 @@ pub(crate) fn prune_writable(dir: &Path, keep: &[i64]) -> std::io::Result<()> {
 /// ENOSPC and the host's disk is untouched. (A layer made before layers had
 /// disks, `upper/` and `work/` directly under the version's directory, is
 /// used as it is.)
-fn writable_layer(dir: &Path, version: i64, size: u64) -> std::io::Result<WritableLayer> {
+fn writable_layer(dir: &Path, version: i64, size: u64, uid: u32) -> std::io::Result<WritableLayer> {
     use nix::sys::stat::Mode;
     let base = writable_version_dir(dir, version);
     let legacy = base.join("upper").is_dir() && !base.join("disk.ext4").exists();
@@ -655,8 +674,8 @@ fn writable_layer(dir: &Path, version: i64, size: u64) -> std::io::Result<Writab
             nix::sys::stat::fchmod(&fd, Mode::from_bits_truncate(0o755))?;
             nix::unistd::fchown(
                 &fd,
-                Some(nix::unistd::Uid::from_raw(RUN_UID)),
-                Some(nix::unistd::Gid::from_raw(RUN_GID)),
+                Some(nix::unistd::Uid::from_raw(uid)),
+                Some(nix::unistd::Gid::from_raw(uid)),
             )?;
         }
         Err(nix::errno::Errno::EEXIST) => {}

@@ -78,7 +78,21 @@ CREATE TABLE IF NOT EXISTS starts (
     first_answer    INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS starts_service ON starts(service, id);
+-- Each service's host user: SERVICE_UID_BASE + n. AUTOINCREMENT never
+-- gives an n twice, even after the row is deleted, so no uid is reused.
+CREATE TABLE IF NOT EXISTS service_users (
+    n       INTEGER PRIMARY KEY AUTOINCREMENT,
+    service TEXT NOT NULL UNIQUE
+);
 ";
+
+/// The first host uid (and gid) given to a service. Services get uids from
+/// here up, each its own, never one another service had: in the range
+/// systemd leaves to container managers (524288-1879048191), far above
+/// the users and subordinate ranges of a host.
+pub const SERVICE_UID_BASE: u32 = 1_800_000_000;
+/// One past the last uid a service may get.
+const SERVICE_UID_END: u32 = 1_879_048_192;
 
 /// Starts kept per service.
 const START_RETENTION: i64 = 200;
@@ -453,12 +467,34 @@ impl Store {
         let n = tx
             .execute("DELETE FROM services WHERE name = ?1", [name])
             .map_err(|e| self.err(e))?;
-        for table in ["versions", "logs", "events", "starts"] {
+        for table in ["versions", "logs", "events", "starts", "service_users"] {
             tx.execute(&format!("DELETE FROM {table} WHERE service = ?1"), [name])
                 .map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))?;
         Ok(n > 0)
+    }
+
+    /// The host uid (and gid) `service` runs as, given on first use.
+    pub fn service_uid(&self, service: &str) -> Result<u32, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT OR IGNORE INTO service_users(service) VALUES (?1)",
+            [service],
+        )
+        .map_err(|e| self.err(e))?;
+        let n: i64 = conn
+            .query_row(
+                "SELECT n FROM service_users WHERE service = ?1",
+                [service],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))?;
+        u32::try_from(n)
+            .ok()
+            .and_then(|n| SERVICE_UID_BASE.checked_add(n))
+            .filter(|uid| *uid < SERVICE_UID_END)
+            .ok_or_else(|| self.err(rusqlite::Error::IntegralValueOutOfRange(0, n)))
     }
 
     pub fn add_event(
@@ -958,6 +994,25 @@ mod tests {
             100
         );
         assert!(!store.remove_service("web").unwrap());
+    }
+
+    #[test]
+    fn each_service_has_its_own_uid_and_none_is_given_twice() {
+        let state = tempfile::tempdir().unwrap();
+        let store = Store::open(state.path()).unwrap();
+        let a = store.service_uid("a").unwrap();
+        let b = store.service_uid("b").unwrap();
+        assert!(a >= SERVICE_UID_BASE && b >= SERVICE_UID_BASE);
+        assert_ne!(a, b);
+        assert_eq!(store.service_uid("a").unwrap(), a, "kept");
+        // Removed and deployed again: a new uid, never the old one.
+        store.remove_service("a").unwrap();
+        let again = store.service_uid("a").unwrap();
+        assert!(again != a && again != b, "{again} {a} {b}");
+        // Kept across a restart.
+        drop(store);
+        let store = Store::open(state.path()).unwrap();
+        assert_eq!(store.service_uid("b").unwrap(), b);
     }
 
     #[test]

@@ -74,10 +74,65 @@ def fill_tmp():
         except OSError:
             pass
 
+held = []
+
+def hold_inotify(n):
+    # As many inotify instances as asked, kept open: the per-user limit.
+    if os.geteuid() == 0:
+        return {"refused": "running as root"}
+    libc.inotify_init1.restype = ctypes.c_int
+    for _ in range(n):
+        fd = libc.inotify_init1(0)
+        if fd < 0:
+            return {"opened": len(held), "errno": ctypes.get_errno()}
+        held.append(fd)
+    return {"opened": len(held), "errno": 0}
+
+def neighbours(port):
+    # What this instance sees of others: its /tmp, processes, a port.
+    import socket
+    s = socket.socket()
+    s.settimeout(1)
+    try:
+        s.connect(("127.0.0.1", port))
+        reached = 0
+    except OSError as e:
+        reached = e.errno
+    procs = []
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                with open(f"/proc/{p}/cmdline", "rb") as f:
+                    procs.append(f.read().replace(b"\0", b" ").decode().strip())
+            except OSError:
+                pass
+    return {"uid": os.getuid(), "tmp": sorted(os.listdir("/tmp")), "procs": procs, "connect": reached}
+
+listeners = []
+
+def listen(port):
+    import socket
+    s = socket.socket()
+    s.bind(("0.0.0.0", port))
+    s.listen()
+    listeners.append(s)
+    with open(f"/tmp/mark-{os.environ.get('MARK', '')}", "w") as f:
+        f.write("x")
+    return {"listening": port}
+
 class H(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
-        body = {"/probe": probe, "/pipes": pipes, "/filltmp": fill_tmp}.get(self.path, lambda: {"ok": True})()
+        from urllib.parse import urlparse, parse_qs
+        u = urlparse(self.path)
+        q = {k: int(v[0]) for k, v in parse_qs(u.query).items()}
+        routes = {
+            "/probe": probe, "/pipes": pipes, "/filltmp": fill_tmp,
+            "/inotify": lambda: hold_inotify(q["n"]),
+            "/neighbours": lambda: neighbours(q["port"]),
+            "/listen": lambda: listen(q["port"]),
+        }
+        body = routes.get(u.path, lambda: {"ok": True})()
         data = json.dumps(body).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -94,6 +149,7 @@ fn probe_service(d: &Up, limits: &str) -> String {
         &format!(
             "name = \"{name}\"\n\
              start = \"exec python3 /app/probe.py\"\n\
+             [env]\nMARK = \"{name}\"\n\
              [limits]\n{limits}\n"
         ),
         &[("probe.py", SYSCALL_PROBE)],
@@ -212,4 +268,64 @@ require('http').createServer((req, res) => {
         (200, "worker says 42"),
         "{r:?}"
     );
+}
+
+#[test]
+fn two_services_share_no_user_limits_files_processes_or_ports() {
+    let d = Up::serve(None, &[]);
+    let a = probe_service(&d, "");
+    let b = probe_service(&d, "");
+    // A holds every inotify instance one user may have (128 by default on
+    // Linux); B, another user, still gets its own.
+    let held = json(&d, &a, "/inotify?n=100000");
+    assert_eq!(
+        held["errno"].as_i64(),
+        Some(nix::libc::EMFILE as i64),
+        "{held}"
+    );
+    let got = json(&d, &b, "/inotify?n=1");
+    assert_eq!(
+        got,
+        serde_json::json!({"opened": 1, "errno": 0}),
+        "B was starved: {got}"
+    );
+    // A listens on a second port and leaves a file in its /tmp.
+    assert_eq!(json(&d, &a, "/listen?port=9099")["listening"], 9099);
+    let seen_by_a = json(&d, &a, "/neighbours?port=9099");
+    assert_eq!(seen_by_a["connect"].as_i64(), Some(0), "{seen_by_a}");
+    let seen_by_b = json(&d, &b, "/neighbours?port=9099");
+    assert_eq!(
+        seen_by_b["connect"].as_i64(),
+        Some(nix::libc::ECONNREFUSED as i64),
+        "B reached A's port: {seen_by_b}"
+    );
+    assert_ne!(
+        seen_by_a["uid"], seen_by_b["uid"],
+        "one uid for two services"
+    );
+    let mark = format!("mark-{a}");
+    assert!(seen_by_a["tmp"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|f| *f == mark.as_str()));
+    assert!(
+        !seen_by_b["tmp"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| *f == mark.as_str()),
+        "{seen_by_b}"
+    );
+    // B sees only its own processes: its server and nothing of A's.
+    let procs: Vec<&str> = seen_by_b["procs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p.as_str())
+        .collect();
+    // (Both run the same command: seeing A's would show it twice.)
+    let servers = procs.iter().filter(|p| p.contains("/app/probe.py")).count();
+    assert_eq!(servers, 1, "{procs:?}");
+    assert!(procs.len() <= 3, "{procs:?}");
 }

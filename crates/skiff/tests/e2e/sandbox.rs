@@ -41,7 +41,9 @@ class H(BaseHTTPRequestHandler):
         u = urlparse(self.path)
         q = {k: v[0] for k, v in parse_qs(u.query).items()}
         if u.path == "/id":
+            import pwd
             body = {"uid": os.getuid(), "euid": os.geteuid(), "gid": os.getgid(),
+                    "user": pwd.getpwuid(os.getuid()).pw_name,
                     "host": socket.gethostname(), "cwd": os.getcwd()}
         elif u.path == "/write":
             body = {"result": attempt_write(q["path"])}
@@ -137,12 +139,17 @@ fn sandbox_is_read_only_unprivileged_and_private() {
 
     let id = up.get(&h, "/id");
     assert_eq!(id.status, 200, "{id:?}");
+    // The service's own host user, named app.
+    let v: serde_json::Value = serde_json::from_str(&id.body).unwrap();
+    let uid = v["uid"].as_u64().unwrap();
     assert!(
-        id.body.contains("\"uid\": 10001"),
-        "not the run user: {}",
+        uid >= 1_800_000_000,
+        "not a service's own user: {}",
         id.body
     );
-    assert!(id.body.contains("\"euid\": 10001"), "{}", id.body);
+    assert_eq!(v["euid"].as_u64(), Some(uid), "{}", id.body);
+    assert_eq!(v["gid"].as_u64(), Some(uid), "{}", id.body);
+    assert_eq!(v["user"], "app", "{}", id.body);
     assert!(
         id.body.contains(&format!("\"host\": \"{name}\"")),
         "{}",
