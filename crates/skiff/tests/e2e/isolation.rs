@@ -23,7 +23,10 @@ def probe():
     if os.geteuid() == 0:
         return {"refused": "running as root"}
     params = ctypes.create_string_buffer(120)
+    handle = ctypes.create_string_buffer(128)  # handle_bytes = 0: EOVERFLOW if allowed
+    mount_id = ctypes.c_int(0)
     out = {
+        "name_to_handle_at": call(303, -100, b"/tmp", handle, ctypes.byref(mount_id), 0),
         "unshare_user": call(272, 0x10000000),
         "clone3": call(435, 0, 0),
         "io_uring_setup": call(425, 1, params),
@@ -172,6 +175,7 @@ fn risky_kernel_calls_are_denied_with_eperm_and_clone3_falls_back() {
     let got = json(&d, &name, "/probe");
     let eperm = nix::libc::EPERM as i64;
     for call in [
+        "name_to_handle_at",
         "unshare_user",
         "io_uring_setup",
         "userfaultfd",
@@ -328,4 +332,30 @@ fn two_services_share_no_user_limits_files_processes_or_ports() {
     let servers = procs.iter().filter(|p| p.contains("/app/probe.py")).count();
     assert_eq!(servers, 1, "{procs:?}");
     assert!(procs.len() <= 3, "{procs:?}");
+}
+
+/// A real program's words for a denied call reach the doctor.
+#[test]
+fn the_doctor_explains_a_denied_call_from_the_programs_own_output() {
+    let d = Up::serve(None, &[]);
+    let name = unique("userns");
+    let app = App::new(
+        &format!(
+            "name = \"{name}\"\n\
+             start = \"unshare --user true; exec python3 -m http.server $PORT\"\n"
+        ),
+        &[],
+    );
+    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    assert!(status.success(), "{out}{err}");
+    let (_, logs, _) = d.cli(&["logs", &name]);
+    assert!(logs.contains("Operation not permitted"), "{logs}");
+    let (_, out, _) = d.cli(&["doctor", &name]);
+    for needle in [
+        "a new namespace",
+        "skiff's sandbox denies",
+        "system-call filter",
+    ] {
+        assert!(out.contains(needle), "no {needle:?} in {out}");
+    }
 }
