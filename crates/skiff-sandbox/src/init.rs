@@ -583,30 +583,7 @@ fn prepare_exec(config: &SandboxConfig) -> Res<ReadyToExec> {
     ctx(chdir(Path::new(&config.cwd)), || {
         format!("chdir {}", config.cwd)
     })?;
-    // Set while still root. Raising the hard limit needs CAP_SYS_RESOURCE,
-    // which a host may withhold even from root: then the most is skiff's
-    // own hard limit.
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let open_files = match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((_, hard))
-            if !caps::has_cap(
-                None,
-                caps::CapSet::Effective,
-                caps::Capability::CAP_SYS_RESOURCE,
-            )
-            .unwrap_or(false) =>
-        {
-            config.open_files.min(hard)
-        }
-        _ => config.open_files,
-    };
-    ctx(
-        setrlimit(Resource::RLIMIT_NOFILE, open_files, open_files),
-        || format!("setting the open-file limit to {open_files}"),
-    )?;
-    ctx(setrlimit(Resource::RLIMIT_CORE, 0, 0), || {
-        "turning core dumps off".into()
-    })?;
+    set_limits(config.open_files)?;
     let filters = if config.syscall_filter {
         Some(crate::seccomp::compile()?)
     } else {
@@ -657,4 +634,45 @@ fn prepare_exec(config: &SandboxConfig) -> Res<ReadyToExec> {
         "no_new_privs".into()
     })?;
     Ok((argv, env, filters))
+}
+
+/// The resource limits of the command's processes, soft and hard, so that
+/// they do not depend on how skiff itself was started. What is per host
+/// user (message queues, pending signals) is per service, since each has
+/// its own uid; processes are bounded by the instance's cgroup.
+const LIMITS: &[(nix::sys::resource::Resource, &str, u64)] = {
+    use nix::sys::resource::Resource::*;
+    &[
+        // No core dumps: they would fill /tmp, and carry the memory along.
+        (RLIMIT_CORE, "core dumps", 0),
+        (RLIMIT_MEMLOCK, "locked memory", 8 << 20),
+        (RLIMIT_MSGQUEUE, "POSIX message queues", 800 << 10),
+        // No real-time scheduling, no raised priority.
+        (RLIMIT_RTPRIO, "real-time priority", 0),
+        (RLIMIT_NICE, "nice ceiling", 0),
+    ]
+};
+
+/// Sets [`LIMITS`] and `RLIMIT_NOFILE` = `open_files`. Set while still
+/// root: raising a hard limit needs CAP_SYS_RESOURCE, which a host may
+/// withhold even from root; then the most is skiff's own hard limit.
+fn set_limits(open_files: u64) -> Res<()> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let may_raise = caps::has_cap(
+        None,
+        caps::CapSet::Effective,
+        caps::Capability::CAP_SYS_RESOURCE,
+    )
+    .unwrap_or(false);
+    let nofile = (Resource::RLIMIT_NOFILE, "open files", open_files);
+    for &(resource, what, wanted) in LIMITS.iter().chain([&nofile]) {
+        let value = match getrlimit(resource) {
+            Ok((_, hard)) if !may_raise => wanted.min(hard),
+            _ => wanted,
+        };
+        ctx(setrlimit(resource, value, value), || {
+            format!("setting the limit of {what} to {value}")
+        })?;
+    }
+    Ok(())
 }

@@ -45,7 +45,8 @@ def probe():
             if k in ("Seccomp", "Seccomp_filters"):
                 out[k] = v.strip()
     out["nofile"] = list(resource.getrlimit(resource.RLIMIT_NOFILE))
-    out["core"] = list(resource.getrlimit(resource.RLIMIT_CORE))
+    for name in ("CORE", "MEMLOCK", "MSGQUEUE", "RTPRIO", "NICE"):
+        out[name.lower()] = list(resource.getrlimit(getattr(resource, "RLIMIT_" + name)))
     return out
 
 def square(conn):
@@ -203,6 +204,18 @@ fn risky_kernel_calls_are_denied_with_eperm_and_clone3_falls_back() {
     let n = 65536.min(own_hard_open_files());
     assert_eq!(got["nofile"], serde_json::json!([n, n]), "{got}");
     assert_eq!(got["core"], serde_json::json!([0, 0]), "{got}");
+    for (limit, value) in [
+        ("memlock", 8 << 20),
+        ("msgqueue", 800 << 10),
+        ("rtprio", 0),
+        ("nice", 0),
+    ] {
+        assert_eq!(
+            got[limit],
+            serde_json::json!([value, value]),
+            "{limit}: {got}"
+        );
+    }
     // Ordinary programs still work: multiprocessing with pipes.
     let pipes = json(&d, &name, "/pipes");
     assert_eq!(pipes, serde_json::json!({"squared": 144, "exit": 0}));
