@@ -1028,9 +1028,18 @@ impl Handle {
             return Ok((lower, None));
         };
         let mut elapsed = None;
-        if image.is_ready() {
-            self.attach_images(std::slice::from_ref(&image.upper()))
-                .await?;
+        let mut ready = image.is_ready();
+        if ready {
+            if let Err(e) = self
+                .attach_images(std::slice::from_ref(&image.upper()))
+                .await
+            {
+                // A layer whose disk cannot be mounted is built again.
+                warn!("{name}: {e}; building the image again");
+                ready = false;
+            }
+        }
+        if ready {
             let _ = shared.events.send(Event::BuildFinished {
                 service: name,
                 elapsed: None,
