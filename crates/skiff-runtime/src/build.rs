@@ -196,6 +196,11 @@ fn environment(spec: &ServiceSpec) -> Vec<(String, String)> {
         spec,
         &[
             ("DEBIAN_FRONTEND", "noninteractive"),
+            // The image belongs to the service: `pip install` in the build
+            // installs into it, as the README's example does, without
+            // PEP 668's "externally-managed-environment".
+            ("PIP_BREAK_SYSTEM_PACKAGES", "1"),
+            ("PIP_ROOT_USER_ACTION", "ignore"),
             // Node ships its own CA list; make it also trust the system bundle.
             ("NODE_EXTRA_CA_CERTS", "/etc/ssl/certs/ca-certificates.crt"),
         ],

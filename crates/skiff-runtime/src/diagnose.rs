@@ -280,14 +280,21 @@ fn stalled(line: &str, lower: &str) -> Option<Classified> {
     } else {
         return None;
     };
+    let fix = if subject == "gunicorn" {
+        "skiff starts gunicorn with --timeout 0 in serverless mode (through \
+         GUNICORN_CMD_ARGS), so that a frozen worker is not taken for a hung one; a --timeout \
+         in the start command or a gunicorn config file overrides it: remove it there (or \
+         set it to 0), or run the service with mode = \"persistent\"."
+    } else {
+        "Do the work inside the request, before answering; trigger scheduled jobs from \
+         outside (a cron that calls an endpoint); or run the service with mode = \
+         \"persistent\", which is never frozen."
+    };
     Some((
         FindingKind::BackgroundWorkStalled,
         subject.into(),
         what,
-        "Do the work inside the request, before answering; trigger scheduled jobs from \
-         outside (a cron that calls an endpoint); or run the service with mode = \
-         \"persistent\", which is never frozen. (For gunicorn, also raise --timeout.)"
-            .into(),
+        fix.into(),
     ))
 }
 
@@ -479,6 +486,20 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
             what,
             "Listen on the port skiff passes in $PORT (set port = 8080 or another port from \
              1024 up in skiff.toml)."
+                .into(),
+        ));
+    }
+    if lower.contains("externally-managed-environment") || lower.contains("externally managed") {
+        return Some((
+            FindingKind::MissingPythonModule,
+            "pip".into(),
+            "pip refused to install into the system's Python (PEP 668, \
+             \"externally-managed-environment\")."
+                .into(),
+            "skiff's builds allow it (PIP_BREAK_SYSTEM_PACKAGES=1): install in the build \
+             command, build = \"pip install -r requirements.txt\"; at run time nothing can \
+             be installed. If a build still sees it, unset PIP_BREAK_SYSTEM_PACKAGES in [env] \
+             or use a virtualenv (python3 -m venv .venv && .venv/bin/pip install ...)."
                 .into(),
         ));
     }

@@ -34,7 +34,7 @@ pub async fn probe_phases(netns: &NetNs, port: u16, timeout: Duration) -> Probe 
         stream
             .write_all(
                 format!(
-                    "GET {HEALTH_PATH} HTTP/1.1\r\nHost: 0.0.0.0:{port}\r\n\
+                    "GET {HEALTH_PATH} HTTP/1.1\r\nHost: localhost:{port}\r\n\
                      User-Agent: skiff-health\r\nConnection: close\r\n\r\n"
                 )
                 .as_bytes(),

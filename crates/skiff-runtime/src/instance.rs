@@ -170,7 +170,17 @@ pub struct StartContext<'a> {
 
 /// The environment of the start command: the contract's variables and `[env]`.
 pub fn environment(spec: &ServiceSpec) -> Vec<(String, String)> {
-    command_environment(spec, &[], "/tmp")
+    let mut extra = Vec::new();
+    if spec.mode == skiff_model::Mode::Serverless && !spec.env.contains_key("GUNICORN_CMD_ARGS") {
+        // gunicorn's arbiter kills workers whose heartbeat is older than
+        // --timeout (30 s), by the wall clock; a frozen instance's workers
+        // beat again only when it thaws, and the waking request died with
+        // them. --timeout 0 turns that check off (gunicorn's documented
+        // value); the gateway's request_timeout still ends long requests.
+        // A --timeout in the start command wins over this variable.
+        extra.push(("GUNICORN_CMD_ARGS", "--timeout 0"));
+    }
+    command_environment(spec, &extra, "/tmp")
 }
 
 /// An environment for a command of `spec` (start or build): a standard

@@ -49,6 +49,17 @@ pub fn own_mount_namespace() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Restores the default action of SIGPIPE (the Rust runtime ignores it), so
+/// that a command whose output is closed (`skiff logs NAME | head -1`) ends
+/// quietly, as `cat` would, instead of failing on a write. Only for the
+/// short-lived client commands: the platform must outlive closed pipes.
+pub fn end_quietly_on_closed_output() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: installs the default disposition, no handler code runs; called
+    // before any thread starts.
+    let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
+}
+
 /// Where the cgroup hierarchies are mounted on this kind of host.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 

@@ -288,6 +288,9 @@ pub fn init_tracing() {
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if !matches!(cli.command, Command::Up(_) | Command::Serve(_)) {
+        skiff_sandbox::end_quietly_on_closed_output();
+    }
     if matches!(cli.command, Command::Up(_) | Command::Serve(_)) {
         // Before any thread: the disks the platform mounts stay in a mount
         // namespace of its own, gone with the process however it ends.

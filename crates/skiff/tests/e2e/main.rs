@@ -7,6 +7,7 @@ mod build;
 mod daemon;
 mod diagnose;
 mod doctor;
+mod first_try;
 mod gateway;
 mod gateway_safety;
 mod host_safety;
