@@ -737,7 +737,7 @@ async fn forward_events(
                     Some(d) => format!(
                         "built in {:.1}s (image layer {})",
                         d.as_secs_f64(),
-                        skiff_model::format_size(layer_size)
+                        skiff_model::format_amount(layer_size)
                     ),
                     None => "same source and build command as before: reusing the image".into(),
                 },

@@ -11,7 +11,7 @@ mod units;
 
 pub use manifest::{load, parse, Limits, ManifestError, Mode, Overrides, Problem, ServiceSpec};
 pub use name::{ServiceName, ServiceNameError};
-pub use units::{format_duration, format_size, parse_duration, parse_size};
+pub use units::{format_amount, format_duration, format_size, parse_duration, parse_size};
 
 /// The file name skiff reads at the root of a source directory.
 pub const MANIFEST_FILE: &str = "skiff.toml";

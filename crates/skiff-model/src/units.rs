@@ -95,6 +95,23 @@ pub fn format_size(bytes: u64) -> String {
     format!("{bytes}B")
 }
 
+/// Formats a measured amount of bytes for people: `1.1 GiB`, `22.3 MiB`,
+/// `640 B` (one decimal, binary units). Limits use [`format_size`], which
+/// is exact and reads back.
+pub fn format_amount(bytes: u64) -> String {
+    for (unit, mult) in [
+        ("TiB", 1u64 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ] {
+        if bytes >= mult {
+            return format!("{:.1} {unit}", bytes as f64 / mult as f64);
+        }
+    }
+    format!("{bytes} B")
+}
+
 /// Formats a duration the way a user would write it, e.g. `15m` or `1500ms`.
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
@@ -113,6 +130,16 @@ pub fn format_duration(d: Duration) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::format_amount;
+
+    #[test]
+    fn amounts_read_like_people_write_them() {
+        assert_eq!(format_amount(1_172_950_707), "1.1 GiB");
+        assert_eq!(format_amount(23_383_244), "22.3 MiB");
+        assert_eq!(format_amount(2048), "2.0 KiB");
+        assert_eq!(format_amount(640), "640 B");
+    }
+
     use super::*;
 
     #[test]

@@ -5,7 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use skiff_model::{format_duration, format_size, ServiceSpec};
+use skiff_model::{format_amount, format_duration, format_size, ServiceSpec};
 use skiff_sandbox::{
     disk, outbound, Bind, CgroupLimits, Exit, Identity, Network, Sandbox, SandboxConfig,
     SandboxError, WritableLayer,
@@ -109,7 +109,7 @@ pub enum BuildError {
          state directory ({}) has only {} free. Free space there, or lower [limits] \
          build_disk in skiff.toml if the build needs less. The running version of the \
          service, if any, was not changed.",
-        format_size(*needed), dir.display(), format_size(*free)
+        format_size(*needed), dir.display(), format_amount(*free)
     )]
     NoRoom {
         needed: u64,
@@ -154,7 +154,7 @@ fn disk_full_message(limit: u64, used: u64, tail: &[String]) -> String {
     let mut s = format!(
         "The build wrote {} and filled its disk: a build may write at most {} \
          (limits.build_disk).",
-        format_size(used),
+        format_amount(used),
         format_size(limit)
     );
     push_tail(&mut s, tail);

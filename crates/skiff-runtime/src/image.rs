@@ -44,6 +44,8 @@ pub struct ImageStore {
 #[derive(Debug, Clone)]
 pub struct SourceLayer {
     pub key: String,
+    /// The key of the source as a build sees it: without `skiff.toml`.
+    pub build_key: String,
     /// The layer's root (it holds `app/`).
     pub dir: PathBuf,
 }
@@ -139,7 +141,7 @@ impl ImageStore {
         // The path itself is the deployer's (`skiff up ./link` is fine);
         // below it, nothing is followed.
         let source = &fs::canonicalize(source)?;
-        let key = hash_tree(source)?;
+        let (key, build_key) = hash_tree_parts(source)?;
         let dir = self.root.join(format!("src-{}", &key[..32]));
         if !dir.join(".complete").is_file() {
             let partial = self.root.join(format!("src-{}.partial", &key[..32]));
@@ -152,7 +154,11 @@ impl ImageStore {
             remove_tree(&dir)?;
             fs::rename(&partial, &dir)?;
         }
-        Ok(SourceLayer { key, dir })
+        Ok(SourceLayer {
+            key,
+            build_key,
+            dir,
+        })
     }
 
     /// The image made by running `build` with `env` on `source` over `base`.
@@ -166,7 +172,9 @@ impl ImageStore {
         let mut h = Sha256::new();
         // v2: build layers on disks of their own.
         h.update(b"skiff-image-v2\0");
-        for part in [base, &source.key, build] {
+        // The source without its manifest: a new limit or mode reuses the
+        // image (the new snapshot, with the new skiff.toml, goes under it).
+        for part in [base, &source.build_key, build] {
             h.update(part.as_bytes());
             h.update(b"\0");
         }
@@ -241,8 +249,19 @@ impl ImageStore {
 /// A hash of everything in a tree that ends up in the image: relative
 /// paths, kinds, executable bits, symlink targets and contents.
 pub fn hash_tree(dir: &Path) -> io::Result<String> {
-    let mut h = Sha256::new();
+    hash_tree_parts(dir).map(|(all, _)| all)
+}
+
+/// The manifest at the top of a source tree: the platform's, not the build's.
+const MANIFEST: &str = "skiff.toml";
+
+/// [`hash_tree`], and the same hash without the top-level `skiff.toml`,
+/// which keys the build: a changed limit or mode is no reason to build
+/// again.
+fn hash_tree_parts(dir: &Path) -> io::Result<(String, String)> {
+    let (mut all, mut code) = (Sha256::new(), Sha256::new());
     Tree::open(dir)?.walk(SKIPPED_DIRS, &mut |e| {
+        let mut h = Sha256::new();
         h.update(e.rel.as_os_str().as_encoded_bytes());
         h.update(b"\0");
         match e.kind {
@@ -267,9 +286,14 @@ pub fn hash_tree(dir: &Path) -> io::Result<String> {
             Kind::Other => {}
         }
         h.update(b"\0");
+        let entry = h.finalize();
+        all.update(entry);
+        if e.rel != Path::new(MANIFEST) {
+            code.update(entry);
+        }
         Ok(())
     })?;
-    Ok(hex(&h.finalize()))
+    Ok((hex(&all.finalize()), hex(&code.finalize())))
 }
 
 /// Copies `src` into `dst` (which exists and is the platform's own, new
@@ -386,6 +410,33 @@ mod tests {
         std::os::unix::fs::symlink(src.path(), named.path().join("src")).unwrap();
         let linked = store.snapshot(&named.path().join("src")).unwrap();
         assert_eq!(linked.dir, layer.dir);
+    }
+
+    #[test]
+    fn a_changed_manifest_is_a_new_snapshot_but_the_same_image() {
+        let state = tempfile::tempdir().unwrap();
+        let store = ImageStore::open(state.path()).unwrap();
+        let env = BTreeMap::new();
+        let before = store
+            .snapshot(tree(&[("a", "1"), ("skiff.toml", "start = \"x\"")]).path())
+            .unwrap();
+        let after = store
+            .snapshot(
+                tree(&[
+                    ("a", "1"),
+                    ("skiff.toml", "start = \"x\"\n[limits]\nmemory = \"1GiB\""),
+                ])
+                .path(),
+            )
+            .unwrap();
+        assert_ne!(before.dir, after.dir, "the new skiff.toml is in /app");
+        let image = |s: &SourceLayer| store.image_for("base-1", s, "make", &env).key;
+        assert_eq!(image(&before), image(&after));
+        // Any other file is the build's business.
+        let changed = store
+            .snapshot(tree(&[("a", "2"), ("skiff.toml", "start = \"x\"")]).path())
+            .unwrap();
+        assert_ne!(image(&before), image(&changed));
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<ExitCode> {
         spec.name,
         dir.display(),
         packed.files,
-        skiff_model::format_size(packed.bytes)
+        skiff_model::format_amount(packed.bytes)
     );
     let port = overrides.port.map(|p| p.to_string());
     // The name always goes along: one derived from the directory's name

@@ -139,10 +139,6 @@ fn ms(d: Duration) -> String {
     format!("{:.1}ms", d.as_secs_f64() * 1000.0)
 }
 
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
-}
-
 /// Prints what the platform reports: base image progress, service logs.
 async fn render(mut events: tokio::sync::broadcast::Receiver<Event>) {
     let tty = std::io::stderr().is_terminal();
@@ -207,13 +203,13 @@ async fn render(mut events: tokio::sync::broadcast::Receiver<Event>) {
                         "skiff: built {service} in {:.1}s (image layer {}; the build wrote {}, \
                          package caches dropped)",
                         d.as_secs_f64(),
-                        mib(layer_size),
-                        mib(written.unwrap_or(layer_size))
+                        skiff_model::format_amount(layer_size),
+                        skiff_model::format_amount(written.unwrap_or(layer_size))
                     ),
                     None => eprintln!(
                         "skiff: {service}: same source and build command as before; \
                          reusing the built image (layer {})",
-                        mib(layer_size)
+                        skiff_model::format_amount(layer_size)
                     ),
                 }
             }

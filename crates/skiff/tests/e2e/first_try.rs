@@ -145,3 +145,34 @@ fn a_command_whose_output_is_closed_ends_quietly() {
         out.status
     );
 }
+
+/// A changed limit or mode is no reason to build again.
+#[test]
+fn a_changed_limit_reuses_the_image() {
+    let d = Up::serve(None, &[]);
+    let name = unique("rekey");
+    let manifest = |limits: &str| {
+        format!(
+            "name = \"{name}\"\n\
+             build = \"date +%s%N > /app/built\"\n\
+             start = \"exec python3 -m http.server $PORT --directory /app\"\n\
+             [limits]\n{limits}\n"
+        )
+    };
+    let app = App::new(&manifest("memory = \"256MiB\""), &[]);
+    let deploy = || d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (status, out, err) = deploy();
+    assert!(status.success(), "{out}{err}");
+    let built = d.get(&host(&name), "/built").body;
+    std::fs::write(
+        app.path().join("skiff.toml"),
+        manifest("memory = \"300MiB\"\nidle_stop = \"10m\""),
+    )
+    .unwrap();
+    let (status, out, err) = deploy();
+    assert!(status.success(), "{out}{err}");
+    assert!(err.contains("reusing the image"), "{err}");
+    assert_eq!(d.get(&host(&name), "/built").body, built, "built again");
+    // The new manifest is the one in /app.
+    assert!(d.get(&host(&name), "/skiff.toml").body.contains("300MiB"));
+}
