@@ -9,7 +9,10 @@ mod manifest;
 mod name;
 mod units;
 
-pub use manifest::{load, parse, Limits, ManifestError, Mode, Overrides, Problem, ServiceSpec};
+pub use manifest::{
+    detect_start, load, parse, parse_with, Limits, ManifestError, Mode, Overrides, Problem,
+    ServiceSpec,
+};
 pub use name::{ServiceName, ServiceNameError};
 pub use units::{format_amount, format_duration, format_size, parse_duration, parse_size};
 

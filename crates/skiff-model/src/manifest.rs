@@ -122,6 +122,10 @@ pub struct ServiceSpec {
     /// `[env]`, passed to build and start.
     pub env: BTreeMap<String, String>,
     pub limits: Limits,
+    /// Where the start command came from when neither skiff.toml nor
+    /// `--start` gave one (e.g. "the web: line of Procfile").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_from: Option<String>,
 }
 
 /// Fields given on the command line; each one wins over the manifest.
@@ -250,7 +254,42 @@ pub fn load(dir: &Path, overrides: &Overrides) -> Result<ServiceSpec, ManifestEr
             })
         }
     };
-    parse(text.as_deref(), &file, &source, overrides)
+    let detected = detect_start(&source);
+    parse_with(text.as_deref(), &file, &source, overrides, detected)
+}
+
+/// A start command the source itself declares, for a manifest without
+/// one: a `Procfile`'s `web:` line (Heroku's and Cloud Foundry's
+/// convention), else `npm start` when `package.json` has `scripts.start`.
+/// With where it came from.
+pub fn detect_start(source: &Path) -> Option<(String, String)> {
+    let read = |name: &str| -> Option<String> {
+        use std::io::Read;
+        let mut text = String::new();
+        std::fs::File::open(source.join(name))
+            .ok()?
+            .take(1 << 20)
+            .read_to_string(&mut text)
+            .ok()?;
+        Some(text)
+    };
+    if let Some(procfile) = read("Procfile") {
+        let web = procfile
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("web:").map(str::trim))
+            .filter(|c| !c.is_empty());
+        if let Some(command) = web {
+            return Some((command.to_string(), "the web: line of Procfile".into()));
+        }
+    }
+    let package: serde_json::Value = serde_json::from_str(&read("package.json")?).ok()?;
+    let script = package.get("scripts")?.get("start")?.as_str()?.trim();
+    (!script.is_empty()).then(|| {
+        (
+            "npm start".to_string(),
+            format!("package.json's scripts.start, {script:?}"),
+        )
+    })
 }
 
 /// Validates manifest text (or its absence) plus overrides. `file` is used for
@@ -261,10 +300,23 @@ pub fn parse(
     source: &Path,
     overrides: &Overrides,
 ) -> Result<ServiceSpec, ManifestError> {
+    parse_with(text, file, source, overrides, None)
+}
+
+/// [`parse`], with a start command `detected` in the source (see
+/// [`detect_start`]) for when neither the manifest nor `--start` gives one.
+pub fn parse_with(
+    text: Option<&str>,
+    file: &Path,
+    source: &Path,
+    overrides: &Overrides,
+    detected: Option<(String, String)>,
+) -> Result<ServiceSpec, ManifestError> {
     let mut v = Validator {
         text: text.unwrap_or(""),
         spans: None,
         problems: Vec::new(),
+        detected,
     };
     let table = match text {
         None => toml::Table::new(),
@@ -303,6 +355,8 @@ struct Validator<'a> {
     text: &'a str,
     spans: Option<toml::Spanned<toml::de::DeTable<'a>>>,
     problems: Vec<Problem>,
+    /// A start command the source declares, and where (`detect_start`).
+    detected: Option<(String, String)>,
 }
 
 impl Validator<'_> {
@@ -414,6 +468,7 @@ impl Validator<'_> {
         .filter(|b| !b.trim().is_empty());
 
         // start
+        let mut start_from = None;
         let start = match &o.start {
             Some(s) if s.trim().is_empty() => {
                 self.flag_problem(
@@ -437,15 +492,22 @@ impl Validator<'_> {
                 }
                 Some(s) => Some(s),
                 None if table.contains_key("start") => None,
-                None => {
-                    self.flag_problem(
-                        "start",
-                        "no start command; add start = \"<command that starts your server>\" \
-                         to skiff.toml, or pass --start"
-                            .into(),
-                    );
-                    None
-                }
+                None => match self.detected.take() {
+                    Some((command, from)) => {
+                        start_from = Some(from);
+                        Some(command)
+                    }
+                    None => {
+                        self.flag_problem(
+                            "start",
+                            "no start command; add start = \"<command that starts your \
+                             server>\" to skiff.toml (or a web: line to a Procfile, or \
+                             scripts.start to package.json), or pass --start"
+                                .into(),
+                        );
+                        None
+                    }
+                },
             },
         };
 
@@ -503,6 +565,7 @@ impl Validator<'_> {
             mode: mode?,
             env: env?,
             limits: limits?,
+            start_from,
         })
     }
 

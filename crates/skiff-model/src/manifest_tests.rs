@@ -257,3 +257,51 @@ fn missing_source_dir_is_explained() {
         "{err}"
     );
 }
+
+#[test]
+fn a_start_command_is_taken_from_procfile_or_package_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let load = || crate::load(d, &Overrides::default());
+    // Nothing declares one: the error says where it could come from.
+    let err = load().unwrap_err().to_string();
+    assert!(
+        err.contains("Procfile") && err.contains("package.json"),
+        "{err}"
+    );
+    std::fs::write(
+        d.join("package.json"),
+        r#"{"scripts": {"start": "node server.js"}}"#,
+    )
+    .unwrap();
+    let spec = load().unwrap();
+    assert_eq!(spec.start, "npm start");
+    assert!(spec
+        .start_from
+        .as_deref()
+        .unwrap()
+        .contains("node server.js"));
+    // A Procfile's web: line wins over package.json.
+    std::fs::write(
+        d.join("Procfile"),
+        "release: ./migrate\nweb: gunicorn app:app --bind 0.0.0.0:$PORT\n",
+    )
+    .unwrap();
+    let spec = load().unwrap();
+    assert_eq!(spec.start, "gunicorn app:app --bind 0.0.0.0:$PORT");
+    assert_eq!(
+        spec.start_from.as_deref(),
+        Some("the web: line of Procfile")
+    );
+    // The manifest and --start win over both, and nothing is said.
+    std::fs::write(d.join("skiff.toml"), "start = \"./server\"\n").unwrap();
+    let spec = load().unwrap();
+    assert_eq!((spec.start.as_str(), spec.start_from), ("./server", None));
+    let o = Overrides {
+        start: Some("./other".into()),
+        ..Default::default()
+    };
+    std::fs::remove_file(d.join("skiff.toml")).unwrap();
+    let spec = crate::load(d, &o).unwrap();
+    assert_eq!((spec.start.as_str(), spec.start_from), ("./other", None));
+}

@@ -287,6 +287,17 @@ pub fn init_tracing() {
         .init();
 }
 
+/// Says which start command was found in the source when the manifest
+/// gave none.
+fn say_detected_start(spec: &skiff_model::ServiceSpec) {
+    if let Some(from) = &spec.start_from {
+        eprintln!(
+            "skiff: {}: no start command in skiff.toml; starting it with `{}` (from {from})",
+            spec.name, spec.start
+        );
+    }
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if !matches!(cli.command, Command::Up(_) | Command::Serve(_)) {
         skiff_sandbox::end_quietly_on_closed_output();

@@ -42,7 +42,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     let mut bad = 0;
     for dir in &dirs {
         match skiff_model::load(dir, &overrides) {
-            Ok(spec) => specs.push(spec),
+            Ok(spec) => {
+                super::say_detected_start(&spec);
+                specs.push(spec)
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 bad += 1;

@@ -176,3 +176,37 @@ fn a_changed_limit_reuses_the_image() {
     // The new manifest is the one in /app.
     assert!(d.get(&host(&name), "/skiff.toml").body.contains("300MiB"));
 }
+
+/// No start command in skiff.toml: it comes from package.json, and skiff
+/// says so.
+#[test]
+fn without_a_start_command_it_comes_from_package_json() {
+    let d = Up::serve(None, &[]);
+    let name = unique("pkgjson");
+    let app = App::new(
+        &format!("name = \"{name}\"\n"),
+        &[
+            (
+                "package.json",
+                r#"{"name": "x", "scripts": {"start": "node server.js"}}"#,
+            ),
+            (
+                "server.js",
+                "require('http').createServer((q, s) => s.end('from npm start'))\
+                 .listen(process.env.PORT, '0.0.0.0');",
+            ),
+        ],
+    );
+    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    assert!(status.success(), "{out}{err}");
+    assert!(
+        err.contains("starting it with `npm start` (from package.json's scripts.start"),
+        "{err}"
+    );
+    let r = d.get(&host(&name), "/");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, "from npm start"),
+        "{r:?}"
+    );
+}
