@@ -281,6 +281,9 @@ pub async fn start_prepared(
     let started_at = instance.timings.requested + instance.timings.started;
     let deadline = started_at + spec.limits.start_timeout;
     let mut listening_at = None;
+    // Since when the service has listened, but not where it must.
+    let mut elsewhere_since: Option<Instant> = None;
+    let mut looked_at = started_at;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let probe =
@@ -289,13 +292,27 @@ pub async fn start_prepared(
         if probe.answered {
             break;
         }
-        if Instant::now() >= deadline {
+        // A service that listens on another port (or address) and not on
+        // its own will not move: fail after a grace, not after the whole
+        // start timeout. Its listeners are read twice a second.
+        let now = Instant::now();
+        if probe.connected.is_none() && now.duration_since(looked_at) >= LISTENERS_EVERY {
+            looked_at = now;
+            if health::listening(instance.pid()).is_empty() {
+                elsewhere_since = None;
+            } else {
+                elsewhere_since = elsewhere_since.or(Some(now));
+            }
+        }
+        let elsewhere_too_long =
+            elsewhere_since.is_some_and(|t| now.duration_since(t) >= LISTENING_ELSEWHERE_GRACE);
+        if now >= deadline || elsewhere_too_long {
             let listeners = health::listening(instance.pid());
             let _ = instance.stop(Duration::from_secs(1)).await;
             return Err(StartError::PortNotListening {
                 port: spec.port,
                 listeners,
-                waited: spec.limits.start_timeout,
+                waited: now.duration_since(started_at),
                 tail: tail.lines(),
             });
         }
@@ -351,6 +368,13 @@ async fn early_exit(
         oom_limit,
     }
 }
+
+/// How often a starting service's listeners are read while its port does
+/// not answer.
+const LISTENERS_EVERY: Duration = Duration::from_millis(500);
+/// How long a service may listen elsewhere, and not on its port, before
+/// the start fails (servers open all their listeners together).
+const LISTENING_ELSEWHERE_GRACE: Duration = Duration::from_secs(5);
 
 fn poll_interval(since_start: Duration) -> Duration {
     if since_start < FAST_POLLING_FOR {

@@ -210,3 +210,27 @@ fn without_a_start_command_it_comes_from_package_json() {
         "{r:?}"
     );
 }
+
+/// A service listening on another port fails after a few seconds, with the
+/// same message, not after the whole start timeout (60 s by default).
+#[test]
+fn a_wrong_port_fails_fast() {
+    let d = Up::serve(None, &[]);
+    let name = unique("fastwrong");
+    let app = App::new(
+        &format!(
+            "name = \"{name}\"\nstart = \"exec python3 -m http.server 3000 --bind 127.0.0.1\"\n"
+        ),
+        &[],
+    );
+    let t = std::time::Instant::now();
+    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let took = t.elapsed();
+    assert!(!status.success(), "{out}{err}");
+    assert!(
+        err.contains("listening on 127.0.0.1:3000, expected 0.0.0.0:8080"),
+        "{err}"
+    );
+    // Far below the 60 s start timeout (the grace is 5 s).
+    assert!(took < Duration::from_secs(30), "failed only after {took:?}");
+}
