@@ -180,6 +180,7 @@ fn every_shape_matches_its_schema() {
             starts: vec![start()],
             log_lines: 1,
             events: 1,
+            version: Some(3),
         },
     );
     check(

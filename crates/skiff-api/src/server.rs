@@ -391,6 +391,7 @@ impl Api {
                     .collect(),
                 log_lines: diagnosis.log_lines,
                 events: diagnosis.events,
+                version: diagnosis.version,
             },
         )
     }
@@ -789,30 +790,49 @@ struct Diagnosis {
     findings: Vec<types::Finding>,
     log_lines: usize,
     events: usize,
+    /// The version the findings are about.
+    version: Option<i64>,
 }
 
 /// The service's findings: its recent run output and the platform's events
 /// about it (gateway refusals, out-of-memory kills, failed starts), newest
 /// first, each once with its count.
 fn diagnose(store: &skiff_runtime::store::Store, name: &str) -> Diagnosis {
-    let lines = store
-        .logs(
-            name,
-            &LogQuery {
-                limit: Some(DIAGNOSIS_LINES),
-                ..Default::default()
-            },
-        )
-        .unwrap_or_default();
-    let events = store.events(name, DIAGNOSIS_EVENTS).unwrap_or_default();
-    // A full disk is explained with the current version's limits.
-    let spec = store
+    // The version diagnosed: the serving one, else the last deployed. What
+    // earlier versions printed or met is theirs, not this one's.
+    let record = store
         .service(name)
         .ok()
         .flatten()
         .and_then(|s| s.current)
         .and_then(|v| store.version(v).ok().flatten())
-        .map(|v| v.spec);
+        .or_else(|| store.versions(name, 1).ok()?.into_iter().next());
+    let since = record.as_ref().map(|v| v.created_at);
+    let lines: Vec<_> = store
+        .logs(
+            name,
+            &LogQuery {
+                limit: Some(DIAGNOSIS_LINES),
+                since,
+                ..Default::default()
+            },
+        )
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|l| match (l.version, &record) {
+            (Some(v), Some(r)) => v == r.id,
+            _ => true,
+        })
+        .collect();
+    let events: Vec<_> = store
+        .events(name, DIAGNOSIS_EVENTS)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| since.is_none_or(|t| e.at >= t))
+        .collect();
+    // A full disk is explained with the version's limits.
+    let version = record.as_ref().map(|r| r.id);
+    let spec = record.map(|v| v.spec);
     let mut d = spec.map_or_else(Diagnoser::default, |spec| {
         Diagnoser::with_disks(Disks {
             persistent: spec.mode == skiff_model::Mode::Persistent,
@@ -834,6 +854,7 @@ fn diagnose(store: &skiff_runtime::store::Store, name: &str) -> Diagnosis {
         findings: found.into_iter().map(finding).collect(),
         log_lines,
         events: events.len(),
+        version,
     }
 }
 

@@ -120,6 +120,10 @@ pub struct Doctor {
     /// How much was looked at: the service's stored log lines and events.
     pub log_lines: usize,
     pub events: usize,
+    /// The version the findings are about: the serving one, else the last
+    /// deployed. Earlier versions' output and events are not looked at.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<i64>,
 }
 
 /// A line of build or run output, or a note of the platform's.

@@ -451,15 +451,44 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
             Some(p) => format!("The service tried to write {p}, outside /tmp."),
             None => "The service tried to write a file outside /tmp.".into(),
         };
-        return Some((
-            FindingKind::ReadOnlyFileSystem,
-            path.unwrap_or_default(),
-            what,
+        let p = path.as_deref().unwrap_or("");
+        let fix = if p.contains("/staticfiles") || lower.contains("collectstatic") {
+            // Django's collectstatic at start: it belongs in the build.
+            "Collect static files in the build, which runs as root and may write /app: \
+             build = \"... && python3 manage.py collectstatic --noinput\"."
+                .to_string()
+        } else if p.ends_with(".log") || p.contains("/log/") || p.contains("/logs/") {
+            "Log to standard output or standard error instead (e.g. logging.basicConfig() \
+             without a filename, or a StreamHandler): skiff keeps what the service prints \
+             (skiff logs NAME). A file must be under /tmp, and goes with the instance."
+                .to_string()
+        } else {
             format!(
                 "Write files under /tmp instead (e.g. /tmp/{name}); if they must survive the \
                  instance, keep them in a database or object storage, or use mode = \
                  \"persistent\"."
-            ),
+            )
+        };
+        return Some((
+            FindingKind::ReadOnlyFileSystem,
+            path.unwrap_or_default(),
+            what,
+            fix,
+        ));
+    }
+    if lower.contains("attempt to write a readonly database")
+        || lower.contains("unable to open database file")
+    {
+        return Some((
+            FindingKind::ReadOnlyFileSystem,
+            "sqlite".into(),
+            "SQLite could not write its database: the file (or the directory, where it \
+             keeps its journal) is not writable."
+                .into(),
+            "In a serverless service, put the database under /tmp (e.g. \
+             sqlite:////tmp/app.db; it goes with the instance) or use a database server; \
+             for data that must last on this machine, use mode = \"persistent\"."
+                .into(),
         ));
     }
     let denied = lower.contains("permission denied") || lower.contains("eacces");
@@ -546,6 +575,16 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
             .to_string();
         if cmd == "sudo" {
             return root_only("sudo", line);
+        }
+        if cmd == "python" {
+            return Some((
+                FindingKind::CommandNotFound,
+                cmd,
+                "The command \"python\" is not in the image: Debian's Python is python3.".into(),
+                "Write python3 in the start command (or run from a virtualenv made in the \
+                 build, whose .venv/bin/python exists)."
+                    .into(),
+            ));
         }
         return Some((
             FindingKind::CommandNotFound,
@@ -688,6 +727,35 @@ fn root_only(tool: &str, _line: &str) -> Option<Classified> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fixes_fit_what_was_written() {
+        let fix = |line: &str| {
+            let found = diagnose_lines([line]);
+            assert_eq!(found.len(), 1, "{line}: {found:?}");
+            found[0].fix.clone()
+        };
+        assert!(fix("bash: line 1: python: command not found").contains("python3"));
+        assert!(
+            fix("OSError: [Errno 30] Read-only file system: '/app/staticfiles/admin'")
+                .contains("collectstatic --noinput")
+        );
+        assert!(
+            fix("PermissionError: [Errno 30] Read-only file system: '/app/logs/app.log'")
+                .contains("standard output")
+        );
+        assert!(
+            fix("sqlite3.OperationalError: attempt to write a readonly database").contains("/tmp")
+        );
+        assert!(
+            fix("sqlite3.OperationalError: unable to open database file").contains("persistent")
+        );
+        // Any other write keeps the general advice.
+        assert!(
+            fix("OSError: [Errno 30] Read-only file system: '/app/data.json'")
+                .contains("/tmp/data.json")
+        );
+    }
 
     #[test]
     fn a_denied_kernel_call_is_named() {

@@ -78,11 +78,30 @@ fn early_exit_message(exit: Exit, port: u16, tail: &[String], oom_limit: Option<
             s.push_str(line);
         }
     }
+    let findings = diagnose::diagnose_lines(tail.iter().map(String::as_str));
     s.push_str(&diagnosis(tail));
-    s.push_str(
-        "\nCheck whether the build command left out dependencies the start command needs, \
-         and that the start command runs a server that keeps running.",
-    );
+    // The general advice only where no finding says more, or where one
+    // says something is missing from the image.
+    let missing = findings.iter().any(|f| {
+        matches!(
+            f.kind,
+            diagnose::FindingKind::MissingPythonModule
+                | diagnose::FindingKind::MissingNodeModule
+                | diagnose::FindingKind::CommandNotFound
+        )
+    });
+    if exit.code == 0 && findings.is_empty() {
+        s.push_str(
+            "\nIt ended with success: the start command must run a server that keeps \
+             running (exec it in the foreground; nothing started in the background is \
+             waited for).",
+        );
+    } else if findings.is_empty() || missing {
+        s.push_str(
+            "\nCheck whether the build command left out dependencies the start command \
+             needs, and that the start command runs a server that keeps running.",
+        );
+    }
     s
 }
 

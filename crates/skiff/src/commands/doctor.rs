@@ -26,8 +26,12 @@ pub async fn run(args: DoctorArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let p = Paint::stdout();
+    let of_version = d
+        .version
+        .map(|v| format!(" of version {v}"))
+        .unwrap_or_default();
     println!(
-        "{} ({}): looked at {} lines of output and {} platform events",
+        "{} ({}): looked at {} lines of output and {} platform events{of_version}",
         p.bold(&d.service),
         p.state(&d.state),
         d.log_lines,

@@ -234,3 +234,29 @@ fn a_wrong_port_fails_fast() {
     // Far below the 60 s start timeout (the grace is 5 s).
     assert!(took < Duration::from_secs(30), "failed only after {took:?}");
 }
+
+/// The doctor speaks of the version that serves, not of earlier failed
+/// ones.
+#[test]
+fn findings_belong_to_the_version_they_came_from() {
+    let d = Up::serve(None, &[]);
+    let name = unique("versions");
+    let manifest = |start: &str| format!("name = \"{name}\"\nstart = \"{start}\"\n");
+    let app = App::new(&manifest("python -m http.server $PORT"), &[]);
+    let deploy = || d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (status, _, err) = deploy();
+    assert!(!status.success());
+    assert!(err.contains("python3"), "the fix names python3: {err}");
+    std::fs::write(
+        app.path().join("skiff.toml"),
+        manifest("exec python3 -m http.server $PORT"),
+    )
+    .unwrap();
+    let (status, out, err) = deploy();
+    assert!(status.success(), "{out}{err}");
+    let (_, out, _) = d.cli(&["doctor", &name]);
+    assert!(out.contains("No known problem found."), "{out}");
+    assert!(out.contains("of version 2"), "{out}");
+    let (_, out, _) = d.cli(&["status", &name]);
+    assert!(!out.contains("is not in the image"), "{out}");
+}
