@@ -258,6 +258,81 @@ pub fn load(dir: &Path, overrides: &Overrides) -> Result<ServiceSpec, ManifestEr
     parse_with(text.as_deref(), &file, &source, overrides, detected)
 }
 
+/// Frameworks whose pages talk to the server over WebSocket (or
+/// long-lived streams): as they name themselves in a start command or as a
+/// dependency.
+const STREAMING_FRAMEWORKS: &[(&str, &str)] = &[
+    ("streamlit", "Streamlit"),
+    ("gradio", "Gradio"),
+    ("python-socketio", "Socket.IO"),
+    ("flask-socketio", "Socket.IO"),
+    ("socket.io", "Socket.IO"),
+    ("channels", "Django Channels"),
+    ("websockets", "websockets"),
+    ("ws", "ws"),
+    ("nicegui", "NiceGUI"),
+    ("reflex", "Reflex"),
+];
+
+/// Why a serverless `spec` will not work for a browser user, when its
+/// start command or dependencies show a framework that needs long-lived
+/// connections, which a serverless service refuses; `None` otherwise or in
+/// persistent mode. For a warning at deploy time.
+pub fn streaming_hint(spec: &ServiceSpec) -> Option<String> {
+    if spec.mode == Mode::Persistent {
+        return None;
+    }
+    let read = |name: &str| -> String {
+        use std::io::Read;
+        let mut text = String::new();
+        if let Ok(f) = std::fs::File::open(spec.source.join(name)) {
+            let _ = f.take(1 << 20).read_to_string(&mut text);
+        }
+        text.to_ascii_lowercase()
+    };
+    let start = spec.start.to_ascii_lowercase();
+    let words = |text: &str| -> Vec<String> {
+        text.split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+            .filter(|w| !w.is_empty())
+            .map(str::to_string)
+            .collect()
+    };
+    // Dependency names as Python and npm list them.
+    let mut deps: Vec<String> = read("requirements.txt")
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            (!l.starts_with('#')).then(|| {
+                l.split(|c: char| "=<>!~[; ".contains(c))
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            })
+        })
+        .collect();
+    if let Ok(package) = serde_json::from_str::<serde_json::Value>(&read("package.json")) {
+        for key in ["dependencies", "devDependencies"] {
+            if let Some(d) = package.get(key).and_then(|d| d.as_object()) {
+                deps.extend(d.keys().cloned());
+            }
+        }
+    }
+    deps.extend(
+        words(&read("pyproject.toml"))
+            .into_iter()
+            .filter(|w| STREAMING_FRAMEWORKS.iter().any(|(n, _)| n == w) && w.len() > 2),
+    );
+    let first_word = words(&start);
+    let (_, framework) = STREAMING_FRAMEWORKS
+        .iter()
+        .find(|(name, _)| first_word.iter().any(|w| w == name) || deps.iter().any(|d| d == name))?;
+    Some(format!(
+        "{framework} keeps a WebSocket (or streaming) connection open to each browser, and \
+         a serverless service refuses those (501): pages would wait forever. Set mode = \
+         \"persistent\" in skiff.toml."
+    ))
+}
+
 /// A start command the source itself declares, for a manifest without
 /// one: a `Procfile`'s `web:` line (Heroku's and Cloud Foundry's
 /// convention), else `npm start` when `package.json` has `scripts.start`.

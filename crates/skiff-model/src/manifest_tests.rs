@@ -305,3 +305,36 @@ fn a_start_command_is_taken_from_procfile_or_package_json() {
     let spec = crate::load(d, &o).unwrap();
     assert_eq!((spec.start.as_str(), spec.start_from), ("./other", None));
 }
+
+#[test]
+fn frameworks_that_hold_connections_are_named_for_serverless_services() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("skiff.toml"), "start = \"streamlit run app.py\"\n").unwrap();
+    let s = crate::load(d, &Overrides::default()).unwrap();
+    assert!(crate::streaming_hint(&s).unwrap().contains("Streamlit"));
+    // The same in persistent mode: nothing to say.
+    std::fs::write(
+        d.join("skiff.toml"),
+        "start = \"streamlit run app.py\"\nmode = \"persistent\"\n",
+    )
+    .unwrap();
+    assert!(crate::streaming_hint(&crate::load(d, &Overrides::default()).unwrap()).is_none());
+    // A dependency shows it too.
+    std::fs::write(d.join("skiff.toml"), "start = \"python3 app.py\"\n").unwrap();
+    std::fs::write(
+        d.join("requirements.txt"),
+        "flask==3.0\nflask-socketio>=5\n",
+    )
+    .unwrap();
+    let s = crate::load(d, &Overrides::default()).unwrap();
+    assert!(crate::streaming_hint(&s).unwrap().contains("Socket.IO"));
+    // An ordinary app: nothing.
+    std::fs::write(
+        d.join("requirements.txt"),
+        "flask==3.0\n# websockets later\n",
+    )
+    .unwrap();
+    let s = crate::load(d, &Overrides::default()).unwrap();
+    assert_eq!(crate::streaming_hint(&s), None);
+}

@@ -34,7 +34,7 @@ pub async fn run(args: DeployArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
-    super::say_detected_start(&spec);
+    super::say_what_the_source_shows(&spec);
     let client = args.client.client()?;
     let source = dir.clone();
     let (archive, packed) = tokio::task::spawn_blocking(move || {

@@ -287,14 +287,17 @@ pub fn init_tracing() {
         .init();
 }
 
-/// Says which start command was found in the source when the manifest
-/// gave none.
-fn say_detected_start(spec: &skiff_model::ServiceSpec) {
+/// Says what the source showed: which start command was found when the
+/// manifest gave none, and a framework a serverless service cannot serve.
+fn say_what_the_source_shows(spec: &skiff_model::ServiceSpec) {
     if let Some(from) = &spec.start_from {
         eprintln!(
             "skiff: {}: no start command in skiff.toml; starting it with `{}` (from {from})",
             spec.name, spec.start
         );
+    }
+    if let Some(hint) = skiff_model::streaming_hint(spec) {
+        eprintln!("skiff: {}: warning: {hint}", spec.name);
     }
 }
 

@@ -43,7 +43,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<ExitCode> {
     for dir in &dirs {
         match skiff_model::load(dir, &overrides) {
             Ok(spec) => {
-                super::say_detected_start(&spec);
+                super::say_what_the_source_shows(&spec);
                 specs.push(spec)
             }
             Err(e) => {

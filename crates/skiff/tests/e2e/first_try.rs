@@ -260,3 +260,18 @@ fn findings_belong_to_the_version_they_came_from() {
     let (_, out, _) = d.cli(&["status", &name]);
     assert!(!out.contains("is not in the image"), "{out}");
 }
+
+/// A Streamlit app deployed as serverless gets a warning at deploy time.
+#[test]
+fn a_websocket_framework_in_serverless_mode_is_warned_about() {
+    let d = Up::serve(None, &[]);
+    let name = unique("streamlit");
+    let app = App::new(
+        &format!("name = \"{name}\"\nstart = \"exec python3 -m http.server $PORT\"\n"),
+        &[("requirements.txt", "streamlit==1.40\n")],
+    );
+    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    assert!(status.success(), "{out}{err}");
+    assert!(err.contains("warning: Streamlit keeps a WebSocket"), "{err}");
+    assert!(err.contains("mode = \"persistent\""), "{err}");
+}
