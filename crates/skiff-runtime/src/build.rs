@@ -13,6 +13,7 @@ use skiff_sandbox::{
 use tokio::sync::broadcast;
 
 use crate::base::{which, APP_PATH};
+use crate::build_cache::{self, BuildCache};
 use crate::events::{Event, Phase};
 use crate::image::{tree_size, ImageDir, ImageStore};
 use crate::instance::{command_environment, LogSink, Tail};
@@ -46,8 +47,10 @@ const DROPPED_AFTER_BUILD: &[&str] = &[
 /// build's.
 fn build_argv(build: &str) -> Vec<String> {
     let dirs = DROPPED_AFTER_BUILD.join(" ");
+    let apt_conf = build_cache::APT_CONF;
     let script = format!(
         "bash -c \"$1\" || exit\n\
+         rm -f /{apt_conf}\n\
          for d in {dirs}; do\n\
          [ \"$(realpath -eq -- \"$d\")\" = \"$d\" ] && \
          find \"$d\" -mindepth 1 -maxdepth 1 -exec rm -rf -- {{}} + 2>/dev/null\n\
@@ -182,6 +185,9 @@ pub struct BuildReport {
 pub struct BuildContext<'a> {
     pub sandbox: &'a Sandbox,
     pub images: &'a ImageStore,
+    /// The service's build cache, mounted where package managers keep
+    /// their downloads.
+    pub cache: &'a BuildCache,
     pub mount_point: &'a Path,
     /// A file holding [`BUILD_RESOLV_CONF`], mounted as the build's
     /// `/etc/resolv.conf`.
@@ -328,6 +334,24 @@ async fn run_sandboxed(
         target: "/etc/resolv.conf".into(),
         writable: false,
     });
+    // The cache is a help, not a need: without it the build downloads
+    // everything, as it would the first time.
+    let mut env = environment(spec);
+    let cache = which("mkfs.ext4")
+        .ok_or_else(|| std::io::Error::other("mkfs.ext4 is missing"))
+        .and_then(|mkfs| ctx.cache.prepare(&mkfs))
+        .and_then(|binds| build_cache::prepare_layer(&image.upper()).map(|()| binds));
+    match cache {
+        Ok(cache) => {
+            binds.extend(cache);
+            env.extend(
+                build_cache::ENV
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string())),
+            );
+        }
+        Err(e) => tracing::warn!("{service}: building without the build cache: {e}"),
+    }
     let network = Network::Outbound {
         slirp4netns: which("slirp4netns").ok_or_else(|| {
             BuildError::Network(
@@ -353,7 +377,7 @@ async fn run_sandboxed(
         identity: Identity::BuildRoot,
         network,
         argv: build_argv(build),
-        env: environment(spec),
+        env,
         open_files: spec.limits.open_files.max(BUILD_OPEN_FILES),
         syscall_filter: true,
     };
@@ -421,6 +445,10 @@ mod tests {
         for d in DROPPED_AFTER_BUILD {
             argv[2] = argv[2].replacen(&format!(" {d}"), &format!(" {r}{d}"), 1);
         }
+        let conf = build_cache::APT_CONF;
+        let script = argv[2].replacen(&format!(" /{conf}"), &format!(" {r}/{conf}"), 1);
+        assert_ne!(script, argv[2], "the wrapper removes the apt configuration");
+        argv[2] = script;
         let out = std::process::Command::new(&argv[0])
             .args(&argv[1..])
             .output()
@@ -438,6 +466,8 @@ mod tests {
         fs::create_dir_all(r.join("var/cache/apt/archives")).unwrap();
         fs::write(r.join("var/cache/apt/archives/x.deb"), "x").unwrap();
         fs::write(r.join("var/cache/apt/.hidden"), "x").unwrap();
+        fs::create_dir_all(r.join("etc/apt/apt.conf.d")).unwrap();
+        fs::write(r.join(build_cache::APT_CONF), "x").unwrap();
         // A failing build keeps its status and its files.
         let (code, _) = run_wrapper("echo 'it''s \"quoted\"'; exit 7", r);
         assert_eq!(code, 7);
@@ -447,6 +477,10 @@ mod tests {
         assert_eq!((code, out.as_str()), (0, "a  b $HOME\n"));
         assert!(r.join("var/cache/apt").is_dir());
         assert_eq!(fs::read_dir(r.join("var/cache/apt")).unwrap().count(), 0);
+        assert!(
+            !r.join(build_cache::APT_CONF).exists(),
+            "the cache's apt configuration stays"
+        );
     }
 
     #[test]

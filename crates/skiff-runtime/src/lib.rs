@@ -5,6 +5,7 @@
 
 pub mod base;
 mod build;
+mod build_cache;
 pub mod diagnose;
 mod events;
 pub mod health;

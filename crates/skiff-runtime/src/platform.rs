@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::base::{self, BaseImageError};
 use crate::build::{self, BuildContext, BuildError};
+use crate::build_cache::BuildCache;
 
 /// The build's `/etc/resolv.conf`, under the state directory.
 const BUILD_RESOLV_CONF_FILE: &str = "build-resolv.conf";
@@ -271,6 +272,11 @@ impl Shared {
     /// Where a persistent service keeps its writable layers.
     pub(crate) fn writable_dir(&self, service: &str) -> PathBuf {
         self.config.state_dir.join("writable").join(service)
+    }
+
+    /// Where a service's build cache is (`crate::build_cache`).
+    pub(crate) fn build_cache_dir(&self, service: &str) -> PathBuf {
+        self.config.state_dir.join("build-cache").join(service)
     }
 
     /// Where a service's account files are, per version (`crate::users`).
@@ -1049,9 +1055,11 @@ impl Handle {
         } else {
             let mount_point = shared.mount_point();
             let resolv_conf = shared.config.state_dir.join(BUILD_RESOLV_CONF_FILE);
+            let cache = BuildCache::new(shared.build_cache_dir(&name));
             let ctx = BuildContext {
                 sandbox: &shared.sandbox,
                 images: &shared.images,
+                cache: &cache,
                 mount_point: &mount_point,
                 resolv_conf: &resolv_conf,
                 log: shared.store.log_sender(&name, Some(version)),
@@ -1122,6 +1130,9 @@ impl Handle {
         removed?;
         if let Err(e) = shared.images.remove_ref(name) {
             warn!("removing the image ref of {name}: {e}");
+        }
+        if let Err(e) = BuildCache::new(shared.build_cache_dir(name)).remove() {
+            warn!("removing the build cache of {name}: {e}");
         }
         for dir in [shared.writable_dir(name), shared.users_dir(name)] {
             if let Err(e) = service::prune_versions(&dir, &[])

@@ -64,6 +64,19 @@ fn skiff_up(dir: &Path, state: &Path) -> (Vec<String>, Duration) {
     (lines, elapsed)
 }
 
+/// The build's line in `skiff up`'s output.
+fn build_line(lines: &[String]) -> &str {
+    lines
+        .iter()
+        .find(|l| l.contains("skiff: built"))
+        .unwrap_or_else(|| panic!("no build line in {lines:?}"))
+}
+
+/// How long the build took, in seconds, as `skiff up` reports it.
+fn build_time(lines: &[String]) -> f64 {
+    number_after(build_line(lines), " in ").expect("build time")
+}
+
 /// The number after `key` in `line`, e.g. `in 2.7s` or `app start 38.2ms`.
 fn number_after(line: &str, key: &str) -> Option<f64> {
     let rest = &line[line.find(key)? + key.len()..];
@@ -102,23 +115,26 @@ fn main() {
 
     let mut sandboxed = Vec::new();
     let mut sizes = (0.0, 0.0);
-    let state = tempfile::tempdir().expect("tempdir");
+    let mut state = tempfile::tempdir().expect("tempdir");
     for i in 0..runs {
-        // A new source each time (a changed comment), so the build runs.
+        // A first build each time: a new state directory (so an empty
+        // build cache) and a new source.
+        state = tempfile::tempdir().expect("tempdir");
         let dir = copy_example(&example);
         std::fs::write(dir.path().join("bump.txt"), i.to_string()).expect("write");
         let (lines, _) = skiff_up(dir.path(), state.path());
-        let built = lines
-            .iter()
-            .find(|l| l.contains("skiff: built"))
-            .unwrap_or_else(|| panic!("no build line in {lines:?}"));
-        let s = number_after(built, " in ").expect("build time");
+        let s = build_time(&lines);
         sandboxed.push(Duration::from_secs_f64(s));
+        let built = build_line(&lines);
         sizes = (
             number_after(built, "image layer").unwrap_or(0.0),
             number_after(built, "the build wrote").unwrap_or(0.0),
         );
     }
+    // A one-line change after the last: a rebuild with the build cache.
+    let dir = copy_example(&example);
+    std::fs::write(dir.path().join("bump.txt"), "changed").expect("write");
+    let python_rebuild = build_time(&skiff_up(dir.path(), state.path()).0);
 
     let dir = copy_example(&example);
     skiff_up(dir.path(), state.path());
@@ -145,15 +161,16 @@ fn main() {
          start = \"exec python3 -m http.server $PORT\"\n",
     )
     .expect("write");
-    let (lines, _) = skiff_up(apt.path(), state.path());
-    let built = lines
-        .iter()
-        .find(|l| l.contains("skiff: built"))
-        .expect("build line");
+    let apt_state = tempfile::tempdir().expect("tempdir");
+    let (lines, _) = skiff_up(apt.path(), apt_state.path());
+    let apt_first = build_time(&lines);
+    let built = build_line(&lines);
     let apt_sizes = (
         number_after(built, "image layer").unwrap_or(0.0),
         number_after(built, "the build wrote").unwrap_or(0.0),
     );
+    std::fs::write(apt.path().join("bump.txt"), "changed").expect("write");
+    let apt_rebuild = build_time(&skiff_up(apt.path(), apt_state.path()).0);
 
     let (h, b) = (median(host), median(sandboxed));
     println!("build of python-gunicorn ({BUILD}), {runs} runs, median:");
@@ -164,6 +181,16 @@ fn main() {
         "cached redeploy (same source): platform time {} median of 5 (target under 1 s)",
         secs(median(cached))
     );
+    println!("rebuild after a one-line change, with the service's build cache:");
+    for (what, first, again) in [
+        ("python-gunicorn", b.as_secs_f64(), python_rebuild),
+        ("apt-get install jq", apt_first, apt_rebuild),
+    ] {
+        println!(
+            "  {what}: {again:.2} s against {first:.2} s for a first build ({:.2}x)",
+            again / first
+        );
+    }
     for (what, (layer, wrote)) in [
         ("python-gunicorn", sizes),
         ("apt-get install jq", apt_sizes),

@@ -272,6 +272,60 @@ fn a_websocket_framework_in_serverless_mode_is_warned_about() {
     );
     let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
     assert!(status.success(), "{out}{err}");
-    assert!(err.contains("warning: Streamlit keeps a WebSocket"), "{err}");
+    assert!(
+        err.contains("warning: Streamlit keeps a WebSocket"),
+        "{err}"
+    );
     assert!(err.contains("mode = \"persistent\""), "{err}");
+}
+
+/// A rebuild after a change to the source finds apt's downloads (and
+/// whatever else was left in the cached directories) in the service's
+/// build cache; the image holds none of it.
+#[test]
+fn a_rebuild_uses_the_build_cache() {
+    let d = Up::serve(None, &[]);
+    let name = unique("cached");
+    let app = App::new(
+        &format!(
+            "name = \"{name}\"\n\
+             build = \"(test -e /.skiff-cache/pip/marker && echo kept || echo fresh) > /app/cache.txt; \
+             touch /.skiff-cache/pip/marker; rm -rf ~/.cache; \
+             apt-get update -qq && apt-get install -y --no-install-recommends jq\"\n\
+             start = \"exec python3 -m http.server $PORT --directory /app\"\n"
+        ),
+        &[("index.html", "one")],
+    );
+    let deploy = || d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (status, out, err) = deploy();
+    assert!(status.success(), "{out}{err}");
+    assert_eq!(d.get(&host(&name), "/cache.txt").body, "fresh\n");
+    std::fs::write(app.path().join("index.html"), "two").unwrap();
+    let (status, out, err) = deploy();
+    assert!(status.success(), "{out}{err}");
+    assert_eq!(d.get(&host(&name), "/index.html").body, "two");
+    assert_eq!(d.get(&host(&name), "/cache.txt").body, "kept\n");
+    // apt found its package in the cache and fetched nothing.
+    assert!(err.contains("Need to get 0 B/"), "{err}");
+    // None of it is in the image: the layer's cache directories are empty.
+    let layers: Vec<_> = std::fs::read_dir(d.state_dir().join("images"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("img-"))
+        .map(|e| d.platform_view(&e.path().join("disk/upper")))
+        .collect();
+    assert!(!layers.is_empty());
+    for upper in layers {
+        for dir in [
+            ".skiff-cache/pip",
+            ".skiff-cache/apt-archives",
+            "var/cache/apt/archives",
+            "etc/apt/apt.conf.d/99skiff-build-cache",
+        ] {
+            let left: Vec<_> = std::fs::read_dir(upper.join(dir))
+                .map(|d| d.flatten().map(|e| e.file_name()).collect())
+                .unwrap_or_default();
+            assert!(left.is_empty(), "{dir} in the image: {left:?}");
+        }
+    }
 }
