@@ -380,6 +380,7 @@ async fn run_sandboxed(
         env,
         open_files: spec.limits.open_files.max(BUILD_OPEN_FILES),
         syscall_filter: true,
+        layers_owned_by: None,
     };
     let limits = CgroupLimits {
         memory_bytes: BUILD_MEMORY.max(spec.limits.memory) + BUILD_TMP,

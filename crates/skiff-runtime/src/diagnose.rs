@@ -87,7 +87,9 @@ const WHY_READ_ONLY: &str = "only /tmp is writable in a serverless instance (the
 const WHY_SHM: &str = "/dev/shm is read-only: shared memory is not supported";
 const WHY_RUN_USER: &str =
     "the build runs as root, the service as a non-root user of its own (app): \
-     files the build made belong to root and cannot be changed at run time";
+     in a serverless instance, files the build made belong to root and cannot be changed, \
+     nor read when the build made them for root only (a persistent service owns its \
+     image's files)";
 const WHY_PORT: &str = "the service runs as a non-root user, and ports below 1024 need root";
 const WHY_MISSING: &str = "the start command runs in the image the build command made; what the \
      build did not install is not there";

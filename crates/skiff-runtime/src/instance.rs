@@ -280,6 +280,7 @@ pub async fn start_prepared(
         env: environment(spec),
         open_files: spec.limits.open_files,
         syscall_filter: true,
+        layers_owned_by: ctx.writable.as_ref().map(|_| ctx.uid),
     };
     let mut instance = prepared.start(&config).await?;
     let tail = Tail::default();

@@ -99,6 +99,12 @@ fn helper(control: &mut UnixStream) -> Res<i32> {
         "parsing the sandbox configuration".into()
     })?;
 
+    // Made here, in the host's pid namespace, where /proc/<pid> names the
+    // child it needs; pid 1 inherits the namespace's descriptor.
+    let root_as = match config.layers_owned_by {
+        Some(uid) => Some(crate::idmap::RootAs::new(uid)?),
+        None => None,
+    };
     let flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWIPC
@@ -117,7 +123,7 @@ fn helper(control: &mut UnixStream) -> Res<i32> {
     // binary that has started no threads), so fork cannot inherit a lock.
     match ctx(unsafe { fork() }, || "forking the instance's pid 1".into())? {
         ForkResult::Child => {
-            let code = match pid1(&config, control) {
+            let code = match pid1(&config, root_as.as_ref(), control) {
                 Ok(code) => code,
                 Err(e) => {
                     let _ = writeln!(control, "err {}", e.replace('\n', " "));
@@ -157,13 +163,17 @@ fn wait_for(pid: Pid) -> i32 {
 
 /// The instance's pid 1: builds the file system, starts the command in a
 /// child, reaps orphans and exits with the command's status.
-fn pid1(config: &SandboxConfig, control: &mut UnixStream) -> Res<i32> {
+fn pid1(
+    config: &SandboxConfig,
+    root_as: Option<&crate::idmap::RootAs>,
+    control: &mut UnixStream,
+) -> Res<i32> {
     // If the helper dies (the platform was killed), the whole instance goes:
     // pid 1 dying takes every process of its pid namespace with it.
     ctx(nix::sys::prctl::set_pdeathsig(Signal::SIGKILL), || {
         "prctl".into()
     })?;
-    build_root(config)?;
+    build_root(config, root_as)?;
     ctx(sethostname(&config.hostname), || {
         "setting the host name".into()
     })?;
@@ -236,7 +246,7 @@ fn bind_ro(src: &Path, target: &Path, then_at: &Path, extra: MsFlags) -> Res<()>
     )
 }
 
-fn build_root(config: &SandboxConfig) -> Res<()> {
+fn build_root(config: &SandboxConfig, root_as: Option<&crate::idmap::RootAs>) -> Res<()> {
     // Nothing mounted from here on may leak back to the host.
     mnt(
         None,
@@ -247,7 +257,7 @@ fn build_root(config: &SandboxConfig) -> Res<()> {
     )?;
     let root = &config.mount_point;
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    let staged = stage(config)?;
+    let staged = stage(config, root_as)?;
     let lower = staged.lower.join(":");
     match (config.layers.as_slice(), &staged.writable) {
         ([], _) => return Err("the image has no layers".into()),
@@ -366,7 +376,7 @@ struct Staged {
 /// instance's `/proc/self/mountinfo` shows no host path (the state
 /// directory, the image cache); the tmpfs ends up beneath the overlay and
 /// leaves with the host's old root.
-fn stage(config: &SandboxConfig) -> Res<Staged> {
+fn stage(config: &SandboxConfig, root_as: Option<&crate::idmap::RootAs>) -> Res<Staged> {
     let root = &config.mount_point;
     mnt(
         Some(Path::new("tmpfs")),
@@ -385,7 +395,10 @@ fn stage(config: &SandboxConfig) -> Res<Staged> {
     let mut lower = Vec::new();
     for (i, layer) in config.layers.iter().enumerate() {
         let name = format!("l{i}");
-        mnt(Some(layer), &make(&name)?, None, MsFlags::MS_BIND, None)?;
+        match root_as {
+            Some(map) => map.bind(layer, &make(&name)?)?,
+            None => mnt(Some(layer), &make(&name)?, None, MsFlags::MS_BIND, None)?,
+        }
         lower.push(name);
     }
     let writable = match &config.writable {

@@ -15,6 +15,7 @@
 pub mod beneath;
 mod cgroup;
 pub mod disk;
+mod idmap;
 mod init;
 mod netns;
 pub mod outbound;
@@ -102,6 +103,10 @@ pub struct SandboxConfig {
     pub open_files: u64,
     /// The system-call filter of [`seccomp`]; off only to measure its cost.
     pub syscall_filter: bool,
+    /// Persistent mode: the image's layers show what root owns as this
+    /// uid (and gid), so that the service, running as it, may change any
+    /// file of its writable root, those the build made included.
+    pub layers_owned_by: Option<u32>,
 }
 
 /// What a sandbox's network namespace holds. No sandbox shares the host's.

@@ -90,6 +90,7 @@ fn sandbox_cost(runs: usize) -> PathBuf {
         env: vec![("PATH".into(), "/usr/bin:/bin".into())],
         open_files: 65536,
         syscall_filter: true,
+        layers_owned_by: None,
     };
     let unfiltered = SandboxConfig {
         syscall_filter: false,

@@ -74,6 +74,8 @@ class H(BaseHTTPRequestHandler):
         body = b"ok"
         if self.path == "/save":
             open("/app/data.txt", "w").write("x")
+        elif self.path == "/load":
+            open("/app/data.txt").read()
         elif self.path == "/lock":
             multiprocessing.Lock()
         elif self.path == "/big":
@@ -139,18 +141,21 @@ fn run_time_errors_in_the_output_are_diagnosed() {
         "{out}"
     );
 
-    // Build-user vs run-user: a file the build made as root.
+    // Build-user vs run-user: a file the build made as root, for root only.
+    // (A persistent service may change what its build made: its layers are
+    // idmapped; a serverless one only reads the image.)
     let owner = unique("dr-owner");
     let app = App::new(
         &format!(
-            "name = \"{owner}\"\nmode = \"persistent\"\nbuild = \"echo root > /app/data.txt\"\n\
+            "name = \"{owner}\"\n\
+             build = \"echo root > /app/data.txt && chmod 600 /app/data.txt\"\n\
              start = \"exec python3 app.py\"\n"
         ),
         &[("app.py", SERVER)],
     );
     let (ok, err) = deploy(&d, &app);
     assert!(ok, "{err}");
-    request(&d, &owner, "GET /save HTTP/1.1");
+    request(&d, &owner, "GET /load HTTP/1.1");
     let f = finding(&d, &owner, "RunUserPermission");
     has(&f, "what", "/app/data.txt");
     has(&f, "why", "build runs as root");

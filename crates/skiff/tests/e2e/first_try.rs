@@ -329,3 +329,55 @@ fn a_rebuild_uses_the_build_cache() {
         }
     }
 }
+
+const RECORDER: &str = r#"
+import os, sqlite3
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        try:
+            db = sqlite3.connect("/app/db.sqlite3")
+            if self.path == "/record":
+                db.execute("insert into visits values (1)")
+                db.commit()
+            n = db.execute("select count(*) from visits").fetchone()[0]
+            body, status = str(n).encode(), 200
+        except Exception as e:
+            print(f"sqlite3.OperationalError: {e}", flush=True)
+            body, status = str(e).encode(), 500
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+ThreadingHTTPServer(("0.0.0.0", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+/// Persistent mode: the service writes what the build made (a SQLite
+/// database made by a migration in the build, as Django's `migrate` does).
+#[test]
+fn a_persistent_service_writes_files_its_build_made() {
+    let d = Up::serve(None, &[]);
+    let name = unique("migrated");
+    let app = App::new(
+        &format!(
+            "name = \"{name}\"\n\
+             mode = \"persistent\"\n\
+             build = \"python3 -c 'import sqlite3; sqlite3.connect(\\\"/app/db.sqlite3\\\").execute(\\\"create table visits (n)\\\")'\"\n\
+             start = \"exec python3 /app/server.py\"\n"
+        ),
+        &[("server.py", RECORDER)],
+    );
+    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    assert!(status.success(), "{out}{err}");
+    let h = host(&name);
+    for n in 1..=3 {
+        let r = d.get(&h, "/record");
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, n.to_string().as_str()),
+            "{r:?}"
+        );
+    }
+    let (_, logs, _) = d.cli(&["logs", &name]);
+    assert!(!logs.contains("readonly database"), "{logs}");
+}

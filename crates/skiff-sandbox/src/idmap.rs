@@ -1,0 +1,218 @@
+//! Idmapped layers: a persistent service's image, with what root owns shown
+//! as the service's own user, so that the service can change every file of
+//! its writable root, those the build made included (overlayfs copies a
+//! file up with the owner it shows).
+//!
+//! The mapping is a user namespace that maps uid and gid 0 to the
+//! service's, and 1-65535 to themselves; nothing runs in it. An idmapped
+//! mount (`mount_setattr(MOUNT_ATTR_IDMAP)`, Linux 5.12; overlayfs on
+//! idmapped layers, 5.19) is made from each layer's bind with the new
+//! mount API.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::wait::waitpid;
+use nix::unistd::{fork, pipe, ForkResult};
+
+type Res<T> = Result<T, String>;
+
+/// Ids 1-65535 keep their number; 0 becomes the service's.
+const KEPT: u32 = 65535;
+
+/// A user namespace that maps root to one user, held open.
+pub struct RootAs {
+    ns: OwnedFd,
+}
+
+impl RootAs {
+    /// Makes the namespace. Must run in a single-threaded process, in the
+    /// pid namespace whose `/proc` is mounted (it reaches a child through
+    /// `/proc/<pid>`), as root.
+    pub fn new(uid: u32) -> Res<Self> {
+        if uid <= KEPT {
+            return Err(format!("uid {uid} is among the ids an idmap keeps"));
+        }
+        let (ready_r, ready_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
+        let (done_r, done_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
+        // SAFETY: the caller is single-threaded; the child only makes
+        // system calls and leaves with _exit.
+        match unsafe { fork() }.map_err(|e| format!("fork: {e}"))? {
+            ForkResult::Child => {
+                drop((ready_r, done_w));
+                let ok = unshare(CloneFlags::CLONE_NEWUSER).is_ok();
+                let _ = File::from(ready_w).write_all(if ok { b"y" } else { b"n" });
+                let _ = File::from(done_r).read(&mut [0u8; 1]);
+                // SAFETY: leaves the forked child without running anything
+                // of the parent's.
+                unsafe { libc::_exit(0) }
+            }
+            ForkResult::Parent { child } => {
+                drop((ready_w, done_r));
+                let mut answer = [0u8; 1];
+                let made = File::from(ready_r).read_exact(&mut answer).is_ok() && answer == *b"y";
+                let result = if made {
+                    let map = format!("0 {uid} 1\n1 1 {KEPT}\n");
+                    let proc = format!("/proc/{}", child.as_raw());
+                    std::fs::write(format!("{proc}/uid_map"), &map)
+                        .and_then(|()| std::fs::write(format!("{proc}/gid_map"), &map))
+                        .and_then(|()| File::open(format!("{proc}/ns/user")))
+                        .map(|ns| Self { ns: ns.into() })
+                        .map_err(|e| format!("mapping root to uid {uid}: {e}"))
+                } else {
+                    Err("cannot make a user namespace for the idmapped layers".into())
+                };
+                drop(done_w);
+                let _ = waitpid(child, None);
+                result
+            }
+        }
+    }
+
+    /// Mounts `source` on `target` (an existing directory) as a bind that
+    /// shows root's files as the mapped user's.
+    pub fn bind(&self, source: &Path, target: &Path) -> Res<()> {
+        let c = |p: &Path| {
+            CString::new(p.as_os_str().as_encoded_bytes())
+                .map_err(|_| format!("{} contains a NUL byte", p.display()))
+        };
+        let (source_c, target_c) = (c(source)?, c(target)?);
+        let fail = |what: &str| {
+            format!(
+                "{what} {}: {}",
+                source.display(),
+                std::io::Error::last_os_error()
+            )
+        };
+        // SAFETY: open_tree with a valid, NUL-terminated path; the result
+        // is a new descriptor owned here.
+        let tree = unsafe {
+            libc::syscall(
+                libc::SYS_open_tree,
+                libc::AT_FDCWD,
+                source_c.as_ptr(),
+                (OPEN_TREE_CLONE | libc::O_CLOEXEC as u32) as libc::c_uint,
+            )
+        };
+        if tree < 0 {
+            return Err(fail("cloning the mount of"));
+        }
+        // SAFETY: a descriptor open_tree just returned.
+        let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
+        let attr = MountAttr {
+            attr_set: MOUNT_ATTR_IDMAP,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: self.ns.as_raw_fd() as u64,
+        };
+        // SAFETY: mount_setattr reads one `struct mount_attr` of the size
+        // given; the empty path with AT_EMPTY_PATH names the descriptor.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                tree.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_EMPTY_PATH as libc::c_uint,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if r < 0 {
+            return Err(fail("idmapping"));
+        }
+        // SAFETY: move_mount from the detached tree to a valid path.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_move_mount,
+                tree.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                target_c.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            )
+        };
+        if r < 0 {
+            return Err(fail("mounting the idmapped"));
+        }
+        Ok(())
+    }
+}
+
+// From <linux/mount.h>.
+const OPEN_TREE_CLONE: u32 = 1;
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn root_owned_files_show_as_the_mapped_user_and_others_keep_theirs() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("root-owned"), "r").unwrap();
+        std::fs::write(src.path().join("app-owned"), "a").unwrap();
+        std::os::unix::fs::chown(src.path().join("app-owned"), Some(10001), Some(10001)).unwrap();
+        let target = tempfile::tempdir().unwrap();
+        // The test's own mount namespace would be the test runner's: do it
+        // in a child that has one of its own.
+        let (r, w) = pipe().unwrap();
+        // SAFETY: the child makes system calls and file reads only, then
+        // leaves with _exit; the test harness's other threads are not
+        // touched (nothing here takes a lock they could hold... except the
+        // allocator, which the child uses: acceptable in a test).
+        match unsafe { fork() }.unwrap() {
+            ForkResult::Child => {
+                drop(r);
+                let out = (|| -> Res<(u32, u32)> {
+                    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| e.to_string())?;
+                    nix::mount::mount(
+                        None::<&str>,
+                        "/",
+                        None::<&str>,
+                        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
+                        None::<&str>,
+                    )
+                    .map_err(|e| e.to_string())?;
+                    let map = RootAs::new(1_800_000_123)?;
+                    map.bind(src.path(), target.path())?;
+                    let uid = |n: &str| std::fs::metadata(target.path().join(n)).map(|m| m.uid());
+                    Ok((
+                        uid("root-owned").map_err(|e| e.to_string())?,
+                        uid("app-owned").map_err(|e| e.to_string())?,
+                    ))
+                })();
+                let text = match out {
+                    Ok((a, b)) => format!("{a} {b}"),
+                    Err(e) => e,
+                };
+                let _ = File::from(w).write_all(text.as_bytes());
+                // SAFETY: ends the forked child.
+                unsafe { libc::_exit(0) }
+            }
+            ForkResult::Parent { child } => {
+                drop(w);
+                let mut text = String::new();
+                File::from(r).read_to_string(&mut text).unwrap();
+                waitpid(child, None).unwrap();
+                assert_eq!(text, "1800000123 10001");
+            }
+        }
+    }
+}
