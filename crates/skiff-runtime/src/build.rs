@@ -229,6 +229,7 @@ pub async fn run(
     let result = async {
         prepare_disk(ctx.images, spec, image)?;
         let built = run_sandboxed(ctx, spec, build, lower, image, id).await;
+        ctx.cache.release();
         if let Ok(()) | Err(BuildError::Failed { .. }) = built {
             // A write that failed for want of space may have failed the
             // build, or been ignored by it: either way the layer is not
@@ -300,6 +301,20 @@ fn prepare_disk(
         disk::Durability::Scratch,
     )
     .map_err(io(&image.disk_file()))?;
+    // The whole disk is the build's while it runs (others' builds and the
+    // host's own writes cannot take it away); what it does not use goes
+    // back when the build is done (`finish_layer`).
+    disk::reserve(&image.disk_file()).map_err(|e| {
+        if e.raw_os_error() == Some(nix::libc::ENOSPC) {
+            BuildError::NoRoom {
+                needed: spec.limits.build_disk,
+                free: disk::free_space(store).unwrap_or(0),
+                dir: store.to_path_buf(),
+            }
+        } else {
+            io(&image.disk_file())(e)
+        }
+    })?;
     disk::mount_disk(&image.disk_file(), &image.disk_dir(), false)
         .map_err(io(&image.disk_dir()))?;
     for dir in [image.upper(), image.work()] {
@@ -430,6 +445,7 @@ async fn run_sandboxed(
 /// were dropped in its sandbox.
 fn finish_layer(image: &ImageDir) -> std::io::Result<()> {
     fs::remove_dir_all(image.work())?;
+    disk::trim(&image.disk_dir())?;
     disk::remount_read_only(&image.disk_dir())?;
     image.mark_ready()
 }

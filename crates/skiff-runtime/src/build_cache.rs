@@ -11,7 +11,9 @@
 //!
 //! The cache is the tenant's (its builds write it), so it lives on a disk
 //! of its own of [`CACHE_SIZE`] (`skiff_sandbox::disk`): it cannot take more
-//! of the host's disk than that, and when it is more than three quarters
+//! of the host's disk than that; its whole size is reserved on the host
+//! while a build runs, and what it does not use is given back after; when
+//! it is more than three quarters
 //! full at the start of a build it starts over empty. The platform never
 //! reads it; it only makes the top directories, mounts them into the build
 //! sandbox and removes the whole disk with the service.
@@ -90,6 +92,9 @@ impl BuildCache {
             disk::format(mkfs, &self.file(), CACHE_SIZE, disk::Durability::Scratch)?;
             disk::mount_disk(&self.file(), &mounted, false)?;
         }
+        // Room for the whole cache while the build runs (see `release`):
+        // without it, the build goes without the cache.
+        disk::reserve(&self.file())?;
         let mut binds = Vec::new();
         for name in CACHED {
             let dir = mounted.join(name);
@@ -116,6 +121,16 @@ impl BuildCache {
             });
         }
         Ok(binds)
+    }
+
+    /// After a build: the host gets back the blocks the cache does not use.
+    pub fn release(&self) {
+        let mounted = self.mounted();
+        if disk::is_mount_point(&mounted).unwrap_or(false) {
+            if let Err(e) = disk::trim(&mounted) {
+                tracing::warn!("trimming the build cache {}: {e}", self.dir.display());
+            }
+        }
     }
 
     /// Unmounts and removes the cache (the service is removed, or the

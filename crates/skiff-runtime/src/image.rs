@@ -161,20 +161,26 @@ impl ImageStore {
         })
     }
 
-    /// The image made by running `build` with `env` on `source` over `base`.
+    /// The image `service`'s build makes by running `build` with `env` on
+    /// `source` over `base`. Images are never shared between services: a
+    /// build also reads the service's build cache, which the service's
+    /// earlier builds wrote, and one service's builds must not be able to
+    /// put anything into another's image. (One service deploys one version
+    /// at a time, so no two builds ever share an image directory.)
     pub fn image_for(
         &self,
+        service: &str,
         base: &str,
         source: &SourceLayer,
         build: &str,
         env: &BTreeMap<String, String>,
     ) -> ImageDir {
         let mut h = Sha256::new();
-        // v2: build layers on disks of their own.
-        h.update(b"skiff-image-v2\0");
+        // v3: build layers on disks of their own, one service's only.
+        h.update(b"skiff-image-v3\0");
         // The source without its manifest: a new limit or mode reuses the
         // image (the new snapshot, with the new skiff.toml, goes under it).
-        for part in [base, &source.build_key, build] {
+        for part in [service, base, &source.build_key, build] {
             h.update(part.as_bytes());
             h.update(b"\0");
         }
@@ -430,7 +436,7 @@ mod tests {
             )
             .unwrap();
         assert_ne!(before.dir, after.dir, "the new skiff.toml is in /app");
-        let image = |s: &SourceLayer| store.image_for("base-1", s, "make", &env).key;
+        let image = |s: &SourceLayer| store.image_for("svc", "base-1", s, "make", &env).key;
         assert_eq!(image(&before), image(&after));
         // Any other file is the build's business.
         let changed = store
@@ -446,13 +452,29 @@ mod tests {
         let v1 = store.snapshot(tree(&[("a", "1")]).path()).unwrap();
         let v2 = store.snapshot(tree(&[("a", "2")]).path()).unwrap();
         let env = BTreeMap::new();
-        let i1 = store.image_for("base-1", &v1, "make", &env);
-        assert_eq!(i1.key, store.image_for("base-1", &v1, "make", &env).key);
-        assert_ne!(i1.key, store.image_for("base-2", &v1, "make", &env).key);
-        assert_ne!(i1.key, store.image_for("base-1", &v1, "make all", &env).key);
+        let i1 = store.image_for("svc", "base-1", &v1, "make", &env);
+        assert_eq!(
+            i1.key,
+            store.image_for("svc", "base-1", &v1, "make", &env).key
+        );
+        assert_ne!(
+            i1.key,
+            store.image_for("svc", "base-2", &v1, "make", &env).key
+        );
+        assert_ne!(
+            i1.key,
+            store.image_for("svc", "base-1", &v1, "make all", &env).key
+        );
         let env2 = BTreeMap::from([("A".to_string(), "1".to_string())]);
-        assert_ne!(i1.key, store.image_for("base-1", &v1, "make", &env2).key);
-        let i2 = store.image_for("base-1", &v2, "make", &env);
+        assert_ne!(
+            i1.key,
+            store.image_for("svc", "base-1", &v1, "make", &env2).key
+        );
+        assert_ne!(
+            i1.key,
+            store.image_for("other", "base-1", &v1, "make", &env).key
+        );
+        let i2 = store.image_for("svc", "base-1", &v2, "make", &env);
         for i in [&i1, &i2] {
             fs::create_dir_all(i.upper()).unwrap();
             i.mark_ready().unwrap();

@@ -303,6 +303,7 @@ pub async fn start_prepared(
     let mut listening_at = None;
     // Since when the service has listened, but not where it must.
     let mut elsewhere_since: Option<Instant> = None;
+    let mut elsewhere = Vec::new();
     let mut looked_at = started_at;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -318,10 +319,13 @@ pub async fn start_prepared(
         let now = Instant::now();
         if probe.connected.is_none() && now.duration_since(looked_at) >= LISTENERS_EVERY {
             looked_at = now;
-            if health::listening(instance.pid()).is_empty() {
-                elsewhere_since = None;
-            } else {
-                elsewhere_since = elsewhere_since.or(Some(now));
+            let mut listeners = health::listening(instance.pid());
+            listeners.sort();
+            listeners.dedup();
+            if listeners.is_empty() || listeners != elsewhere {
+                // Nothing yet, or still opening listeners: wait on.
+                elsewhere_since = (!listeners.is_empty()).then_some(now);
+                elsewhere = listeners;
             }
         }
         let elsewhere_too_long =
@@ -392,9 +396,11 @@ async fn early_exit(
 /// How often a starting service's listeners are read while its port does
 /// not answer.
 const LISTENERS_EVERY: Duration = Duration::from_millis(500);
-/// How long a service may listen elsewhere, and not on its port, before
-/// the start fails (servers open all their listeners together).
-const LISTENING_ELSEWHERE_GRACE: Duration = Duration::from_secs(5);
+/// How long a service may listen elsewhere, and not on its port, with the
+/// same listeners all along, before the start fails: a server that opens a
+/// metrics or admin port first and its own port later changes its set of
+/// listeners when it does.
+const LISTENING_ELSEWHERE_GRACE: Duration = Duration::from_secs(8);
 
 fn poll_interval(since_start: Duration) -> Duration {
     if since_start < FAST_POLLING_FOR {

@@ -1022,7 +1022,7 @@ impl Handle {
             let image = spec.build.as_ref().map(|build| {
                 shared
                     .images
-                    .image_for(&base::image_dir_name(), &source, build, &spec.env)
+                    .image_for(&name, &base::image_dir_name(), &source, build, &spec.env)
             });
             let mut pinned = vec![source.dir.clone()];
             pinned.extend(image.as_ref().map(|i| i.upper()));
@@ -1125,22 +1125,26 @@ impl Handle {
         }
         while stopping.join_next().await.is_some() {}
         let removed = shared.store.remove_service(name);
+        if removed.is_ok() {
+            // While the entry is still marked: a deploy of the same name is
+            // refused until the files are gone, so it cannot lose its own.
+            if let Err(e) = shared.images.remove_ref(name) {
+                warn!("removing the image ref of {name}: {e}");
+            }
+            if let Err(e) = BuildCache::new(shared.build_cache_dir(name)).remove() {
+                warn!("removing the build cache of {name}: {e}");
+            }
+            for dir in [shared.writable_dir(name), shared.users_dir(name)] {
+                if let Err(e) = service::prune_versions(&dir, &[])
+                    .and_then(|()| skiff_sandbox::beneath::remove_tree(&dir))
+                {
+                    warn!("removing {}: {e}", dir.display());
+                }
+            }
+        }
         write(&shared.services).remove(name);
         lock(&shared.refusals).retain(|(s, _), _| s != name);
         removed?;
-        if let Err(e) = shared.images.remove_ref(name) {
-            warn!("removing the image ref of {name}: {e}");
-        }
-        if let Err(e) = BuildCache::new(shared.build_cache_dir(name)).remove() {
-            warn!("removing the build cache of {name}: {e}");
-        }
-        for dir in [shared.writable_dir(name), shared.users_dir(name)] {
-            if let Err(e) = service::prune_versions(&dir, &[])
-                .and_then(|()| skiff_sandbox::beneath::remove_tree(&dir))
-            {
-                warn!("removing {}: {e}", dir.display());
-            }
-        }
         shared.collect_images().await;
         Ok(())
     }

@@ -19,7 +19,7 @@ use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use crate::base::{which, APP_PATH};
+use crate::base::{which, APP_PATH, RUN_UID};
 use crate::events::{Event, StartReport};
 use crate::instance::{self, StartContext, StartError};
 use crate::platform::Shared;
@@ -646,7 +646,11 @@ fn writable_layer(dir: &Path, version: i64, size: u64, uid: u32) -> std::io::Res
         upper: disk_dir.join("upper"),
         work: disk_dir.join("work"),
     };
-    if !legacy {
+    if legacy {
+        // Made before each service had its own user: the files the service
+        // wrote belong to the old shared uid; they become the service's.
+        Tree::open(&layer.upper)?.walk(&[], &mut |e| e.hand_over(RUN_UID, uid))?;
+    } else {
         let file = base.join("disk.ext4");
         std::fs::create_dir_all(&disk_dir)?;
         if !file.exists() {
@@ -656,6 +660,19 @@ fn writable_layer(dir: &Path, version: i64, size: u64, uid: u32) -> std::io::Res
                 )
             })?;
             disk::format(&mkfs, &file, size, disk::Durability::Journaled)?;
+            // The service's disk is its own, whatever else fills the host.
+            if let Err(e) = disk::reserve(&file) {
+                let _ = std::fs::remove_file(&file);
+                return Err(std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "the state directory's file system has no room for the service's \
+                         disk of {} (limits.disk): {e}; free space there or lower \
+                         [limits] disk",
+                        skiff_model::format_size(size)
+                    ),
+                ));
+            }
         }
         if !disk::is_mount_point(&disk_dir)? {
             disk::mount_disk(&file, &disk_dir, false)?;

@@ -11,6 +11,8 @@
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
+use std::os::fd::AsRawFd;
+
 use nix::fcntl::OFlag;
 use skiff_sandbox::beneath::Tree;
 use skiff_sandbox::Bind;
@@ -29,7 +31,9 @@ fn image_file(layers: &[PathBuf], rel: &str) -> io::Result<Option<String>> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(e) => return Err(e),
         };
-        let fd = match tree.open_beneath(Path::new(rel), OFlag::O_RDONLY | OFlag::O_NONBLOCK) {
+        // O_PATH first: opening a device node a build made (old layers sit
+        // on a file system that allows them) could act on the device.
+        let fd = match tree.open_beneath(Path::new(rel), OFlag::O_PATH) {
             Ok(fd) => fd,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             // A link, or a directory on the way that is one: not a file
@@ -44,10 +48,14 @@ fn image_file(layers: &[PathBuf], rel: &str) -> io::Result<Option<String>> {
             }
             Err(e) => return Err(e),
         };
-        let mut file = std::fs::File::from(fd);
-        if !file.metadata()?.is_file() {
+        // A whiteout (a character device), a directory or anything else
+        // but a regular file: the image has no such file.
+        let meta = nix::sys::stat::fstat(&fd)?;
+        if meta.st_mode & nix::libc::S_IFMT != nix::libc::S_IFREG {
             return Ok(None);
         }
+        // Reopened for reading through the O_PATH descriptor: the same file.
+        let mut file = std::fs::File::open(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
         let mut text = String::new();
         // At most 1 MiB: an account file, not whatever a build left there.
         (&mut file).take(1 << 20).read_to_string(&mut text)?;
@@ -159,5 +167,22 @@ mod tests {
             std::fs::read_to_string(out.path().join("passwd")).unwrap(),
             "app:x:1800000001:1800000001:skiff service:/tmp:/bin/bash\n"
         );
+        // A whiteout (the build deleted /etc/group): hidden, and the device
+        // node is never opened.
+        if nix::unistd::geteuid().is_root() {
+            use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+            mknod(
+                &top.path().join("etc/group"),
+                SFlag::S_IFCHR,
+                Mode::from_bits_truncate(0o600),
+                makedev(0, 0),
+            )
+            .unwrap();
+            account_files(&layers, out.path(), 1_800_000_001).unwrap();
+            assert_eq!(
+                std::fs::read_to_string(out.path().join("group")).unwrap(),
+                "app:x:1800000001:\n"
+            );
+        }
     }
 }

@@ -56,6 +56,29 @@ pub struct Entry<'a> {
 }
 
 impl Entry<'_> {
+    /// Gives the entry (itself, not what a link points to) from owner
+    /// `from` to `to`: its uid and its gid, each where it is `from`.
+    pub fn hand_over(&self, from: u32, to: u32) -> io::Result<()> {
+        let st = fstatat(
+            self.parent,
+            self.name,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )?;
+        let uid = (st.st_uid == from).then(|| nix::unistd::Uid::from_raw(to));
+        let gid = (st.st_gid == from).then(|| nix::unistd::Gid::from_raw(to));
+        if uid.is_none() && gid.is_none() {
+            return Ok(());
+        }
+        nix::unistd::fchownat(
+            self.parent,
+            self.name,
+            uid,
+            gid,
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )?;
+        Ok(())
+    }
+
     /// Opens the entry (a regular file) for reading, without following a link.
     pub fn open(&self) -> io::Result<File> {
         let fd = openat(
@@ -336,6 +359,45 @@ mod tests {
         })
         .unwrap();
         out
+    }
+
+    #[test]
+    fn hand_over_changes_owners_and_never_follows_a_link() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("victim"), "v").unwrap();
+        std::os::unix::fs::chown(outside.path().join("victim"), Some(10001), Some(10001)).unwrap();
+        std::fs::write(d.path().join("mine"), "m").unwrap();
+        std::os::unix::fs::chown(d.path().join("mine"), Some(10001), Some(10001)).unwrap();
+        std::fs::write(d.path().join("roots"), "r").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("victim"), d.path().join("link")).unwrap();
+        std::os::unix::fs::lchown(d.path().join("link"), Some(10001), Some(10001)).unwrap();
+        Tree::open(d.path())
+            .unwrap()
+            .walk(&[], &mut |e| e.hand_over(10001, 1_800_000_009))
+            .unwrap();
+        let owner = |p: &Path| {
+            let m = std::fs::symlink_metadata(p).unwrap();
+            (m.uid(), m.gid())
+        };
+        assert_eq!(
+            owner(&d.path().join("mine")),
+            (1_800_000_009, 1_800_000_009)
+        );
+        assert_eq!(owner(&d.path().join("roots")), (0, 0));
+        assert_eq!(
+            owner(&d.path().join("link")),
+            (1_800_000_009, 1_800_000_009)
+        );
+        assert_eq!(
+            owner(&outside.path().join("victim")),
+            (10001, 10001),
+            "the link was followed"
+        );
     }
 
     #[test]

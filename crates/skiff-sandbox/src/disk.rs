@@ -60,7 +60,25 @@ pub enum Durability {
 /// Makes `file` (which must not exist) a new, empty ext4 file system that
 /// holds at least `usable` bytes of files, with `mkfs`
 /// (`mkfs.ext4` from e2fsprogs). Its root directory belongs to root, 0755.
+/// Made under a temporary name and renamed when complete: a `file` that
+/// exists is a whole file system, whatever happened before.
 pub fn format(mkfs: &Path, file: &Path, usable: u64, durability: Durability) -> io::Result<()> {
+    let mut partial = file.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    match std::fs::remove_file(&partial) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let made = format_at(mkfs, &partial, usable, durability)
+        .and_then(|()| std::fs::rename(&partial, file));
+    if made.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    made
+}
+
+fn format_at(mkfs: &Path, file: &Path, usable: u64, durability: Durability) -> io::Result<()> {
     let journal = match durability {
         Durability::Scratch => 0,
         Durability::Journaled => journal_size(usable),
@@ -281,6 +299,53 @@ pub fn is_mount_point(dir: &Path) -> io::Result<bool> {
     Ok(here.dev() != parent.dev() || here.ino() == parent.ino())
 }
 
+/// Allocates every block of the disk in `file` on the host (the file keeps
+/// its content; what was not written reads as zeros): from now on the disk
+/// can fill up to its size whatever else fills the host. Fails with ENOSPC,
+/// and allocates nothing more, when the host's file system has no room.
+/// A sparse disk whose host file system fills up would fail its writes
+/// with I/O errors instead of ENOSPC, and a journaled one would stop.
+pub fn reserve(file: &Path) -> io::Result<()> {
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(file)?;
+    let len = f.metadata()?.len();
+    nix::fcntl::fallocate(
+        &f,
+        nix::fcntl::FallocateFlags::empty(),
+        0,
+        len as libc::off_t,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Gives the host back the blocks of the disk mounted on `dir` that hold
+/// no file (FITRIM: the loop device punches holes in its file).
+pub fn trim(dir: &Path) -> io::Result<()> {
+    #[repr(C)]
+    struct FstrimRange {
+        start: u64,
+        len: u64,
+        minlen: u64,
+    }
+    // _IOWR('X', 121, struct fstrim_range), <linux/fs.h>.
+    const FITRIM: libc::c_ulong = 0xC018_5879;
+    let d = File::open(dir)?;
+    let mut range = FstrimRange {
+        start: 0,
+        len: u64::MAX,
+        minlen: 0,
+    };
+    // SAFETY: FITRIM reads and writes one `struct fstrim_range`, which
+    // `FstrimRange` lays out; it lives across the call.
+    let r = unsafe { libc::ioctl(d.as_raw_fd(), FITRIM, &mut range as *mut FstrimRange) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// How full a mounted disk is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
@@ -376,6 +441,31 @@ mod tests {
             let root = std::fs::metadata(&target).unwrap();
             assert_eq!((root.uid(), root.mode() & 0o7777), (0, 0o755));
         }
+    }
+
+    #[test]
+    fn a_reserved_disk_takes_its_size_and_trimming_gives_back_the_rest() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let mkfs = mkfs().expect("mkfs.ext4 (e2fsprogs) is installed");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("disk.ext4");
+        let target = dir.path().join("disk");
+        std::fs::create_dir(&target).unwrap();
+        format(&mkfs, &file, 64 << 20, Durability::Scratch).unwrap();
+        let taken = || std::fs::metadata(&file).unwrap().blocks() * 512;
+        assert!(taken() < 8 << 20, "sparse when made: {}", taken());
+        reserve(&file).unwrap();
+        assert!(taken() >= 64 << 20, "reserved: {}", taken());
+        mount_disk(&file, &target, false).unwrap();
+        let _m = Mounted(&target);
+        std::fs::write(target.join("kept"), vec![1u8; 4 << 20]).unwrap();
+        nix::unistd::sync();
+        trim(&target).unwrap();
+        assert!(taken() < 16 << 20, "after trimming: {}", taken());
+        assert!(taken() >= 4 << 20, "the file's blocks stay: {}", taken());
+        assert_eq!(std::fs::read(target.join("kept")).unwrap().len(), 4 << 20);
     }
 
     #[test]
