@@ -386,6 +386,7 @@ pub fn free_space(dir: &Path) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::PathBuf;
 
     fn mkfs() -> Option<std::path::PathBuf> {
         ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"]
@@ -443,17 +444,24 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_reserved_disk_takes_its_size_and_trimming_gives_back_the_rest() {
-        if !nix::unistd::geteuid().is_root() {
-            return;
-        }
+    /// A new disk of `usable` bytes in a directory of the test's own, and
+    /// an empty directory to mount it on.
+    fn made(usable: u64, durability: Durability) -> (tempfile::TempDir, PathBuf, PathBuf) {
         let mkfs = mkfs().expect("mkfs.ext4 (e2fsprogs) is installed");
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("disk.ext4");
         let target = dir.path().join("disk");
         std::fs::create_dir(&target).unwrap();
-        format(&mkfs, &file, 64 << 20, Durability::Scratch).unwrap();
+        format(&mkfs, &file, usable, durability).unwrap();
+        (dir, file, target)
+    }
+
+    #[test]
+    fn a_reserved_disk_takes_its_size_and_trimming_gives_back_the_rest() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let (_dir, file, target) = made(64 << 20, Durability::Scratch);
         let taken = || std::fs::metadata(&file).unwrap().blocks() * 512;
         assert!(taken() < 8 << 20, "sparse when made: {}", taken());
         reserve(&file).unwrap();
@@ -473,12 +481,7 @@ mod tests {
         if !nix::unistd::geteuid().is_root() {
             return;
         }
-        let mkfs = mkfs().expect("mkfs.ext4 (e2fsprogs) is installed");
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("disk.ext4");
-        let target = dir.path().join("disk");
-        std::fs::create_dir(&target).unwrap();
-        format(&mkfs, &file, 16 << 20, Durability::Journaled).unwrap();
+        let (_dir, file, target) = made(16 << 20, Durability::Journaled);
         mount_disk(&file, &target, false).unwrap();
         let m = Mounted(&target);
         let mut f = File::create(target.join("big")).unwrap();
