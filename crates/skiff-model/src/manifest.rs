@@ -126,6 +126,10 @@ pub struct ServiceSpec {
     /// `--start` gave one (e.g. "the web: line of Procfile").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_from: Option<String>,
+    /// A language runtime beside the base image's (`runtime = "node@22"`):
+    /// the Node.js major version, installed in a layer of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<u32>,
 }
 
 /// Fields given on the command line; each one wins over the manifest.
@@ -183,7 +187,15 @@ impl fmt::Display for ManifestError {
     }
 }
 
-const TOP_FIELDS: &[&str] = &["name", "build", "start", "port", "mode", "env", "limits"];
+const TOP_FIELDS: &[&str] = &[
+    "name", "build", "start", "port", "mode", "runtime", "env", "limits",
+];
+
+/// Node.js majors a service may ask for (`runtime = "node@22"`), from the
+/// npm registry's `node` package; the base image's own is 18.
+pub const NODE_MAJORS: std::ops::RangeInclusive<u32> = 18..=25;
+/// The Python the base image provides.
+pub const BASE_PYTHON: &str = "3.11";
 const LIMIT_FIELDS: &[&str] = &[
     "memory",
     "request_timeout",
@@ -628,6 +640,7 @@ impl Validator<'_> {
             },
         };
 
+        let node = self.runtime(table);
         let env = self.env(table);
         let limits = self.limits(table);
 
@@ -641,7 +654,58 @@ impl Validator<'_> {
             env: env?,
             limits: limits?,
             start_from,
+            node: node?,
         })
+    }
+
+    /// `runtime = "node@22"` or `"python@3.11"`: `Some(None)` for the base
+    /// image's runtimes, `None` (and a problem) for anything else.
+    fn runtime(&mut self, table: &toml::Table) -> Option<Option<u32>> {
+        let Some(value) = self.string(table, &["runtime"]) else {
+            return (!table.contains_key("runtime")).then_some(None);
+        };
+        let majors = format!("{} to {}", NODE_MAJORS.start(), NODE_MAJORS.end());
+        let (lang, version) = value.split_once('@').unwrap_or((value.as_str(), ""));
+        match lang {
+            "node" => match version
+                .split('.')
+                .next()
+                .and_then(|v| v.parse::<u32>().ok())
+            {
+                Some(major) if NODE_MAJORS.contains(&major) => Some(Some(major)),
+                _ => {
+                    self.problem(
+                        &["runtime"],
+                        format!(
+                            "{value:?}: give a Node.js major version from {majors}, e.g. \
+                             runtime = \"node@22\""
+                        ),
+                    );
+                    None
+                }
+            },
+            "python" if version.is_empty() || version == BASE_PYTHON => Some(None),
+            "python" => {
+                self.problem(
+                    &["runtime"],
+                    format!(
+                        "{value:?}: skiff provides Python {BASE_PYTHON} (the base image's); \
+                         remove the line or write runtime = \"python@{BASE_PYTHON}\""
+                    ),
+                );
+                None
+            }
+            _ => {
+                self.problem(
+                    &["runtime"],
+                    format!(
+                        "{value:?} is not a runtime skiff knows; use \"node@<major>\" \
+                         ({majors}) or \"python@{BASE_PYTHON}\""
+                    ),
+                );
+                None
+            }
+        }
     }
 
     fn check_port(&mut self, p: i64, path: Option<&[&str]>) -> Option<u16> {

@@ -338,3 +338,37 @@ fn frameworks_that_hold_connections_are_named_for_serverless_services() {
     let s = crate::load(d, &Overrides::default()).unwrap();
     assert_eq!(crate::streaming_hint(&s), None);
 }
+
+#[test]
+fn a_runtime_is_a_node_major_or_the_base_python() {
+    let spec = check(
+        "start = \"x\"\nruntime = \"node@22\"",
+        &Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(spec.node, Some(22));
+    let spec = check(
+        "start = \"x\"\nruntime = \"python@3.11\"",
+        &Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!(spec.node, None);
+    assert_eq!(
+        check("start = \"x\"", &Overrides::default()).unwrap().node,
+        None
+    );
+    for (value, needle) in [
+        ("node@12", "from 18 to 25"),
+        ("node@latest", "Node.js major version"),
+        ("python@3.13", "skiff provides Python 3.11"),
+        ("ruby@3", "not a runtime skiff knows"),
+    ] {
+        let err = check(
+            &format!("start = \"x\"\nruntime = \"{value}\""),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert_eq!(err.problems[0].field, "runtime", "{value}");
+        assert!(err.problems[0].message.contains(needle), "{value}: {err}");
+    }
+}

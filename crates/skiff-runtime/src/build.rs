@@ -134,6 +134,10 @@ pub enum BuildError {
 fn failed_message(exit: Exit, tail: &[String]) -> String {
     let mut s = format!("The build command failed ({exit}).");
     push_tail(&mut s, tail);
+    for finding in crate::diagnose::diagnose_lines(tail.iter().map(String::as_str)) {
+        s.push_str("\nDiagnosis: ");
+        s.push_str(&finding.to_string().replace('\n', "\n  "));
+    }
     s.push_str(
         "\nFix the build command (build = \"...\" in skiff.toml) or what it installs; \
          it runs as root with bash -c in /app. The running version of the service, \
@@ -186,14 +190,21 @@ pub struct BuildContext<'a> {
     pub sandbox: &'a Sandbox,
     pub images: &'a ImageStore,
     /// The service's build cache, mounted where package managers keep
-    /// their downloads.
-    pub cache: &'a BuildCache,
+    /// their downloads (none for the platform's own runtime layers).
+    pub cache: Option<&'a BuildCache>,
     pub mount_point: &'a Path,
     /// A file holding [`BUILD_RESOLV_CONF`], mounted as the build's
     /// `/etc/resolv.conf`.
     pub resolv_conf: &'a Path,
     pub log: LogSender,
     pub events: broadcast::Sender<Event>,
+}
+
+/// The command that makes the runtime layer for Node.js `major` (the npm
+/// registry's `node` package puts that version's binary first on PATH, in
+/// /usr/local/bin; npm itself runs on it).
+pub fn node_runtime_command(major: u32) -> String {
+    format!("npm install -g node@{major} && node --version")
 }
 
 /// The environment of the build command.
@@ -229,7 +240,9 @@ pub async fn run(
     let result = async {
         prepare_disk(ctx.images, spec, image)?;
         let built = run_sandboxed(ctx, spec, build, lower, image, id).await;
-        ctx.cache.release();
+        if let Some(cache) = ctx.cache {
+            cache.release();
+        }
         if let Ok(()) | Err(BuildError::Failed { .. }) = built {
             // A write that failed for want of space may have failed the
             // build, or been ignored by it: either way the layer is not
@@ -352,11 +365,14 @@ async fn run_sandboxed(
     // The cache is a help, not a need: without it the build downloads
     // everything, as it would the first time.
     let mut env = environment(spec);
-    let cache = which("mkfs.ext4")
-        .ok_or_else(|| std::io::Error::other("mkfs.ext4 is missing"))
-        .and_then(|mkfs| ctx.cache.prepare(&mkfs))
-        .and_then(|binds| build_cache::prepare_layer(&image.upper()).map(|()| binds));
-    match cache {
+    let cache = ctx.cache.map(|cache| {
+        which("mkfs.ext4")
+            .ok_or_else(|| std::io::Error::other("mkfs.ext4 is missing"))
+            .and_then(|mkfs| cache.prepare(&mkfs))
+            .and_then(|binds| build_cache::prepare_layer(&image.upper()).map(|()| binds))
+    });
+    match cache.unwrap_or(Ok(Vec::new())) {
+        Ok(cache) if cache.is_empty() => {}
         Ok(cache) => {
             binds.extend(cache);
             env.extend(

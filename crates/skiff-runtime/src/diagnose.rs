@@ -51,6 +51,8 @@ pub enum FindingKind {
     /// A kernel call the sandbox's system-call filter denies (a new user
     /// namespace, io_uring, keyrings, ...).
     SyscallDenied,
+    /// A tool that needs a newer Node.js than the image's.
+    RuntimeTooOld,
 }
 
 /// What the service may write, for the rules that name a limit: from the
@@ -121,6 +123,8 @@ const WHY_SYSCALL: &str = "instances and builds run under a system-call filter t
      kernel features services do not need and attacks on the kernel use (new user namespaces, \
      io_uring, eBPF, userfaultfd, keyrings, perf events, mounts, other namespaces); a denied \
      call fails with \"Operation not permitted\"";
+const WHY_RUNTIME: &str = "the base image's Node.js is Debian 12's (18); a service asks for \
+     another with runtime = \"node@<major>\" in skiff.toml";
 const WHY_CRASH: &str = "requests in flight on an instance that ends get 502; the platform \
      starts another for the next request";
 
@@ -200,6 +204,7 @@ impl Diagnoser {
             FindingKind::BackgroundWorkStalled => WHY_SUSPENDED,
             FindingKind::DiskFull => WHY_DISK,
             FindingKind::SyscallDenied => WHY_SYSCALL,
+            FindingKind::RuntimeTooOld => WHY_RUNTIME,
         };
         let key = (kind, subject);
         let mut new = false;
@@ -414,6 +419,25 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
     }
     if let Some(c) = denied_call(&lower) {
         return Some(c);
+    }
+    // Next.js, Vite and others: "You are using Node.js 18.19.0. For Next.js,
+    // Node.js version ... is required." / "Vite requires Node.js version
+    // 20.19+"; npm's EBADENGINE lists the engine it wanted.
+    if (lower.contains("you are using node.js")
+        && (lower.contains("required") || lower.contains("requires")))
+        || (lower.contains("unsupported engine") && !lower.contains("\"npm\""))
+    {
+        return Some((
+            FindingKind::RuntimeTooOld,
+            "node".into(),
+            format!(
+                "A tool needs a newer Node.js than the image's 18: {}",
+                line.trim()
+            ),
+            "Add runtime = \"node@22\" to skiff.toml (the current long-term-support \
+             version; any major from 18 to 25 works) and deploy again."
+                .into(),
+        ));
     }
     if (lower.contains("no space left on device")
         || lower.contains("enospc")
@@ -729,6 +753,22 @@ fn root_only(tool: &str, _line: &str) -> Option<Classified> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_too_old_node_names_the_runtime_line() {
+        for line in [
+            "You are using Node.js 18.19.0. For Next.js, Node.js version \"^18.18.0 || ^19.8.0 \
+             || >= 20.0.0\" is required.",
+            "You are using Node.js 18.19.0. Vite requires Node.js version 20.19+ or 22.12+. \
+             Please upgrade your Node.js version.",
+            "npm WARN EBADENGINE Unsupported engine {",
+        ] {
+            let found = diagnose_lines([line]);
+            assert_eq!(found.len(), 1, "{line}: {found:?}");
+            assert_eq!(found[0].kind, FindingKind::RuntimeTooOld);
+            assert!(found[0].fix.contains("runtime = \"node@22\""));
+        }
+    }
 
     #[test]
     fn fixes_fit_what_was_written() {

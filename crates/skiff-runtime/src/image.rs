@@ -13,6 +13,8 @@
 //!   in the daemon's own mount namespace while the daemon runs;
 //!   `img-<hash>/ready` once complete. (Images made before layers had
 //!   disks hold the layer in `img-<hash>/upper/`, and are used as they are.)
+//! - `rt-<hash>/disk.ext4`: a runtime layer (e.g. Node.js 22) over the
+//!   base, made once by the platform and shared, laid out as `img-`;
 //! - `refs/<service>`: the image key the service's current version uses.
 //!   Images no ref names are garbage.
 
@@ -105,6 +107,23 @@ impl ImageStore {
         })
     }
 
+    /// The layer that adds a runtime (e.g. `node@22`) to `base`: shared by
+    /// every service that asks for it, made by the platform's own command
+    /// (`runtime_command`), with no service's cache or environment.
+    pub fn runtime_for(&self, base: &str, runtime: &str) -> ImageDir {
+        let mut h = Sha256::new();
+        h.update(b"skiff-runtime-v1\0");
+        for part in [base, runtime] {
+            h.update(part.as_bytes());
+            h.update(b"\0");
+        }
+        let key = hex(&h.finalize())[..32].to_string();
+        ImageDir {
+            dir: self.root.join(format!("rt-{key}")),
+            key,
+        }
+    }
+
     /// Mounts (read-only) the disks of those of `layers` that are build
     /// layers of this store and not mounted yet: after a restart of the
     /// daemon, or for a deploy that reuses an image.
@@ -115,7 +134,7 @@ impl ImageStore {
                 dir: self.root.join(&entry),
                 key: String::new(),
             };
-            if entry.starts_with("img-")
+            if (entry.starts_with("img-") || entry.starts_with("rt-"))
                 && image.disk_file().is_file()
                 && !disk::is_mount_point(&image.disk_dir())?
             {
@@ -241,8 +260,9 @@ impl ImageStore {
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             // `.partial` directories belong to a snapshot being made now.
-            let layer = (name.starts_with("src-") || name.starts_with("img-"))
-                && !name.ends_with(".partial");
+            let layer =
+                (name.starts_with("src-") || name.starts_with("img-") || name.starts_with("rt-"))
+                    && !name.ends_with(".partial");
             if layer && !live.contains(&name) {
                 self.remove_image(&entry.path())?;
                 removed.push(name);

@@ -244,6 +244,8 @@ pub(crate) struct Shared {
     pins: Mutex<HashMap<i64, Vec<PathBuf>>>,
     /// Serialises garbage collection with the pinning of new layers.
     images_lock: tokio::sync::Mutex<()>,
+    /// Held while a runtime layer is made.
+    runtime_lock: tokio::sync::Mutex<()>,
     /// Gateway refusals per service and kind: when last recorded, how
     /// many since.
     refusals: Mutex<HashMap<(String, &'static str), Refusals>>,
@@ -568,6 +570,7 @@ impl Platform {
             upstreams: RwLock::default(),
             pins: Mutex::default(),
             images_lock: tokio::sync::Mutex::new(()),
+            runtime_lock: tokio::sync::Mutex::new(()),
             refusals: Mutex::default(),
             shutting_down: AtomicBool::new(false),
             next_instance: AtomicU64::new(1),
@@ -1005,7 +1008,7 @@ impl Handle {
     ) -> Result<(Vec<PathBuf>, Option<Duration>), DeployError> {
         let shared = &self.shared;
         let name = spec.name.to_string();
-        let (source, image) = {
+        let (source, image, runtime) = {
             // Snapshot and pin under the lock garbage collection takes, so
             // a collection running for another service cannot remove them.
             let _guard = shared.images_lock.lock().await;
@@ -1019,17 +1022,35 @@ impl Handle {
                     dir: spec.source.clone(),
                     source,
                 })?;
+            let runtime = spec.node.map(|major| {
+                shared
+                    .images
+                    .runtime_for(&base::image_dir_name(), &format!("node@{major}"))
+            });
+            // The runtime is part of what the build runs on.
+            let base_key = match spec.node {
+                Some(major) => format!("{}+node@{major}", base::image_dir_name()),
+                None => base::image_dir_name(),
+            };
             let image = spec.build.as_ref().map(|build| {
                 shared
                     .images
-                    .image_for(&name, &base::image_dir_name(), &source, build, &spec.env)
+                    .image_for(&name, &base_key, &source, build, &spec.env)
             });
             let mut pinned = vec![source.dir.clone()];
+            pinned.extend(runtime.as_ref().map(|r| r.upper()));
             pinned.extend(image.as_ref().map(|i| i.upper()));
             shared.pin(version, pinned);
-            (source, image)
+            (source, image, runtime)
         };
-        let lower = vec![source.dir.clone(), base.root.clone()];
+        let mut lower = vec![source.dir.clone()];
+        if let (Some(runtime), Some(major)) = (runtime, spec.node) {
+            lower.push(
+                self.runtime_layer(spec, version, major, &runtime, base)
+                    .await?,
+            );
+        }
+        lower.push(base.root.clone());
         let (Some(build), Some(image)) = (&spec.build, image) else {
             return Ok((lower, None));
         };
@@ -1059,7 +1080,7 @@ impl Handle {
             let ctx = BuildContext {
                 sandbox: &shared.sandbox,
                 images: &shared.images,
-                cache: &cache,
+                cache: Some(&cache),
                 mount_point: &mount_point,
                 resolv_conf: &resolv_conf,
                 log: shared.store.log_sender(&name, Some(version)),
@@ -1076,6 +1097,66 @@ impl Handle {
             });
         }
         Ok(([vec![image.upper()], lower].concat(), elapsed))
+    }
+
+    /// The runtime layer `runtime` (Node.js `major`), made once for every
+    /// service that asks for it; returns its upper directory.
+    async fn runtime_layer(
+        &self,
+        spec: &ServiceSpec,
+        version: i64,
+        major: u32,
+        runtime: &crate::image::ImageDir,
+        base: &base::BaseImage,
+    ) -> Result<PathBuf, DeployError> {
+        let shared = &self.shared;
+        // One maker at a time: two services asking for the same runtime
+        // must not build it in the same directory.
+        let _guard = shared.runtime_lock.lock().await;
+        if runtime.is_ready()
+            && self
+                .attach_images(std::slice::from_ref(&runtime.upper()))
+                .await
+                .is_ok()
+        {
+            return Ok(runtime.upper());
+        }
+        let name = spec.name.to_string();
+        shared.record(
+            &name,
+            "info",
+            "runtime",
+            &format!(
+                "making the Node.js {major} runtime (once for every service that asks for it)"
+            ),
+        );
+        // The platform's command, not the service's: none of its
+        // environment, cache or limits beyond the defaults.
+        let mut platform_spec = spec.clone();
+        platform_spec.env.clear();
+        platform_spec.limits = skiff_model::Limits::default();
+        let mount_point = shared.mount_point();
+        let resolv_conf = shared.config.state_dir.join(BUILD_RESOLV_CONF_FILE);
+        let ctx = BuildContext {
+            sandbox: &shared.sandbox,
+            images: &shared.images,
+            cache: None,
+            mount_point: &mount_point,
+            resolv_conf: &resolv_conf,
+            log: shared.store.log_sender(&name, Some(version)),
+            events: shared.events.clone(),
+        };
+        let id = shared.instance_id(&format!("{name}-runtime"));
+        build::run(
+            &ctx,
+            &platform_spec,
+            &build::node_runtime_command(major),
+            std::slice::from_ref(&base.root),
+            runtime,
+            &id,
+        )
+        .await?;
+        Ok(runtime.upper())
     }
 
     /// Mounts the disks of the build layers among `layers`.

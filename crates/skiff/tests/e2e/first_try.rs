@@ -398,3 +398,79 @@ fn a_persistent_service_writes_files_its_build_made() {
     let (_, logs, _) = d.cli(&["logs", &name]);
     assert!(!logs.contains("readonly database"), "{logs}");
 }
+
+/// `runtime = "node@22"`: the build and the service run on Node.js 22,
+/// from a runtime layer made once; a second service reuses it.
+#[test]
+fn a_service_chooses_its_node_version() {
+    let d = Up::serve(None, &[]);
+    let server = "const built = require('fs').readFileSync('/app/built-with', 'utf8').trim();\
+                  require('http').createServer((q, s) => s.end(process.version + ' ' + built))\
+                  .listen(process.env.PORT, '0.0.0.0');";
+    let mut names = Vec::new();
+    for _ in 0..2 {
+        let name = unique("node22");
+        let app = App::new(
+            &format!(
+                "name = \"{name}\"\n\
+                 runtime = \"node@22\"\n\
+                 build = \"node --version > /app/built-with\"\n\
+                 start = \"exec node server.js\"\n"
+            ),
+            &[("server.js", server)],
+        );
+        let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+        assert!(status.success(), "{out}{err}");
+        // Served and built on Node.js 22.
+        let r = d.get(&host(&name), "/");
+        let (run, built) = r.body.split_once(' ').unwrap_or_default();
+        assert!(run.starts_with("v22.") && built == run, "{r:?}");
+        names.push((name, app));
+    }
+    // One runtime layer for both.
+    let runtimes = std::fs::read_dir(d.state_dir().join("images"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("rt-"))
+        .count();
+    assert_eq!(runtimes, 1);
+}
+
+/// A build that needs a newer Node.js fails with the line to add; with it,
+/// it builds.
+#[test]
+fn a_build_on_a_too_old_node_is_told_the_runtime_line() {
+    let d = Up::serve(None, &[]);
+    let name = unique("engines");
+    let manifest = |runtime: &str| {
+        format!(
+            "name = \"{name}\"\n{runtime}\
+             build = \"npm install\"\n\
+             start = \"exec python3 -m http.server $PORT\"\n"
+        )
+    };
+    let app = App::new(
+        &manifest(""),
+        &[
+            (
+                "package.json",
+                r#"{"name": "needs-new-node", "version": "1.0.0", "engines": {"node": ">=20"}}"#,
+            ),
+            (".npmrc", "engine-strict=true\n"),
+        ],
+    );
+    let deploy = || d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (status, out, err) = deploy();
+    assert!(!status.success(), "{out}{err}");
+    assert!(
+        err.contains("Add runtime = \"node@22\" to skiff.toml"),
+        "{err}"
+    );
+    std::fs::write(
+        app.path().join("skiff.toml"),
+        manifest("runtime = \"node@22\"\n"),
+    )
+    .unwrap();
+    let (status, out, err) = deploy();
+    assert!(status.success(), "{out}{err}");
+}
