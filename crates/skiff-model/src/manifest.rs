@@ -130,6 +130,10 @@ pub struct ServiceSpec {
     /// the Node.js major version, installed in a layer of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<u32>,
+    /// `runtime = "python@3.13"`: another Python than the default base's,
+    /// from the base image of the Debian release that has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub python: Option<String>,
 }
 
 /// Fields given on the command line; each one wins over the manifest.
@@ -196,6 +200,9 @@ const TOP_FIELDS: &[&str] = &[
 pub const NODE_MAJORS: std::ops::RangeInclusive<u32> = 18..=25;
 /// The Python the base image provides.
 pub const BASE_PYTHON: &str = "3.11";
+/// The Pythons a service may ask for (`runtime = "python@3.13"`): each is
+/// the python3 of a Debian release skiff makes a base image of.
+pub const PYTHONS: &[&str] = &["3.11", "3.13"];
 const LIMIT_FIELDS: &[&str] = &[
     "memory",
     "request_timeout",
@@ -640,7 +647,7 @@ impl Validator<'_> {
             },
         };
 
-        let node = self.runtime(table);
+        let runtime = self.runtime(table);
         let env = self.env(table);
         let limits = self.limits(table);
 
@@ -654,15 +661,17 @@ impl Validator<'_> {
             env: env?,
             limits: limits?,
             start_from,
-            node: node?,
+            node: runtime.as_ref()?.0,
+            python: runtime?.1,
         })
     }
 
-    /// `runtime = "node@22"` or `"python@3.11"`: `Some(None)` for the base
-    /// image's runtimes, `None` (and a problem) for anything else.
-    fn runtime(&mut self, table: &toml::Table) -> Option<Option<u32>> {
+    /// `runtime = "node@22"` or `"python@3.13"`: (Node.js major, Python);
+    /// `(None, None)` for the default base's runtimes, `None` (and a
+    /// problem) for anything else.
+    fn runtime(&mut self, table: &toml::Table) -> Option<(Option<u32>, Option<String>)> {
         let Some(value) = self.string(table, &["runtime"]) else {
-            return (!table.contains_key("runtime")).then_some(None);
+            return (!table.contains_key("runtime")).then_some((None, None));
         };
         let majors = format!("{} to {}", NODE_MAJORS.start(), NODE_MAJORS.end());
         let (lang, version) = value.split_once('@').unwrap_or((value.as_str(), ""));
@@ -672,7 +681,7 @@ impl Validator<'_> {
                 .next()
                 .and_then(|v| v.parse::<u32>().ok())
             {
-                Some(major) if NODE_MAJORS.contains(&major) => Some(Some(major)),
+                Some(major) if NODE_MAJORS.contains(&major) => Some((Some(major), None)),
                 _ => {
                     self.problem(
                         &["runtime"],
@@ -684,13 +693,15 @@ impl Validator<'_> {
                     None
                 }
             },
-            "python" if version.is_empty() || version == BASE_PYTHON => Some(None),
+            "python" if version.is_empty() || version == BASE_PYTHON => Some((None, None)),
+            "python" if PYTHONS.contains(&version) => Some((None, Some(version.to_string()))),
             "python" => {
                 self.problem(
                     &["runtime"],
                     format!(
-                        "{value:?}: skiff provides Python {BASE_PYTHON} (the base image's); \
-                         remove the line or write runtime = \"python@{BASE_PYTHON}\""
+                        "{value:?}: skiff provides Python {} (e.g. runtime = \"python@3.13\"; \
+                         {BASE_PYTHON} is the default)",
+                        PYTHONS.join(" and ")
                     ),
                 );
                 None
@@ -700,7 +711,8 @@ impl Validator<'_> {
                     &["runtime"],
                     format!(
                         "{value:?} is not a runtime skiff knows; use \"node@<major>\" \
-                         ({majors}) or \"python@{BASE_PYTHON}\""
+                         ({majors}) or \"python@<version>\" ({})",
+                        PYTHONS.join(", ")
                     ),
                 );
                 None

@@ -352,7 +352,13 @@ fn a_runtime_is_a_node_major_or_the_base_python() {
         &Overrides::default(),
     )
     .unwrap();
-    assert_eq!(spec.node, None);
+    assert_eq!((spec.node, spec.python), (None, None));
+    let spec = check(
+        "start = \"x\"\nruntime = \"python@3.13\"",
+        &Overrides::default(),
+    )
+    .unwrap();
+    assert_eq!((spec.node, spec.python.as_deref()), (None, Some("3.13")));
     assert_eq!(
         check("start = \"x\"", &Overrides::default()).unwrap().node,
         None
@@ -360,7 +366,7 @@ fn a_runtime_is_a_node_major_or_the_base_python() {
     for (value, needle) in [
         ("node@12", "from 18 to 25"),
         ("node@latest", "Node.js major version"),
-        ("python@3.13", "skiff provides Python 3.11"),
+        ("python@3.12", "skiff provides Python 3.11 and 3.13"),
         ("ruby@3", "not a runtime skiff knows"),
     ] {
         let err = check(

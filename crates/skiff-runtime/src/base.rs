@@ -1,5 +1,6 @@
 //! The base image: a Debian root file system with bash, python3 (pip, venv)
-//! and node (npm), made once with `debootstrap` and cached. It is built from
+//! and node (npm), made once with `debootstrap` and cached: Debian 12 by
+//! default, Debian 13 for a service that asks for Python 3.13. It is built from
 //! Debian's packages only, so nothing of the host (its users, home
 //! directories, secrets, skiff's own state) is in it.
 
@@ -12,7 +13,19 @@ use tokio::process::Command;
 
 /// Bump when the recipe changes: a new version is built beside the old one.
 const RECIPE_VERSION: &str = "1";
+/// The default base: Debian 12, Python 3.11, Node.js 18.
 const SUITE: &str = "bookworm";
+/// The Debian release that brings each Python a service may ask for
+/// (`runtime = "python@3.13"`): its python3 is that version.
+pub const PYTHON_SUITES: &[(&str, &str)] = &[("3.11", "bookworm"), ("3.13", "trixie")];
+
+/// The Debian release of the base for `python` (`None`: the default).
+pub fn suite_for(python: Option<&str>) -> &'static str {
+    PYTHON_SUITES
+        .iter()
+        .find(|(v, _)| Some(*v) == python)
+        .map_or(SUITE, |(_, suite)| suite)
+}
 /// Installed by debootstrap itself.
 const DEBOOTSTRAP_PACKAGES: &str = "python3,python3-pip,python3-venv,ca-certificates";
 /// Installed with apt afterwards: npm's dependency graph is too much for
@@ -60,7 +73,12 @@ pub struct BaseImage {
 
 /// The directory name of the current recipe, e.g. `base-bookworm-1`.
 pub fn image_dir_name() -> String {
-    format!("base-{SUITE}-{RECIPE_VERSION}")
+    image_dir_name_for(SUITE)
+}
+
+/// The directory name of the current recipe for Debian `suite`.
+pub fn image_dir_name_for(suite: &str) -> String {
+    format!("base-{suite}-{RECIPE_VERSION}")
 }
 
 /// Returns the cached base image, building it first when needed. Concurrent
@@ -71,11 +89,21 @@ pub async fn ensure(
     mirror: &str,
     progress: impl Fn(&str) + Send + Sync,
 ) -> Result<BaseImage, BaseImageError> {
+    ensure_suite(cache, mirror, SUITE, progress).await
+}
+
+/// [`ensure`] for the base of Debian `suite` (one of [`PYTHON_SUITES`]).
+pub async fn ensure_suite(
+    cache: &Path,
+    mirror: &str,
+    suite: &str,
+    progress: impl Fn(&str) + Send + Sync,
+) -> Result<BaseImage, BaseImageError> {
     let io = |dir: &Path| {
         let dir = dir.to_path_buf();
         move |source| BaseImageError::Io { dir, source }
     };
-    let name = image_dir_name();
+    let name = image_dir_name_for(suite);
     let root = cache.join(&name).join("rootfs");
     tokio::fs::create_dir_all(cache).await.map_err(io(cache))?;
     // The image holds root-owned setuid programs (su, mount); like the
@@ -180,7 +208,7 @@ pub async fn ensure(
                 debootstrap.as_str(),
                 "--variant=minbase",
                 &include,
-                SUITE,
+                suite,
                 &root_str,
                 mirror,
             ]

@@ -741,7 +741,7 @@ impl Handle {
         layers: Vec<PathBuf>,
     ) -> Result<(), DeployError> {
         let name = spec.name.to_string();
-        self.base_image().await?;
+        self.base_image(spec).await?;
         self.attach_images(&layers).await?;
         if let Some(missing) = layers.iter().find(|l| !l.exists()) {
             return Err(DeployError::ImageMissing {
@@ -870,14 +870,22 @@ impl Handle {
         }
     }
 
-    async fn base_image(&self) -> Result<base::BaseImage, DeployError> {
+    /// The base image `spec` runs on (made the first time it is needed).
+    async fn base_image(&self, spec: &ServiceSpec) -> Result<base::BaseImage, DeployError> {
         let shared = &self.shared;
         let events = shared.events.clone();
-        let base = base::ensure(&shared.config.cache_dir, &shared.config.mirror, |line| {
+        let suite = base::suite_for(spec.python.as_deref());
+        let progress = move |line: &str| {
             let _ = events.send(Event::BaseImage {
                 line: line.to_string(),
             });
-        })
+        };
+        let base = base::ensure_suite(
+            &shared.config.cache_dir,
+            &shared.config.mirror,
+            suite,
+            progress,
+        )
         .await?;
         let _ = shared.events.send(Event::BaseImageReady {
             built_in: base.built_in,
@@ -892,7 +900,7 @@ impl Handle {
     ) -> Result<Deployed, DeployError> {
         let shared = &self.shared;
         let name = spec.name.to_string();
-        let base = self.base_image().await?;
+        let base = self.base_image(spec).await?;
         let (layers, build) = self.image(spec, version, &base).await?;
         shared.store.set_layers(version, &layers, build)?;
         let (rt, report) = self.start_runtime(spec, version, layers.clone()).await?;
@@ -1022,15 +1030,16 @@ impl Handle {
                     dir: spec.source.clone(),
                     source,
                 })?;
+            let base_name = base::image_dir_name_for(base::suite_for(spec.python.as_deref()));
             let runtime = spec.node.map(|major| {
                 shared
                     .images
-                    .runtime_for(&base::image_dir_name(), &format!("node@{major}"))
+                    .runtime_for(&base_name, &format!("node@{major}"))
             });
             // The runtime is part of what the build runs on.
             let base_key = match spec.node {
-                Some(major) => format!("{}+node@{major}", base::image_dir_name()),
-                None => base::image_dir_name(),
+                Some(major) => format!("{base_name}+node@{major}"),
+                None => base_name.clone(),
             };
             let image = spec.build.as_ref().map(|build| {
                 shared
