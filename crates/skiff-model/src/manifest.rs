@@ -134,6 +134,10 @@ pub struct ServiceSpec {
     /// from the base image of the Debian release that has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub python: Option<String>,
+    /// `node` was not asked for: the service has a package.json and got
+    /// [`NODE_LTS`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub node_by_default: bool,
 }
 
 /// Fields given on the command line; each one wins over the manifest.
@@ -198,6 +202,9 @@ const TOP_FIELDS: &[&str] = &[
 /// Node.js majors a service may ask for (`runtime = "node@22"`), from the
 /// npm registry's `node` package; the base image's own is 18.
 pub const NODE_MAJORS: std::ops::RangeInclusive<u32> = 18..=25;
+/// The Node.js a service with a package.json gets when it names no runtime:
+/// the current long-term-support version.
+pub const NODE_LTS: u32 = 22;
 /// The Python the base image provides.
 pub const BASE_PYTHON: &str = "3.11";
 /// The Pythons a service may ask for (`runtime = "python@3.13"`): each is
@@ -274,7 +281,19 @@ pub fn load(dir: &Path, overrides: &Overrides) -> Result<ServiceSpec, ManifestEr
         }
     };
     let detected = detect_start(&source);
-    parse_with(text.as_deref(), &file, &source, overrides, detected)
+    let mut spec = parse_with(text.as_deref(), &file, &source, overrides, detected)?;
+    // A Node.js service (it has a package.json) that names no runtime gets
+    // the current long-term-support Node.js, not the base image's 18, which
+    // is past its end of life and too old for current frameworks.
+    let names_runtime = text
+        .as_deref()
+        .and_then(|t| t.parse::<toml::Table>().ok())
+        .is_some_and(|t| t.contains_key("runtime"));
+    if !names_runtime && spec.node.is_none() && source.join("package.json").is_file() {
+        spec.node = Some(NODE_LTS);
+        spec.node_by_default = true;
+    }
+    Ok(spec)
 }
 
 /// Frameworks whose pages talk to the server over WebSocket (or
@@ -663,6 +682,7 @@ impl Validator<'_> {
             start_from,
             node: runtime.as_ref()?.0,
             python: runtime?.1,
+            node_by_default: false,
         })
     }
 

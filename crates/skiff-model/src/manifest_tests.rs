@@ -378,3 +378,29 @@ fn a_runtime_is_a_node_major_or_the_base_python() {
         assert!(err.problems[0].message.contains(needle), "{value}: {err}");
     }
 }
+
+#[test]
+fn a_node_service_gets_the_current_lts_unless_it_names_a_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("skiff.toml"), "start = \"node server.js\"\n").unwrap();
+    let spec = crate::load(d, &Overrides::default()).unwrap();
+    assert_eq!(
+        (spec.node, spec.node_by_default),
+        (None, false),
+        "no package.json"
+    );
+    std::fs::write(d.join("package.json"), "{}").unwrap();
+    let spec = crate::load(d, &Overrides::default()).unwrap();
+    assert_eq!(
+        (spec.node, spec.node_by_default),
+        (Some(crate::manifest::NODE_LTS), true)
+    );
+    std::fs::write(
+        d.join("skiff.toml"),
+        "start = \"node server.js\"\nruntime = \"python@3.11\"\n",
+    )
+    .unwrap();
+    let spec = crate::load(d, &Overrides::default()).unwrap();
+    assert_eq!(spec.node, None, "the manifest's choice");
+}

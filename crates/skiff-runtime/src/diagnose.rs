@@ -123,8 +123,9 @@ const WHY_SYSCALL: &str = "instances and builds run under a system-call filter t
      kernel features services do not need and attacks on the kernel use (new user namespaces, \
      io_uring, eBPF, userfaultfd, keyrings, perf events, mounts, other namespaces); a denied \
      call fails with \"Operation not permitted\"";
-const WHY_RUNTIME: &str = "the base image's Node.js is Debian 12's (18); a service asks for \
-     another with runtime = \"node@<major>\" in skiff.toml";
+const WHY_RUNTIME: &str = "a service runs on the Node.js of its runtime: 22 for a service with \
+     a package.json, the base image's 18 otherwise, or the one runtime = \"node@<major>\" \
+     names";
 const WHY_CRASH: &str = "requests in flight on an instance that ends get 502; the platform \
      starts another for the next request";
 
@@ -431,11 +432,12 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
             FindingKind::RuntimeTooOld,
             "node".into(),
             format!(
-                "A tool needs a newer Node.js than the image's 18: {}",
+                "A tool needs another Node.js than the one it ran on: {}",
                 line.trim()
             ),
-            "Add runtime = \"node@22\" to skiff.toml (the current long-term-support \
-             version; any major from 18 to 25 works) and deploy again."
+            "Name the Node.js it needs in skiff.toml, e.g. runtime = \"node@24\" (any \
+             major from 18 to 25; a service with a package.json runs on 22, the current \
+             long-term-support version, unless it names one), and deploy again."
                 .into(),
         ));
     }
@@ -766,7 +768,7 @@ mod tests {
             let found = diagnose_lines([line]);
             assert_eq!(found.len(), 1, "{line}: {found:?}");
             assert_eq!(found[0].kind, FindingKind::RuntimeTooOld);
-            assert!(found[0].fix.contains("runtime = \"node@22\""));
+            assert!(found[0].fix.contains("runtime = \"node@24\""));
         }
     }
 

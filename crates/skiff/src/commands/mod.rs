@@ -296,6 +296,14 @@ fn say_what_the_source_shows(spec: &skiff_model::ServiceSpec) {
             spec.name, spec.start
         );
     }
+    if spec.node_by_default {
+        eprintln!(
+            "skiff: {}: a Node.js service: running it on Node.js {} (the current LTS; \
+             runtime = \"node@<major>\" in skiff.toml chooses another)",
+            spec.name,
+            spec.node.unwrap_or_default()
+        );
+    }
     if let Some(hint) = skiff_model::streaming_hint(spec) {
         eprintln!("skiff: {}: warning: {hint}", spec.name);
     }

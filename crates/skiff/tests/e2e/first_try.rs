@@ -436,8 +436,8 @@ fn a_service_chooses_its_node_version() {
     assert_eq!(runtimes, 1);
 }
 
-/// A build that needs a newer Node.js fails with the line to add; with it,
-/// it builds.
+/// A build that needs a newer Node.js than the default 22 fails with the
+/// line to add; with it, it builds.
 #[test]
 fn a_build_on_a_too_old_node_is_told_the_runtime_line() {
     let d = Up::serve(None, &[]);
@@ -454,7 +454,7 @@ fn a_build_on_a_too_old_node_is_told_the_runtime_line() {
         &[
             (
                 "package.json",
-                r#"{"name": "needs-new-node", "version": "1.0.0", "engines": {"node": ">=20"}}"#,
+                r#"{"name": "needs-new-node", "version": "1.0.0", "engines": {"node": ">=24"}}"#,
             ),
             (".npmrc", "engine-strict=true\n"),
         ],
@@ -462,13 +462,12 @@ fn a_build_on_a_too_old_node_is_told_the_runtime_line() {
     let deploy = || d.cli(&["deploy", app.path().to_str().unwrap()]);
     let (status, out, err) = deploy();
     assert!(!status.success(), "{out}{err}");
-    assert!(
-        err.contains("Add runtime = \"node@22\" to skiff.toml"),
-        "{err}"
-    );
+    // (A package.json: Node.js 22 by default, and skiff says so.)
+    assert!(err.contains("running it on Node.js 22"), "{err}");
+    assert!(err.contains("runtime = \"node@24\""), "{err}");
     std::fs::write(
         app.path().join("skiff.toml"),
-        manifest("runtime = \"node@22\"\n"),
+        manifest("runtime = \"node@24\"\n"),
     )
     .unwrap();
     let (status, out, err) = deploy();
