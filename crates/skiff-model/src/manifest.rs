@@ -130,7 +130,7 @@ pub struct ServiceSpec {
     /// the Node.js major version, installed in a layer of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<u32>,
-    /// `runtime = "python@3.13"`: another Python than the default base's,
+    /// `runtime = "python@3.11"`: another Python than the default base's,
     /// from the base image of the Debian release that has it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub python: Option<String>,
@@ -200,16 +200,16 @@ const TOP_FIELDS: &[&str] = &[
 ];
 
 /// Node.js majors a service may ask for (`runtime = "node@22"`), from the
-/// npm registry's `node` package; the base image's own is 18.
+/// npm registry's `node` package; the base image's own is 20.
 pub const NODE_MAJORS: std::ops::RangeInclusive<u32> = 18..=25;
 /// The Node.js a service with a package.json gets when it names no runtime:
 /// the current long-term-support version.
 pub const NODE_LTS: u32 = 22;
-/// The Python the base image provides.
-pub const BASE_PYTHON: &str = "3.11";
-/// The Pythons a service may ask for (`runtime = "python@3.13"`): each is
+/// The Python the default base image provides (Debian 13's).
+pub const BASE_PYTHON: &str = "3.13";
+/// The Pythons a service may ask for (`runtime = "python@3.11"`): each is
 /// the python3 of a Debian release skiff makes a base image of.
-pub const PYTHONS: &[&str] = &["3.11", "3.13"];
+pub const PYTHONS: &[&str] = &["3.13", "3.11"];
 const LIMIT_FIELDS: &[&str] = &[
     "memory",
     "request_timeout",
@@ -283,8 +283,8 @@ pub fn load(dir: &Path, overrides: &Overrides) -> Result<ServiceSpec, ManifestEr
     let detected = detect_start(&source);
     let mut spec = parse_with(text.as_deref(), &file, &source, overrides, detected)?;
     // A Node.js service (it has a package.json) that names no runtime gets
-    // the current long-term-support Node.js, not the base image's 18, which
-    // is past its end of life and too old for current frameworks.
+    // the current long-term-support Node.js, not the base image's 20, which
+    // is past its end of life.
     let names_runtime = text
         .as_deref()
         .and_then(|t| t.parse::<toml::Table>().ok())
@@ -719,7 +719,7 @@ impl Validator<'_> {
                 self.problem(
                     &["runtime"],
                     format!(
-                        "{value:?}: skiff provides Python {} (e.g. runtime = \"python@3.13\"; \
+                        "{value:?}: skiff provides Python {} (e.g. runtime = \"python@3.11\"; \
                          {BASE_PYTHON} is the default)",
                         PYTHONS.join(" and ")
                     ),

@@ -348,17 +348,17 @@ fn a_runtime_is_a_node_major_or_the_base_python() {
     .unwrap();
     assert_eq!(spec.node, Some(22));
     let spec = check(
-        "start = \"x\"\nruntime = \"python@3.11\"",
+        "start = \"x\"\nruntime = \"python@3.13\"",
         &Overrides::default(),
     )
     .unwrap();
     assert_eq!((spec.node, spec.python), (None, None));
     let spec = check(
-        "start = \"x\"\nruntime = \"python@3.13\"",
+        "start = \"x\"\nruntime = \"python@3.11\"",
         &Overrides::default(),
     )
     .unwrap();
-    assert_eq!((spec.node, spec.python.as_deref()), (None, Some("3.13")));
+    assert_eq!((spec.node, spec.python.as_deref()), (None, Some("3.11")));
     assert_eq!(
         check("start = \"x\"", &Overrides::default()).unwrap().node,
         None
@@ -366,7 +366,7 @@ fn a_runtime_is_a_node_major_or_the_base_python() {
     for (value, needle) in [
         ("node@12", "from 18 to 25"),
         ("node@latest", "Node.js major version"),
-        ("python@3.12", "skiff provides Python 3.11 and 3.13"),
+        ("python@3.12", "skiff provides Python 3.13 and 3.11"),
         ("ruby@3", "not a runtime skiff knows"),
     ] {
         let err = check(
@@ -398,7 +398,7 @@ fn a_node_service_gets_the_current_lts_unless_it_names_a_runtime() {
     );
     std::fs::write(
         d.join("skiff.toml"),
-        "start = \"node server.js\"\nruntime = \"python@3.11\"\n",
+        "start = \"node server.js\"\nruntime = \"python@3.13\"\n",
     )
     .unwrap();
     let spec = crate::load(d, &Overrides::default()).unwrap();

@@ -1,6 +1,6 @@
 //! The base image: a Debian root file system with bash, python3 (pip, venv)
-//! and node (npm), made once with `debootstrap` and cached: Debian 12 by
-//! default, Debian 13 for a service that asks for Python 3.13. It is built from
+//! and node (npm), made once with `debootstrap` and cached: Debian 13 by
+//! default (Python 3.13), Debian 12 for a service that asks for Python 3.11. It is built from
 //! Debian's packages only, so nothing of the host (its users, home
 //! directories, secrets, skiff's own state) is in it.
 
@@ -13,11 +13,12 @@ use tokio::process::Command;
 
 /// Bump when the recipe changes: a new version is built beside the old one.
 const RECIPE_VERSION: &str = "1";
-/// The default base: Debian 12, Python 3.11, Node.js 18.
-const SUITE: &str = "bookworm";
+/// The default base: Debian 13, Python 3.13 (the newest Python a Debian
+/// release gives), Node.js 20.
+const SUITE: &str = "trixie";
 /// The Debian release that brings each Python a service may ask for
-/// (`runtime = "python@3.13"`): its python3 is that version.
-pub const PYTHON_SUITES: &[(&str, &str)] = &[("3.11", "bookworm"), ("3.13", "trixie")];
+/// (`runtime = "python@3.11"`): its python3 is that version.
+pub const PYTHON_SUITES: &[(&str, &str)] = &[("3.13", "trixie"), ("3.11", "bookworm")];
 
 /// The Debian release of the base for `python` (`None`: the default).
 pub fn suite_for(python: Option<&str>) -> &'static str {
@@ -71,7 +72,7 @@ pub struct BaseImage {
     pub built_in: Option<Duration>,
 }
 
-/// The directory name of the current recipe, e.g. `base-bookworm-1`.
+/// The directory name of the current recipe, e.g. `base-trixie-1`.
 pub fn image_dir_name() -> String {
     image_dir_name_for(SUITE)
 }

@@ -124,7 +124,7 @@ const WHY_SYSCALL: &str = "instances and builds run under a system-call filter t
      io_uring, eBPF, userfaultfd, keyrings, perf events, mounts, other namespaces); a denied \
      call fails with \"Operation not permitted\"";
 const WHY_RUNTIME: &str = "a service runs on the Node.js of its runtime: 22 for a service with \
-     a package.json, the base image's 18 otherwise, or the one runtime = \"node@<major>\" \
+     a package.json, the base image's 20 otherwise, or the one runtime = \"node@<major>\" \
      names";
 const WHY_CRASH: &str = "requests in flight on an instance that ends get 502; the platform \
      starts another for the next request";
@@ -134,10 +134,15 @@ const WHY_CRASH: &str = "requests in flight on an instance that ends get 502; th
 pub struct Diagnoser {
     findings: BTreeMap<(FindingKind, String), Finding>,
     disks: Option<Disks>,
-    /// The line before, for errors that need their context (a Python
-    /// traceback names the failing call on the line above the error).
-    previous: String,
+    /// The lines before, lowercase, for errors that need their context: a
+    /// Python traceback names the failing call above the error, one line
+    /// up (3.11) or several (3.13 spreads a call over lines). The lines of
+    /// the current traceback, at most [`CONTEXT_LINES`], else the last one.
+    previous: std::collections::VecDeque<String>,
 }
+
+/// How many lines before an error its context holds.
+const CONTEXT_LINES: usize = 8;
 
 impl Diagnoser {
     /// A diagnoser that knows the service's mode and disk limits, so that
@@ -152,11 +157,20 @@ impl Diagnoser {
     /// Looks at one line; returns the finding when it is new (to show it
     /// once), `None` when the line says nothing or repeats a known finding.
     pub fn observe(&mut self, line: &str, at: SystemTime) -> Option<&Finding> {
-        let classified = classify(line, &self.previous, self.disks);
-        // Python 3.11 underlines the failing call with a line of carets;
-        // the context is the code line above it.
+        let context: Vec<&str> = self.previous.iter().map(String::as_str).collect();
+        let classified = classify(line, &context.join("\n"), self.disks);
+        let lower = line.to_ascii_lowercase();
+        // Python underlines the failing call with carets: no context.
         if !line.trim().chars().all(|c| matches!(c, '^' | '~')) {
-            self.previous = line.to_ascii_lowercase();
+            let in_traceback = lower.starts_with("traceback (most recent call last)")
+                || (!self.previous.is_empty() && line.starts_with(' '));
+            if !in_traceback || lower.starts_with("traceback") {
+                self.previous.clear();
+            }
+            if self.previous.len() == CONTEXT_LINES {
+                self.previous.pop_front();
+            }
+            self.previous.push_back(lower);
         }
         let (kind, subject, what, fix) = classified?;
         self.record(kind, subject, what, fix, line.trim(), at)
@@ -412,7 +426,8 @@ fn quoted_after(line: &str, marker: &str) -> Option<String> {
 
 type Classified = (FindingKind, String, String, String);
 
-/// The rules, most specific first. `previous` is the line before, lowercase.
+/// The rules, most specific first. `previous` is the context before
+/// (lowercase lines; see `Diagnoser::previous`).
 fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classified> {
     let lower = line.to_ascii_lowercase();
     if let Some(c) = stalled(line, &lower) {
@@ -755,6 +770,30 @@ fn root_only(tool: &str, _line: &str) -> Option<Classified> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn python_3_13_spreads_the_failing_call_over_lines() {
+        let traceback = [
+            "Traceback (most recent call last):",
+            "  File \"/usr/lib/python3.13/multiprocessing/synchronize.py\", line 57, in __init__",
+            "    sl = self._semlock = _multiprocessing.SemLock(",
+            "                         ~~~~~~~~~~~~~~~~~~~~~~~~^",
+            "        kind, value, maxvalue, self._make_name(),",
+            "        ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^",
+            "        unlink_now)",
+            "        ^^^^^^^^^^^",
+            "OSError: [Errno 30] Read-only file system",
+        ];
+        let found = diagnose_lines(traceback);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].kind, FindingKind::SharedMemory);
+        // The context ends with the traceback: a later unrelated error is
+        // not taken for shared memory.
+        let mut lines = traceback.to_vec();
+        lines.push("ValueError: bad input");
+        let found = diagnose_lines(lines);
+        assert_eq!(found.len(), 1, "{found:?}");
+    }
 
     #[test]
     fn a_too_old_node_names_the_runtime_line() {

@@ -474,24 +474,28 @@ fn a_build_on_a_too_old_node_is_told_the_runtime_line() {
     assert!(status.success(), "{out}{err}");
 }
 
-/// `runtime = "python@3.13"`: the service runs on the base image of the
-/// Debian release whose python3 is 3.13 (made the first time, a few
-/// minutes, then cached like the default base).
+/// Python: 3.13 by default (Debian 13's), and `runtime = "python@3.11"`
+/// runs the service on the base image of the Debian release whose python3
+/// is 3.11 (made the first time, then cached like the default).
 #[test]
 fn a_service_chooses_its_python_version() {
     let d = Up::serve(None, &[]);
-    let name = unique("py313");
-    let app = App::new(
-        &format!(
-            "name = \"{name}\"\n\
-             runtime = \"python@3.13\"\n\
-             build = \"pip install itsdangerous && python3 --version > /app/built-with\"\n\
-             start = \"python3 -c 'import itsdangerous' && exec python3 -m http.server $PORT --directory /app\"\n"
-        ),
-        &[],
-    );
-    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
-    assert!(status.success(), "{out}{err}");
-    let r = d.get(&host(&name), "/built-with");
-    assert!(r.body.starts_with("Python 3.13."), "{r:?}");
+    for (runtime, version) in [
+        ("", "Python 3.13."),
+        ("runtime = \"python@3.11\"\n", "Python 3.11."),
+    ] {
+        let name = unique("python");
+        let app = App::new(
+            &format!(
+                "name = \"{name}\"\n{runtime}\
+                 build = \"pip install itsdangerous && python3 --version > /app/built-with\"\n\
+                 start = \"python3 -c 'import itsdangerous' && exec python3 -m http.server $PORT --directory /app\"\n"
+            ),
+            &[],
+        );
+        let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+        assert!(status.success(), "{out}{err}");
+        let r = d.get(&host(&name), "/built-with");
+        assert!(r.body.starts_with(version), "{runtime}: {r:?}");
+    }
 }
