@@ -71,7 +71,7 @@ impl ErrorKind {
             Self::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Unavailable | Self::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamFailed | Self::ResponseTooLarge => StatusCode::BAD_GATEWAY,
-            // INTERFACE.md: a request past the request timeout gets 504.
+            // the README: a request past the request timeout gets 504.
             Self::RequestTimeout | Self::BodyTimeout => StatusCode::GATEWAY_TIMEOUT,
             Self::StreamingNeedsPersistent => StatusCode::NOT_IMPLEMENTED,
             Self::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,

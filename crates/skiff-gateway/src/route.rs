@@ -47,7 +47,7 @@ impl Lease {
 /// A route that is not known yet: an instance is starting or thawing.
 pub type RouteFuture = Pin<Box<dyn Future<Output = Route> + Send>>;
 
-/// The rules of the exchange with one service (CONTRACT.md §2). `None`
+/// The rules of the exchange with one service (docs/contract.md §2). `None`
 /// means no limit: persistent services stream and take their time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ExchangeLimits {

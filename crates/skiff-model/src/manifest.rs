@@ -12,7 +12,7 @@ use crate::name::ServiceName;
 use crate::units::{format_size, parse_duration, parse_size};
 use crate::{DEFAULT_PORT, MANIFEST_FILE};
 
-/// How the platform runs a service (CONTRACT.md §2 and §4).
+/// How the platform runs a service (docs/contract.md §2 and §4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -39,7 +39,7 @@ impl Mode {
     }
 }
 
-/// The `[limits]` table. Defaults are those of INTERFACE.md.
+/// The `[limits]` table. Defaults are those of the README.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct Limits {

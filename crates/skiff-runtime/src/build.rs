@@ -1,5 +1,5 @@
 //! Running a service's build command as root in a build sandbox whose
-//! writes become the image's top layer (CONTRACT.md §1.1).
+//! writes become the image's top layer (docs/contract.md §1.1).
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -1,4 +1,4 @@
-//! Troubleshooting built in: recognise the common errors of CONTRACT.md §3
+//! Troubleshooting built in: recognise the common errors of docs/contract.md §3
 //! (and a few more) in what a service writes, and say what happened, why,
 //! and what to do. Pure: lines in, findings out; the callers decide where
 //! findings are shown.

@@ -1,4 +1,4 @@
-//! Is the service listening? The health probe (CONTRACT.md §1.3) and, when
+//! Is the service listening? The health probe (docs/contract.md §1.3) and, when
 //! it is not, what the service listens on instead.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};

@@ -1,5 +1,5 @@
 //! Starting one instance of a service: sandbox, log capture, health check,
-//! and the reasons a start fails, told the way CONTRACT.md tells them.
+//! and the reasons a start fails, told the way docs/contract.md tells them.
 
 use std::collections::VecDeque;
 use std::fmt;

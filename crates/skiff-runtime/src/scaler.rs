@@ -2,7 +2,7 @@
 //! events and a clock, returning actions. No I/O, no sleeping, no tokio:
 //! `service.rs` carries the actions out. Tests drive it with made-up times.
 //!
-//! Rules (CONTRACT.md §2, INTERFACE.md `[limits]`):
+//! Rules (docs/contract.md §2, the README's `[limits]`):
 //! - a request goes to a ready instance with fewer than `concurrency`
 //!   requests in flight, preferring a running one (no thaw) and then the
 //!   busiest (so that others go idle and can be stopped);

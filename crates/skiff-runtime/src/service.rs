@@ -144,7 +144,7 @@ impl ServiceRuntime {
         self.writable.is_some()
     }
 
-    /// The gateway's rules for this service (CONTRACT.md §2): serverless
+    /// The gateway's rules for this service (docs/contract.md §2): serverless
     /// services get the request timeout and the size limits, persistent
     /// ones none.
     pub fn exchange_limits(&self) -> ExchangeLimits {

@@ -456,7 +456,7 @@ struct Target {
 }
 
 /// A minimal `/dev`: the usual character devices, and a read-only `/dev/shm`
-/// (CONTRACT.md: shared memory is not supported). The tmpfs is mounted on
+/// (docs/contract.md: shared memory is not supported). The tmpfs is mounted on
 /// `target` (the image's checked `/dev`), then filled through `dev`, the
 /// path that now leads into it.
 fn build_dev(target: &Path, dev: &Path) -> Res<()> {

@@ -1,5 +1,5 @@
 //! `skiff doctor NAME`: the service checked against the common errors
-//! (CONTRACT.md §3 and more): each finding with what happened, the
+//! (docs/contract.md §3 and more): each finding with what happened, the
 //! evidence, why, and what to do; and where the time of its starts went.
 
 use std::process::ExitCode;

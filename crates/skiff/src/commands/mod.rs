@@ -49,7 +49,7 @@ enum Command {
     Doctor(doctor::DoctorArgs),
 }
 
-/// The manifest fields the command line overrides (INTERFACE.md).
+/// The manifest fields the command line overrides (the README).
 #[derive(Debug, Args)]
 pub struct OverrideArgs {
     /// Service name (overrides `name` in skiff.toml).
@@ -271,7 +271,7 @@ fn parse_size(s: &str) -> Result<u64, String> {
     skiff_model::parse_size(s)
 }
 
-/// The default state directory, as INTERFACE.md gives it.
+/// The default state directory, as the README gives it.
 pub const DEFAULT_STATE: &str = "/var/lib/skiff";
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
