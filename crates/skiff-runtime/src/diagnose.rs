@@ -394,7 +394,9 @@ fn classify_event(kind: &str, message: &str) -> Option<Classified> {
         events::UPSTREAM_FAILED => (
             FindingKind::InstanceCrashed,
             String::new(),
-            format!("Requests failed because the instance broke off: {first}"),
+            "Requests failed (502) because the instance answering them ended or closed the \
+             connection without an answer."
+                .into(),
             "Look at the service's output just before (skiff logs NAME): an uncaught \
              exception, a crash, or running out of memory; fix the cause in the service."
                 .into(),
@@ -430,6 +432,18 @@ type Classified = (FindingKind, String, String, String);
 /// (lowercase lines; see `Diagnoser::previous`).
 fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classified> {
     let lower = line.to_ascii_lowercase();
+    // Node prints an error object's fields after its message (`code:
+    // 'EROFS'`, `path: '/app/x'`): the message line was the finding, these
+    // are the same event.
+    let field = lower.trim_start();
+    if [
+        "code:", "errno:", "syscall:", "path:", "address:", "port:", "dest:",
+    ]
+    .iter()
+    .any(|f| field.starts_with(f))
+    {
+        return None;
+    }
     if let Some(c) = stalled(line, &lower) {
         return Some(c);
     }
@@ -770,6 +784,21 @@ fn root_only(tool: &str, _line: &str) -> Option<Classified> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_node_error_object_is_one_finding() {
+        let found = diagnose_lines([
+            "Error: EROFS: read-only file system, open '/app/.~db.json'",
+            "    at Object.openSync (node:fs:573:18) {",
+            "  errno: -30,",
+            "  code: 'EROFS',",
+            "  syscall: 'open',",
+            "  path: '/app/.~db.json'",
+            "}",
+        ]);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].what.contains("/app/.~db.json"), "{found:?}");
+    }
 
     #[test]
     fn python_3_13_spreads_the_failing_call_over_lines() {
