@@ -323,6 +323,7 @@ fn stalled(line: &str, lower: &str) -> Option<Classified> {
 /// The event kinds the platform records that the rules know.
 pub mod events {
     pub const PORT_NOT_LISTENING: &str = "port-not-listening";
+    pub const NO_HTTP_ANSWER: &str = "no-http-answer";
     pub const OOM_KILL: &str = "oom-kill";
     /// Gateway refusals are recorded under `skiff_gateway::ErrorKind::as_str`.
     pub const RESPONSE_TOO_LARGE: &str = "response-too-large";
@@ -344,6 +345,17 @@ fn classify_event(kind: &str, message: &str) -> Option<Classified> {
             "Listen on 0.0.0.0 (all addresses, not 127.0.0.1) and on the port the platform \
              gives in $PORT (skiff.toml `port`, default 8080); e.g. app.run(host=\"0.0.0.0\", \
              port=int(os.environ[\"PORT\"])) or server.listen(process.env.PORT)."
+                .into(),
+        ),
+        events::NO_HTTP_ANSWER => (
+            FindingKind::PortNotListening,
+            "http".into(),
+            "The service took connections on its port but never answered the health check \
+             with HTTP."
+                .into(),
+            "Answer HTTP on $PORT for any path (a 404 is fine): look at the service's output \
+             when the check ran for a handler that fails on unknown paths, or a server that \
+             speaks another protocol on the port."
                 .into(),
         ),
         events::OOM_KILL => (

@@ -61,6 +61,30 @@ pub enum StartError {
         waited: Duration,
         tail: Vec<String>,
     },
+    /// The port took connections but never gave an HTTP answer.
+    #[error("{}", no_http_answer_message(*port, tail))]
+    NoHttpAnswer { port: u16, tail: Vec<String> },
+}
+
+fn no_http_answer_message(port: u16, tail: &[String]) -> String {
+    let mut s = format!(
+        "The service accepted connections on port {port} but closed them without an HTTP \
+         answer to the health check (GET /kaithhealth; any HTTP answer counts, a 404 too), \
+         so it never became ready."
+    );
+    if !tail.is_empty() {
+        s.push_str("\nIts last output:");
+        for line in tail {
+            s.push_str("\n  | ");
+            s.push_str(line);
+        }
+    }
+    s.push_str(&diagnosis(tail));
+    s.push_str(
+        "\nMake the server answer HTTP on $PORT for any path: a handler that fails on paths \
+         it does not know, or a protocol other than HTTP/1 on the port, gets no answer out.",
+    );
+    s
 }
 
 fn early_exit_message(exit: Exit, port: u16, tail: &[String], oom_limit: Option<u64>) -> String {
@@ -330,6 +354,15 @@ pub async fn start_prepared(
         }
         let elsewhere_too_long =
             elsewhere_since.is_some_and(|t| now.duration_since(t) >= LISTENING_ELSEWHERE_GRACE);
+        if now >= deadline && probe.connected.is_some() {
+            // Listening where it must, and silent: say so, not "not
+            // listened to".
+            let _ = instance.stop(Duration::from_secs(1)).await;
+            return Err(StartError::NoHttpAnswer {
+                port: spec.port,
+                tail: tail.lines(),
+            });
+        }
         if now >= deadline || elsewhere_too_long {
             let listeners = health::listening(instance.pid());
             let _ = instance.stop(Duration::from_secs(1)).await;

@@ -359,6 +359,12 @@ impl Shared {
                 };
                 self.record(service, "error", events::PORT_NOT_LISTENING, &message);
             }
+            StartError::NoHttpAnswer { port, .. } => self.record(
+                service,
+                "error",
+                events::NO_HTTP_ANSWER,
+                &format!("port {port} accepted connections but gave no HTTP answer"),
+            ),
             StartError::EarlyExit {
                 oom_limit: Some(limit),
                 ..

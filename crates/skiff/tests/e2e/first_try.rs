@@ -499,3 +499,33 @@ fn a_service_chooses_its_python_version() {
         assert!(r.body.starts_with(version), "{runtime}: {r:?}");
     }
 }
+
+/// A port that takes connections and closes them without HTTP: the
+/// message says exactly that, not that nothing listens.
+#[test]
+fn a_port_that_answers_no_http_is_named_as_such() {
+    let d = Up::serve(None, &[]);
+    let name = unique("nohttp");
+    let server = "import os, socket\n\
+                  s = socket.socket()\n\
+                  s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                  s.bind(('0.0.0.0', int(os.environ['PORT'])))\n\
+                  s.listen()\n\
+                  print('handler crashed: KeyError /kaithhealth', flush=True)\n\
+                  while True:\n    c, _ = s.accept()\n    c.close()\n";
+    let app = App::new(
+        &format!(
+            "name = \"{name}\"\nstart = \"exec python3 /app/server.py\"\n\
+             [limits]\nstart_timeout = \"3s\"\n"
+        ),
+        &[("server.py", server)],
+    );
+    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    assert!(!status.success(), "{out}{err}");
+    assert!(
+        err.contains("accepted connections on port 8080 but closed them without an HTTP answer"),
+        "{err}"
+    );
+    assert!(!err.contains("is not being listened to"), "{err}");
+    assert!(err.contains("| handler crashed"), "{err}");
+}
