@@ -44,7 +44,17 @@ pub struct Client {
     token: String,
 }
 
+/// Shows where the client talks to, never its token.
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A streamed answer: one JSON value per line.
+#[derive(Debug)]
 pub struct Lines {
     body: Incoming,
     buf: Vec<u8>,

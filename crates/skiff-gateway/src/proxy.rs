@@ -129,6 +129,14 @@ pub struct Gateway {
     connections: Arc<ConnectionTable>,
 }
 
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Gateway {
     pub fn new(router: Arc<dyn Router>, config: GatewayConfig) -> Arc<Self> {
         Self::sharing(router, config, ConnectionTable::new())

@@ -114,6 +114,40 @@ pub fn host_to_service<'h>(host: &'h str, domain: &str) -> Option<&'h str> {
     (rest.eq_ignore_ascii_case(domain) && !name.is_empty()).then_some(name)
 }
 
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("upstream", &self.upstream)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("key", &self.key)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Instance(lease) => f.debug_tuple("Instance").field(lease).finish(),
+            Self::Wait(_) => f.write_str("Wait"),
+            Self::Unknown { deployed } => f
+                .debug_struct("Unknown")
+                .field("deployed", deployed)
+                .finish(),
+            Self::Unavailable { reason } => f
+                .debug_struct("Unavailable")
+                .field("reason", reason)
+                .finish(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

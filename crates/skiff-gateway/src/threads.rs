@@ -23,6 +23,7 @@ use crate::proxy::{Gateway, GatewayConfig, GatewayError};
 use crate::route::Router;
 
 /// The gateway's listening socket, one handle per thread.
+#[derive(Debug)]
 pub struct Listeners {
     sockets: Vec<std::net::TcpListener>,
     addr: SocketAddr,
@@ -65,6 +66,7 @@ fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 const FINAL_GRACE: Duration = Duration::from_secs(5);
 
 /// The running gateway threads.
+#[derive(Debug)]
 pub struct GatewayThreads {
     handles: Vec<JoinHandle<()>>,
 }

@@ -835,6 +835,22 @@ fn write_logs(
     }
 }
 
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for LogSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogSender")
+            .field("queued", &self.queued)
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1019,7 +1035,7 @@ mod tests {
     fn a_damaged_database_is_reported_with_what_to_do() {
         let state = tempfile::tempdir().unwrap();
         std::fs::write(state.path().join("skiff.db"), vec![0x42u8; 8192]).unwrap();
-        let e = Store::open(state.path()).err().expect("garbage is refused");
+        let e = Store::open(state.path()).expect_err("garbage is refused");
         let msg = e.to_string();
         assert!(
             msg.contains("skiff.db") && msg.contains("move it away"),

@@ -43,6 +43,7 @@ pub enum Kind {
 }
 
 /// One entry of a walk.
+#[derive(Debug)]
 pub struct Entry<'a> {
     /// The path relative to the tree's root.
     pub rel: &'a Path,

@@ -12,6 +12,10 @@
 //! disappears with the last process: there is nothing to unmount on the host.
 //! Cgroups are the one host-side thing, and [`Cgroups`] removes them.
 
+// The one crate that talks to the kernel: unsafe is allowed here, and only
+// here; every block says why it is sound (clippy::undocumented_unsafe_blocks).
+#![allow(unsafe_code)]
+
 pub mod beneath;
 mod cgroup;
 pub mod disk;

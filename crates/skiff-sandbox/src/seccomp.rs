@@ -90,6 +90,7 @@ pub const DENIED_WITH_NEW_USER_NAMESPACE: &[(&str, i64)] =
 pub const NOT_IMPLEMENTED: &[(&str, i64)] = &[("clone3", libc::SYS_clone3)];
 
 /// The two compiled filters, to install in this order.
+#[derive(Debug)]
 pub struct Filters {
     deny: BpfProgram,
     nosys: BpfProgram,
