@@ -26,7 +26,15 @@ const EVENT_RETENTION: i64 = 2_000;
 /// the drop is recorded) rather than memory growing without bound.
 const LOG_QUEUE: usize = 16_384;
 
-const SCHEMA: &str = "
+/// The schema, as the migrations that made it: the database's
+/// `user_version` is how many have run. One that has shipped is never
+/// edited: a change is the next migration, so a user who upgrades skiff
+/// keeps every service, version and log. (A database made before versions
+/// were recorded has version 0 and the tables of the first migration,
+/// whose `IF NOT EXISTS` makes running it again harmless.)
+const MIGRATIONS: &[&str] = &[
+    // 1: services, versions, logs, events, starts.
+    "
 CREATE TABLE IF NOT EXISTS services (
     name       TEXT PRIMARY KEY,
     current    INTEGER,
@@ -78,13 +86,17 @@ CREATE TABLE IF NOT EXISTS starts (
     first_answer    INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS starts_service ON starts(service, id);
+",
+    // 2: each service's own host user.
+    "
 -- Each service's host user: SERVICE_UID_BASE + n. AUTOINCREMENT never
 -- gives an n twice, even after the row is deleted, so no uid is reused.
 CREATE TABLE IF NOT EXISTS service_users (
     n       INTEGER PRIMARY KEY AUTOINCREMENT,
     service TEXT NOT NULL UNIQUE
 );
-";
+",
+];
 
 /// The first host uid (and gid) given to a service. Services get uids from
 /// here up, each its own, never one another service had: in the range
@@ -98,14 +110,63 @@ const SERVICE_UID_END: u32 = 1_879_048_192;
 const START_RETENTION: i64 = 200;
 
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "the platform's database {path}: {source}; if the file is damaged, move it away \
-     and start again (deployed services are then forgotten and must be deployed anew)"
-)]
 pub struct StoreError {
     pub path: PathBuf,
     #[source]
     pub source: rusqlite::Error,
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let newer = match &self.source {
+            rusqlite::Error::ToSqlConversionFailure(e) => e.downcast_ref::<NewerSchema>(),
+            _ => None,
+        };
+        match newer {
+            Some(newer) => write!(
+                f,
+                "the platform's database {}: {newer}",
+                self.path.display()
+            ),
+            None => write!(
+                f,
+                "the platform's database {}: {}; if the file is damaged, move it away and \
+                 start again (deployed services are then forgotten and must be deployed anew)",
+                self.path.display(),
+                self.source
+            ),
+        }
+    }
+}
+
+/// A database made by a newer skiff, whose schema this one does not know.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "it was made by a newer skiff (schema version {found}; this skiff knows up to \
+     {known}): run that skiff, or a newer one, on this state directory"
+)]
+struct NewerSchema {
+    found: i64,
+    known: usize,
+}
+
+/// Brings the database's schema up to date (see [`MIGRATIONS`]).
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > MIGRATIONS.len() as i64 {
+        return Err(rusqlite::Error::ToSqlConversionFailure(Box::new(
+            NewerSchema {
+                found: version,
+                known: MIGRATIONS.len(),
+            },
+        )));
+    }
+    let tx = conn.transaction()?;
+    for migration in &MIGRATIONS[version.max(0) as usize..] {
+        tx.execute_batch(migration)?;
+    }
+    tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
+    tx.commit()
 }
 
 /// Where a version is in its life.
@@ -283,8 +344,8 @@ impl Store {
             path: path.clone(),
             source,
         };
-        let conn = open_connection(&path).map_err(err)?;
-        conn.execute_batch(SCHEMA).map_err(err)?;
+        let mut conn = open_connection(&path).map_err(err)?;
+        migrate(&mut conn).map_err(err)?;
         let last: i64 = conn
             .query_row("SELECT COALESCE(MAX(id), 0) FROM logs", [], |r| r.get(0))
             .map_err(err)?;
@@ -1029,6 +1090,70 @@ mod tests {
         drop(store);
         let store = Store::open(state.path()).unwrap();
         assert_eq!(store.service_uid("b").unwrap(), b);
+    }
+
+    /// The first schema, as skiff made it before versions were recorded
+    /// (`user_version` 0): the tables of migration 1, nothing else.
+    const FIRST_SCHEMA: &str = MIGRATIONS[0];
+
+    #[test]
+    fn a_database_of_an_older_skiff_keeps_everything_and_is_brought_up_to_date() {
+        let state = tempfile::tempdir().unwrap();
+        {
+            let old = Connection::open(state.path().join("skiff.db")).unwrap();
+            old.execute_batch(FIRST_SCHEMA).unwrap();
+            let spec = serde_json::to_string(&spec("web")).unwrap();
+            old.execute(
+                "INSERT INTO services(name, current, created_at) VALUES ('web', 1, 0)",
+                [],
+            )
+            .unwrap();
+            old.execute(
+                "INSERT INTO versions(id, service, spec, layers, state, created_at) \
+                 VALUES (1, 'web', ?1, '[\"/l/1\"]', 'ready', 0)",
+                [spec],
+            )
+            .unwrap();
+            old.execute(
+                "INSERT INTO logs(service, version, at, source, line) \
+                 VALUES ('web', 1, 0, 'run', 'hello from before')",
+                [],
+            )
+            .unwrap();
+        }
+        let store = Store::open(state.path()).unwrap();
+        let service = store.service("web").unwrap().expect("the service is kept");
+        assert_eq!(service.current, Some(1));
+        let version = store.version(1).unwrap().expect("the version is kept");
+        assert_eq!(version.layers, Some(vec![PathBuf::from("/l/1")]));
+        let logs = store.logs("web", &LogQuery::default()).unwrap();
+        assert_eq!(logs[0].line, "hello from before");
+        // What later migrations added works.
+        assert!(store.service_uid("web").unwrap() >= SERVICE_UID_BASE);
+        let v: i64 = store
+            .conn()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, MIGRATIONS.len() as i64);
+        // Opened again: nothing runs twice, nothing is lost.
+        drop(store);
+        let store = Store::open(state.path()).unwrap();
+        assert!(store.service("web").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_database_of_a_newer_skiff_is_refused_with_what_to_do() {
+        let state = tempfile::tempdir().unwrap();
+        {
+            let db = Connection::open(state.path().join("skiff.db")).unwrap();
+            db.pragma_update(None, "user_version", 99).unwrap();
+        }
+        let msg = Store::open(state.path()).expect_err("refused").to_string();
+        assert!(
+            msg.contains("made by a newer skiff (schema version 99"),
+            "{msg}"
+        );
+        assert!(!msg.contains("move it away"), "{msg}");
     }
 
     #[test]
