@@ -47,7 +47,10 @@ pub enum Source {
 }
 
 impl ErrorKind {
-    pub fn as_str(self) -> &'static str {
+    /// The kind's stable name: in `x-skiff-error`, in JSON errors, and in
+    /// the platform's recorded events (the troubleshooter's rules name
+    /// these, through this function, not copies of the strings).
+    pub const fn as_str(self) -> &'static str {
         match self {
             Self::UnknownService => "unknown-service",
             Self::BadHost => "bad-host",

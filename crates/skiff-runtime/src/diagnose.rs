@@ -325,12 +325,13 @@ pub mod events {
     pub const PORT_NOT_LISTENING: &str = "port-not-listening";
     pub const NO_HTTP_ANSWER: &str = "no-http-answer";
     pub const OOM_KILL: &str = "oom-kill";
-    /// Gateway refusals are recorded under `skiff_gateway::ErrorKind::as_str`.
-    pub const RESPONSE_TOO_LARGE: &str = "response-too-large";
-    pub const REQUEST_TIMEOUT: &str = "request-timeout";
-    pub const REQUEST_TOO_LARGE: &str = "request-too-large";
-    pub const STREAMING: &str = "streaming-needs-persistent";
-    pub const UPSTREAM_FAILED: &str = "upstream-failed";
+    use skiff_gateway::ErrorKind;
+    // Gateway refusals are recorded under the gateway's own names for them.
+    pub const RESPONSE_TOO_LARGE: &str = ErrorKind::ResponseTooLarge.as_str();
+    pub const REQUEST_TIMEOUT: &str = ErrorKind::RequestTimeout.as_str();
+    pub const REQUEST_TOO_LARGE: &str = ErrorKind::RequestTooLarge.as_str();
+    pub const STREAMING: &str = ErrorKind::StreamingNeedsPersistent.as_str();
+    pub const UPSTREAM_FAILED: &str = ErrorKind::UpstreamFailed.as_str();
 }
 
 /// The rules for the platform's own events. The event's message already
