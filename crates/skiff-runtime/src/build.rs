@@ -134,7 +134,21 @@ pub enum BuildError {
 fn failed_message(exit: Exit, tail: &[String]) -> String {
     let mut s = format!("The build command failed ({exit}).");
     push_tail(&mut s, tail);
-    for finding in crate::diagnose::diagnose_lines(tail.iter().map(String::as_str)) {
+    // Only the rules that speak of builds: the others' fixes are about an
+    // instance (its /tmp, its read-only image, its user).
+    use crate::diagnose::FindingKind as K;
+    let for_builds = |k: K| {
+        matches!(
+            k,
+            K::RuntimeTooOld
+                | K::MissingPythonModule
+                | K::MissingNodeModule
+                | K::CommandNotFound
+                | K::SyscallDenied
+        )
+    };
+    let findings = crate::diagnose::diagnose_lines(tail.iter().map(String::as_str));
+    for finding in findings.into_iter().filter(|f| for_builds(f.kind)) {
         s.push_str("\nDiagnosis: ");
         s.push_str(&finding.to_string().replace('\n', "\n  "));
     }
@@ -144,6 +158,25 @@ fn failed_message(exit: Exit, tail: &[String]) -> String {
          if any, was not changed.",
     );
     s
+}
+
+/// What went wrong in a step the platform ran with the build machinery (a
+/// runtime layer), without the advice meant for the service's own build.
+pub fn platform_step_failure(e: &BuildError) -> String {
+    match e {
+        BuildError::Failed { exit, tail } => {
+            let mut s = format!("it ended ({exit}).");
+            push_tail(&mut s, tail);
+            s
+        }
+        BuildError::TimedOut { after } => {
+            format!(
+                "it ran longer than {} and was stopped.",
+                format_duration(*after)
+            )
+        }
+        other => other.to_string(),
+    }
 }
 
 /// The build's last lines of output, quoted.

@@ -123,9 +123,9 @@ const WHY_SYSCALL: &str = "instances and builds run under a system-call filter t
      kernel features services do not need and attacks on the kernel use (new user namespaces, \
      io_uring, eBPF, userfaultfd, keyrings, perf events, mounts, other namespaces); a denied \
      call fails with \"Operation not permitted\"";
-const WHY_RUNTIME: &str = "a service runs on the Node.js of its runtime: 22 for a service with \
-     a package.json, the base image's 20 otherwise, or the one runtime = \"node@<major>\" \
-     names";
+const WHY_RUNTIME: &str = "a service runs on the Node.js of its runtime: the one runtime = \
+     \"node@<major>\" names, else 22 for a service with a package.json, else the base \
+     image's own";
 const WHY_CRASH: &str = "requests in flight on an instance that ends get 502; the platform \
      starts another for the next request";
 
@@ -449,11 +449,18 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
     // 'EROFS'`, `path: '/app/x'`): the message line was the finding, these
     // are the same event.
     let field = lower.trim_start();
-    if [
-        "code:", "errno:", "syscall:", "path:", "address:", "port:", "dest:",
-    ]
-    .iter()
-    .any(|f| field.starts_with(f))
+    if field.len() < lower.len()
+        && [
+            "code: ",
+            "errno: ",
+            "syscall: ",
+            "path: ",
+            "address: ",
+            "port: ",
+            "dest: ",
+        ]
+        .iter()
+        .any(|f| field.starts_with(f))
     {
         return None;
     }
@@ -468,7 +475,8 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
     // 20.19+"; npm's EBADENGINE lists the engine it wanted.
     if (lower.contains("you are using node.js")
         && (lower.contains("required") || lower.contains("requires")))
-        || (lower.contains("unsupported engine") && !lower.contains("\"npm\""))
+        || (lower.contains("unsupported engine") && lower.contains("wanted: {\"node\""))
+        || (lower.contains("notsup") && lower.contains("required: {\"node\""))
     {
         return Some((
             FindingKind::RuntimeTooOld,
@@ -831,10 +839,17 @@ mod tests {
         assert_eq!(found[0].kind, FindingKind::SharedMemory);
         // The context ends with the traceback: a later unrelated error is
         // not taken for shared memory.
-        let mut lines = traceback.to_vec();
-        lines.push("ValueError: bad input");
-        let found = diagnose_lines(lines);
-        assert_eq!(found.len(), 1, "{found:?}");
+        let mut d = Diagnoser::default();
+        for line in traceback {
+            d.observe(line, SystemTime::now());
+        }
+        assert!(
+            d.observe("ValueError: bad input", SystemTime::now())
+                .is_none()
+                && d.findings().all(|f| f.count == 1),
+            "{:?}",
+            d.findings().collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -844,7 +859,9 @@ mod tests {
              || >= 20.0.0\" is required.",
             "You are using Node.js 18.19.0. Vite requires Node.js version 20.19+ or 22.12+. \
              Please upgrade your Node.js version.",
-            "npm WARN EBADENGINE Unsupported engine {",
+            "npm ERR! notsup Required: {\"node\":\">=24\"}",
+            "npm ERR! notsup Unsupported engine for x@1.0.0: wanted: {\"node\":\">=24\"} \
+             (current: {\"node\":\"v22.11.0\",\"npm\":\"9.2.0\"})",
         ] {
             let found = diagnose_lines([line]);
             assert_eq!(found.len(), 1, "{line}: {found:?}");

@@ -17,6 +17,9 @@ pub struct Probe {
     pub connected: Option<std::time::Instant>,
     /// Whether an HTTP answer came.
     pub answered: bool,
+    /// The port took the connection, then closed it (or answered
+    /// something other than HTTP) before the probe's time was up.
+    pub refused_http: bool,
 }
 
 /// One probe of `http://0.0.0.0:{port}/kaithhealth` from inside the instance.
@@ -66,8 +69,10 @@ pub async fn probe_phases(netns: &NetNs, port: u16, timeout: Duration) -> Probe 
         });
         Some(true)
     };
-    let answered = matches!(tokio::time::timeout(timeout, attempt).await, Ok(Some(true)));
-    seen.answered = answered;
+    let outcome = tokio::time::timeout(timeout, attempt).await;
+    seen.answered = matches!(outcome, Ok(Some(true)));
+    // Finished in time without an answer, after the port took it.
+    seen.refused_http = matches!(outcome, Ok(None | Some(false))) && seen.connected.is_some();
     seen
 }
 

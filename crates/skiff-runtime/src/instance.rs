@@ -328,6 +328,7 @@ pub async fn start_prepared(
     // Since when the service has listened, but not where it must.
     let mut elsewhere_since: Option<Instant> = None;
     let mut elsewhere = Vec::new();
+    let mut refused_http = false;
     let mut looked_at = started_at;
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -354,9 +355,10 @@ pub async fn start_prepared(
         }
         let elsewhere_too_long =
             elsewhere_since.is_some_and(|t| now.duration_since(t) >= LISTENING_ELSEWHERE_GRACE);
-        if now >= deadline && probe.connected.is_some() {
-            // Listening where it must, and silent: say so, not "not
-            // listened to".
+        refused_http = refused_http || probe.refused_http;
+        if now >= deadline && refused_http {
+            // The port took connections and closed them without an HTTP
+            // answer: say so, not "not listened to".
             let _ = instance.stop(Duration::from_secs(1)).await;
             return Err(StartError::NoHttpAnswer {
                 port: spec.port,
@@ -378,7 +380,10 @@ pub async fn start_prepared(
                 let exit = exit.map_err(SandboxError::from)?;
                 return Err(early_exit(instance, exit, pumps, &tail, spec).await);
             }
-            _ = tokio::time::sleep(poll_interval(started_at.elapsed()).min(remaining)) => {}
+            _ = tokio::time::sleep(
+                poll_interval(started_at.elapsed())
+                    .min(deadline.saturating_duration_since(Instant::now())),
+            ) => {}
         }
     }
     let answered_at = Instant::now();

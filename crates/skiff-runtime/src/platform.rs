@@ -122,6 +122,19 @@ pub enum DeployError {
     ImageMissing { version: i64, path: PathBuf },
     #[error("cannot mount the disk of the service's image: {source}; deploy it again")]
     ImageDisk { source: std::io::Error },
+    /// The platform's own step, not the service's build: no setting of the
+    /// service's is to blame.
+    #[error(
+        "skiff could not make the {runtime} runtime the service asks for ({command}, from \
+         the npm registry); check that the host reaches registry.npmjs.org and deploy \
+         again. What happened: {}",
+        build::platform_step_failure(source)
+    )]
+    Runtime {
+        runtime: String,
+        command: String,
+        source: BuildError,
+    },
     #[error("the platform is shutting down")]
     ShuttingDown,
 }
@@ -244,8 +257,8 @@ pub(crate) struct Shared {
     pins: Mutex<HashMap<i64, Vec<PathBuf>>>,
     /// Serialises garbage collection with the pinning of new layers.
     images_lock: tokio::sync::Mutex<()>,
-    /// Held while a runtime layer is made.
-    runtime_lock: tokio::sync::Mutex<()>,
+    /// Held while a runtime layer is made, one per runtime.
+    runtime_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Gateway refusals per service and kind: when last recorded, how
     /// many since.
     refusals: Mutex<HashMap<(String, &'static str), Refusals>>,
@@ -576,7 +589,7 @@ impl Platform {
             upstreams: RwLock::default(),
             pins: Mutex::default(),
             images_lock: tokio::sync::Mutex::new(()),
-            runtime_lock: tokio::sync::Mutex::new(()),
+            runtime_locks: Mutex::default(),
             refusals: Mutex::default(),
             shutting_down: AtomicBool::new(false),
             next_instance: AtomicU64::new(1),
@@ -747,7 +760,9 @@ impl Handle {
         layers: Vec<PathBuf>,
     ) -> Result<(), DeployError> {
         let name = spec.name.to_string();
-        self.base_image(spec).await?;
+        // The recorded layers name the base the version was built on; it is
+        // on disk (or the version is reported missing below). No base is
+        // made here: an upgrade's new default must not hold restores up.
         self.attach_images(&layers).await?;
         if let Some(missing) = layers.iter().find(|l| !l.exists()) {
             return Err(DeployError::ImageMissing {
@@ -1125,15 +1140,18 @@ impl Handle {
         base: &base::BaseImage,
     ) -> Result<PathBuf, DeployError> {
         let shared = &self.shared;
-        // One maker at a time: two services asking for the same runtime
-        // must not build it in the same directory.
-        let _guard = shared.runtime_lock.lock().await;
-        if runtime.is_ready()
-            && self
-                .attach_images(std::slice::from_ref(&runtime.upper()))
-                .await
-                .is_ok()
-        {
+        // One maker per runtime at a time: two services asking for the same
+        // one must not build it in the same directory; others go on.
+        let lock = lock(&shared.runtime_locks)
+            .entry(runtime.key.clone())
+            .or_default()
+            .clone();
+        let _guard = lock.lock().await;
+        if runtime.is_ready() {
+            // Shared: a layer others run on is never made again here, even
+            // when its disk cannot be mounted now.
+            self.attach_images(std::slice::from_ref(&runtime.upper()))
+                .await?;
             return Ok(runtime.upper());
         }
         let name = spec.name.to_string();
@@ -1162,15 +1180,21 @@ impl Handle {
             events: shared.events.clone(),
         };
         let id = shared.instance_id(&format!("{name}-runtime"));
+        let command = build::node_runtime_command(major);
         build::run(
             &ctx,
             &platform_spec,
-            &build::node_runtime_command(major),
+            &command,
             std::slice::from_ref(&base.root),
             runtime,
             &id,
         )
-        .await?;
+        .await
+        .map_err(|source| DeployError::Runtime {
+            runtime: format!("Node.js {major}"),
+            command,
+            source,
+        })?;
         Ok(runtime.upper())
     }
 

@@ -1092,9 +1092,62 @@ mod tests {
         assert_eq!(store.service_uid("b").unwrap(), b);
     }
 
-    /// The first schema, as skiff made it before versions were recorded
-    /// (`user_version` 0): the tables of migration 1, nothing else.
-    const FIRST_SCHEMA: &str = MIGRATIONS[0];
+    /// The schema as skiff made it before versions were recorded
+    /// (`user_version` 0), frozen here: a test against `MIGRATIONS[0]`
+    /// itself could not notice an edit of a migration that has shipped.
+    const FIRST_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS services (
+    name       TEXT PRIMARY KEY,
+    current    INTEGER,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS versions (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    service     TEXT NOT NULL,
+    spec        TEXT NOT NULL,
+    layers      TEXT,
+    state       TEXT NOT NULL,
+    error       TEXT,
+    created_at  INTEGER NOT NULL,
+    finished_at INTEGER,
+    build_ms    INTEGER,
+    sandbox_ms  INTEGER,
+    app_ms      INTEGER
+);
+CREATE INDEX IF NOT EXISTS versions_service ON versions(service, id);
+CREATE TABLE IF NOT EXISTS logs (
+    id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    service  TEXT NOT NULL,
+    version  INTEGER,
+    at       INTEGER NOT NULL,
+    source   TEXT NOT NULL,
+    stream   TEXT,
+    instance TEXT,
+    line     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS logs_service ON logs(service, id);
+CREATE TABLE IF NOT EXISTS events (
+    id      INTEGER PRIMARY KEY AUTOINCREMENT,
+    service TEXT NOT NULL,
+    at      INTEGER NOT NULL,
+    level   TEXT NOT NULL,
+    kind    TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_service ON events(service, id);
+CREATE TABLE IF NOT EXISTS starts (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    service         TEXT NOT NULL,
+    version         INTEGER,
+    instance        TEXT NOT NULL,
+    at              INTEGER NOT NULL,
+    sandbox_ready   INTEGER NOT NULL,
+    process_started INTEGER NOT NULL,
+    port_listening  INTEGER NOT NULL,
+    first_answer    INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS starts_service ON starts(service, id);
+";
 
     #[test]
     fn a_database_of_an_older_skiff_keeps_everything_and_is_brought_up_to_date() {
