@@ -10,8 +10,8 @@ mod name;
 mod units;
 
 pub use manifest::{
-    detect_start, load, parse, parse_with, streaming_hint, Limits, ManifestError, Mode, Overrides,
-    Problem, ServiceSpec,
+    detect_start, load, parse, parse_with, read_source_file, streaming_hint, Limits, ManifestError,
+    Mode, Overrides, Problem, ServiceSpec, SourceFacts,
 };
 pub use name::{ServiceName, ServiceNameError};
 pub use units::{format_amount, format_duration, format_size, parse_duration, parse_size};

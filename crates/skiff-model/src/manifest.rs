@@ -266,9 +266,8 @@ pub fn load(dir: &Path, overrides: &Overrides) -> Result<ServiceSpec, ManifestEr
             )))
         }
     }
-    let text = match std::fs::read_to_string(&file) {
-        Ok(t) => Some(t),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+    let text = match read_source_file(&source, MANIFEST_FILE) {
+        Ok(t) => t,
         Err(e) => {
             return Err(ManifestError {
                 file: file.clone(),
@@ -280,20 +279,65 @@ pub fn load(dir: &Path, overrides: &Overrides) -> Result<ServiceSpec, ManifestEr
             })
         }
     };
-    let detected = detect_start(&source);
-    let mut spec = parse_with(text.as_deref(), &file, &source, overrides, detected)?;
-    // A Node.js service (it has a package.json) that names no runtime gets
-    // the current long-term-support Node.js, not the base image's 20, which
-    // is past its end of life.
-    let names_runtime = text
-        .as_deref()
-        .and_then(|t| t.parse::<toml::Table>().ok())
-        .is_some_and(|t| t.contains_key("runtime"));
-    if !names_runtime && spec.node.is_none() && source.join("package.json").is_file() {
-        spec.node = Some(NODE_LTS);
-        spec.node_by_default = true;
+    parse_with(
+        text.as_deref(),
+        &file,
+        &source,
+        overrides,
+        SourceFacts::read(&source),
+    )
+}
+
+/// The file `name` at the top of a source directory, read without
+/// following a link (the source may be an upload, and skiff runs as root):
+/// `None` when absent; an error for a link, a directory or anything but a
+/// regular file. At most 1 MiB is read.
+pub fn read_source_file(source: &Path, name: &str) -> std::io::Result<Option<String>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(source.join(name))
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(std::io::Error::other(format!(
+                "{name} is a symbolic link; skiff reads it only as a regular file"
+            )))
+        }
+        Err(e) => return Err(e),
+    };
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other(format!(
+            "{name} is not a regular file"
+        )));
     }
-    Ok(spec)
+    let mut text = String::new();
+    file.take(1 << 20).read_to_string(&mut text)?;
+    Ok(Some(text))
+}
+
+/// What the source directory itself shows besides its manifest, read once
+/// by [`load`] (so that [`parse_with`] does no I/O).
+#[derive(Debug, Clone, Default)]
+pub struct SourceFacts {
+    /// A start command the source declares, and where ([`detect_start`]).
+    pub start: Option<(String, String)>,
+    /// It has a `package.json`: a Node.js service, which gets
+    /// [`NODE_LTS`] when it names no runtime.
+    pub package_json: bool,
+}
+
+impl SourceFacts {
+    pub fn read(source: &Path) -> Self {
+        Self {
+            start: detect_start(source),
+            package_json: std::fs::symlink_metadata(source.join("package.json"))
+                .is_ok_and(|m| m.is_file()),
+        }
+    }
 }
 
 /// Frameworks whose pages talk to the server over WebSocket (or
@@ -321,12 +365,11 @@ pub fn streaming_hint(spec: &ServiceSpec) -> Option<String> {
         return None;
     }
     let read = |name: &str| -> String {
-        use std::io::Read;
-        let mut text = String::new();
-        if let Ok(f) = std::fs::File::open(spec.source.join(name)) {
-            let _ = f.take(1 << 20).read_to_string(&mut text);
-        }
-        text.to_ascii_lowercase()
+        read_source_file(&spec.source, name)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
     };
     let start = spec.start.to_ascii_lowercase();
     let words = |text: &str| -> Vec<String> {
@@ -376,16 +419,7 @@ pub fn streaming_hint(spec: &ServiceSpec) -> Option<String> {
 /// convention), else `npm start` when `package.json` has `scripts.start`.
 /// With where it came from.
 pub fn detect_start(source: &Path) -> Option<(String, String)> {
-    let read = |name: &str| -> Option<String> {
-        use std::io::Read;
-        let mut text = String::new();
-        std::fs::File::open(source.join(name))
-            .ok()?
-            .take(1 << 20)
-            .read_to_string(&mut text)
-            .ok()?;
-        Some(text)
-    };
+    let read = |name: &str| read_source_file(source, name).ok().flatten();
     if let Some(procfile) = read("Procfile") {
         let web = procfile
             .lines()
@@ -413,23 +447,25 @@ pub fn parse(
     source: &Path,
     overrides: &Overrides,
 ) -> Result<ServiceSpec, ManifestError> {
-    parse_with(text, file, source, overrides, None)
+    parse_with(text, file, source, overrides, SourceFacts::default())
 }
 
-/// [`parse`], with a start command `detected` in the source (see
-/// [`detect_start`]) for when neither the manifest nor `--start` gives one.
+/// [`parse`], with what the source shows besides its manifest: a start
+/// command for when neither the manifest nor `--start` gives one, and
+/// whether it is a Node.js service.
 pub fn parse_with(
     text: Option<&str>,
     file: &Path,
     source: &Path,
     overrides: &Overrides,
-    detected: Option<(String, String)>,
+    facts: SourceFacts,
 ) -> Result<ServiceSpec, ManifestError> {
     let mut v = Validator {
         text: text.unwrap_or(""),
         spans: None,
         problems: Vec::new(),
-        detected,
+        detected: facts.start,
+        package_json: facts.package_json,
     };
     let table = match text {
         None => toml::Table::new(),
@@ -470,6 +506,8 @@ struct Validator<'a> {
     problems: Vec<Problem>,
     /// A start command the source declares, and where (`detect_start`).
     detected: Option<(String, String)>,
+    /// The source has a package.json (`SourceFacts`).
+    package_json: bool,
 }
 
 impl Validator<'_> {
@@ -667,6 +705,10 @@ impl Validator<'_> {
         };
 
         let runtime = self.runtime(table);
+        // A Node.js service (it has a package.json) that names no runtime
+        // gets the current long-term-support Node.js, not the base image's
+        // 20, which is past its end of life.
+        let node_by_default = self.package_json && !table.contains_key("runtime");
         let env = self.env(table);
         let limits = self.limits(table);
 
@@ -680,9 +722,9 @@ impl Validator<'_> {
             env: env?,
             limits: limits?,
             start_from,
-            node: runtime.as_ref()?.0,
+            node: runtime.as_ref()?.0.or(node_by_default.then_some(NODE_LTS)),
             python: runtime?.1,
-            node_by_default: false,
+            node_by_default,
         })
     }
 

@@ -404,3 +404,33 @@ fn a_node_service_gets_the_current_lts_unless_it_names_a_runtime() {
     let spec = crate::load(d, &Overrides::default()).unwrap();
     assert_eq!(spec.node, None, "the manifest's choice");
 }
+
+#[test]
+fn files_of_the_source_are_read_without_following_a_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(outside.path().join("secret"), "web: cat /etc/shadow\n").unwrap();
+    // A Procfile that leads outside the source: not read, so no start.
+    std::os::unix::fs::symlink(outside.path().join("secret"), d.join("Procfile")).unwrap();
+    let err = crate::load(d, &Overrides::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no start command"), "{err}");
+    // A skiff.toml that is a link: refused, saying so.
+    std::os::unix::fs::symlink(outside.path().join("secret"), d.join("skiff.toml")).unwrap();
+    let err = crate::load(d, &Overrides::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("symbolic link"), "{err}");
+    // A package.json that is a link does not make a Node.js service.
+    std::fs::remove_file(d.join("skiff.toml")).unwrap();
+    std::fs::write(outside.path().join("package.json"), "{}").unwrap();
+    std::os::unix::fs::symlink(outside.path().join("package.json"), d.join("package.json"))
+        .unwrap();
+    let o = Overrides {
+        start: Some("./server".into()),
+        ..Default::default()
+    };
+    assert_eq!(crate::load(d, &o).unwrap().node, None);
+}

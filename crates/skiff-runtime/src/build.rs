@@ -16,7 +16,7 @@ use crate::base::{which, APP_PATH};
 use crate::build_cache::{self, BuildCache};
 use crate::events::{Event, Phase};
 use crate::image::{tree_size, ImageDir, ImageStore};
-use crate::instance::{command_environment, LogSink, Tail};
+use crate::instance::{command_environment, format_findings, push_tail, LogSink, Tail};
 use crate::store::LogSender;
 
 /// What a build leaves that no instance needs: package-manager downloads,
@@ -148,10 +148,9 @@ fn failed_message(exit: Exit, tail: &[String]) -> String {
         )
     };
     let findings = crate::diagnose::diagnose_lines(tail.iter().map(String::as_str));
-    for finding in findings.into_iter().filter(|f| for_builds(f.kind)) {
-        s.push_str("\nDiagnosis: ");
-        s.push_str(&finding.to_string().replace('\n', "\n  "));
-    }
+    s.push_str(&format_findings(
+        findings.iter().filter(|f| for_builds(f.kind)),
+    ));
     s.push_str(
         "\nFix the build command (build = \"...\" in skiff.toml) or what it installs; \
          it runs as root with bash -c in /app. The running version of the service, \
@@ -176,17 +175,6 @@ pub fn platform_step_failure(e: &BuildError) -> String {
             )
         }
         other => other.to_string(),
-    }
-}
-
-/// The build's last lines of output, quoted.
-fn push_tail(s: &mut String, tail: &[String]) {
-    if !tail.is_empty() {
-        s.push_str("\nIts last output:");
-        for line in tail {
-            s.push_str("\n  | ");
-            s.push_str(line);
-        }
     }
 }
 

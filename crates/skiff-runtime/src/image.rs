@@ -111,17 +111,7 @@ impl ImageStore {
     /// every service that asks for it, made by the platform's own command
     /// (`runtime_command`), with no service's cache or environment.
     pub fn runtime_for(&self, base: &str, runtime: &str) -> ImageDir {
-        let mut h = Sha256::new();
-        h.update(b"skiff-runtime-v1\0");
-        for part in [base, runtime] {
-            h.update(part.as_bytes());
-            h.update(b"\0");
-        }
-        let key = hex(&h.finalize())[..32].to_string();
-        ImageDir {
-            dir: self.root.join(format!("rt-{key}")),
-            key,
-        }
+        self.keyed("rt", ["skiff-runtime-v1", base, runtime])
     }
 
     /// Mounts (read-only) the disks of those of `layers` that are build
@@ -194,21 +184,27 @@ impl ImageStore {
         build: &str,
         env: &BTreeMap<String, String>,
     ) -> ImageDir {
+        let env: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        // v3: build layers on disks of their own, one service's only. The
+        // source without its manifest: a new limit or mode reuses the image
+        // (the new snapshot, with the new skiff.toml, goes under it).
+        let parts = ["skiff-image-v3", service, base, &source.build_key, build];
+        self.keyed(
+            "img",
+            parts.into_iter().chain(env.iter().map(String::as_str)),
+        )
+    }
+
+    /// The layer directory `<prefix>-<hash of parts>`.
+    fn keyed<'a>(&self, prefix: &str, parts: impl IntoIterator<Item = &'a str>) -> ImageDir {
         let mut h = Sha256::new();
-        // v3: build layers on disks of their own, one service's only.
-        h.update(b"skiff-image-v3\0");
-        // The source without its manifest: a new limit or mode reuses the
-        // image (the new snapshot, with the new skiff.toml, goes under it).
-        for part in [service, base, &source.build_key, build] {
+        for part in parts {
             h.update(part.as_bytes());
             h.update(b"\0");
         }
-        for (k, v) in env {
-            h.update(format!("{k}={v}\0").as_bytes());
-        }
         let key = hex(&h.finalize())[..32].to_string();
         ImageDir {
-            dir: self.root.join(format!("img-{key}")),
+            dir: self.root.join(format!("{prefix}-{key}")),
             key,
         }
     }

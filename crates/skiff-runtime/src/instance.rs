@@ -66,12 +66,9 @@ pub enum StartError {
     NoHttpAnswer { port: u16, tail: Vec<String> },
 }
 
-fn no_http_answer_message(port: u16, tail: &[String]) -> String {
-    let mut s = format!(
-        "The service accepted connections on port {port} but closed them without an HTTP \
-         answer to the health check (GET /kaithhealth; any HTTP answer counts, a 404 too), \
-         so it never became ready."
-    );
+/// A command's last lines of output, quoted (nothing when it printed
+/// nothing).
+pub(crate) fn push_tail(s: &mut String, tail: &[String]) {
     if !tail.is_empty() {
         s.push_str("\nIts last output:");
         for line in tail {
@@ -79,6 +76,15 @@ fn no_http_answer_message(port: u16, tail: &[String]) -> String {
             s.push_str(line);
         }
     }
+}
+
+fn no_http_answer_message(port: u16, tail: &[String]) -> String {
+    let mut s = format!(
+        "The service accepted connections on port {port} but closed them without an HTTP \
+         answer to the health check (GET /kaithhealth; any HTTP answer counts, a 404 too), \
+         so it never became ready."
+    );
+    push_tail(&mut s, tail);
     s.push_str(&diagnosis(tail));
     s.push_str(
         "\nMake the server answer HTTP on $PORT for any path: a handler that fails on paths \
@@ -95,15 +101,10 @@ fn early_exit_message(exit: Exit, port: u16, tail: &[String], oom_limit: Option<
     }
     if tail.is_empty() {
         s.push_str("\nIt printed nothing.");
-    } else {
-        s.push_str("\nIts last output:");
-        for line in tail {
-            s.push_str("\n  | ");
-            s.push_str(line);
-        }
     }
+    push_tail(&mut s, tail);
     let findings = diagnose::diagnose_lines(tail.iter().map(String::as_str));
-    s.push_str(&diagnosis(tail));
+    s.push_str(&format_findings(&findings));
     // The general advice only where no finding says more, or where one
     // says something is missing from the image.
     let missing = findings.iter().any(|f| {
@@ -147,8 +148,15 @@ pub fn was_oom_killed(instance: &Instance) -> bool {
 /// What the diagnosis engine recognises in a failed start's last output,
 /// as lines to append to the message (empty when nothing is recognised).
 fn diagnosis(tail: &[String]) -> String {
+    format_findings(&diagnose::diagnose_lines(tail.iter().map(String::as_str)))
+}
+
+/// Findings as error messages show them, one "Diagnosis:" each.
+pub(crate) fn format_findings<'a>(
+    findings: impl IntoIterator<Item = &'a diagnose::Finding>,
+) -> String {
     let mut s = String::new();
-    for finding in diagnose::diagnose_lines(tail.iter().map(String::as_str)) {
+    for finding in findings {
         s.push_str("\nDiagnosis: ");
         s.push_str(&finding.to_string().replace('\n', "\n  "));
     }

@@ -649,7 +649,13 @@ fn writable_layer(dir: &Path, version: i64, size: u64, uid: u32) -> std::io::Res
     if legacy {
         // Made before each service had its own user: the files the service
         // wrote belong to the old shared uid; they become the service's.
-        Tree::open(&layer.upper)?.walk(&[], &mut |e| e.hand_over(RUN_UID, uid))?;
+        // (A tree the walk refuses, e.g. too deep, stays as it is: the
+        // service starts, with what it cannot write told by its own errors.)
+        if let Err(e) =
+            Tree::open(&layer.upper).and_then(|t| t.walk(&[], &mut |e| e.hand_over(RUN_UID, uid)))
+        {
+            warn!("handing {} over to uid {uid}: {e}", layer.upper.display());
+        }
     } else {
         let file = base.join("disk.ext4");
         std::fs::create_dir_all(&disk_dir)?;

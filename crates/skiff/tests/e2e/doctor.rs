@@ -47,7 +47,7 @@ fn has(f: &Value, field: &str, text: &str) {
 }
 
 fn deploy(d: &Up, app: &App) -> (bool, String) {
-    let (status, _, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (status, _, err) = d.deploy(app);
     (status.success(), err)
 }
 

@@ -21,7 +21,7 @@ fn pip_install_as_the_readme_writes_it() {
             ("index.html", "installed"),
         ],
     );
-    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (status, out, err) = d.deploy(&app);
     assert!(status.success(), "{out}{err}");
     assert!(!err.contains("externally-managed-environment"), "{err}");
     let r = d.get(&host(&name), "/index.html");
@@ -48,7 +48,7 @@ fn gunicorn_serves_every_request_after_being_frozen_past_its_worker_timeout() {
         ),
         &[("app.py", WSGI_APP)],
     );
-    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (status, out, err) = d.deploy(&app);
     assert!(status.success(), "{out}{err}");
     let h = host(&name);
     assert_eq!(d.get(&h, "/").status, 200);
@@ -93,7 +93,7 @@ fn the_health_probe_says_localhost() {
         &format!("name = \"{name}\"\nstart = \"exec python3 /app/rec.py\"\n"),
         &[("rec.py", HOST_RECORDER)],
     );
-    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (status, out, err) = d.deploy(&app);
     assert!(status.success(), "{out}{err}");
     let r = d.get(&host(&name), "/seen");
     assert_eq!(r.status, 200, "{r:?}");
@@ -118,7 +118,7 @@ fn a_command_whose_output_is_closed_ends_quietly() {
         ),
         &[],
     );
-    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (status, out, err) = d.deploy(&app);
     assert!(status.success(), "{out}{err}");
     let mut logs = Command::new(SKIFF)
         .args(["logs", &name, "--state"])
@@ -160,7 +160,7 @@ fn a_changed_limit_reuses_the_image() {
         )
     };
     let app = App::new(&manifest("memory = \"256MiB\""), &[]);
-    let deploy = || d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let deploy = || d.deploy(&app);
     let (status, out, err) = deploy();
     assert!(status.success(), "{out}{err}");
     let built = d.get(&host(&name), "/built").body;
@@ -197,7 +197,7 @@ fn without_a_start_command_it_comes_from_package_json() {
             ),
         ],
     );
-    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (status, out, err) = d.deploy(&app);
     assert!(status.success(), "{out}{err}");
     assert!(
         err.contains("starting it with `npm start` (from package.json's scripts.start"),
@@ -224,7 +224,7 @@ fn a_wrong_port_fails_fast() {
         &[],
     );
     let t = std::time::Instant::now();
-    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (status, out, err) = d.deploy(&app);
     let took = t.elapsed();
     assert!(!status.success(), "{out}{err}");
     assert!(
@@ -243,7 +243,7 @@ fn findings_belong_to_the_version_they_came_from() {
     let name = unique("versions");
     let manifest = |start: &str| format!("name = \"{name}\"\nstart = \"{start}\"\n");
     let app = App::new(&manifest("python -m http.server $PORT"), &[]);
-    let deploy = || d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let deploy = || d.deploy(&app);
     let (status, _, err) = deploy();
     assert!(!status.success());
     assert!(err.contains("python3"), "the fix names python3: {err}");
@@ -270,7 +270,7 @@ fn a_websocket_framework_in_serverless_mode_is_warned_about() {
         &format!("name = \"{name}\"\nstart = \"exec python3 -m http.server $PORT\"\n"),
         &[("requirements.txt", "streamlit==1.40\n")],
     );
-    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (status, out, err) = d.deploy(&app);
     assert!(status.success(), "{out}{err}");
     assert!(
         err.contains("warning: Streamlit keeps a WebSocket"),
@@ -296,7 +296,7 @@ fn a_rebuild_uses_the_build_cache() {
         ),
         &[("index.html", "one")],
     );
-    let deploy = || d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let deploy = || d.deploy(&app);
     let (status, out, err) = deploy();
     assert!(status.success(), "{out}{err}");
     assert_eq!(d.get(&host(&name), "/cache.txt").body, "fresh\n");
@@ -384,7 +384,7 @@ fn a_persistent_service_writes_files_its_build_made() {
         ),
         &[("server.py", RECORDER)],
     );
-    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (status, out, err) = d.deploy(&app);
     assert!(status.success(), "{out}{err}");
     let h = host(&name);
     for n in 1..=3 {
@@ -419,7 +419,7 @@ fn a_service_chooses_its_node_version() {
             ),
             &[("server.js", server)],
         );
-        let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+        let (status, out, err) = d.deploy(&app);
         assert!(status.success(), "{out}{err}");
         // Served and built on Node.js 22.
         let r = d.get(&host(&name), "/");
@@ -459,7 +459,7 @@ fn a_build_on_a_too_old_node_is_told_the_runtime_line() {
             (".npmrc", "engine-strict=true\n"),
         ],
     );
-    let deploy = || d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let deploy = || d.deploy(&app);
     let (status, out, err) = deploy();
     assert!(!status.success(), "{out}{err}");
     // (A package.json: Node.js 22 by default, and skiff says so.)
@@ -493,7 +493,7 @@ fn a_service_chooses_its_python_version() {
             ),
             &[],
         );
-        let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+        let (status, out, err) = d.deploy(&app);
         assert!(status.success(), "{out}{err}");
         let r = d.get(&host(&name), "/built-with");
         assert!(r.body.starts_with(version), "{runtime}: {r:?}");
@@ -520,7 +520,7 @@ fn a_port_that_answers_no_http_is_named_as_such() {
         ),
         &[("server.py", server)],
     );
-    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (status, out, err) = d.deploy(&app);
     assert!(!status.success(), "{out}{err}");
     assert!(
         err.contains("accepted connections on port 8080 but closed them without an HTTP answer"),

@@ -109,7 +109,7 @@ fn a_build_nesting_directories_deeper_than_a_stack_does_not_take_the_platform_do
         ),
         &[],
     );
-    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (status, out, err) = d.deploy(&app);
     assert!(!status.success(), "{out}{err}");
     assert!(
         err.contains("exit code 3") || err.contains("code 3"),
@@ -191,7 +191,7 @@ fn a_build_reaches_neither_the_hosts_services_nor_link_local_addresses() {
         ),
         &[("probe.py", REACH_PROBE)],
     );
-    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (status, out, err) = d.deploy(&app);
     assert!(
         status.success(),
         "the build reached the host:\n{out}{err}\n{}",
@@ -263,7 +263,7 @@ fn a_build_that_writes_past_build_disk_fails_and_the_old_version_keeps_serving()
         )
     };
     let app = App::new(&manifest("echo one > /app/version", "64MiB"), &[]);
-    let deploy = || d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let deploy = || d.deploy(&app);
     let (status, out, err) = deploy();
     assert!(status.success(), "{out}{err}");
     assert_eq!(d.get(&host(&name), "/version").body, "one\n");
@@ -339,7 +339,7 @@ fn a_persistent_service_past_its_disk_gets_enospc_and_keeps_running() {
         ),
         &[("filler.py", FILLER)],
     );
-    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (status, out, err) = d.deploy(&app);
     assert!(status.success(), "{out}{err}");
     let r = d.get(&host(&name), "/fill");
     assert_eq!(r.status, 200, "{r:?}");

@@ -167,7 +167,7 @@ fn probe_service(d: &Up, limits: &str) -> String {
         ),
         &[("probe.py", SYSCALL_PROBE)],
     );
-    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (status, out, err) = d.deploy(&app);
     assert!(status.success(), "{out}{err}");
     name
 }
@@ -286,7 +286,7 @@ require('http').createServer((req, res) => {
         &format!("name = \"{name}\"\nstart = \"exec node /app/server.js\"\n"),
         &[("server.js", server)],
     );
-    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (status, out, err) = d.deploy(&app);
     assert!(status.success(), "{out}{err}");
     let r = d.get(&host(&name), "/");
     assert_eq!(
@@ -368,7 +368,7 @@ fn the_doctor_explains_a_denied_call_from_the_programs_own_output() {
         ),
         &[],
     );
-    let (status, out, err) = d.cli(&["deploy", app.path().to_str().unwrap()]);
+    let (status, out, err) = d.deploy(&app);
     assert!(status.success(), "{out}{err}");
     let (_, logs, _) = d.cli(&["logs", &name]);
     assert!(logs.contains("Operation not permitted"), "{logs}");

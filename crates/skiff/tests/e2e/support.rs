@@ -325,6 +325,11 @@ impl Up {
         self.state.clone()
     }
 
+    /// `skiff deploy APP` against this platform: status, stdout, stderr.
+    pub fn deploy(&self, app: &App) -> (ExitStatus, String, String) {
+        self.cli(&["deploy", app.path().to_str().unwrap()])
+    }
+
     /// `path` as the platform sees it: the disks of image layers are
     /// mounted in its own mount namespace only. (Not through a wrapper.)
     pub fn platform_view(&self, path: &Path) -> PathBuf {
