@@ -6,6 +6,7 @@
 
 pub use skiff_archive as archive;
 pub mod client;
+mod failure;
 pub mod server;
 pub mod types;
 

@@ -30,13 +30,15 @@ use skiff_gateway::{ConnectionLimits, ConnectionTable};
 use skiff_model::Overrides;
 use skiff_runtime::diagnose::{Diagnoser, Disks};
 use skiff_runtime::store::{LogQuery, LogRecord, LogSource};
-use skiff_runtime::{Event, Handle, LiveStatus, Phase, RemoveError};
+use skiff_runtime::Level;
+use skiff_runtime::{DeployError, Event, Handle, LiveStatus, Phase};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::archive;
+use crate::failure::Failure;
 use crate::types::{self, ApiError, DeployMessage};
 
 /// The OpenAPI description served at `/openapi.json`.
@@ -172,12 +174,13 @@ fn json<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<ApiBody>
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
 }
 
-fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response<ApiBody> {
+/// The one place a failure becomes an HTTP answer.
+fn answer(failure: Failure) -> Response<ApiBody> {
     json(
-        status,
+        failure.status(),
         &ApiError {
-            error: message.into(),
-            kind: kind.into(),
+            error: failure.to_string(),
+            kind: failure.kind().into(),
         },
     )
 }
@@ -244,13 +247,7 @@ impl Api {
         if !authorized {
             // Closed after the answer: a connection serves no caller
             // without the token for longer than one request.
-            let mut answer = error(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "missing or wrong API token: send `Authorization: Bearer <token>`; the token is \
-                 in the file api-token of the daemon's state directory (the skiff CLI on the \
-                 same machine reads it by itself when run as root)",
-            );
+            let mut answer = answer(Failure::Unauthorized);
             answer.headers_mut().insert(
                 header::CONNECTION,
                 header::HeaderValue::from_static("close"),
@@ -273,16 +270,13 @@ impl Api {
             | (_, ["v1", "deploy"])
             | (_, ["v1", "services", _])
             | (_, ["v1", "services", _, "logs"])
-            | (_, ["v1", "services", _, "doctor"]) => error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                format!("{method} is not allowed on {path}; see /openapi.json"),
-            ),
-            _ => error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no such API path: {path}; see /openapi.json"),
-            ),
+            | (_, ["v1", "services", _, "doctor"]) => answer(Failure::MethodNotAllowed {
+                method: method.to_string(),
+                path: path.to_string(),
+            }),
+            _ => answer(Failure::NotFound {
+                path: path.to_string(),
+            }),
         }
     }
 
@@ -311,16 +305,12 @@ impl Api {
                     services: list.iter().map(|s| self.summary(s)).collect(),
                 },
             ),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
+            Err(e) => answer(e.into()),
         }
     }
 
     fn unknown(&self, name: &str) -> Response<ApiBody> {
-        error(
-            StatusCode::NOT_FOUND,
-            "unknown_service",
-            format!("no service named {name:?} is deployed here; `skiff ls` lists the services"),
-        )
+        answer(Failure::UnknownService(name.to_string()))
     }
 
     fn status(&self, name: &str) -> Response<ApiBody> {
@@ -330,13 +320,13 @@ impl Api {
         let store = self.platform.store();
         let versions = store.versions(name, 10).unwrap_or_default();
         let events = store.events(name, 200).unwrap_or_default();
-        let errors: Vec<_> = events.iter().filter(|e| e.level == "error").collect();
+        let errors: Vec<_> = events.iter().filter(|e| e.level == Level::Error).collect();
         let recent_errors: Vec<types::Event> = errors[errors.len().saturating_sub(5)..]
             .iter()
             .map(|e| types::Event {
                 at: rfc3339(e.at),
-                level: e.level.clone(),
-                kind: e.kind.clone(),
+                level: e.level.as_str().to_string(),
+                kind: e.kind.as_str().to_string(),
                 message: e.message.clone(),
             })
             .collect();
@@ -404,13 +394,7 @@ impl Api {
                     removed: name.into(),
                 },
             ),
-            Err(e @ RemoveError::Unknown(_)) => {
-                error(StatusCode::NOT_FOUND, "unknown_service", e.to_string())
-            }
-            Err(e @ RemoveError::DeployInProgress { .. }) => {
-                error(StatusCode::CONFLICT, "deploy_in_progress", e.to_string())
-            }
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
+            Err(e) => answer(e.into()),
         }
     }
 
@@ -421,17 +405,11 @@ impl Api {
         let get = |k: &str| q.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
         let since = match get("since").map(parse_since).transpose() {
             Ok(s) => s,
-            Err(e) => return error(StatusCode::BAD_REQUEST, "bad_since", e),
+            Err(e) => return answer(Failure::BadSince(e)),
         };
         let tail = match get("tail").map(str::parse::<u32>).transpose() {
             Ok(t) => t,
-            Err(_) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_tail",
-                    "tail must be a number of lines, e.g. tail=100",
-                )
-            }
+            Err(_) => return answer(Failure::BadTail),
         };
         let follow = matches!(get("follow"), Some("1" | "true" | "yes"));
         let store = self.platform.store().clone();
@@ -450,7 +428,7 @@ impl Api {
         };
         let lines = match store.logs(name, &first) {
             Ok(l) => l,
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "store", e.to_string()),
+            Err(e) => return answer(e.into()),
         };
         let (tx, rx) = mpsc::channel(64);
         let platform = self.platform.clone();
@@ -507,11 +485,9 @@ impl Api {
         let port = match get("port").map(|p| p.parse::<u32>()).transpose() {
             Ok(p) => p,
             Err(_) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "manifest",
-                    "port must be a number between 1 and 65535",
-                )
+                return answer(Failure::Manifest(
+                    "port must be a number between 1 and 65535".into(),
+                ))
             }
         };
         let overrides = Overrides {
@@ -544,14 +520,10 @@ impl Api {
         };
         let name = spec.name.to_string();
         if let Some((version, _)) = self.platform.status(&name).and_then(|s| s.deploying) {
-            return error(
-                StatusCode::CONFLICT,
-                "deploy_in_progress",
-                format!(
-                    "a deploy of {name:?} is already in progress (version {version}); wait for \
-                     it to finish (skiff status {name}), then deploy again"
-                ),
-            );
+            return answer(Failure::DeployInProgress {
+                service: name,
+                version,
+            });
         }
         let (tx, rx) = mpsc::channel(256);
         let platform = self.platform.clone();
@@ -583,14 +555,11 @@ impl Api {
                     sandbox_ms: d.report.sandbox.as_secs_f64() * 1000.0,
                     app_ms: d.report.app.as_secs_f64() * 1000.0,
                 },
-                Err(e) => {
-                    let text = e.to_string();
-                    DeployMessage::Failed {
-                        findings: findings(text.lines().map(|l| (l, SystemTime::now()))),
-                        error: text,
-                        serving: platform.status(&name).and_then(|s| s.version),
-                    }
-                }
+                Err(e) => DeployMessage::Failed {
+                    findings: deploy_findings(platform.store(), &name, &e),
+                    error: e.to_string(),
+                    serving: platform.status(&name).and_then(|s| s.version),
+                },
             };
             // A client that stopped reading must not hold the task forever.
             let _ = tokio::time::timeout(Duration::from_secs(30), tx.send(line(&message))).await;
@@ -607,11 +576,10 @@ impl Api {
         overrides: &Overrides,
     ) -> Result<(skiff_model::ServiceSpec, archive::Unpacked), Response<ApiBody>> {
         let internal = |e: std::io::Error| {
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "state",
-                format!("cannot store the upload under {}: {e}", staging.display()),
-            )
+            answer(Failure::State(format!(
+                "cannot store the upload under {}: {e}",
+                staging.display()
+            )))
         };
         let src = staging.join("src");
         tokio::fs::create_dir_all(&src).await.map_err(internal)?;
@@ -620,13 +588,7 @@ impl Api {
         let mut body = req.into_body();
         let mut received = 0u64;
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| {
-                error(
-                    StatusCode::BAD_REQUEST,
-                    "upload_interrupted",
-                    format!("the upload broke off ({e}); deploy again"),
-                )
-            })?;
+            let frame = frame.map_err(|e| answer(Failure::UploadInterrupted(e.to_string())))?;
             if let Ok(data) = frame.into_data() {
                 received += data.len() as u64;
                 if received > self.config.max_upload {
@@ -649,31 +611,19 @@ impl Api {
         })
         .await
         .map_err(|e| internal(std::io::Error::other(e)))?
-        .map_err(|e| error(StatusCode::BAD_REQUEST, "bad_archive", e.to_string()))?;
+        .map_err(|e| answer(Failure::BadArchive(e.to_string())))?;
         let spec = skiff_model::load(&src, overrides).map_err(|e| {
             // The staging path means nothing to the caller: name the
             // manifest as it is in their source directory.
             let prefix = format!("{}/", src.display());
-            error(
-                StatusCode::BAD_REQUEST,
-                "manifest",
-                e.to_string().replace(&prefix, ""),
-            )
+            answer(Failure::Manifest(e.to_string().replace(&prefix, "")))
         })?;
         Ok((spec, unpacked))
     }
 }
 
 fn too_big(max: u64) -> Response<ApiBody> {
-    error(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "upload_too_large",
-        format!(
-            "the source upload is larger than {} (the daemon's --max-upload); leave build \
-             outputs and dependencies out with .gitignore or .skiffignore, or raise the limit",
-            skiff_model::format_size(max)
-        ),
-    )
+    answer(Failure::UploadTooLarge { max })
 }
 
 /// An upload's staging directory, removed when dropped.
@@ -860,7 +810,7 @@ fn diagnose(store: &skiff_runtime::store::Store, name: &str) -> Diagnosis {
 
 fn finding(f: &skiff_runtime::diagnose::Finding) -> types::Finding {
     types::Finding {
-        kind: format!("{:?}", f.kind),
+        kind: f.kind.as_str().to_string(),
         what: f.what.clone(),
         why: f.why.to_string(),
         fix: f.fix.clone(),
@@ -884,11 +834,35 @@ fn start(s: &skiff_runtime::store::StartRecord) -> types::Start {
     }
 }
 
-/// What the diagnosis engine recognises in these lines.
-pub fn findings<'a>(lines: impl IntoIterator<Item = (&'a str, SystemTime)>) -> Vec<types::Finding> {
+/// What the troubleshooter finds in a failed deploy: the service's output
+/// the error quotes, and, for a start that failed, the platform's typed
+/// events about the version (a port never listened to, an out-of-memory
+/// kill). The error's own words are for the user, not for the rules.
+fn deploy_findings(
+    store: &skiff_runtime::store::Store,
+    name: &str,
+    e: &DeployError,
+) -> Vec<types::Finding> {
     let mut d = Diagnoser::default();
-    for (l, at) in lines {
-        d.observe(l, at);
+    let now = SystemTime::now();
+    for line in e.output() {
+        d.observe(line, now);
+    }
+    if matches!(e, DeployError::Start(_)) {
+        // The version that failed to start is the newest one recorded.
+        let since = store
+            .versions(name, 1)
+            .ok()
+            .and_then(|v| v.into_iter().next())
+            .map(|v| v.created_at);
+        for event in store
+            .events(name, DIAGNOSIS_EVENTS)
+            .unwrap_or_default()
+            .iter()
+            .filter(|ev| since.is_some_and(|t| ev.at >= t))
+        {
+            d.observe_event(&event.kind, &event.message, event.at);
+        }
     }
     d.findings().map(finding).collect()
 }

@@ -1,59 +1,11 @@
 //! What the platform reports while it works: the CLI renders these, tests
-//! read them, and logs are written from them.
+//! read them, and logs are written from them. (The pure parts, the phases
+//! of a start and the recorded kinds, are `skiff_core::events`.)
 
 use std::time::{Duration, SystemTime};
 
+use skiff_core::{Phase, StartReport, Stream};
 use skiff_sandbox::Exit;
-
-/// Which output stream a log line came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stream {
-    Stdout,
-    Stderr,
-}
-
-impl Stream {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Stdout => "stdout",
-            Self::Stderr => "stderr",
-        }
-    }
-}
-
-/// Whether output came from a build or from a running instance.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Build,
-    Run,
-}
-
-/// Where the time of one instance start went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StartReport {
-    /// From the request to start until the start command was executed: the
-    /// sandbox's own cost (namespaces, mounts, cgroups, dropping privileges).
-    pub sandbox: Duration,
-    /// From then until the first answer to the health check: the service's
-    /// own start time.
-    pub app: Duration,
-    /// The same start, phase by phase.
-    pub phases: Phases,
-}
-
-/// When each phase of a start was reached, counted from the request to
-/// start: a slow start shows where the time went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Phases {
-    /// Namespaces made, cgroups joined.
-    pub sandbox_ready: Duration,
-    /// The start command was executed.
-    pub process_started: Duration,
-    /// The port took its first connection.
-    pub port_listening: Duration,
-    /// The first HTTP answer to the health check.
-    pub first_answer: Duration,
-}
 
 #[derive(Debug, Clone)]
 pub enum Event {

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use skiff_core::{diagnose, Phase, Phases, StartReport, Stream};
 use skiff_model::ServiceSpec;
 use skiff_sandbox::{
     CgroupLimits, Exit, Identity, Instance, NetNs, Network, Prepared, Sandbox, SandboxConfig,
@@ -17,10 +18,10 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
-use crate::base::APP_PATH;
-use crate::events::{Event, Phase, Phases, StartReport, Stream};
-use crate::store::{LogSender, LogSource};
-use crate::{diagnose, health};
+use crate::events::Event;
+use crate::health;
+use crate::images::base::APP_PATH;
+use skiff_store::{LogSender, LogSource};
 
 /// How often the health check polls while an instance starts: every
 /// millisecond at first (a refused connection inside a network namespace
@@ -64,6 +65,20 @@ pub enum StartError {
     /// The port took connections but never gave an HTTP answer.
     #[error("{}", no_http_answer_message(*port, tail))]
     NoHttpAnswer { port: u16, tail: Vec<String> },
+}
+
+impl StartError {
+    /// The service's last lines of output the error quotes: what the
+    /// troubleshooter reads (the platform's own words around them are not
+    /// for its rules).
+    pub fn output(&self) -> &[String] {
+        match self {
+            Self::EarlyExit { tail, .. }
+            | Self::PortNotListening { tail, .. }
+            | Self::NoHttpAnswer { tail, .. } => tail,
+            Self::Sandbox(_) => &[],
+        }
+    }
 }
 
 /// A command's last lines of output, quoted (nothing when it printed

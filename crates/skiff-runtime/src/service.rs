@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
+use skiff_core::StartReport;
 use skiff_gateway::{
     Connect, ConnectFuture, ExchangeLimits, FailureFuture, Lease, Route, Upstream,
 };
@@ -19,12 +20,12 @@ use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use crate::base::{which, APP_PATH, RUN_UID};
-use crate::events::{Event, StartReport};
+use crate::context::Context;
+use crate::events::Event;
+use crate::images::base::{which, APP_PATH, RUN_UID};
 use crate::instance::{self, StartContext, StartError};
-use crate::platform::Shared;
-use crate::scaler::{Action, InstanceNo, Outcome, Rejection, ScaleConfig, Scaler, WaiterId};
-use crate::store::LogSender;
+use skiff_core::scaler::{Action, InstanceNo, Outcome, Rejection, ScaleConfig, Scaler, WaiterId};
+use skiff_store::LogSender;
 
 /// How long instances get to stop after SIGTERM before they are killed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -52,7 +53,7 @@ pub(crate) struct ServiceRuntime {
     pub version: i64,
     spec: ServiceSpec,
     layers: Vec<PathBuf>,
-    shared: Arc<Shared>,
+    shared: Arc<Context>,
     log: LogSender,
     core: Mutex<Core>,
     running: Mutex<HashMap<InstanceNo, Running>>,
@@ -80,7 +81,7 @@ impl ServiceRuntime {
         spec: ServiceSpec,
         version: i64,
         layers: Vec<PathBuf>,
-        shared: Arc<Shared>,
+        shared: Arc<Context>,
         log: LogSender,
     ) -> std::io::Result<Arc<Self>> {
         let persistent = spec.mode == skiff_model::Mode::Persistent;
@@ -389,7 +390,7 @@ impl ServiceRuntime {
             lock(&self.core).freezers.insert(n, fz);
         }
         let report = started.report;
-        let record = crate::store::StartRecord {
+        let record = skiff_store::StartRecord {
             service: self.name.clone(),
             version: Some(self.version),
             instance: id.clone(),
@@ -449,8 +450,7 @@ impl ServiceRuntime {
                     ));
                     shared.record(
                         &self.name,
-                        "error",
-                        crate::diagnose::events::OOM_KILL,
+                        skiff_core::EventKind::OomKill,
                         &format!("Instance {id} was killed: {}", instance::oom_message(limit)),
                     );
                 }

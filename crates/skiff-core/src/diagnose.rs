@@ -6,7 +6,10 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
+use skiff_gateway::ErrorKind;
 use skiff_model::format_size;
+
+use crate::events::EventKind;
 
 /// Which rule a finding comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -53,6 +56,56 @@ pub enum FindingKind {
     SyscallDenied,
     /// A tool that needs a newer Node.js than the image's.
     RuntimeTooOld,
+}
+
+impl FindingKind {
+    /// Every kind, in the order of the enum.
+    pub const ALL: [FindingKind; 19] = [
+        Self::ReadOnlyFileSystem,
+        Self::SharedMemory,
+        Self::RunUserPermission,
+        Self::PrivilegedPort,
+        Self::MissingPythonModule,
+        Self::MissingNodeModule,
+        Self::CommandNotFound,
+        Self::RootOnlyCommand,
+        Self::PortNotListening,
+        Self::OutOfMemory,
+        Self::ResponseTooLarge,
+        Self::RequestTimeout,
+        Self::RequestTooLarge,
+        Self::StreamingNeedsPersistent,
+        Self::InstanceCrashed,
+        Self::BackgroundWorkStalled,
+        Self::DiskFull,
+        Self::SyscallDenied,
+        Self::RuntimeTooOld,
+    ];
+
+    /// The kind's stable name in the API's JSON (`Finding.kind`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::ReadOnlyFileSystem => "ReadOnlyFileSystem",
+            Self::SharedMemory => "SharedMemory",
+            Self::RunUserPermission => "RunUserPermission",
+            Self::PrivilegedPort => "PrivilegedPort",
+            Self::MissingPythonModule => "MissingPythonModule",
+            Self::MissingNodeModule => "MissingNodeModule",
+            Self::CommandNotFound => "CommandNotFound",
+            Self::RootOnlyCommand => "RootOnlyCommand",
+            Self::PortNotListening => "PortNotListening",
+            Self::OutOfMemory => "OutOfMemory",
+            Self::ResponseTooLarge => "ResponseTooLarge",
+            Self::RequestTimeout => "RequestTimeout",
+            Self::RequestTooLarge => "RequestTooLarge",
+            Self::StreamingNeedsPersistent => "StreamingNeedsPersistent",
+            Self::InstanceCrashed => "InstanceCrashed",
+            Self::BackgroundWorkStalled => "BackgroundWorkStalled",
+            Self::DiskFull => "DiskFull",
+            Self::SyscallDenied => "SyscallDenied",
+            Self::RuntimeTooOld => "RuntimeTooOld",
+        }
+    }
 }
 
 /// What the service may write, for the rules that name a limit: from the
@@ -179,7 +232,12 @@ impl Diagnoser {
     /// Looks at one of the platform's events about the service (`kind` as
     /// recorded: a gateway refusal, an out-of-memory kill, a start that
     /// never listened); returns the finding when it is new.
-    pub fn observe_event(&mut self, kind: &str, message: &str, at: SystemTime) -> Option<&Finding> {
+    pub fn observe_event(
+        &mut self,
+        kind: &EventKind,
+        message: &str,
+        at: SystemTime,
+    ) -> Option<&Finding> {
         let (kind, subject, what, fix) = classify_event(kind, message)?;
         self.record(
             kind,
@@ -320,26 +378,12 @@ fn stalled(line: &str, lower: &str) -> Option<Classified> {
     ))
 }
 
-/// The event kinds the platform records that the rules know.
-pub mod events {
-    pub const PORT_NOT_LISTENING: &str = "port-not-listening";
-    pub const NO_HTTP_ANSWER: &str = "no-http-answer";
-    pub const OOM_KILL: &str = "oom-kill";
-    use skiff_gateway::ErrorKind;
-    // Gateway refusals are recorded under the gateway's own names for them.
-    pub const RESPONSE_TOO_LARGE: &str = ErrorKind::ResponseTooLarge.as_str();
-    pub const REQUEST_TIMEOUT: &str = ErrorKind::RequestTimeout.as_str();
-    pub const REQUEST_TOO_LARGE: &str = ErrorKind::RequestTooLarge.as_str();
-    pub const STREAMING: &str = ErrorKind::StreamingNeedsPersistent.as_str();
-    pub const UPSTREAM_FAILED: &str = ErrorKind::UpstreamFailed.as_str();
-}
-
 /// The rules for the platform's own events. The event's message already
 /// names the limit or the addresses; the finding says what to change.
-fn classify_event(kind: &str, message: &str) -> Option<Classified> {
+fn classify_event(kind: &EventKind, message: &str) -> Option<Classified> {
     let first = message.lines().next().unwrap_or("").to_string();
     Some(match kind {
-        events::PORT_NOT_LISTENING => (
+        EventKind::PortNotListening => (
             FindingKind::PortNotListening,
             String::new(),
             format!("The service never answered on its port: {first}"),
@@ -348,7 +392,7 @@ fn classify_event(kind: &str, message: &str) -> Option<Classified> {
              port=int(os.environ[\"PORT\"])) or server.listen(process.env.PORT)."
                 .into(),
         ),
-        events::NO_HTTP_ANSWER => (
+        EventKind::NoHttpAnswer => (
             FindingKind::PortNotListening,
             "http".into(),
             "The service took connections on its port but never answered the health check \
@@ -359,7 +403,7 @@ fn classify_event(kind: &str, message: &str) -> Option<Classified> {
              speaks another protocol on the port."
                 .into(),
         ),
-        events::OOM_KILL => (
+        EventKind::OomKill => (
             FindingKind::OutOfMemory,
             String::new(),
             first,
@@ -368,7 +412,7 @@ fn classify_event(kind: &str, message: &str) -> Option<Classified> {
              instead of loading it whole)."
                 .into(),
         ),
-        events::RESPONSE_TOO_LARGE => (
+        EventKind::Refused(ErrorKind::ResponseTooLarge) => (
             FindingKind::ResponseTooLarge,
             String::new(),
             "Responses were refused for being bigger than the maximum allowed size (502).".into(),
@@ -377,7 +421,7 @@ fn classify_event(kind: &str, message: &str) -> Option<Classified> {
              [limits] max_response in skiff.toml."
                 .into(),
         ),
-        events::REQUEST_TIMEOUT => (
+        EventKind::Refused(ErrorKind::RequestTimeout) => (
             FindingKind::RequestTimeout,
             String::new(),
             "Requests ran past the request timeout and were cut off (504).".into(),
@@ -386,7 +430,7 @@ fn classify_event(kind: &str, message: &str) -> Option<Classified> {
              [limits] request_timeout."
                 .into(),
         ),
-        events::REQUEST_TOO_LARGE => (
+        EventKind::Refused(ErrorKind::RequestTooLarge) => (
             FindingKind::RequestTooLarge,
             String::new(),
             "Request bodies were refused for being over the limit (413).".into(),
@@ -394,7 +438,7 @@ fn classify_event(kind: &str, message: &str) -> Option<Classified> {
              [limits] max_request in skiff.toml."
                 .into(),
         ),
-        events::STREAMING => (
+        EventKind::Refused(ErrorKind::StreamingNeedsPersistent) => (
             FindingKind::StreamingNeedsPersistent,
             String::new(),
             "Clients tried to open WebSocket (Upgrade) connections; a serverless service \
@@ -404,7 +448,7 @@ fn classify_event(kind: &str, message: &str) -> Option<Classified> {
              (WebSocket, server-sent events), or poll over plain requests."
                 .into(),
         ),
-        events::UPSTREAM_FAILED => (
+        EventKind::Refused(ErrorKind::UpstreamFailed) => (
             FindingKind::InstanceCrashed,
             String::new(),
             "Requests failed (502) because the instance answering them ended or closed the \
@@ -805,6 +849,20 @@ fn root_only(tool: &str, _line: &str) -> Option<Classified> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finding_kinds_have_distinct_stable_names() {
+        let mut names: Vec<&str> = FindingKind::ALL.iter().map(|k| k.as_str()).collect();
+        // The names are the API's; they were the variants' names and stay so.
+        assert_eq!(FindingKind::DiskFull.as_str(), "DiskFull");
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), FindingKind::ALL.len());
+        for (i, kind) in FindingKind::ALL.iter().enumerate() {
+            // In the enum's order: a kind left out of ALL shows as a gap.
+            assert_eq!(*kind as usize, i, "{kind:?}");
+        }
+    }
 
     #[test]
     fn one_node_error_object_is_one_finding() {

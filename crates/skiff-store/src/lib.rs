@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension};
+use skiff_core::{EventKind, Level};
 use skiff_model::ServiceSpec;
 use tokio::sync::watch;
 
@@ -277,9 +278,8 @@ pub struct EventRecord {
     pub id: i64,
     pub service: String,
     pub at: SystemTime,
-    /// `info` or `error`.
-    pub level: String,
-    pub kind: String,
+    pub level: Level,
+    pub kind: EventKind,
     pub message: String,
 }
 
@@ -290,7 +290,7 @@ pub struct StartRecord {
     pub version: Option<i64>,
     pub instance: String,
     pub at: SystemTime,
-    pub phases: crate::Phases,
+    pub phases: skiff_core::Phases,
 }
 
 /// Which log lines to read.
@@ -558,17 +558,24 @@ impl Store {
             .ok_or_else(|| self.err(rusqlite::Error::IntegralValueOutOfRange(0, n)))
     }
 
+    /// Records an event of `service`, under its kind's stable name and
+    /// level.
     pub fn add_event(
         &self,
         service: &str,
-        level: &str,
-        kind: &str,
+        kind: &EventKind,
         message: &str,
     ) -> Result<(), StoreError> {
         let conn = self.conn();
         conn.execute(
             "INSERT INTO events(service, at, level, kind, message) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![service, ms(SystemTime::now()), level, kind, message],
+            params![
+                service,
+                ms(SystemTime::now()),
+                kind.level().as_str(),
+                kind.as_str(),
+                message
+            ],
         )
         .map_err(|e| self.err(e))?;
         conn.execute(
@@ -627,7 +634,7 @@ impl Store {
                     version: r.get(1)?,
                     instance: r.get(2)?,
                     at: time(r.get(3)?),
-                    phases: crate::Phases {
+                    phases: skiff_core::Phases {
                         sandbox_ready: us(r.get(4)?),
                         process_started: us(r.get(5)?),
                         port_listening: us(r.get(6)?),
@@ -654,8 +661,11 @@ impl Store {
                     id: r.get(0)?,
                     service: r.get(1)?,
                     at: time(r.get(2)?),
-                    level: r.get(3)?,
-                    kind: r.get(4)?,
+                    level: match r.get_ref(3)?.as_str()? {
+                        "error" => Level::Error,
+                        _ => Level::Info,
+                    },
+                    kind: EventKind::parse(r.get_ref(4)?.as_str()?),
                     message: r.get(5)?,
                 })
             })
@@ -1059,9 +1069,12 @@ mod tests {
         assert_eq!(after.len(), 50);
 
         store
-            .add_event("web", "error", "deploy_failed", "boom")
+            .add_event("web", &EventKind::DeployFailed, "boom")
             .unwrap();
-        assert_eq!(store.events("web", 10).unwrap()[0].message, "boom");
+        let recorded = &store.events("web", 10).unwrap()[0];
+        assert_eq!(recorded.message, "boom");
+        assert_eq!(recorded.kind, EventKind::DeployFailed);
+        assert_eq!(recorded.level, Level::Error);
         assert!(store.remove_service("web").unwrap());
         assert!(store.logs("web", &LogQuery::default()).unwrap().is_empty());
         assert!(store.events("web", 10).unwrap().is_empty());

@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 use skiff_sandbox::beneath::{remove_tree, Kind, Tree};
 use skiff_sandbox::disk;
 
-use crate::base::APP_PATH;
+use crate::images::base::APP_PATH;
 
 /// Directories of a source tree that never belong in an image.
 const SKIPPED_DIRS: &[&str] = &[".git", ".hg", ".svn"];

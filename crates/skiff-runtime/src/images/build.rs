@@ -5,6 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use skiff_core::Phase;
 use skiff_model::{format_amount, format_duration, format_size, ServiceSpec};
 use skiff_sandbox::{
     disk, outbound, Bind, CgroupLimits, Exit, Identity, Network, Sandbox, SandboxConfig,
@@ -12,12 +13,12 @@ use skiff_sandbox::{
 };
 use tokio::sync::broadcast;
 
-use crate::base::{which, APP_PATH};
-use crate::build_cache::{self, BuildCache};
-use crate::events::{Event, Phase};
-use crate::image::{tree_size, ImageDir, ImageStore};
+use crate::events::Event;
+use crate::images::base::{which, APP_PATH};
+use crate::images::build_cache::{self, BuildCache};
+use crate::images::image::{tree_size, ImageDir, ImageStore};
 use crate::instance::{command_environment, format_findings, push_tail, LogSink, Tail};
-use crate::store::LogSender;
+use skiff_store::LogSender;
 
 /// What a build leaves that no instance needs: package-manager downloads,
 /// indexes and caches. Each directory's contents are removed at the end of
@@ -131,12 +132,27 @@ pub enum BuildError {
     },
 }
 
+impl BuildError {
+    /// The build's last lines of output the error quotes.
+    pub fn output(&self) -> &[String] {
+        match self {
+            Self::Failed { tail, .. } | Self::DiskFull { tail, .. } => tail,
+            Self::Sandbox(_)
+            | Self::TimedOut { .. }
+            | Self::Network(_)
+            | Self::NoRoom { .. }
+            | Self::NoMkfs
+            | Self::Io { .. } => &[],
+        }
+    }
+}
+
 fn failed_message(exit: Exit, tail: &[String]) -> String {
     let mut s = format!("The build command failed ({exit}).");
     push_tail(&mut s, tail);
     // Only the rules that speak of builds: the others' fixes are about an
     // instance (its /tmp, its read-only image, its user).
-    use crate::diagnose::FindingKind as K;
+    use skiff_core::diagnose::FindingKind as K;
     let for_builds = |k: K| {
         matches!(
             k,
@@ -147,7 +163,7 @@ fn failed_message(exit: Exit, tail: &[String]) -> String {
                 | K::SyscallDenied
         )
     };
-    let findings = crate::diagnose::diagnose_lines(tail.iter().map(String::as_str));
+    let findings = skiff_core::diagnose::diagnose_lines(tail.iter().map(String::as_str));
     s.push_str(&format_findings(
         findings.iter().filter(|f| for_builds(f.kind)),
     ));
