@@ -56,11 +56,14 @@ pub enum FindingKind {
     SyscallDenied,
     /// A tool that needs a newer Node.js than the image's.
     RuntimeTooOld,
+    /// The service went on working after answering, with no request in
+    /// flight: that work waits for the next request.
+    WorkAfterAnswer,
 }
 
 impl FindingKind {
     /// Every kind, in the order of the enum.
-    pub const ALL: [FindingKind; 19] = [
+    pub const ALL: [FindingKind; 20] = [
         Self::ReadOnlyFileSystem,
         Self::SharedMemory,
         Self::RunUserPermission,
@@ -80,6 +83,7 @@ impl FindingKind {
         Self::DiskFull,
         Self::SyscallDenied,
         Self::RuntimeTooOld,
+        Self::WorkAfterAnswer,
     ];
 
     /// The kind's stable name in the API's JSON (`Finding.kind`).
@@ -104,6 +108,7 @@ impl FindingKind {
             Self::DiskFull => "DiskFull",
             Self::SyscallDenied => "SyscallDenied",
             Self::RuntimeTooOld => "RuntimeTooOld",
+            Self::WorkAfterAnswer => "WorkAfterAnswer",
         }
     }
 }
@@ -168,6 +173,11 @@ const WHY_STREAMING: &str = "serverless services serve short request/response ex
 const WHY_SUSPENDED: &str = "a serverless instance gets CPU only while a request is in flight: \
      it is frozen limits.idle_suspend after the last request ends (default: at once), so \
      schedulers, heartbeats and work started after the response stop until the next request";
+const WHY_AFTER_ANSWER: &str = "a serverless instance's CPU is suspended as soon as its \
+     answer is sent (limits.idle_suspend, default: at once), so work done after answering — \
+     writing a file or a database, logging, calling another service — waits until the next \
+     request thaws the instance, which may be hours later, and its output and errors then \
+     appear under that request";
 const WHY_DISK: &str = "what an instance writes goes to its /tmp, which holds at most \
      limits.tmp_size (default 512MiB), or, in a persistent service, also to its writable \
      layer, a disk of its own of limits.disk (default 1GiB); past them, writes fail with \
@@ -275,6 +285,7 @@ impl Diagnoser {
             FindingKind::StreamingNeedsPersistent => WHY_STREAMING,
             FindingKind::InstanceCrashed => WHY_CRASH,
             FindingKind::BackgroundWorkStalled => WHY_SUSPENDED,
+            FindingKind::WorkAfterAnswer => WHY_AFTER_ANSWER,
             FindingKind::DiskFull => WHY_DISK,
             FindingKind::SyscallDenied => WHY_SYSCALL,
             FindingKind::RuntimeTooOld => WHY_RUNTIME,
@@ -378,6 +389,44 @@ fn stalled(line: &str, lower: &str) -> Option<Classified> {
     ))
 }
 
+/// Whether `line` is a request log line (`"GET /x HTTP/1.1" 200`, `GET /x
+/// 200 3.1 ms`): servers write these after answering, and such a line is
+/// no work of the service's own.
+pub fn is_access_log(line: &str) -> bool {
+    const METHODS: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"];
+    let plain = without_colours(line);
+    let words: Vec<&str> = plain.split_whitespace().collect();
+    words.windows(2).enumerate().any(|(i, w)| {
+        let method = w[0].trim_start_matches(['"', '\'']);
+        METHODS.contains(&method)
+            && w[1].starts_with('/')
+            && words[i + 2..].iter().take(3).any(|t| {
+                let t = t.trim_matches(|c: char| !c.is_ascii_alphanumeric());
+                t.len() == 3 && t.starts_with(['1', '2', '3', '4', '5']) && t.parse::<u16>().is_ok()
+            })
+    })
+}
+
+/// `line` without terminal colour codes (`ESC [ … m`), which loggers such
+/// as morgan put around the status.
+pub fn without_colours(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // A CSI sequence ends with a letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The rules for the platform's own events. The event's message already
 /// names the limit or the addresses; the finding says what to change.
 fn classify_event(kind: &EventKind, message: &str) -> Option<Classified> {
@@ -401,6 +450,17 @@ fn classify_event(kind: &EventKind, message: &str) -> Option<Classified> {
             "Answer HTTP on $PORT for any path (a 404 is fine): look at the service's output \
              when the check ran for a handler that fails on unknown paths, or a server that \
              speaks another protocol on the port."
+                .into(),
+        ),
+        EventKind::WorkAfterAnswer => (
+            FindingKind::WorkAfterAnswer,
+            String::new(),
+            "The service went on working after it had answered a request, when its CPU is \
+             already suspended."
+                .into(),
+            "Do the work before sending the answer (write, then respond); or run the service \
+             with mode = \"persistent\", or give it time after each answer with [limits] \
+             idle_suspend (e.g. \"200ms\")."
                 .into(),
         ),
         EventKind::OomKill => (
@@ -849,6 +909,44 @@ fn root_only(tool: &str, _line: &str) -> Option<Classified> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_log_lines_are_told_from_the_services_own_output() {
+        for line in [
+            r#"127.0.0.1 - - [29/Nov/2026 23:50:00] "GET / HTTP/1.1" 200 -"#,
+            r#"INFO:     127.0.0.1:40000 - "POST /items HTTP/1.1" 201 Created"#,
+            "GET /posts 200 3.123 ms - 2",
+            "POST /db 500 12.002 ms - 35",
+            "\u{1b}[0mGET /posts \u{1b}[32m200\u{1b}[0m 4.128 ms - 2\u{1b}[0m",
+            r#"10.0.0.1 - - [29/Nov/2026:23:50:00 +0000] "HEAD /kaithhealth HTTP/1.1" 404 0"#,
+        ] {
+            assert!(is_access_log(line), "{line}");
+        }
+        for line in [
+            "Error: EROFS: read-only file system, open '/app/db.json'",
+            "GET requests are cached for 200 seconds",
+            "saved 3 records",
+            "GET /",
+        ] {
+            assert!(!is_access_log(line), "{line}");
+        }
+    }
+
+    #[test]
+    fn work_after_answering_is_explained_with_the_fix() {
+        let mut d = Diagnoser::default();
+        let f = d
+            .observe_event(
+                &EventKind::WorkAfterAnswer,
+                "wrote \"OSError: [Errno 30] Read-only file system: '/app/db.json'\" after answering",
+                SystemTime::now(),
+            )
+            .unwrap();
+        assert_eq!(f.kind, FindingKind::WorkAfterAnswer);
+        assert!(f.what.contains("after it had answered"), "{}", f.what);
+        assert!(f.fix.contains("before sending the answer"), "{}", f.fix);
+        assert!(f.evidence.contains("/app/db.json"), "{}", f.evidence);
+    }
 
     #[test]
     fn finding_kinds_have_distinct_stable_names() {

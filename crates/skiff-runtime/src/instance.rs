@@ -178,24 +178,49 @@ pub(crate) fn format_findings<'a>(
     s
 }
 
-/// The last lines an instance wrote, for error messages.
+/// The last lines an instance wrote, for error messages, and how many it
+/// wrote in all.
 #[derive(Clone, Default)]
-pub struct Tail(Arc<Mutex<VecDeque<String>>>);
+pub struct Tail(Arc<Mutex<TailLines>>);
+
+#[derive(Default)]
+struct TailLines {
+    lines: VecDeque<String>,
+    written: u64,
+}
 
 impl Tail {
     fn push(&self, line: String) {
         if let Ok(mut t) = self.0.lock() {
-            if t.len() == TAIL_LINES {
-                t.pop_front();
+            if t.lines.len() == TAIL_LINES {
+                t.lines.pop_front();
             }
-            t.push_back(line);
+            t.lines.push_back(line);
+            t.written += 1;
         }
     }
 
     pub fn lines(&self) -> Vec<String> {
         self.0
             .lock()
-            .map(|t| t.iter().cloned().collect())
+            .map(|t| t.lines.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// How many lines were written so far.
+    pub fn written(&self) -> u64 {
+        self.0.lock().map(|t| t.written).unwrap_or_default()
+    }
+
+    /// The lines written since `written()` was `mark` (those still kept).
+    pub fn since(&self, mark: u64) -> Vec<String> {
+        self.0
+            .lock()
+            .map(|t| {
+                let new = usize::try_from(t.written.saturating_sub(mark)).unwrap_or(usize::MAX);
+                let skip = t.lines.len().saturating_sub(new);
+                t.lines.iter().skip(skip).cloned().collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -541,5 +566,28 @@ impl LogSink {
                 });
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tail_gives_the_lines_written_since_a_mark() {
+        let tail = Tail::default();
+        tail.push("a".into());
+        let mark = tail.written();
+        assert!(tail.since(mark).is_empty());
+        tail.push("b".into());
+        tail.push("c".into());
+        assert_eq!(tail.since(mark), vec!["b", "c"]);
+        // Past what the tail keeps: the newest it has.
+        for i in 0..TAIL_LINES + 5 {
+            tail.push(i.to_string());
+        }
+        let kept = tail.since(mark);
+        assert_eq!(kept.len(), TAIL_LINES);
+        assert_eq!(kept.last().unwrap(), &(TAIL_LINES + 4).to_string());
     }
 }

@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
-use skiff_core::StartReport;
+use skiff_core::{diagnose, EventKind, StartReport};
 use skiff_gateway::{
     Connect, ConnectFuture, ExchangeLimits, FailureFuture, Lease, Route, Upstream,
 };
-use skiff_model::ServiceSpec;
+use skiff_model::{format_duration, ServiceSpec};
 use skiff_sandbox::beneath::Tree;
 use skiff_sandbox::{disk, Freezer, NetNs, Prepared, WritableLayer};
 use tokio::sync::{oneshot, watch, Notify};
@@ -23,7 +23,7 @@ use tracing::warn;
 use crate::context::Context;
 use crate::events::Event;
 use crate::images::base::{which, APP_PATH, RUN_UID};
-use crate::instance::{self, StartContext, StartError};
+use crate::instance::{self, StartContext, StartError, Tail};
 use skiff_core::scaler::{Action, InstanceNo, Outcome, Rejection, ScaleConfig, Scaler, WaiterId};
 use skiff_store::LogSender;
 
@@ -36,9 +36,70 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 struct Core {
     scaler: Scaler,
     freezers: HashMap<InstanceNo, Freezer>,
+    /// Each instance's last lines of output, for the checks after answering.
+    tails: HashMap<InstanceNo, Tail>,
+    /// Instances answered a request and left running a moment, to see
+    /// whether they work on after answering (see `settled`).
+    settling: HashMap<InstanceNo, Settling>,
+    /// Whether answers are checked for work after them (a version that is
+    /// suspended at once, until such work is found), and how many were.
+    checking: bool,
+    answers: u64,
     /// The deadline the timer task sleeps until; it is woken only when a
     /// decision brings the next deadline earlier (not on every request).
     armed: Option<Instant>,
+}
+
+/// How long an instance is left running after one of the first answers of
+/// its version before it is suspended, to see whether it works on.
+const SETTLE_WINDOW: Duration = Duration::from_millis(50);
+/// Which answers are checked so: a version's first ones, then one in
+/// `SETTLE_EVERY` (work after answering may follow only some requests).
+const SETTLE_FIRST: u64 = 3;
+const SETTLE_EVERY: u64 = 32;
+/// CPU used within `SETTLE_WINDOW` after answering that counts as work
+/// (a request log line or a collector's pass uses far less).
+const SETTLE_BUSY: Duration = Duration::from_millis(20);
+
+/// An instance left running after answering: what it had used and written
+/// by then.
+struct Settling {
+    cpu: Duration,
+    lines: u64,
+}
+
+/// What an instance did in the `SETTLE_WINDOW` after answering, with no
+/// request in flight, as an event's message; `None` when it did nothing
+/// worth telling: request log lines (servers write them after answering)
+/// and a little CPU are not.
+fn work_after_answer(lines: &[String], cpu: Duration) -> Option<String> {
+    let own: Vec<String> = lines
+        .iter()
+        .map(|l| diagnose::without_colours(l).trim().to_string())
+        .filter(|l| !l.is_empty() && !diagnose::is_access_log(l))
+        .collect();
+    let window = format_duration(SETTLE_WINDOW);
+    // The most telling line: one the rules recognise (a failed write),
+    // else the first.
+    let line = own
+        .iter()
+        .find(|l| !diagnose::diagnose_lines([l.as_str()]).is_empty())
+        .or(own.first());
+    match line {
+        Some(line) => Some(format!(
+            "it wrote {line:?} in the {window} after answering, with no request in flight \
+             ({})",
+            match own.len() {
+                1 => "its only line".to_string(),
+                n => format!("{n} lines in all"),
+            }
+        )),
+        None if cpu >= SETTLE_BUSY => Some(format!(
+            "it used {} of CPU in the {window} after answering, with no request in flight",
+            format_duration(cpu)
+        )),
+        None => None,
+    }
 }
 
 /// A running instance as the executor knows it.
@@ -105,6 +166,8 @@ impl ServiceRuntime {
             None
         };
         let l = &spec.limits;
+        // Suspended at once: its first answers are checked for work after them.
+        let checking = l.idle_suspend.is_zero() && !persistent;
         let cfg = ScaleConfig {
             concurrency: l.concurrency,
             // One writable layer, one instance: a persistent service's
@@ -126,6 +189,10 @@ impl ServiceRuntime {
             core: Mutex::new(Core {
                 scaler: Scaler::new(cfg),
                 freezers: HashMap::new(),
+                tails: HashMap::new(),
+                settling: HashMap::new(),
+                checking,
+                answers: 0,
                 armed: None,
             }),
             running: Mutex::default(),
@@ -177,6 +244,18 @@ impl ServiceRuntime {
     /// Runs `f` on the scaler; freezes and thaws at once, in order, under
     /// the lock; everything else after it.
     fn decide<R>(self: &Arc<Self>, f: impl FnOnce(&mut Scaler) -> (R, Vec<Action>)) -> R {
+        self.decide_after(None, f)
+    }
+
+    /// `decide`, after instance `answered` answered a request: one of the
+    /// version's first answers leaves it running `SETTLE_WINDOW` before it
+    /// is suspended, to see whether it works on (`settled`).
+    fn decide_after<R>(
+        self: &Arc<Self>,
+        answered: Option<InstanceNo>,
+        f: impl FnOnce(&mut Scaler) -> (R, Vec<Action>),
+    ) -> R {
+        let mut settle = None;
         let (result, rest, rearm) = {
             let mut core = lock(&self.core);
             let (result, actions) = f(&mut core.scaler);
@@ -191,6 +270,25 @@ impl ServiceRuntime {
                 match action {
                     Action::Freeze(n) | Action::Thaw(n) => {
                         let frozen = matches!(action, Action::Freeze(_));
+                        // Thawed before its check ended: it never froze.
+                        core.settling.remove(&n);
+                        let check = frozen && answered == Some(n) && core.checking && {
+                            core.answers += 1;
+                            core.answers <= SETTLE_FIRST
+                                || core.answers.is_multiple_of(SETTLE_EVERY)
+                        };
+                        if check {
+                            let started = core
+                                .freezers
+                                .get(&n)
+                                .and_then(|fz| fz.cpu_used().ok())
+                                .zip(core.tails.get(&n).map(Tail::written));
+                            if let Some((cpu, lines)) = started {
+                                core.settling.insert(n, Settling { cpu, lines });
+                                settle = Some(n);
+                                continue;
+                            }
+                        }
                         if let Some(fz) = core.freezers.get(&n) {
                             if let Err(e) = fz.set(frozen) {
                                 warn!("{}: freezer of instance {n}: {e}", self.name);
@@ -206,7 +304,60 @@ impl ServiceRuntime {
         if rearm {
             self.wake.notify_one();
         }
+        if let Some(n) = settle {
+            let this = self.clone();
+            self.shared.runtime.spawn(async move {
+                tokio::time::sleep(SETTLE_WINDOW).await;
+                this.settled(n);
+            });
+        }
         result
+    }
+
+    /// The end of instance `n`'s check after answering: suspends it (unless
+    /// a request thawed it meanwhile) and records work it did with no
+    /// request in flight: its own output (request log lines aside), or CPU.
+    fn settled(self: &Arc<Self>, n: InstanceNo) {
+        let message = {
+            let mut core = lock(&self.core);
+            let Some(before) = core.settling.remove(&n) else {
+                return;
+            };
+            let Some(fz) = core.freezers.get(&n) else {
+                return;
+            };
+            let cpu = fz
+                .cpu_used()
+                .map(|c| c.saturating_sub(before.cpu))
+                .unwrap_or_default();
+            if let Err(e) = fz.set(true) {
+                warn!("{}: freezer of instance {n}: {e}", self.name);
+            }
+            let lines = core
+                .tails
+                .get(&n)
+                .map(|t| t.since(before.lines))
+                .unwrap_or_default();
+            if !core.checking {
+                return;
+            }
+            let Some(message) = work_after_answer(&lines, cpu) else {
+                return;
+            };
+            core.checking = false;
+            message
+        };
+        self.record_work_after_answer(message);
+    }
+
+    /// Records, off the async threads, that the version works after
+    /// answering.
+    fn record_work_after_answer(&self, message: String) {
+        let store = self.shared.store.clone();
+        let name = self.name.clone();
+        self.shared.runtime.spawn_blocking(move || {
+            crate::context::record(&store, &name, EventKind::WorkAfterAnswer, &message)
+        });
     }
 
     fn apply(self: &Arc<Self>, actions: Vec<Action>) {
@@ -243,7 +394,7 @@ impl ServiceRuntime {
     }
 
     fn release(self: &Arc<Self>, n: InstanceNo) {
-        self.decide(|s| ((), s.on_done(n, Instant::now())));
+        self.decide_after(Some(n), |s| ((), s.on_done(n, Instant::now())));
     }
 
     /// The gateway's question: where does the next request go?
@@ -387,7 +538,9 @@ impl ServiceRuntime {
         );
         // The freezer first: on_ready may decide to freeze at once.
         if let Some(fz) = started.instance.cgroups().map(|c| c.freezer()) {
-            lock(&self.core).freezers.insert(n, fz);
+            let mut core = lock(&self.core);
+            core.freezers.insert(n, fz);
+            core.tails.insert(n, started.tail.clone());
         }
         let report = started.report;
         let record = skiff_store::StartRecord {
@@ -475,7 +628,25 @@ impl ServiceRuntime {
     /// sent to it any more), then its handles go.
     fn forget(self: &Arc<Self>, n: InstanceNo, id: &str, reason: String) {
         self.decide(|s| ((), s.on_exit(n, reason, Instant::now())));
-        lock(&self.core).freezers.remove(&n);
+        let message = {
+            let mut core = lock(&self.core);
+            core.freezers.remove(&n);
+            let tail = core.tails.remove(&n);
+            // Ended while it was being checked after answering: what it
+            // wrote until then is all in its tail (its output was read to
+            // the end before this).
+            match (core.settling.remove(&n), tail) {
+                (Some(before), Some(tail)) if core.checking => {
+                    let message = work_after_answer(&tail.since(before.lines), Duration::ZERO);
+                    core.checking &= message.is_none();
+                    message
+                }
+                _ => None,
+            }
+        };
+        if let Some(message) = message {
+            self.record_work_after_answer(message);
+        }
         lock(&self.running).remove(&n);
         self.shared.forget_upstream(id);
     }
@@ -745,5 +916,39 @@ impl Connect for NetnsConnect {
                 _ => None,
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(l: &[&str]) -> Vec<String> {
+        l.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn a_failed_write_after_answering_is_told_by_its_line() {
+        let out = lines(&[
+            r#"127.0.0.1 - - [29/Nov/2026 23:50:00] "GET / HTTP/1.1" 200 -"#,
+            "saving the database",
+            "OSError: [Errno 30] Read-only file system: '/app/db.json'",
+        ]);
+        let message = work_after_answer(&out, Duration::ZERO).unwrap();
+        assert!(message.contains("OSError: [Errno 30]"), "{message}");
+        assert!(message.contains("2 lines in all"), "{message}");
+    }
+
+    #[test]
+    fn request_log_lines_and_a_little_cpu_are_no_work() {
+        let out = lines(&["GET /posts 200 3.123 ms - 2", ""]);
+        assert_eq!(work_after_answer(&out, Duration::from_millis(2)), None);
+        assert_eq!(work_after_answer(&[], Duration::ZERO), None);
+    }
+
+    #[test]
+    fn cpu_after_answering_is_work_without_a_line() {
+        let message = work_after_answer(&[], Duration::from_millis(45)).unwrap();
+        assert!(message.contains("of CPU"), "{message}");
     }
 }

@@ -246,4 +246,50 @@ impl Freezer {
     pub fn set(&self, frozen: bool) -> io::Result<()> {
         fs::write(&self.file, if frozen { "1" } else { "0" })
     }
+
+    /// The CPU time the instance's processes have used so far (the group's
+    /// `cpu.stat`, which cgroup2 keeps without any controller enabled).
+    pub fn cpu_used(&self) -> io::Result<Duration> {
+        let stat = fs::read_to_string(self.file.with_file_name("cpu.stat"))?;
+        cpu_usage_usec(&stat)
+            .map(Duration::from_micros)
+            .ok_or_else(|| io::Error::other("cpu.stat has no usage_usec line"))
+    }
+}
+
+/// `usage_usec` of a cgroup2 `cpu.stat`.
+fn cpu_usage_usec(stat: &str) -> Option<u64> {
+    stat.lines()
+        .find_map(|l| l.strip_prefix("usage_usec "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_usage_is_read_from_its_line() {
+        let stat = "usage_usec 1234567\nuser_usec 1000000\nsystem_usec 234567\n";
+        assert_eq!(cpu_usage_usec(stat), Some(1_234_567));
+        assert_eq!(cpu_usage_usec("user_usec 5\n"), None);
+        assert_eq!(cpu_usage_usec("usage_usec x\n"), None);
+    }
+
+    #[test]
+    fn a_freezer_reads_the_cpu_stat_beside_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("cpu.stat"), "usage_usec 42\n").unwrap();
+        let fz = Freezer {
+            file: dir.path().join("cgroup.freeze"),
+        };
+        assert_eq!(fz.cpu_used().unwrap(), Duration::from_micros(42));
+        fz.set(true).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join("cgroup.freeze")).unwrap(),
+            "1"
+        );
+        fs::remove_file(dir.path().join("cpu.stat")).unwrap();
+        assert!(fz.cpu_used().is_err());
+    }
 }

@@ -53,9 +53,16 @@ fn deploy(d: &Up, app: &App) -> (bool, String) {
 
 /// A raw request through the gateway; the status code.
 fn request(d: &Up, name: &str, head: &str) -> u16 {
+    send(
+        d,
+        &format!("{head}\r\nHost: {name}.localhost\r\nConnection: close\r\n\r\n"),
+    )
+}
+
+/// A whole raw request through the gateway; the status code.
+fn send(d: &Up, req: &str) -> u16 {
     let mut s = TcpStream::connect(("127.0.0.1", d.port.unwrap())).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let req = format!("{head}\r\nHost: {name}.localhost\r\nConnection: close\r\n\r\n");
     s.write_all(req.as_bytes()).unwrap();
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
@@ -348,4 +355,52 @@ fn background_work_stalled_by_cpu_suspension_is_diagnosed() {
     );
     let doc = doctor(&d, &kept);
     assert_eq!(doc["findings"].as_array().unwrap().len(), 0, "{doc:#}");
+}
+
+/// A POST with a JSON body through the gateway; the status code.
+fn post_json(d: &Up, name: &str, path: &str, body: &str) -> u16 {
+    send(
+        d,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: {name}.localhost\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+/// json-server (from npm), as people use it for a quick API: it answers a
+/// POST, then writes its database file and logs the request. With the CPU
+/// suspended at once, the write and its error would surface only when the
+/// next request thaws the instance; the doctor says so.
+#[test]
+fn work_after_answering_is_diagnosed_on_json_server() {
+    let d = Up::serve(None, &[]);
+    let name = unique("dr-after");
+    let app = App::new(
+        &format!(
+            "name = \"{name}\"\n\
+             build = \"npm install --no-audit --no-fund json-server@0.17.4\"\n\
+             start = \"exec node_modules/.bin/json-server --host 0.0.0.0 --port $PORT db.json\"\n"
+        ),
+        &[("db.json", "{\"posts\": []}\n")],
+    );
+    let (ok, err) = deploy(&d, &app);
+    assert!(ok, "{err}");
+    // Reading writes nothing; its request log lines (written after
+    // answering too) are no work of the service's.
+    assert_eq!(request(&d, &name, "GET /posts HTTP/1.1"), 200);
+    std::thread::sleep(Duration::from_millis(300));
+    let doc = doctor(&d, &name);
+    assert_eq!(doc["findings"].as_array().unwrap().len(), 0, "{doc:#}");
+
+    assert_eq!(post_json(&d, &name, "/posts", r#"{"title":"x"}"#), 201);
+    let f = finding(&d, &name, "WorkAfterAnswer");
+    has(&f, "evidence", "EROFS");
+    has(&f, "evidence", "after answering");
+    has(&f, "why", "as soon as its answer is sent");
+    has(&f, "fix", "before sending the answer");
+    // And what failed is named on its own.
+    let f = finding(&d, &name, "ReadOnlyFileSystem");
+    has(&f, "what", "db.json");
 }
