@@ -293,3 +293,272 @@ mod tests {
         assert!(fz.cpu_used().is_err());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The cgroup code against a directory that looks like this host's
+    //! hierarchies (each controller's top with its `cgroup.procs`): what is
+    //! written where, what is read, and how failures read. The kernel's own
+    //! behaviour (limits enforced, groups removed while files remain) is the
+    //! end-to-end tests' part.
+    use super::*;
+
+    const LIMITS: CgroupLimits = CgroupLimits {
+        memory_bytes: 256 << 20,
+        pids: 64,
+        cpu: 0.5,
+    };
+
+    fn hierarchies() -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        for c in V1_CONTROLLERS.iter().chain(&["unified"]) {
+            fs::create_dir(root.path().join(c)).unwrap();
+            fs::write(root.path().join(c).join("cgroup.procs"), "").unwrap();
+        }
+        root
+    }
+
+    fn read(root: &Path, rel: &str) -> String {
+        fs::read_to_string(root.join(rel)).unwrap()
+    }
+
+    #[test]
+    fn create_makes_a_group_per_controller_and_writes_the_limits() {
+        let root = hierarchies();
+        let r = root.path();
+        let cg = Cgroups::create(r, "svc-1", LIMITS).unwrap();
+        for c in ["memory", "pids", "cpu", "unified"] {
+            assert!(r.join(c).join("skiff/svc-1").is_dir(), "{c}");
+        }
+        assert_eq!(
+            read(r, "memory/skiff/svc-1/memory.limit_in_bytes"),
+            (256u64 << 20).to_string()
+        );
+        // No swap accounting here: the file is not made up.
+        assert!(!r
+            .join("memory/skiff/svc-1/memory.memsw.limit_in_bytes")
+            .exists());
+        assert_eq!(read(r, "pids/skiff/svc-1/pids.max"), "64");
+        assert_eq!(read(r, "cpu/skiff/svc-1/cpu.cfs_period_us"), "100000");
+        assert_eq!(read(r, "cpu/skiff/svc-1/cpu.cfs_quota_us"), "50000");
+        assert_eq!(cg.unified, r.join("unified/skiff/svc-1"));
+    }
+
+    #[test]
+    fn swap_is_limited_too_where_it_is_accounted() {
+        let root = hierarchies();
+        let cg = Cgroups::create(root.path(), "svc-1", LIMITS).unwrap();
+        let memsw = cg.v1[0].join("memory.memsw.limit_in_bytes");
+        fs::write(&memsw, "9223372036854771712").unwrap();
+        cg.write_limits(CgroupLimits {
+            memory_bytes: 128 << 20,
+            ..LIMITS
+        })
+        .unwrap();
+        assert_eq!(
+            fs::read_to_string(memsw).unwrap(),
+            (128u64 << 20).to_string()
+        );
+    }
+
+    #[test]
+    fn cpu_quota_follows_the_cores_with_a_floor() {
+        let root = hierarchies();
+        for (cpu, quota) in [
+            (2.0, "200000"),
+            (1.0, "100000"),
+            (0.25, "25000"),
+            (0.001, "1000"),
+        ] {
+            let id = format!("cpu-{quota}");
+            let cg = Cgroups::create(root.path(), &id, CgroupLimits { cpu, ..LIMITS }).unwrap();
+            assert_eq!(
+                fs::read_to_string(cg.v1[2].join("cpu.cfs_quota_us")).unwrap(),
+                quota,
+                "{cpu}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_missing_controller_is_named_with_what_skiff_needs() {
+        let root = hierarchies();
+        fs::remove_file(root.path().join("pids/cgroup.procs")).unwrap();
+        let err = Cgroups::create(root.path(), "svc-1", LIMITS).unwrap_err();
+        assert!(matches!(&err, CgroupError::Missing(p) if *p == root.path().join("pids")));
+        let text = err.to_string();
+        assert!(text.contains("this host has no "), "{text}");
+        assert!(text.contains("cgroup v1 memory, pids and cpu"), "{text}");
+        // Nothing was made.
+        assert!(!root.path().join("memory/skiff").exists());
+
+        let root = hierarchies();
+        fs::remove_file(root.path().join("unified/cgroup.procs")).unwrap();
+        let err = Cgroups::create(root.path(), "svc-1", LIMITS).unwrap_err();
+        assert!(matches!(&err, CgroupError::Missing(p) if *p == root.path().join("unified")));
+    }
+
+    #[test]
+    fn a_group_that_cannot_be_made_is_reported_with_its_path_and_undone() {
+        let root = hierarchies();
+        // A file where the `skiff` directory of the cpu hierarchy goes.
+        fs::write(root.path().join("cpu/skiff"), "").unwrap();
+        let err = Cgroups::create(root.path(), "svc-1", LIMITS).unwrap_err();
+        let CgroupError::Io { path, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(*path, root.path().join("cpu/skiff/svc-1"));
+        assert!(err
+            .to_string()
+            .starts_with(&format!("cgroup {}: ", path.display())));
+        // The groups made before it are removed again.
+        assert!(!root.path().join("memory/skiff/svc-1").exists());
+        assert!(!root.path().join("pids/skiff/svc-1").exists());
+    }
+
+    #[test]
+    fn add_moves_a_process_into_every_group() {
+        let root = hierarchies();
+        let cg = Cgroups::create(root.path(), "svc-1", LIMITS).unwrap();
+        cg.add(4242).unwrap();
+        for c in ["memory", "pids", "cpu", "unified"] {
+            assert_eq!(
+                read(root.path(), &format!("{c}/skiff/svc-1/cgroup.procs")),
+                "4242",
+                "{c}"
+            );
+        }
+    }
+
+    #[test]
+    fn writing_to_a_group_that_is_gone_names_the_file() {
+        let root = hierarchies();
+        let cg = Cgroups::create(root.path(), "svc-1", LIMITS).unwrap();
+        fs::remove_dir_all(root.path().join("pids/skiff")).unwrap();
+        let err = cg.add(1).unwrap_err();
+        let file = root.path().join("pids/skiff/svc-1/cgroup.procs");
+        assert!(matches!(&err, CgroupError::Io { path, source }
+            if *path == file && source.kind() == io::ErrorKind::NotFound));
+        assert!(err.to_string().contains("pids/skiff/svc-1/cgroup.procs: "));
+    }
+
+    #[test]
+    fn freeze_thaw_and_kill_write_the_cgroup2_files() {
+        let root = hierarchies();
+        let cg = Cgroups::create(root.path(), "svc-1", LIMITS).unwrap();
+        let unified = root.path().join("unified/skiff/svc-1");
+        cg.freeze(true).unwrap();
+        assert_eq!(
+            fs::read_to_string(unified.join("cgroup.freeze")).unwrap(),
+            "1"
+        );
+        let freezer = cg.freezer();
+        freezer.set(false).unwrap();
+        assert_eq!(
+            fs::read_to_string(unified.join("cgroup.freeze")).unwrap(),
+            "0"
+        );
+        cg.kill().unwrap();
+        assert_eq!(
+            fs::read_to_string(unified.join("cgroup.kill")).unwrap(),
+            "1"
+        );
+        // A freezer of a removed group says so.
+        fs::remove_dir_all(root.path().join("unified/skiff")).unwrap();
+        assert_eq!(
+            freezer.set(true).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+        let err = cg.freeze(true).unwrap_err();
+        assert!(matches!(&err, CgroupError::Io { path, .. }
+            if *path == unified.join("cgroup.freeze")));
+    }
+
+    #[test]
+    fn processes_populated_and_oom_kills_are_read_from_the_kernels_files() {
+        let root = hierarchies();
+        let cg = Cgroups::create(root.path(), "svc-1", LIMITS).unwrap();
+        let unified = root.path().join("unified/skiff/svc-1");
+        // Nothing to read yet: no process, none killed.
+        assert_eq!(cg.pids(), Vec::<i32>::new());
+        assert!(!cg.populated());
+        assert_eq!(cg.oom_kills(), 0);
+        fs::write(unified.join("cgroup.procs"), "12\n345\n\n").unwrap();
+        fs::write(unified.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        fs::write(
+            cg.v1[0].join("memory.oom_control"),
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n",
+        )
+        .unwrap();
+        assert_eq!(cg.pids(), vec![12, 345]);
+        assert!(cg.populated());
+        assert_eq!(cg.oom_kills(), 3);
+        fs::write(unified.join("cgroup.events"), "populated 0\nfrozen 0\n").unwrap();
+        assert!(!cg.populated());
+    }
+
+    #[test]
+    fn remove_takes_the_groups_and_the_shared_parent_once_empty() {
+        let root = hierarchies();
+        let r = root.path();
+        // The kernel's groups are empty directories to rmdir; here, ones
+        // made without limit files.
+        let bare = |id: &str| Cgroups {
+            v1: V1_CONTROLLERS
+                .iter()
+                .map(|c| r.join(c).join("skiff").join(id))
+                .collect(),
+            unified: r.join("unified/skiff").join(id),
+        };
+        let (a, b) = (bare("a"), bare("b"));
+        for dir in a.dirs().chain(b.dirs()) {
+            fs::create_dir_all(dir).unwrap();
+        }
+        a.remove(Duration::ZERO).unwrap();
+        assert!(!r.join("memory/skiff/a").exists());
+        // Another instance's group keeps the shared parent.
+        assert!(r.join("memory/skiff/b").exists());
+        b.remove(Duration::ZERO).unwrap();
+        assert!(!r.join("memory/skiff").exists());
+        // Removing again is not an error.
+        b.remove(Duration::ZERO).unwrap();
+    }
+
+    #[test]
+    fn remove_reports_a_group_it_cannot_take() {
+        let root = hierarchies();
+        let cg = Cgroups::create(root.path(), "svc-1", LIMITS).unwrap();
+        // A real group's files vanish with it; a plain directory's do not.
+        let err = cg.remove(Duration::ZERO).unwrap_err();
+        assert!(
+            matches!(&err, CgroupError::Io { path, .. }
+            if *path == root.path().join("memory/skiff/svc-1")),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn sweep_removes_only_the_stale_groups() {
+        let root = hierarchies();
+        let r = root.path();
+        for id in ["inst-100-1", "inst-100-2", "inst-200-1"] {
+            for c in ["memory", "pids", "cpu", "unified"] {
+                fs::create_dir_all(r.join(c).join("skiff").join(id)).unwrap();
+            }
+        }
+        // A group left in one hierarchy only is found too.
+        fs::create_dir_all(r.join("unified/skiff/inst-100-3")).unwrap();
+        let swept = Cgroups::sweep(r, |id| id.starts_with("inst-100-"));
+        assert_eq!(swept, ["inst-100-1", "inst-100-2", "inst-100-3"]);
+        for c in ["memory", "pids", "cpu", "unified"] {
+            let left: Vec<_> = fs::read_dir(r.join(c).join("skiff"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            assert_eq!(left, ["inst-200-1"], "{c}");
+        }
+        // A host without the hierarchies has nothing to sweep.
+        let empty = tempfile::tempdir().unwrap();
+        assert!(Cgroups::sweep(empty.path(), |_| true).is_empty());
+    }
+}

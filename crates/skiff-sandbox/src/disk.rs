@@ -78,37 +78,50 @@ pub fn format(mkfs: &Path, file: &Path, usable: u64, durability: Durability) -> 
     made
 }
 
-fn format_at(mkfs: &Path, file: &Path, usable: u64, durability: Durability) -> io::Result<()> {
+/// The size of the image file and `mkfs.ext4`'s arguments (all but the
+/// file) for a disk that holds `usable` bytes of files.
+fn layout(usable: u64, durability: Durability) -> (u64, Vec<String>) {
     let journal = match durability {
         Durability::Scratch => 0,
         Durability::Journaled => journal_size(usable),
     };
+    let mut features = String::from("^resize_inode");
+    if journal == 0 {
+        features.push_str(",^has_journal");
+    }
+    let mut args: Vec<String> = ["-q", "-F", "-t", "ext4", "-m", "0"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    for (flag, value) in [
+        ("-b", BLOCK.to_string()),
+        ("-i", BYTES_PER_INODE.to_string()),
+        ("-I", INODE_SIZE.to_string()),
+        ("-O", features),
+        (
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0".to_string(),
+        ),
+    ] {
+        args.extend([flag.to_string(), value]);
+    }
+    if journal > 0 {
+        args.extend(["-J".to_string(), format!("size={}", journal >> 20)]);
+    }
+    (image_size(usable, journal), args)
+}
+
+fn format_at(mkfs: &Path, file: &Path, usable: u64, durability: Durability) -> io::Result<()> {
+    let (size, args) = layout(usable, durability);
     let image = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(file)?;
-    image.set_len(image_size(usable, journal))?;
+    image.set_len(size)?;
     drop(image);
-    let mut features = String::from("^resize_inode");
-    if journal == 0 {
-        features.push_str(",^has_journal");
-    }
-    let mut cmd = Command::new(mkfs);
-    cmd.args(["-q", "-F", "-t", "ext4", "-m", "0"])
-        .args(["-b", &BLOCK.to_string()])
-        .args(["-i", &BYTES_PER_INODE.to_string()])
-        .args(["-I", &INODE_SIZE.to_string()])
-        .args(["-O", &features])
-        .args([
-            "-E",
-            "lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0",
-        ]);
-    if journal > 0 {
-        cmd.args(["-J", &format!("size={}", journal >> 20)]);
-    }
-    let out = cmd.arg(file).output()?;
+    let out = Command::new(mkfs).args(&args).arg(file).output()?;
     if !out.status.success() {
         let _ = std::fs::remove_file(file);
         return Err(io::Error::other(format!(
@@ -385,23 +398,8 @@ pub fn free_space(dir: &Path) -> io::Result<u64> {
 
 #[cfg(test)]
 mod tests {
+    //! What needs no root; mounting real disks is in `tests/privileged.rs`.
     use super::*;
-    use std::path::PathBuf;
-
-    fn mkfs() -> Option<std::path::PathBuf> {
-        ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"]
-            .iter()
-            .map(std::path::PathBuf::from)
-            .find(|p| p.is_file())
-    }
-
-    /// Unmounts the test's disk even when an assertion fails.
-    struct Mounted<'a>(&'a Path);
-    impl Drop for Mounted<'_> {
-        fn drop(&mut self) {
-            let _ = unmount(self.0);
-        }
-    }
 
     #[test]
     fn image_sizes_grow_with_what_they_hold() {
@@ -413,99 +411,79 @@ mod tests {
     }
 
     #[test]
-    fn a_disk_holds_what_it_promises_and_not_more() {
-        if !nix::unistd::geteuid().is_root() {
-            return;
-        }
-        let mkfs = mkfs().expect("mkfs.ext4 (e2fsprogs) is installed");
-        for (usable, durability) in [
-            (16u64 << 20, Durability::Journaled),
-            (40 << 20, Durability::Scratch),
-            (1 << 30, Durability::Journaled),
-            (4 << 30, Durability::Scratch),
-        ] {
-            let dir = tempfile::tempdir().unwrap();
-            let file = dir.path().join("disk.ext4");
-            let target = dir.path().join("disk");
-            std::fs::create_dir(&target).unwrap();
-            format(&mkfs, &file, usable, durability).unwrap();
-            // Sparse: the file takes a few MiB whatever its size.
-            let taken = std::fs::metadata(&file).unwrap().blocks() * 512;
-            assert!(taken < 4 << 20, "{usable}: the image takes {taken}");
-            mount_disk(&file, &target, false).unwrap();
-            let _m = Mounted(&target);
-            assert!(is_mount_point(&target).unwrap());
-            let u = usage(&target).unwrap();
-            assert!(u.free >= usable, "{usable}: only {} free", u.free);
-            assert!(u.free < usable + usable / 50 + (2 << 20), "{usable}: {u:?}");
-            assert!(!u.is_full());
-            let root = std::fs::metadata(&target).unwrap();
-            assert_eq!((root.uid(), root.mode() & 0o7777), (0, 0o755));
-        }
-    }
-
-    /// A new disk of `usable` bytes in a directory of the test's own, and
-    /// an empty directory to mount it on.
-    fn made(usable: u64, durability: Durability) -> (tempfile::TempDir, PathBuf, PathBuf) {
-        let mkfs = mkfs().expect("mkfs.ext4 (e2fsprogs) is installed");
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("disk.ext4");
-        let target = dir.path().join("disk");
-        std::fs::create_dir(&target).unwrap();
-        format(&mkfs, &file, usable, durability).unwrap();
-        (dir, file, target)
+    fn journals_are_a_64th_between_4_and_64_mib() {
+        assert_eq!(journal_size(16 << 20), 4 << 20);
+        assert_eq!(journal_size(1 << 30), 16 << 20);
+        assert_eq!(journal_size(4 << 30), 64 << 20);
+        assert_eq!(journal_size(1 << 40), 64 << 20);
+        // Whole MiB, as mkfs.ext4's -J size= takes.
+        assert_eq!(journal_size((1 << 30) + 12345) % (1 << 20), 0);
     }
 
     #[test]
-    fn a_reserved_disk_takes_its_size_and_trimming_gives_back_the_rest() {
-        if !nix::unistd::geteuid().is_root() {
-            return;
-        }
-        let (_dir, file, target) = made(64 << 20, Durability::Scratch);
-        let taken = || std::fs::metadata(&file).unwrap().blocks() * 512;
-        assert!(taken() < 8 << 20, "sparse when made: {}", taken());
-        reserve(&file).unwrap();
-        assert!(taken() >= 64 << 20, "reserved: {}", taken());
-        mount_disk(&file, &target, false).unwrap();
-        let _m = Mounted(&target);
-        std::fs::write(target.join("kept"), vec![1u8; 4 << 20]).unwrap();
-        nix::unistd::sync();
-        trim(&target).unwrap();
-        assert!(taken() < 16 << 20, "after trimming: {}", taken());
-        assert!(taken() >= 4 << 20, "the file's blocks stay: {}", taken());
-        assert_eq!(std::fs::read(target.join("kept")).unwrap().len(), 4 << 20);
+    fn a_scratch_disk_has_no_journal_and_a_journaled_one_has_its_size() {
+        let (scratch_size, scratch) = layout(1 << 30, Durability::Scratch);
+        let (journaled_size, journaled) = layout(1 << 30, Durability::Journaled);
+        let joined = |a: &[String]| a.join(" ");
+        assert_eq!(
+            joined(&scratch),
+            "-q -F -t ext4 -m 0 -b 4096 -i 16384 -I 256 -O ^resize_inode,^has_journal \
+             -E lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0"
+        );
+        assert_eq!(
+            joined(&journaled),
+            "-q -F -t ext4 -m 0 -b 4096 -i 16384 -I 256 -O ^resize_inode \
+             -E lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0 -J size=16"
+        );
+        // The journal is on top of what the files get.
+        assert_eq!(journaled_size - scratch_size, 16 << 20);
+        assert_eq!(scratch_size, image_size(1 << 30, 0));
     }
 
     #[test]
-    fn writes_past_the_size_fail_with_enospc() {
-        if !nix::unistd::geteuid().is_root() {
-            return;
-        }
-        let (_dir, file, target) = made(16 << 20, Durability::Journaled);
-        mount_disk(&file, &target, false).unwrap();
-        let m = Mounted(&target);
-        let mut f = File::create(target.join("big")).unwrap();
-        let chunk = vec![7u8; 1 << 20];
-        let mut written = 0u64;
-        let err = loop {
-            match io::Write::write_all(&mut f, &chunk).and_then(|_| f.sync_data()) {
-                Ok(()) => written += chunk.len() as u64,
-                Err(e) => break e,
-            }
-            assert!(written < 64 << 20, "wrote {written} on a 16 MiB disk");
+    fn a_disk_is_full_below_a_mib_or_without_inodes() {
+        let u = |free, free_files| Usage {
+            used: 0,
+            free,
+            free_files,
         };
-        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
-        assert!(written >= 15 << 20, "only {written} fit");
-        drop(f);
-        assert!(usage(&target).unwrap().is_full());
-        // Read-only from now on; unmounting frees the loop device.
-        remount_read_only(&target).unwrap();
-        assert!(File::create(target.join("more")).is_err());
-        drop(m);
-        assert!(!is_mount_point(&target).unwrap());
-        // Mounted again read-only, the files are there.
-        mount_disk(&file, &target, true).unwrap();
-        let _m = Mounted(&target);
-        assert!(std::fs::metadata(target.join("big")).unwrap().len() >= 15 << 20);
+        assert!(u(0, 100).is_full());
+        assert!(u((1 << 20) - 1, 100).is_full());
+        assert!(u(1 << 30, 0).is_full());
+        assert!(!u(1 << 20, 1).is_full());
+    }
+
+    #[test]
+    fn a_missing_directory_is_no_mount_point_and_a_plain_one_neither() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(!is_mount_point(&d.path().join("absent")).unwrap());
+        std::fs::create_dir(d.path().join("plain")).unwrap();
+        assert!(!is_mount_point(&d.path().join("plain")).unwrap());
+        // The root of the file system is one.
+        assert!(is_mount_point(Path::new("/")).unwrap());
+        // Unmounting what is not mounted does nothing.
+        unmount(&d.path().join("plain")).unwrap();
+    }
+
+    #[test]
+    fn format_refuses_to_follow_a_link_and_leaves_nothing_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = d.path().join("outside");
+        std::fs::write(&outside, "keep").unwrap();
+        let file = d.path().join("disk.ext4");
+        std::os::unix::fs::symlink(&outside, format!("{}.partial", file.display())).unwrap();
+        // The link in the way is removed, never written through; a mkfs
+        // that fails leaves no partial file.
+        let err = format(
+            Path::new("/bin/false"),
+            &file,
+            16 << 20,
+            Durability::Scratch,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("/bin/false failed"), "{err}");
+        assert_eq!(std::fs::read_to_string(&outside).unwrap(), "keep");
+        assert!(!file.exists());
+        assert!(std::fs::symlink_metadata(format!("{}.partial", file.display())).is_err());
     }
 }

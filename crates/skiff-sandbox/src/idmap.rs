@@ -34,9 +34,7 @@ impl RootAs {
     /// pid namespace whose `/proc` is mounted (it reaches a child through
     /// `/proc/<pid>`), as root.
     pub fn new(uid: u32) -> Res<Self> {
-        if uid <= KEPT {
-            return Err(format!("uid {uid} is among the ids an idmap keeps"));
-        }
+        let map = id_map(uid)?;
         let (ready_r, ready_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
         let (done_r, done_w) = pipe().map_err(|e| format!("pipe: {e}"))?;
         // SAFETY: the caller is single-threaded; the child only makes
@@ -56,7 +54,6 @@ impl RootAs {
                 let mut answer = [0u8; 1];
                 let made = File::from(ready_r).read_exact(&mut answer).is_ok() && answer == *b"y";
                 let result = if made {
-                    let map = format!("0 {uid} 1\n1 1 {KEPT}\n");
                     let proc = format!("/proc/{}", child.as_raw());
                     std::fs::write(format!("{proc}/uid_map"), &map)
                         .and_then(|()| std::fs::write(format!("{proc}/gid_map"), &map))
@@ -142,6 +139,15 @@ impl RootAs {
     }
 }
 
+/// The `uid_map` and `gid_map` of the namespace: 0 is `uid`, 1-65535
+/// stay themselves.
+fn id_map(uid: u32) -> Res<String> {
+    if uid <= KEPT {
+        return Err(format!("uid {uid} is among the ids an idmap keeps"));
+    }
+    Ok(format!("0 {uid} 1\n1 1 {KEPT}\n"))
+}
+
 // From <linux/mount.h>.
 const OPEN_TREE_CLONE: u32 = 1;
 const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
@@ -158,61 +164,21 @@ struct MountAttr {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
 
     #[test]
-    fn root_owned_files_show_as_the_mapped_user_and_others_keep_theirs() {
-        if !nix::unistd::geteuid().is_root() {
-            return;
+    fn root_maps_to_the_service_and_the_rest_to_themselves() {
+        assert_eq!(
+            id_map(1_800_000_123).unwrap(),
+            "0 1800000123 1\n1 1 65535\n"
+        );
+    }
+
+    #[test]
+    fn a_uid_the_map_keeps_cannot_stand_for_root() {
+        for uid in [0, 1, 1000, 65535] {
+            let err = id_map(uid).unwrap_err();
+            assert_eq!(err, format!("uid {uid} is among the ids an idmap keeps"));
         }
-        let src = tempfile::tempdir().unwrap();
-        std::fs::write(src.path().join("root-owned"), "r").unwrap();
-        std::fs::write(src.path().join("app-owned"), "a").unwrap();
-        std::os::unix::fs::chown(src.path().join("app-owned"), Some(10001), Some(10001)).unwrap();
-        let target = tempfile::tempdir().unwrap();
-        // The test's own mount namespace would be the test runner's: do it
-        // in a child that has one of its own.
-        let (r, w) = pipe().unwrap();
-        // SAFETY: the child makes system calls and file reads only, then
-        // leaves with _exit; the test harness's other threads are not
-        // touched (nothing here takes a lock they could hold... except the
-        // allocator, which the child uses: acceptable in a test).
-        match unsafe { fork() }.unwrap() {
-            ForkResult::Child => {
-                drop(r);
-                let out = (|| -> Res<(u32, u32)> {
-                    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| e.to_string())?;
-                    nix::mount::mount(
-                        None::<&str>,
-                        "/",
-                        None::<&str>,
-                        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
-                        None::<&str>,
-                    )
-                    .map_err(|e| e.to_string())?;
-                    let map = RootAs::new(1_800_000_123)?;
-                    map.bind(src.path(), target.path())?;
-                    let uid = |n: &str| std::fs::metadata(target.path().join(n)).map(|m| m.uid());
-                    Ok((
-                        uid("root-owned").map_err(|e| e.to_string())?,
-                        uid("app-owned").map_err(|e| e.to_string())?,
-                    ))
-                })();
-                let text = match out {
-                    Ok((a, b)) => format!("{a} {b}"),
-                    Err(e) => e,
-                };
-                let _ = File::from(w).write_all(text.as_bytes());
-                // SAFETY: ends the forked child.
-                unsafe { libc::_exit(0) }
-            }
-            ForkResult::Parent { child } => {
-                drop(w);
-                let mut text = String::new();
-                File::from(r).read_to_string(&mut text).unwrap();
-                waitpid(child, None).unwrap();
-                assert_eq!(text, "1800000123 10001");
-            }
-        }
+        assert!(id_map(65536).is_ok());
     }
 }

@@ -23,8 +23,10 @@ mod idmap;
 mod init;
 mod netns;
 pub mod outbound;
+mod plan;
 pub mod seccomp;
 mod spawn;
+mod syscalls;
 
 pub use cgroup::{CgroupError, CgroupLimits, Cgroups, Freezer};
 pub use init::init_main;
