@@ -266,36 +266,6 @@ fn cpu_usage_usec(stat: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
-    #[test]
-    fn cpu_usage_is_read_from_its_line() {
-        let stat = "usage_usec 1234567\nuser_usec 1000000\nsystem_usec 234567\n";
-        assert_eq!(cpu_usage_usec(stat), Some(1_234_567));
-        assert_eq!(cpu_usage_usec("user_usec 5\n"), None);
-        assert_eq!(cpu_usage_usec("usage_usec x\n"), None);
-    }
-
-    #[test]
-    fn a_freezer_reads_the_cpu_stat_beside_its_file() {
-        let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("cpu.stat"), "usage_usec 42\n").unwrap();
-        let fz = Freezer {
-            file: dir.path().join("cgroup.freeze"),
-        };
-        assert_eq!(fz.cpu_used().unwrap(), Duration::from_micros(42));
-        fz.set(true).unwrap();
-        assert_eq!(
-            fs::read_to_string(dir.path().join("cgroup.freeze")).unwrap(),
-            "1"
-        );
-        fs::remove_file(dir.path().join("cpu.stat")).unwrap();
-        assert!(fz.cpu_used().is_err());
-    }
-}
-
-#[cfg(test)]
-mod tests {
     //! The cgroup code against a directory that looks like this host's
     //! hierarchies (each controller's top with its `cgroup.procs`): what is
     //! written where, what is read, and how failures read. The kernel's own
@@ -560,5 +530,30 @@ mod tests {
         // A host without the hierarchies has nothing to sweep.
         let empty = tempfile::tempdir().unwrap();
         assert!(Cgroups::sweep(empty.path(), |_| true).is_empty());
+    }
+
+    #[test]
+    fn cpu_usage_is_read_from_its_line() {
+        let stat = "usage_usec 1234567\nuser_usec 1000000\nsystem_usec 234567\n";
+        assert_eq!(cpu_usage_usec(stat), Some(1_234_567));
+        assert_eq!(cpu_usage_usec("user_usec 5\n"), None);
+        assert_eq!(cpu_usage_usec("usage_usec x\n"), None);
+    }
+
+    #[test]
+    fn a_freezer_reads_the_cpu_stat_beside_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("cpu.stat"), "usage_usec 42\n").unwrap();
+        let fz = Freezer {
+            file: dir.path().join("cgroup.freeze"),
+        };
+        assert_eq!(fz.cpu_used().unwrap(), Duration::from_micros(42));
+        fz.set(true).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join("cgroup.freeze")).unwrap(),
+            "1"
+        );
+        fs::remove_file(dir.path().join("cpu.stat")).unwrap();
+        assert!(fz.cpu_used().is_err());
     }
 }
