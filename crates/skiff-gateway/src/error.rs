@@ -283,6 +283,29 @@ mod tests {
     }
 
     #[test]
+    fn a_failure_keeps_its_cause_and_answers_as_its_kind() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let failure =
+            Failure::new(ErrorKind::UpstreamFailed, "Service \"a\" broke off.").because(io);
+        assert_eq!(failure.kind(), ErrorKind::UpstreamFailed);
+        assert_eq!(failure.source(), Source::Upstream);
+        assert!(failure.retryable());
+        assert_eq!(
+            failure.to_string(),
+            "upstream-failed: Service \"a\" broke off."
+        );
+        let cause = std::error::Error::source(&failure).map(|c| c.to_string());
+        assert_eq!(cause.as_deref(), Some("reset by peer"));
+        assert!(failure.cause().is_some());
+
+        let plain = Failure::new(ErrorKind::BadHost, "no host");
+        assert!(std::error::Error::source(&plain).is_none());
+        let r = plain.answer(false);
+        assert_eq!(r.status(), 400);
+        assert_eq!(r.headers()["x-skiff-error"], "bad-host");
+    }
+
+    #[test]
     fn every_kind_has_a_status_source_and_name() {
         for kind in [
             ErrorKind::UnknownService,

@@ -455,3 +455,68 @@ async fn finish<D: Downstream>(gw: &Gateway, down: &mut D, service: &str, stop: 
         Stop::Gone => down.gone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::route::{Connect, ConnectFuture};
+
+    struct Nowhere;
+
+    impl Connect for Nowhere {
+        fn connect(&self) -> ConnectFuture {
+            Box::pin(async { Err(std::io::ErrorKind::NotFound.into()) })
+        }
+    }
+
+    fn upstream(limits: ExchangeLimits) -> Upstream {
+        Upstream {
+            key: Arc::from("i"),
+            connect: Arc::new(Nowhere),
+            limits,
+        }
+    }
+
+    #[test]
+    fn the_leased_versions_rules_apply_unless_it_streams() {
+        let started = Instant::now();
+        let received = ExchangeLimits {
+            request_timeout: Some(Duration::from_secs(10)),
+            max_response: Some(100),
+            max_request: Some(50),
+        };
+        let redeployed = ExchangeLimits {
+            request_timeout: Some(Duration::from_secs(2)),
+            max_response: Some(200),
+            max_request: Some(20),
+        };
+        let mut rules = Rules::new(received, 100, started);
+        assert_eq!(rules.deadline(), Some(started + Duration::from_secs(10)));
+        rules.lease(&upstream(redeployed), started, 20).unwrap();
+        assert_eq!(rules.deadline(), Some(started + Duration::from_secs(2)));
+        assert_eq!(rules.max_response, 200);
+
+        // A body the new version does not take.
+        let mut rules = Rules::new(received, 100, started);
+        let refused = rules.lease(&upstream(redeployed), started, 21).unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::RequestTooLarge);
+
+        // A version turned persistent: the rules it was received under.
+        let mut rules = Rules::new(received, 100, started);
+        rules
+            .lease(&upstream(ExchangeLimits::default()), started, 50)
+            .unwrap();
+        assert_eq!(rules.deadline(), Some(started + Duration::from_secs(10)));
+        assert_eq!(rules.max_response, 100);
+
+        // No timeout: no deadline.
+        let none = ExchangeLimits {
+            request_timeout: None,
+            ..received
+        };
+        assert_eq!(Rules::new(none, 100, started).deadline(), None);
+    }
+}
