@@ -106,6 +106,98 @@ impl ErrorKind {
     }
 }
 
+/// Something that may have caused a gateway failure (an I/O error, hyper's,
+/// the instance's exit).
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the gateway answered a request itself: what kind of failure (its
+/// status and `x-skiff-error` name), the sentence the client reads, who
+/// caused it, whether a retry may succeed, and what underlying error led
+/// to it, when there was one (kept for logs and `Error::source`, never
+/// shown to the client).
+pub struct Failure {
+    kind: ErrorKind,
+    message: String,
+    source: Source,
+    retryable: bool,
+    cause: Option<Cause>,
+}
+
+impl Failure {
+    /// A failure of `kind`, told to the client as `message`; who caused
+    /// it and whether a retry is safe follow from the kind.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            source: kind.source(),
+            retryable: kind.retryable(),
+            cause: None,
+        }
+    }
+
+    /// The same failure, caused by `cause`.
+    pub fn because(mut self, cause: impl Into<Cause>) -> Self {
+        self.cause = Some(cause.into());
+        self
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The sentence the client reads.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Who caused it.
+    pub fn source(&self) -> Source {
+        self.source
+    }
+
+    /// Whether sending the same request again may succeed.
+    pub fn retryable(&self) -> bool {
+        self.retryable
+    }
+
+    /// The underlying error, when there was one.
+    pub fn cause(&self) -> Option<&(dyn std::error::Error + Send + Sync + 'static)> {
+        self.cause.as_deref()
+    }
+
+    /// The answer to the client (`error_response`).
+    pub(crate) fn answer(&self, json: bool) -> Response<Body> {
+        error_response(self, json)
+    }
+}
+
+impl std::fmt::Debug for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Failure")
+            .field("kind", &self.kind)
+            .field("message", &self.message)
+            .field("source", &self.source)
+            .field("retryable", &self.retryable)
+            .field("cause", &self.cause)
+            .finish()
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind.as_str(), self.message)
+    }
+}
+
+impl std::error::Error for Failure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.cause
+            .as_deref()
+            .map(|c| c as &(dyn std::error::Error + 'static))
+    }
+}
+
 pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
 
 /// Whether the client asked for JSON rather than text.
@@ -118,9 +210,10 @@ pub(crate) fn wants_json(headers: &HeaderMap) -> bool {
 }
 
 /// A gateway-made answer: one line of reason (or a JSON object), marked by header.
-pub(crate) fn error_response(kind: ErrorKind, message: &str, json: bool) -> Response<Body> {
+fn error_response(failure: &Failure, json: bool) -> Response<Body> {
+    let (kind, message) = (failure.kind, failure.message.as_str());
     let (body, content_type) = if json {
-        let source = match kind.source() {
+        let source = match failure.source {
             Source::Client => "client",
             Source::Platform => "platform",
             Source::Upstream => "upstream",
@@ -130,7 +223,7 @@ pub(crate) fn error_response(kind: ErrorKind, message: &str, json: bool) -> Resp
             "status": kind.status().as_u16(),
             "message": message,
             "source": source,
-            "retryable": kind.retryable(),
+            "retryable": failure.retryable,
         });
         (format!("{value}\n"), "application/json")
     } else {
@@ -177,16 +270,39 @@ mod tests {
         h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
         assert!(wants_json(&h));
 
-        let r = error_response(ErrorKind::ResponseTooLarge, "too big", true);
+        let r = Failure::new(ErrorKind::ResponseTooLarge, "too big").answer(true);
         assert_eq!(r.status(), 502);
         assert_eq!(r.headers()["x-skiff-error"], "response-too-large");
         assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
-        let r = error_response(ErrorKind::RequestTimeout, "slow", false);
+        let r = Failure::new(ErrorKind::RequestTimeout, "slow").answer(false);
         assert_eq!(r.status(), 504);
         assert_eq!(
             r.headers()[header::CONTENT_TYPE],
             "text/plain; charset=utf-8"
         );
+    }
+
+    #[test]
+    fn a_failure_keeps_its_cause_and_answers_as_its_kind() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
+        let failure =
+            Failure::new(ErrorKind::UpstreamFailed, "Service \"a\" broke off.").because(io);
+        assert_eq!(failure.kind(), ErrorKind::UpstreamFailed);
+        assert_eq!(failure.source(), Source::Upstream);
+        assert!(failure.retryable());
+        assert_eq!(
+            failure.to_string(),
+            "upstream-failed: Service \"a\" broke off."
+        );
+        let cause = std::error::Error::source(&failure).map(|c| c.to_string());
+        assert_eq!(cause.as_deref(), Some("reset by peer"));
+        assert!(failure.cause().is_some());
+
+        let plain = Failure::new(ErrorKind::BadHost, "no host");
+        assert!(std::error::Error::source(&plain).is_none());
+        let r = plain.answer(false);
+        assert_eq!(r.status(), 400);
+        assert_eq!(r.headers()["x-skiff-error"], "bad-host");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! bytes read so far, and hyper serves the rest of that connection
 //! (`Gateway::serve_with_hyper`), answering errors as it always does.
 
+use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
@@ -24,12 +25,13 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::error::{error_response, ErrorKind};
+use crate::error::{ErrorKind, Failure};
+use crate::gateway::Gateway;
 use crate::h1;
-use crate::proxy::{
-    body_due, body_timed_out, body_too_slow, timed_out, too_large_request, Gateway, HyperBuilder,
-};
-use crate::route::{host_to_service, ExchangeLimits};
+use crate::hyper_side::HyperBuilder;
+use crate::limits::{after, until, FAR};
+use crate::pipeline::{self, Downstream, Piece, Serverless, Watched};
+use crate::route::ExchangeLimits;
 
 /// Most header fields in a request served here; hyper takes requests
 /// with more.
@@ -193,36 +195,6 @@ pub(crate) async fn serve(
     }
 }
 
-/// Further than any deadline the gateway sets.
-const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
-
-/// `d` from now; far in the future when that does not fit an `Instant`.
-pub(crate) fn after(d: Duration) -> Instant {
-    later(Instant::now(), d)
-}
-
-/// `d` after `t`, or far after it when that does not fit an `Instant`.
-pub(crate) fn later(t: Instant, d: Duration) -> Instant {
-    t.checked_add(d).or_else(|| t.checked_add(FAR)).unwrap_or(t)
-}
-
-/// Completes at `at`. Each request moves a connection's deadlines later;
-/// the timer behind one is only moved when it fires before its deadline
-/// or is set later than it — about once per timeout on a busy connection
-/// rather than once per request.
-async fn until(mut timer: Pin<&mut tokio::time::Sleep>, at: Instant) {
-    if timer.deadline() > at {
-        timer.as_mut().reset(at);
-    }
-    loop {
-        timer.as_mut().await;
-        if Instant::now() >= at {
-            return;
-        }
-        timer.as_mut().reset(at);
-    }
-}
-
 /// What becomes of the connection after an answer.
 enum Close {
     No,
@@ -342,16 +314,20 @@ impl Front {
         let Some(host) = host.and_then(|h| std::str::from_utf8(h).ok()) else {
             return Inspected::Hyper;
         };
-        let gw = &self.gw;
-        let Some(service) = host_to_service(host, &gw.config().domain) else {
-            return Inspected::Hyper;
+        // Admission as on hyper's side (`pipeline::admit`); what it
+        // refuses, and what is not a serving serverless service, hyper's
+        // side answers or serves.
+        let head = pipeline::Head {
+            connect: false,
+            hosts: 1,
+            host: Some(host),
+            upgrade: None,
         };
-        let service = service.to_ascii_lowercase();
-        let Some(limits) = gw.router().limits(&service) else {
-            return Inspected::Hyper;
-        };
-        let Some(max_response) = limits.max_response else {
-            // Persistent: streamed by hyper.
+        let Ok(pipeline::Admitted {
+            service,
+            serverless: Some((limits, max_response)),
+        }) = pipeline::admit(&self.gw, &head)
+        else {
             return Inspected::Hyper;
         };
         let length = length.unwrap_or(0);
@@ -415,179 +391,30 @@ impl Front {
         })
     }
 
-    /// Receives the body, forwards the request, answers the client.
-    /// Returns what becomes of the connection; an error when the client
-    /// is gone.
+    /// Receives the body, forwards the request, answers the client
+    /// (`pipeline::serverless`). Returns what becomes of the connection;
+    /// an error when the client is gone.
     async fn serve(
         &mut self,
         plan: Plan,
-        mut timer: Pin<&mut tokio::time::Sleep>,
+        timer: Pin<&mut tokio::time::Sleep>,
         closing: &watch::Receiver<bool>,
     ) -> io::Result<Close> {
-        let started = Instant::now();
-        let mut limits = plan.limits;
-        let mut answer_by = later(started, limits.request_timeout.unwrap_or(FAR));
-        // The body first, before an instance is taken: a slow upload
-        // holds no instance's slot. The buffer grows as bytes come, not by
-        // what the client announced.
-        // It must also come at a minimum rate (`body_due`), checked
-        // against the same timer: the deadline moves by a store per read.
-        let total = plan.head_len + plan.body_len;
-        let (rate, grace) = {
-            let config = self.gw.config();
-            (config.min_body_rate, config.header_read_timeout)
-        };
-        while self.buf.len() < total {
-            let want = (total - self.buf.len()).min(64 * 1024);
-            if self.buf.capacity() - self.buf.len() < want {
-                self.buf.reserve(want);
-            }
-            let got = (self.buf.len() - plan.head_len) as u64;
-            let timeout = limits.request_timeout.map(|_| (answer_by, false));
-            let due = match (timeout, body_due(started, grace, got, rate)) {
-                (Some((t, _)), Some(r)) if r < t => Some((r, true)),
-                (None, Some(r)) => Some((r, true)),
-                (t, _) => t,
-            };
-            let (due_at, slow) = due.unwrap_or((answer_by, false));
-            tokio::select! {
-                biased;
-                read = self.stream.read_buf(&mut self.buf) => {
-                    if read? == 0 {
-                        return Err(io::ErrorKind::UnexpectedEof.into());
-                    }
-                }
-                () = until(timer.as_mut(), due_at), if due.is_some() => {
-                    let (kind, message) = if slow {
-                        body_too_slow(&plan.service, got, started.elapsed(), rate, grace)
-                    } else {
-                        body_timed_out(&plan.service, limits)
-                    };
-                    self.write_error(&plan, kind, &message, true).await?;
-                    return Ok(Close::AfterUnread);
-                }
-            }
-        }
-        self.buf.advance(plan.head_len);
-        let body = if plan.body_len == 0 {
-            Bytes::new()
-        } else if plan.body_len <= h1::COPY_BODY {
-            let body = Bytes::copy_from_slice(&self.buf[..plan.body_len]);
-            self.buf.advance(plan.body_len);
-            body
-        } else {
-            let body = self.buf.split_to(plan.body_len).freeze();
-            if total > 64 * 1024 {
-                // What follows moves to a buffer of its own, so the large
-                // one goes with the body.
-                let mut rest = BytesMut::with_capacity((8 * 1024).max(self.buf.len()));
-                rest.extend_from_slice(&self.buf);
-                self.buf = rest;
-            }
-            body
-        };
-        h1::end_request(&mut self.up, &body, plan.has_body);
-        // Past this, bytes from the client are its next request (read
-        // into the buffer while waiting, up to a head's worth), and its
-        // end means nobody waits for the answer: the exchange is dropped
-        // and the instance's slot freed.
-        let cap = self.gw.config().max_header_bytes + 1;
-
         let gw = self.gw.clone();
-        let leased = tokio::select! {
-            biased;
-            leased = gw.lease(&plan.service) => leased,
-            () = client_gone(&self.stream, &mut self.buf, cap, &mut self.read_closed) => {
-                return Err(io::ErrorKind::ConnectionAborted.into());
-            }
-        };
-        let lease = match leased {
-            Ok(lease) => lease,
-            Err((kind, message)) => {
-                let close = plan.close || *closing.borrow();
-                self.write_error(&plan, kind, &message, close).await?;
-                return Ok(if close { Close::Now } else { Close::No });
-            }
-        };
-        let upstream = &lease.upstream;
-        // The instance leased may run a version deployed meanwhile: its
-        // rules apply (a service turned persistent keeps the rules the
-        // request was received under).
-        let max_response = match upstream.limits.max_response {
-            Some(max) => {
-                if upstream.limits.request_timeout != limits.request_timeout {
-                    limits.request_timeout = upstream.limits.request_timeout;
-                    answer_by = later(started, limits.request_timeout.unwrap_or(FAR));
-                }
-                if let Some(limit) = upstream.limits.max_request {
-                    if body.len() as u64 > limit {
-                        drop(lease);
-                        let (kind, message) = too_large_request(limit);
-                        let close = plan.close || *closing.borrow();
-                        self.write_error(&plan, kind, &message, close).await?;
-                        return Ok(if close { Close::Now } else { Close::No });
-                    }
-                }
-                max
-            }
-            None => plan.max_response,
-        };
-        let prepared = h1::Prepared {
-            bytes: &self.up,
-            body: &body,
+        let req = Serverless {
+            service: &plan.service,
             head_only: plan.head_only,
             idempotent: plan.idempotent,
         };
-        let exchange = h1::exchange(gw.pool(), upstream, prepared, max_response);
-        let result = tokio::select! {
-            biased;
-            r = exchange => Some(r),
-            () = until(timer.as_mut(), answer_by), if limits.request_timeout.is_some() => None,
-            () = client_gone(&self.stream, &mut self.buf, cap, &mut self.read_closed) => {
-                return Err(io::ErrorKind::ConnectionAborted.into());
-            }
+        let rules = (plan.limits, plan.max_response);
+        let mut down = Fast {
+            front: self,
+            plan: &plan,
+            timer,
+            closing,
+            unread: true,
         };
-        let close = plan.close || *closing.borrow();
-        let mut received = match result {
-            Some(Ok(received)) => received,
-            failed => {
-                // Still leased while the exit is learned (see
-                // `Gateway::exchange_failed`).
-                let (kind, message) = match failed {
-                    Some(Err(e)) => {
-                        gw.exchange_failed(&plan.service, upstream, e, max_response)
-                            .await
-                    }
-                    _ => timed_out(&plan.service, limits),
-                };
-                drop(lease);
-                self.write_error(&plan, kind, &message, close).await?;
-                return Ok(if close { Close::Now } else { Close::No });
-            }
-        };
-        let key = upstream.key.clone();
-        // Released before the answer goes out: a client that sends its
-        // next request on another connection as soon as it has this
-        // answer must find the slot free (else it would queue, or even
-        // start another instance, for a moment's overlap).
-        drop(lease);
-
-        let out = &mut self.out;
-        status_line(out, received.status);
-        out.extend_from_slice(&received.lines);
-        if !received.has_date {
-            date_line(out);
-        }
-        let length = (!received.bodiless).then_some(received.body.len());
-        end_head(out, length, close);
-        let sent = self.send(&received.body).await;
-        // The instance's connection goes back to this thread's pool once
-        // the answer is written, off the request's path. (Another request
-        // on this thread meanwhile, possible only while a slow client
-        // takes a large answer, opens a connection of its own.)
-        gw.pool().put_back(&key, &mut received);
-        sent?;
-        Ok(if close { Close::Now } else { Close::No })
+        pipeline::serverless(&gw, &mut down, &req, rules).await
     }
 
     /// Writes `self.out` and then `body` (in one write when small).
@@ -601,29 +428,15 @@ impl Front {
         }
     }
 
-    /// Answers the request itself, as hyper's side would (`error.rs`).
-    async fn write_error(
-        &mut self,
-        plan: &Plan,
-        kind: ErrorKind,
-        message: &str,
-        close: bool,
-    ) -> io::Result<()> {
-        self.gw.report(&plan.service, kind, message);
-        self.write_answer(kind, message, plan.json, plan.head_only, close)
-            .await
-    }
-
     /// Writes a gateway-made answer (`error.rs`).
     async fn write_answer(
         &mut self,
-        kind: ErrorKind,
-        message: &str,
+        failure: &Failure,
         json: bool,
         head_only: bool,
         close: bool,
     ) -> io::Result<()> {
-        let (parts, body) = error_response(kind, message, json).into_parts();
+        let (parts, body) = failure.answer(json).into_parts();
         let body = body
             .collect()
             .await
@@ -678,10 +491,11 @@ impl Front {
                 Ok(_) | Err(httparse::Error::TooManyHeaders)
             );
             if request {
-                let message = "The gateway is shutting down; send the request again.";
-                let _ = self
-                    .write_answer(ErrorKind::Unavailable, message, false, false, true)
-                    .await;
+                let failure = Failure::new(
+                    ErrorKind::Unavailable,
+                    "The gateway is shutting down; send the request again.",
+                );
+                let _ = self.write_answer(&failure, false, false, true).await;
             }
             return self.linger().await;
         }
@@ -697,6 +511,146 @@ impl Front {
             stream,
         };
         gw.serve_with_hyper(io, remote, &hyper, closing).await;
+    }
+}
+
+/// A request served here, as the pipeline's phases see its client.
+struct Fast<'f, 't> {
+    front: &'f mut Front,
+    plan: &'f Plan,
+    /// The connection's request timer (see `until`).
+    timer: Pin<&'t mut tokio::time::Sleep>,
+    closing: &'f watch::Receiver<bool>,
+    /// Part of the body is not read yet: an answer now closes the
+    /// connection without resetting it away (`Front::linger`).
+    unread: bool,
+}
+
+impl Fast<'_, '_> {
+    /// What becomes of the connection after an answer.
+    fn close(&self) -> Close {
+        if self.plan.close || *self.closing.borrow() {
+            Close::Now
+        } else {
+            Close::No
+        }
+    }
+}
+
+impl Downstream for Fast<'_, '_> {
+    type Done = io::Result<Close>;
+
+    fn announced(&self) -> Option<u64> {
+        Some(self.plan.body_len as u64)
+    }
+
+    fn received(&self) -> u64 {
+        let got = self.front.buf.len().saturating_sub(self.plan.head_len);
+        got.min(self.plan.body_len) as u64
+    }
+
+    /// The buffer grows as bytes come, not by what the client announced.
+    async fn read_body(&mut self, due: Option<Instant>) -> Piece {
+        let total = self.plan.head_len + self.plan.body_len;
+        let buf = &mut self.front.buf;
+        if buf.len() >= total {
+            self.unread = false;
+            return Piece::End;
+        }
+        let want = (total - buf.len()).min(64 * 1024);
+        if buf.capacity() - buf.len() < want {
+            buf.reserve(want);
+        }
+        // Without a deadline the timer's branch is off; any instant does.
+        let at = due.unwrap_or_else(|| self.timer.deadline());
+        tokio::select! {
+            biased;
+            read = self.front.stream.read_buf(buf) => match read {
+                Ok(0) | Err(_) => Piece::Gone,
+                Ok(_) => Piece::More,
+            },
+            () = until(self.timer.as_mut(), at), if due.is_some() => Piece::Late,
+        }
+    }
+
+    fn request(&mut self) -> (Vec<u8>, Bytes) {
+        let (plan, front) = (self.plan, &mut *self.front);
+        front.buf.advance(plan.head_len);
+        let body = if plan.body_len == 0 {
+            Bytes::new()
+        } else if plan.body_len <= h1::COPY_BODY {
+            let body = Bytes::copy_from_slice(&front.buf[..plan.body_len]);
+            front.buf.advance(plan.body_len);
+            body
+        } else {
+            let body = front.buf.split_to(plan.body_len).freeze();
+            if plan.head_len + plan.body_len > 64 * 1024 {
+                // What follows moves to a buffer of its own, so the large
+                // one goes with the body.
+                let mut rest = BytesMut::with_capacity((8 * 1024).max(front.buf.len()));
+                rest.extend_from_slice(&front.buf);
+                front.buf = rest;
+            }
+            body
+        };
+        h1::end_request(&mut front.up, &body, plan.has_body);
+        (std::mem::take(&mut front.up), body)
+    }
+
+    fn reuse(&mut self, head: Vec<u8>) {
+        self.front.up = head;
+    }
+
+    /// Past the body, bytes from the client are its next request (read
+    /// into the buffer while waiting, up to a head's worth), and its end
+    /// means nobody waits for the answer: the work is dropped (and with
+    /// it the instance's slot).
+    async fn watch<F: Future>(&mut self, work: F, by: Option<Instant>) -> Watched<F::Output> {
+        let front = &mut *self.front;
+        let cap = front.gw.config().max_header_bytes + 1;
+        let at = by.unwrap_or_else(|| self.timer.deadline());
+        tokio::select! {
+            biased;
+            out = work => Watched::Done(out),
+            () = until(self.timer.as_mut(), at), if by.is_some() => Watched::Late,
+            () = client_gone(&front.stream, &mut front.buf, cap, &mut front.read_closed) => {
+                Watched::Gone
+            }
+        }
+    }
+
+    async fn respond(&mut self, received: &mut h1::Received) -> io::Result<Close> {
+        let close = self.close();
+        let out = &mut self.front.out;
+        status_line(out, received.status);
+        out.extend_from_slice(&received.lines);
+        if !received.has_date {
+            date_line(out);
+        }
+        let length = (!received.bodiless).then_some(received.body.len());
+        end_head(out, length, matches!(close, Close::Now));
+        self.front.send(&received.body).await?;
+        Ok(close)
+    }
+
+    async fn refuse(&mut self, failure: Failure) -> io::Result<Close> {
+        let (json, head_only) = (self.plan.json, self.plan.head_only);
+        if self.unread {
+            self.front
+                .write_answer(&failure, json, head_only, true)
+                .await?;
+            return Ok(Close::AfterUnread);
+        }
+        let close = self.close();
+        let now = matches!(close, Close::Now);
+        self.front
+            .write_answer(&failure, json, head_only, now)
+            .await?;
+        Ok(close)
+    }
+
+    fn gone(&mut self) -> io::Result<Close> {
+        Err(io::ErrorKind::ConnectionAborted.into())
     }
 }
 

@@ -42,6 +42,26 @@ pub(crate) enum ExchangeError {
     TooLarge,
 }
 
+impl std::fmt::Display for ExchangeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Connect(e) => write!(f, "cannot connect to the instance: {e}"),
+            Self::Broken(e) => write!(f, "the connection to the instance broke: {e}"),
+            Self::Malformed(what) => write!(f, "the instance's answer is not HTTP/1: {what}"),
+            Self::TooLarge => f.write_str("the instance's answer is over the limit"),
+        }
+    }
+}
+
+impl std::error::Error for ExchangeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Connect(e) | Self::Broken(e) => Some(e),
+            Self::Malformed(_) | Self::TooLarge => None,
+        }
+    }
+}
+
 impl ExchangeError {
     /// Closed before any byte of a response: on a reused connection this
     /// is the instance having closed it while it sat idle.

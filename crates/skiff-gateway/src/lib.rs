@@ -8,18 +8,22 @@
 //! service's own.
 #![forbid(unsafe_code)]
 
+mod accept;
 mod admission;
 mod error;
 mod front;
+mod gateway;
 mod h1;
-mod proxy;
+mod hyper_side;
+mod limits;
+mod pipeline;
 mod route;
 mod threads;
 mod upstream_io;
 
 pub use admission::{Admitted, Cidr, CidrError, ConnectionLimits, ConnectionTable, Refused};
-pub use error::{ErrorKind, Source};
-pub use proxy::{Gateway, GatewayConfig, GatewayError};
+pub use error::{Cause, ErrorKind, Failure, Source};
+pub use gateway::{Gateway, GatewayConfig, GatewayError};
 pub use route::{
     host_to_service, Connect, ConnectFuture, ExchangeLimits, FailureFuture, Lease, Route,
     RouteFuture, Router, Upstream,

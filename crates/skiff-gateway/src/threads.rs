@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tracing::warn;
 
 use crate::admission::ConnectionTable;
-use crate::proxy::{Gateway, GatewayConfig, GatewayError};
+use crate::gateway::{Gateway, GatewayConfig, GatewayError};
 use crate::route::Router;
 
 /// The gateway's listening socket, one handle per thread.
