@@ -55,7 +55,7 @@ impl Gateway {
                         // loop from spinning; it never ends.
                         if warned.is_none_or(|w| w.elapsed() >= WARN_EVERY) {
                             warn!(
-                                "gateway: cannot accept a connection: {e} ({} client                                  connections open); retrying",
+                                "gateway: cannot accept a connection: {e} ({} client connections open); retrying",
                                 self.connections().open()
                             );
                             warned = Some(Instant::now());
@@ -78,7 +78,7 @@ impl Gateway {
                     if warned.is_none_or(|w| w.elapsed() >= WARN_EVERY) {
                         let caps = self.config().connections;
                         warn!(
-                            "gateway: refused {refused} connections (the last from {}: {});                              raise --max-connections / --max-connections-per-address if                              these are real clients",
+                            "gateway: refused {refused} connections (the last from {}: {}); raise --max-connections / --max-connections-per-address if these are real clients",
                             remote.ip(),
                             match why {
                                 Refused::PerAddress => format!(
