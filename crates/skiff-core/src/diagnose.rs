@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
-use skiff_gateway::ErrorKind;
 use skiff_model::format_size;
 
+use crate::errors::ErrorKind;
 use crate::events::EventKind;
 
 /// Which rule a finding comes from.

@@ -7,7 +7,9 @@
 #![forbid(unsafe_code)]
 
 pub mod diagnose;
+pub mod errors;
 pub mod events;
 pub mod scaler;
 
+pub use errors::ErrorKind;
 pub use events::{EventKind, Level, Phase, Phases, StartReport, Stream};

@@ -5,104 +5,21 @@
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
+pub use skiff_core::errors::{ErrorKind, Source};
 
-/// Why the gateway answered instead of the service. The name is sent in
-/// the `x-skiff-error` header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// The request named no service or an unknown one (client side).
-    UnknownService,
-    /// The request has no usable Host header (client side).
-    BadHost,
-    /// The request is malformed or ambiguous (client side).
-    BadRequest,
-    /// The request body is over the service's limit (client side).
-    RequestTooLarge,
-    /// The service has no healthy instance (platform side; retry later).
-    Unavailable,
-    /// The instance could not be reached or broke the exchange (upstream).
-    UpstreamFailed,
-    /// The service's response is over the limit (upstream).
-    ResponseTooLarge,
-    /// The service did not answer within the request timeout (upstream).
-    RequestTimeout,
-    /// The client did not send the request's body within the request
-    /// timeout (client side; the service never saw the request).
-    BodyTimeout,
-    /// An upgrade (WebSocket) to a serverless service (client side).
-    StreamingNeedsPersistent,
-    /// A `CONNECT` request: the gateway is no forward proxy (client side).
-    ConnectNotSupported,
-    /// A connection over the gateway's caps, per client address or in
-    /// total (platform side; retry later).
-    TooManyConnections,
-}
-
-/// Who caused an error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    Client,
-    Platform,
-    Upstream,
-}
-
-impl ErrorKind {
-    /// The kind's stable name: in `x-skiff-error`, in JSON errors, and in
-    /// the platform's recorded events (the troubleshooter's rules name
-    /// these, through this function, not copies of the strings).
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::UnknownService => "unknown-service",
-            Self::BadHost => "bad-host",
-            Self::BadRequest => "bad-request",
-            Self::RequestTooLarge => "request-too-large",
-            Self::Unavailable => "service-unavailable",
-            Self::UpstreamFailed => "upstream-failed",
-            Self::ResponseTooLarge => "response-too-large",
-            Self::RequestTimeout => "request-timeout",
-            Self::BodyTimeout => "request-body-timeout",
-            Self::StreamingNeedsPersistent => "streaming-needs-persistent",
-            Self::ConnectNotSupported => "connect-not-supported",
-            Self::TooManyConnections => "too-many-connections",
-        }
-    }
-
-    pub fn status(self) -> StatusCode {
-        match self {
-            Self::UnknownService => StatusCode::NOT_FOUND,
-            Self::BadHost | Self::BadRequest => StatusCode::BAD_REQUEST,
-            Self::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Unavailable | Self::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
-            Self::UpstreamFailed | Self::ResponseTooLarge => StatusCode::BAD_GATEWAY,
-            // the README: a request past the request timeout gets 504.
-            Self::RequestTimeout | Self::BodyTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::StreamingNeedsPersistent => StatusCode::NOT_IMPLEMENTED,
-            Self::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
-        }
-    }
-
-    pub fn source(self) -> Source {
-        match self {
-            Self::UnknownService
-            | Self::BadHost
-            | Self::BadRequest
-            | Self::RequestTooLarge
-            | Self::BodyTimeout
-            | Self::StreamingNeedsPersistent
-            | Self::ConnectNotSupported => Source::Client,
-            Self::Unavailable | Self::TooManyConnections => Source::Platform,
-            Self::UpstreamFailed | Self::ResponseTooLarge | Self::RequestTimeout => {
-                Source::Upstream
-            }
-        }
-    }
-
-    /// Whether sending the same request again may succeed.
-    pub fn retryable(self) -> bool {
-        matches!(
-            self,
-            Self::Unavailable | Self::UpstreamFailed | Self::TooManyConnections
-        )
+/// The HTTP status of a gateway answer of `kind` (the kinds, their names
+/// and who causes them are `skiff_core::errors`).
+pub fn status(kind: ErrorKind) -> StatusCode {
+    match kind {
+        ErrorKind::UnknownService => StatusCode::NOT_FOUND,
+        ErrorKind::BadHost | ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+        ErrorKind::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::Unavailable | ErrorKind::TooManyConnections => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorKind::UpstreamFailed | ErrorKind::ResponseTooLarge => StatusCode::BAD_GATEWAY,
+        // the README: a request past the request timeout gets 504.
+        ErrorKind::RequestTimeout | ErrorKind::BodyTimeout => StatusCode::GATEWAY_TIMEOUT,
+        ErrorKind::StreamingNeedsPersistent => StatusCode::NOT_IMPLEMENTED,
+        ErrorKind::ConnectNotSupported => StatusCode::METHOD_NOT_ALLOWED,
     }
 }
 
@@ -220,7 +137,7 @@ fn error_response(failure: &Failure, json: bool) -> Response<Body> {
         };
         let value = serde_json::json!({
             "error": kind.as_str(),
-            "status": kind.status().as_u16(),
+            "status": status(kind).as_u16(),
             "message": message,
             "source": source,
             "retryable": failure.retryable,
@@ -234,7 +151,7 @@ fn error_response(failure: &Failure, json: bool) -> Response<Body> {
             .map_err(|never| match never {})
             .boxed(),
     );
-    *resp.status_mut() = kind.status();
+    *resp.status_mut() = status(kind);
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert("x-skiff-error", HeaderValue::from_static(kind.as_str()));
@@ -307,21 +224,8 @@ mod tests {
 
     #[test]
     fn every_kind_has_a_status_source_and_name() {
-        for kind in [
-            ErrorKind::UnknownService,
-            ErrorKind::BadHost,
-            ErrorKind::BadRequest,
-            ErrorKind::RequestTooLarge,
-            ErrorKind::Unavailable,
-            ErrorKind::UpstreamFailed,
-            ErrorKind::ResponseTooLarge,
-            ErrorKind::RequestTimeout,
-            ErrorKind::BodyTimeout,
-            ErrorKind::StreamingNeedsPersistent,
-            ErrorKind::ConnectNotSupported,
-            ErrorKind::TooManyConnections,
-        ] {
-            assert!(kind.status().as_u16() >= 400, "{kind:?}");
+        for kind in ErrorKind::ALL {
+            assert!(status(kind).as_u16() >= 400, "{kind:?}");
             assert!(!kind.as_str().is_empty());
             let _ = kind.source();
         }

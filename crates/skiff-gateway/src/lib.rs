@@ -22,7 +22,7 @@ mod threads;
 mod upstream_io;
 
 pub use admission::{Admitted, Cidr, CidrError, ConnectionLimits, ConnectionTable, Refused};
-pub use error::{Cause, ErrorKind, Failure, Source};
+pub use error::{status, Cause, ErrorKind, Failure, Source};
 pub use gateway::{Gateway, GatewayConfig, GatewayError};
 pub use route::{
     host_to_service, Connect, ConnectFuture, ExchangeLimits, FailureFuture, Lease, Route,

@@ -341,7 +341,7 @@ impl Answer {
     /// The gateway's own answer of `kind`: status, header, and a body
     /// of one line.
     fn is_gateway(&self, kind: ErrorKind) -> bool {
-        self.status == kind.status().as_u16()
+        self.status == skiff_gateway::status(kind).as_u16()
             && self.field("x-skiff-error") == Some(kind.as_str())
             && self.body.ends_with('\n')
             && self.body.lines().count() == 1
