@@ -517,6 +517,15 @@ fn stage(config: &SandboxConfig, facts: &Facts, p: &mut Vec<Step>) -> Res<Staged
             Some((name(upper), name(work)))
         }
     };
+    if facts.bind_is_file.len() != config.binds.len() {
+        // A read-only file taken for a directory would be bound from its
+        // host path: never guess.
+        return Err(format!(
+            "the facts name {} binds, the configuration {}",
+            facts.bind_is_file.len(),
+            config.binds.len()
+        ));
+    }
     let mut bind_sources = Vec::new();
     for (i, bind) in config.binds.iter().enumerate() {
         // A read-only file is copied here, so its bind shows no host path.
@@ -696,8 +705,15 @@ fn do_step<S: Syscalls>(step: &Step, sys: &mut S) -> Res<()> {
     match step {
         Step::DieWithParent => sys.set_parent_death_signal(),
         Step::Mount(m) => {
-            if m.if_present && !sys.exists(m.target.path()) {
-                return Ok(());
+            // Only the host's own paths (fresh /proc entries) may be
+            // missing: existence is checked by a path that follows links,
+            // never in the image a tenant made.
+            if m.if_present {
+                if let Target::Host(path) = &m.target {
+                    if !sys.exists(path) {
+                        return Ok(());
+                    }
+                }
             }
             // A place in the image is held open until it has been mounted on.
             let (target, _held) = match &m.target {
@@ -1525,6 +1541,13 @@ mod tests {
     #[test]
     fn bad_configurations_are_refused_with_the_reason() {
         let refused = |config: SandboxConfig| plan(&config, &facts(&config)).unwrap_err();
+        // Facts that do not cover every bind: never guessed at.
+        let config = build();
+        let mut short = facts(&config);
+        short.bind_is_file.pop();
+        assert!(plan(&config, &short)
+            .unwrap_err()
+            .contains("binds, the configuration"));
         assert_eq!(
             refused(SandboxConfig {
                 layers: vec![],

@@ -236,7 +236,7 @@ impl Syscalls for Kernel<'_> {
     fn announce_exec(&mut self) -> io::Result<()> {
         match self.control.as_mut() {
             Some(control) => control.write_all(b"exec\n"),
-            None => Ok(()),
+            None => Err(other("no control socket to announce the exec on")),
         }
     }
 
@@ -246,6 +246,18 @@ impl Syscalls for Kernel<'_> {
 
     fn execvpe(&mut self, argv: &[CString], env: &[CString]) -> io::Result<()> {
         let program = argv.first().ok_or_else(|| other("empty command"))?;
+        // skiff (Rust) ignores SIGPIPE, and an ignored signal stays ignored
+        // across exec: the command starts with the default, as from a
+        // shell, so `yes | head -1` ends quietly.
+        // SAFETY: setting a signal's disposition to SIG_DFL installs no
+        // handler; nothing in this single-threaded process relies on it.
+        unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        }
+        .map_err(io::Error::from)?;
         match nix::unistd::execvpe(program, argv, env) {
             Ok(never) => match never {},
             Err(e) => Err(e.into()),

@@ -72,6 +72,30 @@ fn apt_get_in_the_build_and_its_program_at_run_time() {
     assert!(upper.join("usr/bin/jq").exists());
 }
 
+/// Commands start with SIGPIPE at its default, as from a shell: skiff
+/// itself ignores it, and an ignored signal would stay ignored across exec
+/// (`yes` would then fail with "Broken pipe" instead of ending quietly).
+#[test]
+fn a_pipeline_that_stops_reading_ends_quietly_in_builds_and_services() {
+    let name = unique("sigpipe");
+    let app = App::new(
+        &format!(
+            "name = \"{name}\"\n\
+             build = \"yes | head -n 1 > /app/first\"\n\
+             start = \"yes | head -n 1 > /tmp/first && exec python3 probe.py\"\n"
+        ),
+        &[("probe.py", PROBE_APP)],
+    );
+    let mut up = Up::start(&[app.path()], &[]);
+    assert_eq!(up.wait_urls(1, FIRST_START).len(), 1, "{}", up.stderr());
+    let h = host(&name);
+    for path in ["/app/first", "/tmp/first"] {
+        let r = up.get(&h, &format!("/read?path={path}"));
+        assert!(r.body.contains("read 2 bytes"), "{path}: {}", r.body);
+    }
+    assert!(!up.stdout().contains("Broken pipe"), "{}", up.stdout());
+}
+
 #[test]
 fn files_the_build_made_are_visible_but_not_writable_at_run_time() {
     let name = unique("buildfiles");
