@@ -1,7 +1,7 @@
 //! One deployed service at run time: carries out the scaler's decisions
 //! (start, freeze, thaw, stop instances; hand waiting requests over) and
 //! feeds it the events (requests, instance ready, exited). The decisions
-//! themselves are in `scaler.rs`.
+//! themselves are in `skiff_core::scaler`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

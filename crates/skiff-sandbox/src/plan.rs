@@ -7,7 +7,7 @@
 //! root read-only, only `/tmp` writable, the limits, privileges dropped and
 //! the system-call filter installed last before exec — is checked by unit
 //! tests without root. [`run`] carries a list of [`Step`]s out through a
-//! [`Syscalls`], the kernel in `init.rs` and a recording double in tests.
+//! [`Syscalls`]: the kernel (`syscalls::Kernel`) or a recording double in tests.
 //!
 //! The plan is made in the helper before it forks pid 1, so pid 1 and the
 //! command's process get it ready-made (copy-on-write) and only execute.
