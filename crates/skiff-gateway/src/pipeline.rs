@@ -260,20 +260,32 @@ pub(crate) async fn serverless<D: Downstream>(
 ) -> D::Done {
     let started = Instant::now();
     let mut rules = Rules::new(limits, max_response, started);
-    let body = match receive_body(gw, down, req.service, &rules, started).await {
-        Ok(body) => body,
+    let received = match receive_body(gw, down, req.service, &rules, started).await {
+        Ok(received) => received,
         Err(stop) => return finish(gw, down, req.service, stop).await,
     };
+    // The request leaves the client's buffer before the wait for an
+    // instance: what the buffer holds then is the client's next request
+    // (a client that leaves meanwhile is seen), and a refusal cannot leave
+    // this one behind to be served again.
+    let request = down.request();
     let lease = match down.watch(lease(gw.router(), req.service), None).await {
         Watched::Done(Ok(lease)) => lease,
-        Watched::Done(Err(failure)) => return finish(gw, down, req.service, failure.into()).await,
-        Watched::Late | Watched::Gone => return down.gone(),
+        Watched::Done(Err(failure)) => {
+            down.reuse(request.0);
+            return finish(gw, down, req.service, failure.into()).await;
+        }
+        Watched::Late | Watched::Gone => {
+            down.reuse(request.0);
+            return down.gone();
+        }
     };
-    if let Err(failure) = rules.lease(&lease.upstream, started, body) {
+    if let Err(failure) = rules.lease(&lease.upstream, started, received) {
         drop(lease);
+        down.reuse(request.0);
         return finish(gw, down, req.service, failure.into()).await;
     }
-    exchange(gw, down, req, rules, lease).await
+    exchange(gw, down, req, rules, lease, request).await
 }
 
 /// A serverless request whose service's rules were not known before an
@@ -292,7 +304,8 @@ pub(crate) async fn serverless_leased<D: Downstream>(
         drop(lease);
         return finish(gw, down, req.service, stop).await;
     }
-    exchange(gw, down, req, rules, lease).await
+    let request = down.request();
+    exchange(gw, down, req, rules, lease, request).await
 }
 
 /// Prepare: the body, received whole within its limit, the request
@@ -377,9 +390,9 @@ async fn exchange<D: Downstream>(
     req: &Serverless<'_>,
     rules: Rules,
     lease: Lease,
+    (head, body): (Vec<u8>, Bytes),
 ) -> D::Done {
     let upstream = &lease.upstream;
-    let (head, body) = down.request();
     let prepared = h1::Prepared {
         bytes: &head,
         body: &body,

@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -183,7 +184,29 @@ enum State {
     Ready(ExchangeLimits),
     /// Starting: its instance comes after a moment (`Route::Wait`).
     Starting(ExchangeLimits),
+    /// Serving, but its instance must be thawed or started first: its
+    /// rules are known (the gateway's own side serves it), the instance
+    /// comes after `Duration`.
+    Waking(ExchangeLimits, Duration),
+    /// Serving, but refusing more requests for now (a full queue).
+    Full(ExchangeLimits),
     Unavailable(&'static str),
+}
+
+/// A lease's guard: counts the requests that hold an instance.
+struct Held(Arc<AtomicUsize>);
+
+impl Held {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 struct ToService(SocketAddr);
@@ -201,6 +224,8 @@ struct FakeRouter {
     services: HashMap<&'static str, State>,
     /// What the gateway reported with `Router::refused`.
     refused: Mutex<Vec<(String, ErrorKind, String)>>,
+    /// Leases not yet given back.
+    held: Arc<AtomicUsize>,
 }
 
 impl FakeRouter {
@@ -210,6 +235,21 @@ impl FakeRouter {
             connect: Arc::new(ToService(self.addr)),
             limits,
         }
+    }
+
+    /// An instance after `after`, held from now on (as the platform's
+    /// waiter holds its place).
+    fn wait(&self, service: &str, limits: ExchangeLimits, after: Duration) -> Route {
+        let lease = Lease::new(self.upstream_for(service, limits), Held::new(&self.held));
+        Route::Wait(Box::pin(async move {
+            tokio::time::sleep(after).await;
+            Route::Instance(lease)
+        }))
+    }
+
+    /// How many leases are held now.
+    fn held(&self) -> usize {
+        self.held.load(Ordering::SeqCst)
     }
 
     /// What the gateway reported so far.
@@ -224,16 +264,15 @@ impl Router for FakeRouter {
             None => Route::Unknown {
                 deployed: self.services.keys().map(|k| k.to_string()).collect(),
             },
-            Some(State::Ready(limits)) => {
-                Route::Instance(Lease::new(self.upstream_for(service, *limits), ()))
-            }
-            Some(State::Starting(limits)) => {
-                let lease = Lease::new(self.upstream_for(service, *limits), ());
-                Route::Wait(Box::pin(async move {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    Route::Instance(lease)
-                }))
-            }
+            Some(State::Ready(limits)) => Route::Instance(Lease::new(
+                self.upstream_for(service, *limits),
+                Held::new(&self.held),
+            )),
+            Some(State::Starting(limits)) => self.wait(service, *limits, Duration::from_millis(50)),
+            Some(State::Waking(limits, after)) => self.wait(service, *limits, *after),
+            Some(State::Full(_)) => Route::Unavailable {
+                reason: "its queue is full".into(),
+            },
             Some(State::Unavailable(reason)) => Route::Unavailable {
                 reason: reason.to_string(),
             },
@@ -242,14 +281,18 @@ impl Router for FakeRouter {
 
     fn upstream(&self, key: &str) -> Option<Upstream> {
         match self.services.get(key)? {
-            State::Ready(limits) | State::Starting(limits) => Some(self.upstream_for(key, *limits)),
-            State::Unavailable(_) => None,
+            State::Ready(limits) | State::Starting(limits) | State::Waking(limits, _) => {
+                Some(self.upstream_for(key, *limits))
+            }
+            State::Full(_) | State::Unavailable(_) => None,
         }
     }
 
     fn allows_streaming(&self, service: &str) -> Option<bool> {
         match self.services.get(service)? {
-            State::Ready(limits) => Some(limits.max_response.is_none()),
+            State::Ready(limits) | State::Waking(limits, _) | State::Full(limits) => {
+                Some(limits.max_response.is_none())
+            }
             _ => None,
         }
     }
@@ -263,7 +306,7 @@ impl Router for FakeRouter {
 
     fn limits(&self, service: &str) -> Option<ExchangeLimits> {
         match self.services.get(service)? {
-            State::Ready(limits) => Some(*limits),
+            State::Ready(limits) | State::Waking(limits, _) | State::Full(limits) => Some(*limits),
             _ => None,
         }
     }
@@ -294,11 +337,17 @@ async fn gateway(tune: impl FnOnce(&mut GatewayConfig)) -> Setup {
         ("later", State::Starting(serverless(1000))),
         ("db", State::Ready(ExchangeLimits::default())),
         ("broken", State::Unavailable("its build failed")),
+        (
+            "sleepy",
+            State::Waking(serverless(5000), Duration::from_secs(3)),
+        ),
+        ("full", State::Full(serverless(1000))),
     ]);
     let router = Arc::new(FakeRouter {
         addr: service().await,
         services,
         refused: Mutex::default(),
+        held: Arc::default(),
     });
     let mut config = GatewayConfig::new("test");
     config.header_read_timeout = Duration::from_secs(1);
@@ -341,10 +390,25 @@ impl Answer {
     /// The gateway's own answer of `kind`: status, header, and a body
     /// of one line.
     fn is_gateway(&self, kind: ErrorKind) -> bool {
-        self.status == skiff_gateway::status(kind).as_u16()
+        self.status == status_of(kind)
             && self.field("x-skiff-error") == Some(kind.as_str())
             && self.body.ends_with('\n')
             && self.body.lines().count() == 1
+    }
+}
+
+/// The status each kind of gateway answer has (the README's table),
+/// written out here rather than taken from the gateway's own mapping.
+fn status_of(kind: ErrorKind) -> u16 {
+    match kind {
+        ErrorKind::UnknownService => 404,
+        ErrorKind::BadHost | ErrorKind::BadRequest => 400,
+        ErrorKind::RequestTooLarge => 413,
+        ErrorKind::Unavailable | ErrorKind::TooManyConnections => 503,
+        ErrorKind::UpstreamFailed | ErrorKind::ResponseTooLarge => 502,
+        ErrorKind::RequestTimeout | ErrorKind::BodyTimeout => 504,
+        ErrorKind::StreamingNeedsPersistent => 501,
+        ErrorKind::ConnectNotSupported => 405,
     }
 }
 
@@ -869,4 +933,77 @@ async fn a_head_that_never_completes_is_closed() {
         "a slow head's connection is still open after 5 s"
     );
     assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+}
+
+/// A request refused while its service is serving (a full queue) is
+/// answered once, on the gateway's own side, and the connection goes on
+/// with the client's next request.
+#[tokio::test]
+async fn a_refused_request_is_answered_once_and_the_next_one_served() {
+    let setup = gateway(|_| {}).await;
+    let mut s = TcpStream::connect(setup.addr).await.unwrap();
+    // Pipelined: the refused request and the next one in one write.
+    let two = format!("{}{}", get("full.test", "/"), get("fn.test", "/"));
+    s.write_all(two.as_bytes()).await.unwrap();
+    let first = read_answer(&mut s, false).await;
+    assert!(first.is_gateway(ErrorKind::Unavailable), "{first:?}");
+    assert_eq!(
+        first.body,
+        "Service \"full\" is unavailable: its queue is full\n"
+    );
+    let second = read_answer(&mut s, false).await;
+    assert_eq!(
+        (second.status, second.body.as_str()),
+        (200, "ok"),
+        "{second:?}"
+    );
+    // One after the other on the same connection.
+    s.write_all(get("full.test", "/").as_bytes()).await.unwrap();
+    assert!(read_answer(&mut s, false)
+        .await
+        .is_gateway(ErrorKind::Unavailable));
+    s.write_all(get("fn.test", "/").as_bytes()).await.unwrap();
+    assert_eq!(read_answer(&mut s, false).await.body, "ok");
+    assert_eq!(setup.router.held(), 0);
+}
+
+/// Waits up to 2 s for every lease to be given back.
+async fn all_given_back(router: &FakeRouter) -> bool {
+    for _ in 0..200 {
+        if router.held() == 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// A client that leaves while its request waits for an instance, or while
+/// the instance works on it, gives its place back at once, on both sides.
+#[tokio::test]
+async fn a_client_that_leaves_gives_its_instance_back() {
+    let setup = gateway(|_| {}).await;
+    for (side, request) in both_sides("sleepy.test", "/")
+        .into_iter()
+        .chain(both_sides("fn.test", "/slow"))
+    {
+        let mut s = TcpStream::connect(setup.addr).await.unwrap();
+        s.write_all(request.as_bytes()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            setup.router.held(),
+            1,
+            "{side}: {request:?} holds its place"
+        );
+        drop(s);
+        assert!(
+            all_given_back(&setup.router).await,
+            "{side}: {request:?} still holds {} after its client left",
+            setup.router.held()
+        );
+    }
+    // And one that stays gets its answer, and gives the place back then.
+    let a = ask(setup.addr, &get("sleepy.test", "/")).await;
+    assert_eq!((a.status, a.body.as_str()), (200, "ok"), "{a:?}");
+    assert!(all_given_back(&setup.router).await);
 }
