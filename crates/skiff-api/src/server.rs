@@ -556,7 +556,7 @@ impl Api {
                     app_ms: d.report.app.as_secs_f64() * 1000.0,
                 },
                 Err(e) => DeployMessage::Failed {
-                    findings: deploy_findings(platform.store(), &name, &e),
+                    findings: deploy_findings(&e),
                     error: e.to_string(),
                     serving: platform.status(&name).and_then(|s| s.version),
                 },
@@ -834,35 +834,16 @@ fn start(s: &skiff_runtime::store::StartRecord) -> types::Start {
     }
 }
 
-/// What the troubleshooter finds in a failed deploy: the service's output
-/// the error quotes, and, for a start that failed, the platform's typed
-/// events about the version (a port never listened to, an out-of-memory
-/// kill). The error's own words are for the user, not for the rules.
-fn deploy_findings(
-    store: &skiff_runtime::store::Store,
-    name: &str,
-    e: &DeployError,
-) -> Vec<types::Finding> {
+/// What the troubleshooter finds in a failed deploy: the service's own
+/// output that the error quotes (its build's or its start's last lines).
+/// The error's own words are for the user, not for the rules; what it says
+/// of the platform's checks (the port, the memory limit) is in the error
+/// already, and the version's typed events are the doctor's to read.
+fn deploy_findings(e: &DeployError) -> Vec<types::Finding> {
     let mut d = Diagnoser::default();
     let now = SystemTime::now();
     for line in e.output() {
         d.observe(line, now);
-    }
-    if matches!(e, DeployError::Start(_)) {
-        // The version that failed to start is the newest one recorded.
-        let since = store
-            .versions(name, 1)
-            .ok()
-            .and_then(|v| v.into_iter().next())
-            .map(|v| v.created_at);
-        for event in store
-            .events(name, DIAGNOSIS_EVENTS)
-            .unwrap_or_default()
-            .iter()
-            .filter(|ev| since.is_some_and(|t| ev.at >= t))
-        {
-            d.observe_event(&event.kind, &event.message, event.at);
-        }
     }
     d.findings().map(finding).collect()
 }

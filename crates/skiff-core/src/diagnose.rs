@@ -395,16 +395,34 @@ fn stalled(line: &str, lower: &str) -> Option<Classified> {
 pub fn is_access_log(line: &str) -> bool {
     const METHODS: [&str; 7] = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"];
     let plain = without_colours(line);
+    // Structured request logs (pino, Fastify, bunyan): a status and a
+    // response time in one JSON object.
+    if plain.contains("\"statusCode\"") && plain.contains("\"responseTime\"") {
+        return true;
+    }
     let words: Vec<&str> = plain.split_whitespace().collect();
+    // Rails' "Completed 200 OK in 5ms", Phoenix's "Sent 200 in 3ms".
+    if let [first, status, ..] = words.as_slice() {
+        if (*first == "Completed" || *first == "Sent") && is_status(status) {
+            return true;
+        }
+    }
     words.windows(2).enumerate().any(|(i, w)| {
         let method = w[0].trim_start_matches(['"', '\'']);
         METHODS.contains(&method)
-            && w[1].starts_with('/')
-            && words[i + 2..].iter().take(3).any(|t| {
-                let t = t.trim_matches(|c: char| !c.is_ascii_alphanumeric());
-                t.len() == 3 && t.starts_with(['1', '2', '3', '4', '5']) && t.parse::<u16>().is_ok()
-            })
+            && (w[1].starts_with('/')
+                || w[1].starts_with("http://")
+                || w[1].starts_with("https://"))
+            && words[i + 2..]
+                .iter()
+                .take(6)
+                .any(|t| is_status(t.trim_matches(|c: char| !c.is_ascii_alphanumeric())))
     })
+}
+
+/// A three-digit HTTP status.
+fn is_status(word: &str) -> bool {
+    word.len() == 3 && word.starts_with(['1', '2', '3', '4', '5']) && word.parse::<u16>().is_ok()
 }
 
 /// `line` without terminal colour codes (`ESC [ … m`), which loggers such
@@ -918,6 +936,10 @@ mod tests {
             "GET /posts 200 3.123 ms - 2",
             "POST /db 500 12.002 ms - 35",
             "\u{1b}[0mGET /posts \u{1b}[32m200\u{1b}[0m 4.128 ms - 2\u{1b}[0m",
+            r#"{"level":30,"time":1,"reqId":"req-1","res":{"statusCode":200},"responseTime":1.2,"msg":"request completed"}"#,
+            "Completed 200 OK in 5ms (Views: 1.0ms | ActiveRecord: 0.2ms)",
+            "Sent 200 in 3ms",
+            r#""GET http://svc.localhost/ HTTP/1.1" from 127.0.0.1:5000 - 200 2B in 10.2µs"#,
             r#"10.0.0.1 - - [29/Nov/2026:23:50:00 +0000] "HEAD /kaithhealth HTTP/1.1" 404 0"#,
         ] {
             assert!(is_access_log(line), "{line}");
@@ -927,6 +949,8 @@ mod tests {
             "GET requests are cached for 200 seconds",
             "saved 3 records",
             "GET /",
+            "Completed the nightly import",
+            r#"{"level":50,"msg":"EROFS: read-only file system"}"#,
         ] {
             assert!(!is_access_log(line), "{line}");
         }

@@ -178,50 +178,92 @@ pub(crate) fn format_findings<'a>(
     s
 }
 
-/// The last lines an instance wrote, for error messages, and how many it
-/// wrote in all.
+/// The last lines an instance wrote, for error messages; and where each
+/// began in its stream, so that what was written after a moment can be
+/// told from what was only read after it (`mark`, `since`).
 #[derive(Clone, Default)]
 pub struct Tail(Arc<Mutex<TailLines>>);
 
 #[derive(Default)]
 struct TailLines {
-    lines: VecDeque<String>,
-    written: u64,
+    /// Each line with its stream and the offset in it where it began.
+    lines: VecDeque<(usize, u64, String)>,
+    /// Bytes read so far from stdout and stderr.
+    read: [u64; 2],
+    /// The pipes they are read from, to see what waits in them.
+    pipes: [Option<std::os::fd::OwnedFd>; 2],
+}
+
+/// A moment in an instance's output: how much of each stream had been
+/// written by then (read, or waiting in the pipe).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Mark([u64; 2]);
+
+fn stream_index(stream: Stream) -> usize {
+    match stream {
+        Stream::Stdout => 0,
+        Stream::Stderr => 1,
+    }
 }
 
 impl Tail {
-    fn push(&self, line: String) {
-        if let Ok(mut t) = self.0.lock() {
-            if t.lines.len() == TAIL_LINES {
-                t.lines.pop_front();
-            }
-            t.lines.push_back(line);
-            t.written += 1;
+    fn lock(&self) -> std::sync::MutexGuard<'_, TailLines> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads of `stream` come from `pipe` (a copy of its descriptor).
+    fn set_pipe(&self, stream: Stream, pipe: std::os::fd::OwnedFd) {
+        self.lock().pipes[stream_index(stream)] = Some(pipe);
+    }
+
+    /// A line of `stream` that took `bytes` of it (its newline included).
+    fn push_from(&self, stream: Stream, line: String, bytes: u64) {
+        let mut t = self.lock();
+        let s = stream_index(stream);
+        let start = t.read[s];
+        t.read[s] += bytes;
+        if t.lines.len() == TAIL_LINES {
+            t.lines.pop_front();
         }
+        t.lines.push_back((s, start, line));
+    }
+
+    #[cfg(test)]
+    fn push(&self, line: String) {
+        let bytes = line.len() as u64 + 1;
+        self.push_from(Stream::Stdout, line, bytes);
     }
 
     pub fn lines(&self) -> Vec<String> {
-        self.0
-            .lock()
-            .map(|t| t.lines.iter().cloned().collect())
-            .unwrap_or_default()
+        self.lock()
+            .lines
+            .iter()
+            .map(|(_, _, l)| l.clone())
+            .collect()
     }
 
-    /// How many lines were written so far.
-    pub fn written(&self) -> u64 {
-        self.0.lock().map(|t| t.written).unwrap_or_default()
+    /// Now, in the output: what was read, and what waits in the pipes
+    /// (written already, read a moment later).
+    pub fn mark(&self) -> Mark {
+        let t = self.lock();
+        let mut mark = t.read;
+        for (s, pipe) in t.pipes.iter().enumerate() {
+            if let Some(pipe) = pipe {
+                use std::os::fd::AsFd;
+                mark[s] += skiff_sandbox::unread_bytes(pipe.as_fd()).unwrap_or(0) as u64;
+            }
+        }
+        Mark(mark)
     }
 
-    /// The lines written since `written()` was `mark` (those still kept).
-    pub fn since(&self, mark: u64) -> Vec<String> {
-        self.0
-            .lock()
-            .map(|t| {
-                let new = usize::try_from(t.written.saturating_sub(mark)).unwrap_or(usize::MAX);
-                let skip = t.lines.len().saturating_sub(new);
-                t.lines.iter().skip(skip).cloned().collect()
-            })
-            .unwrap_or_default()
+    /// The lines written after `mark` (those the tail still keeps).
+    pub fn since(&self, mark: Mark) -> Vec<String> {
+        self.lock()
+            .lines
+            .iter()
+            .filter(|(s, start, _)| *start >= mark.0[*s])
+            .map(|(_, _, l)| l.clone())
+            .collect()
     }
 }
 
@@ -512,10 +554,17 @@ impl LogSink {
     /// Starts reading the sandbox's stdout and stderr.
     pub fn pump_output(&self, instance: &mut Instance) -> Vec<JoinHandle<()>> {
         let mut pumps = Vec::new();
+        use std::os::fd::AsFd;
         if let Some(out) = instance.stdout.take() {
+            if let Ok(pipe) = out.as_fd().try_clone_to_owned() {
+                self.tail.set_pipe(Stream::Stdout, pipe);
+            }
             pumps.push(self.pump(out, Stream::Stdout));
         }
         if let Some(err) = instance.stderr.take() {
+            if let Ok(pipe) = err.as_fd().try_clone_to_owned() {
+                self.tail.set_pipe(Stream::Stderr, pipe);
+            }
             pumps.push(self.pump(err, Stream::Stderr));
         }
         pumps
@@ -556,7 +605,7 @@ impl LogSink {
                     &line,
                     at,
                 );
-                sink.tail.push(line.clone());
+                sink.tail.push_from(stream, line.clone(), buf.len() as u64);
                 let _ = sink.events.send(Event::Log {
                     service: sink.service.clone(),
                     phase: sink.phase,
@@ -577,7 +626,7 @@ mod tests {
     fn a_tail_gives_the_lines_written_since_a_mark() {
         let tail = Tail::default();
         tail.push("a".into());
-        let mark = tail.written();
+        let mark = tail.mark();
         assert!(tail.since(mark).is_empty());
         tail.push("b".into());
         tail.push("c".into());
@@ -589,5 +638,22 @@ mod tests {
         let kept = tail.since(mark);
         assert_eq!(kept.len(), TAIL_LINES);
         assert_eq!(kept.last().unwrap(), &(TAIL_LINES + 4).to_string());
+    }
+
+    #[test]
+    fn what_waits_in_the_pipe_at_a_mark_was_written_before_it() {
+        use std::io::Write;
+        let (reader, writer) = std::io::pipe().unwrap();
+        let tail = Tail::default();
+        tail.set_pipe(Stream::Stderr, reader.into());
+        tail.push_from(Stream::Stderr, "read before".into(), 12);
+        // Written before the mark, read after it.
+        (&writer).write_all(b"late\n").unwrap();
+        let mark = tail.mark();
+        tail.push_from(Stream::Stderr, "late".into(), 5);
+        tail.push_from(Stream::Stderr, "after".into(), 6);
+        // The other stream is counted apart.
+        tail.push_from(Stream::Stdout, "out after".into(), 10);
+        assert_eq!(tail.since(mark), vec!["after", "out after"]);
     }
 }

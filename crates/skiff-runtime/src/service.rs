@@ -23,7 +23,7 @@ use tracing::warn;
 use crate::context::Context;
 use crate::events::Event;
 use crate::images::base::{which, APP_PATH, RUN_UID};
-use crate::instance::{self, StartContext, StartError, Tail};
+use crate::instance::{self, Mark, StartContext, StartError, Tail};
 use skiff_core::scaler::{Action, InstanceNo, Outcome, Rejection, ScaleConfig, Scaler, WaiterId};
 use skiff_store::LogSender;
 
@@ -42,7 +42,8 @@ struct Core {
     /// whether they work on after answering (see `settled`).
     settling: HashMap<InstanceNo, Settling>,
     /// Whether answers are checked for work after them (a version that is
-    /// suspended at once, until such work is found), and how many were.
+    /// suspended at once, until such work is found), and how many answers
+    /// left an instance idle so far (the ones that may be checked).
     checking: bool,
     answers: u64,
     /// The deadline the timer task sleeps until; it is woken only when a
@@ -61,11 +62,12 @@ const SETTLE_EVERY: u64 = 32;
 /// (a request log line or a collector's pass uses far less).
 const SETTLE_BUSY: Duration = Duration::from_millis(20);
 
-/// An instance left running after answering: what it had used and written
-/// by then.
+/// An instance left running after answering: which check this is, and the
+/// CPU it had used and the output it had written by its answer.
 struct Settling {
+    check: u64,
     cpu: Duration,
-    lines: u64,
+    lines: Mark,
 }
 
 /// What an instance did in the `SETTLE_WINDOW` after answering, with no
@@ -282,10 +284,11 @@ impl ServiceRuntime {
                                 .freezers
                                 .get(&n)
                                 .and_then(|fz| fz.cpu_used().ok())
-                                .zip(core.tails.get(&n).map(Tail::written));
+                                .zip(core.tails.get(&n).map(Tail::mark));
                             if let Some((cpu, lines)) = started {
-                                core.settling.insert(n, Settling { cpu, lines });
-                                settle = Some(n);
+                                let check = core.answers;
+                                core.settling.insert(n, Settling { check, cpu, lines });
+                                settle = Some((n, check));
                                 continue;
                             }
                         }
@@ -304,11 +307,11 @@ impl ServiceRuntime {
         if rearm {
             self.wake.notify_one();
         }
-        if let Some(n) = settle {
+        if let Some((n, check)) = settle {
             let this = self.clone();
             self.shared.runtime.spawn(async move {
                 tokio::time::sleep(SETTLE_WINDOW).await;
-                this.settled(n);
+                this.settled(n, check);
             });
         }
         result
@@ -317,9 +320,14 @@ impl ServiceRuntime {
     /// The end of instance `n`'s check after answering: suspends it (unless
     /// a request thawed it meanwhile) and records work it did with no
     /// request in flight: its own output (request log lines aside), or CPU.
-    fn settled(self: &Arc<Self>, n: InstanceNo) {
+    fn settled(self: &Arc<Self>, n: InstanceNo, check: u64) {
         let message = {
             let mut core = lock(&self.core);
+            // Thawed meanwhile (and maybe checked again: that check has a
+            // timer of its own), stopped, or gone.
+            if core.settling.get(&n).is_none_or(|s| s.check != check) {
+                return;
+            }
             let Some(before) = core.settling.remove(&n) else {
                 return;
             };
@@ -573,6 +581,10 @@ impl ServiceRuntime {
         };
         match stopped {
             Ok(()) => {
+                // Stopped, not done answering: a check after its answer
+                // ends here, unjudged (what it writes now is its shutdown),
+                // and its timer must not freeze it while it stops.
+                lock(&self.core).settling.remove(&n);
                 if let Err(e) = started.instance.stop(STOP_GRACE).await {
                     warn!("stopping instance {id}: {e}");
                 }
@@ -632,9 +644,10 @@ impl ServiceRuntime {
             let mut core = lock(&self.core);
             core.freezers.remove(&n);
             let tail = core.tails.remove(&n);
-            // Ended while it was being checked after answering: what it
-            // wrote until then is all in its tail (its output was read to
-            // the end before this).
+            // Ended by itself while it was being checked after answering
+            // (a stopped one's check was dropped before it was stopped):
+            // what it wrote until then is all in its tail, its output
+            // having been read to the end before this.
             match (core.settling.remove(&n), tail) {
                 (Some(before), Some(tail)) if core.checking => {
                     let message = work_after_answer(&tail.since(before.lines), Duration::ZERO);

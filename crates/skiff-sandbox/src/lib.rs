@@ -67,8 +67,36 @@ pub fn end_quietly_on_closed_output() {
     let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
 }
 
+/// How many bytes wait to be read in the pipe (or socket) `fd`: written by
+/// the other end, not yet read by this one.
+pub fn unread_bytes(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which points
+    // at a live, aligned c_int; the descriptor is borrowed, so open.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
 /// Where the cgroup hierarchies are mounted on this kind of host.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn unread_bytes_are_what_the_writer_wrote_and_nobody_read() {
+        let (reader, writer) = std::io::pipe().unwrap();
+        assert_eq!(super::unread_bytes(reader.as_fd()).unwrap(), 0);
+        (&writer).write_all(b"hello\n").unwrap();
+        assert_eq!(super::unread_bytes(reader.as_fd()).unwrap(), 6);
+    }
+}
 
 /// The argument that makes the skiff binary act as the sandbox helper.
 pub const INIT_ARG: &str = "__sandbox-init";
