@@ -462,6 +462,11 @@ async fn exchange_failed(
 async fn finish<D: Downstream>(gw: &Gateway, down: &mut D, service: &str, stop: Stop) -> D::Done {
     match stop {
         Stop::Refuse(failure) => {
+            // The underlying error is for the platform's log, never the
+            // client's answer.
+            if let Some(cause) = failure.cause() {
+                tracing::debug!("{service}: {failure} (because: {cause})");
+            }
             gw.report(service, &failure);
             down.refuse(failure).await
         }
