@@ -59,11 +59,16 @@ pub enum FindingKind {
     /// The service went on working after answering, with no request in
     /// flight: that work waits for the next request.
     WorkAfterAnswer,
+    /// A library, class or shared object the image lacks (Ruby gems, Java
+    /// classes, PHP classes and Composer's autoloader, `.so` files).
+    MissingDependency,
+    /// A program built for another processor than the machine's.
+    WrongArchitecture,
 }
 
 impl FindingKind {
     /// Every kind, in the order of the enum.
-    pub const ALL: [FindingKind; 20] = [
+    pub const ALL: [FindingKind; 22] = [
         Self::ReadOnlyFileSystem,
         Self::SharedMemory,
         Self::RunUserPermission,
@@ -84,6 +89,8 @@ impl FindingKind {
         Self::SyscallDenied,
         Self::RuntimeTooOld,
         Self::WorkAfterAnswer,
+        Self::MissingDependency,
+        Self::WrongArchitecture,
     ];
 
     /// The kind's stable name in the API's JSON (`Finding.kind`).
@@ -109,6 +116,8 @@ impl FindingKind {
             Self::SyscallDenied => "SyscallDenied",
             Self::RuntimeTooOld => "RuntimeTooOld",
             Self::WorkAfterAnswer => "WorkAfterAnswer",
+            Self::MissingDependency => "MissingDependency",
+            Self::WrongArchitecture => "WrongArchitecture",
         }
     }
 }
@@ -178,6 +187,9 @@ const WHY_AFTER_ANSWER: &str = "a serverless instance's CPU is suspended as soon
      writing a file or a database, logging, calling another service — waits until the next \
      request thaws the instance, which may be hours later, and its output and errors then \
      appear under that request";
+const WHY_ARCHITECTURE: &str = "instances run on this machine's processor (x86-64, \
+     linux/amd64); a program or native module built elsewhere for another one (arm64 on an \
+     Apple or Graviton machine) cannot be executed";
 const WHY_DISK: &str = "what an instance writes goes to its /tmp, which holds at most \
      limits.tmp_size (default 512MiB), or, in a persistent service, also to its writable \
      layer, a disk of its own of limits.disk (default 1GiB); past them, writes fail with \
@@ -275,7 +287,9 @@ impl Diagnoser {
             FindingKind::PrivilegedPort => WHY_PORT,
             FindingKind::MissingPythonModule
             | FindingKind::MissingNodeModule
+            | FindingKind::MissingDependency
             | FindingKind::CommandNotFound => WHY_MISSING,
+            FindingKind::WrongArchitecture => WHY_ARCHITECTURE,
             FindingKind::RootOnlyCommand => WHY_ROOT_ONLY,
             FindingKind::PortNotListening => WHY_PORT_CHECK,
             FindingKind::OutOfMemory => WHY_MEMORY,
@@ -540,6 +554,170 @@ fn classify_event(kind: &EventKind, message: &str) -> Option<Classified> {
     })
 }
 
+/// A command the image lacks.
+fn command_not_found(cmd: String) -> Classified {
+    (
+        FindingKind::CommandNotFound,
+        cmd.clone(),
+        format!("The command {cmd:?} is not in the image."),
+        format!(
+            "Install it in the build command (e.g. pip install, npm install, or \
+             apt-get install -y ...), or call it by its path (e.g. .venv/bin/{cmd})."
+        ),
+    )
+}
+
+/// The words after `marker` up to the first of `ends` (or the line's end).
+fn word_after<'a>(line: &'a str, marker: &str, ends: &[char]) -> Option<&'a str> {
+    let rest = line[line.find(marker)? + marker.len()..].trim_start();
+    let end = rest.find(ends).unwrap_or(rest.len());
+    Some(rest[..end].trim_matches(['"', '\'', '`'])).filter(|w| !w.is_empty())
+}
+
+/// Libraries, classes and shared objects the image lacks, in Ruby's,
+/// Java's, PHP's and the dynamic linker's words.
+fn missing_dependency(line: &str, lower: &str) -> Option<Classified> {
+    let (name, what, fix) = if let Some(lib) = word_after(line, "cannot load such file -- ", &[' '])
+    {
+        (
+            lib.to_string(),
+            format!("Ruby cannot load {lib:?}: it is not installed in the image."),
+            "Add the gem to the Gemfile and install in the build command: build = \"bundle \
+             install\" (bundle config set --local path vendor/bundle keeps it in /app)."
+                .to_string(),
+        )
+    } else if lower.contains("bundler::gemnotfound") || lower.contains("in locally installed gems")
+    {
+        let gem = word_after(line, "Could not find ", &[' '])
+            .unwrap_or("a gem")
+            .to_string();
+        (
+            gem.clone(),
+            format!("Bundler could not find {gem} among the installed gems."),
+            "Install the Gemfile's gems in the build command: build = \"bundle install\" \
+             (commit Gemfile.lock), and start with bundle exec."
+                .to_string(),
+        )
+    } else if let Some(class) = word_after(line, "ClassNotFoundException: ", &[' ', ';'])
+        .or_else(|| word_after(line, "NoClassDefFoundError: ", &[' ', ';']))
+        .or_else(|| word_after(line, "Could not find or load main class ", &[' ']))
+    {
+        let class = class.replace('/', ".");
+        (
+            class.clone(),
+            format!("Java cannot load the class {class}: it is not on the class path."),
+            "Build a jar with its dependencies in the build command (e.g. mvn -q package \
+             with the Spring Boot or shade plugin, or gradle bootJar / shadowJar) and start \
+             it with java -jar; or list every jar in java -cp."
+                .to_string(),
+        )
+    } else if lower.contains("no main manifest attribute") {
+        let jar = line.rsplit(' ').next().unwrap_or("the jar").to_string();
+        (
+            "main manifest".to_string(),
+            format!(
+                "{jar} has no main manifest attribute: java -jar does not know its main class."
+            ),
+            "Build an executable jar (the Spring Boot plugin's repackage, or Main-Class in \
+             the manifest), or start it with java -cp app.jar com.example.Main."
+                .to_string(),
+        )
+    } else if lower.contains("vendor/autoload.php")
+        && (lower.contains("failed to open stream") || lower.contains("failed opening required"))
+    {
+        (
+            "vendor/autoload.php".to_string(),
+            "PHP cannot load Composer's autoloader, vendor/autoload.php: the dependencies \
+             are not installed."
+                .to_string(),
+            "Install them in the build command: build = \"composer install --no-dev \
+             --optimize-autoloader\" (with composer.json and composer.lock in the source)."
+                .to_string(),
+        )
+    } else if lower.contains("class ") && lower.contains("not found") && lower.contains("php") {
+        let class = word_after(line, "Class ", &[' '])
+            .unwrap_or("a class")
+            .to_string();
+        (
+            class.clone(),
+            format!("PHP cannot find the class {class}."),
+            "Install the package that provides it with Composer in the build command \
+             (build = \"composer install --no-dev\"), and require vendor/autoload.php; for \
+             a class of your own, check its namespace and file name (PSR-4)."
+                .to_string(),
+        )
+    } else if lower.contains("cannot open shared object file") {
+        let lib = line
+            .split([' ', ':'])
+            .find(|w| w.contains(".so"))
+            .unwrap_or("a shared library")
+            .to_string();
+        (
+            lib.clone(),
+            format!("The shared library {lib} is not in the image."),
+            format!(
+                "Install the Debian package that has it in the build command, e.g. build = \
+                 \"apt-get update && apt-get install -y <package> && ...\" (apt-file search \
+                 {lib} names it; libpq.so.5 is libpq5)."
+            ),
+        )
+    } else {
+        return None;
+    };
+    Some((FindingKind::MissingDependency, name, what, fix))
+}
+
+/// The variable that moves the cache a path belongs to.
+fn cache_variable(path: &str) -> Option<&'static str> {
+    if path.contains("huggingface") || path.contains("/transformers") {
+        Some("HF_HOME")
+    } else if path.contains("/.cache/pip") {
+        Some("PIP_CACHE_DIR")
+    } else if path.contains("/.npm") {
+        Some("npm_config_cache")
+    } else if path.contains("/.config/matplotlib") {
+        Some("MPLCONFIGDIR")
+    } else if path.contains("/.cache") {
+        Some("XDG_CACHE_HOME")
+    } else {
+        None
+    }
+}
+
+/// Matplotlib's and fontconfig's words for a configuration or cache
+/// directory they cannot write.
+fn unwritable_directory(lower: &str) -> Option<Classified> {
+    let (subject, what, variable, dir) =
+        if lower.contains("mplconfigdir") && lower.contains("not a writable directory") {
+            (
+                "matplotlib",
+                "Matplotlib found no writable configuration directory (MPLCONFIGDIR) and made a \
+             temporary one on every start, which slows its import.",
+                "MPLCONFIGDIR",
+                "/tmp/matplotlib",
+            )
+        } else if lower.contains("fontconfig") && lower.contains("no writable cache directories") {
+            (
+                "fontconfig",
+                "fontconfig found no writable cache directory, so fonts are scanned again on \
+             every start.",
+                "XDG_CACHE_HOME",
+                "/tmp/.cache",
+            )
+        } else {
+            return None;
+        };
+    Some((
+        FindingKind::ReadOnlyFileSystem,
+        subject.into(),
+        what.into(),
+        format!(
+            "Point it at /tmp in skiff.toml: [env] {variable} = \"{dir}\" (only /tmp is \
+             writable; the cache goes with the instance)."
+        ),
+    ))
+}
+
 /// The first quoted or obvious path in an error line.
 fn path_in(line: &str) -> Option<String> {
     // Python: "... : '/app/x'"; Node: "... open '/app/x'"; shells: "bash: /app/x: ..."
@@ -547,7 +725,8 @@ fn path_in(line: &str) -> Option<String> {
         let rest = &line[start + 1..];
         return rest.find('\'').map(|end| rest[..end].to_string());
     }
-    line.split([' ', ':', ','])
+    // PHP: "file_put_contents(/var/www/x): Failed to open stream"
+    line.split([' ', ':', ',', '(', ')'])
         .find(|w| w.starts_with('/') && w.len() > 1)
         .map(str::to_string)
 }
@@ -639,7 +818,16 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
                 .into(),
         ));
     }
-    if lower.contains("read-only file system") || lower.contains("erofs") {
+    // Libraries that want a writable cache or configuration directory and
+    // say so without an error number.
+    if let Some(c) = unwritable_directory(&lower) {
+        return Some(c);
+    }
+    if lower.contains("read-only file system")
+        || lower.contains("erofs")
+        // Java's exception names no path.
+        || lower.contains("readonlyfilesystemexception")
+    {
         let path = path_in(line);
         let name = path
             .as_deref()
@@ -652,7 +840,13 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
             None => "The service tried to write a file outside /tmp.".into(),
         };
         let p = path.as_deref().unwrap_or("");
-        let fix = if p.contains("/staticfiles") || lower.contains("collectstatic") {
+        let fix = if let Some(variable) = cache_variable(p) {
+            format!(
+                "The library keeps a cache there: point it at /tmp in skiff.toml, e.g. [env] \
+                 {variable} = \"/tmp/{name}\" (the cache goes with the instance), or fill it \
+                 in the build command, which may write /app."
+            )
+        } else if p.contains("/staticfiles") || lower.contains("collectstatic") {
             // Django's collectstatic at start: it belongs in the build.
             "Collect static files in the build, which runs as root and may write /app: \
              build = \"... && python3 manage.py collectstatic --noinput\"."
@@ -762,6 +956,55 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
             fix,
         ));
     }
+    if let Some(c) = missing_dependency(line, &lower) {
+        return Some(c);
+    }
+    if lower.contains("exec format error")
+        || lower.contains("invalid elf header")
+        || lower.contains("cannot execute binary file")
+        || lower.contains("wrong elf class")
+    {
+        let path = path_in(line);
+        let native_module =
+            path.as_deref().is_some_and(|p| p.ends_with(".node")) || lower.contains("node_modules");
+        let fix = if native_module {
+            "Do not upload node_modules: leave it out with .gitignore or .skiffignore and \
+             install in the build command (build = \"npm ci\" or \"npm rebuild\"), which \
+             builds native modules for this machine."
+                .to_string()
+        } else {
+            "Build it in the build command (it runs on this machine), or upload one built \
+             for linux/amd64 (e.g. GOOS=linux GOARCH=amd64 go build)."
+                .to_string()
+        };
+        return Some((
+            FindingKind::WrongArchitecture,
+            path.clone().unwrap_or_default(),
+            match path {
+                Some(p) => format!("{p} is built for another processor than this machine's."),
+                None => "A program is built for another processor than this machine's.".into(),
+            },
+            fix,
+        ));
+    }
+    // dash ("sh: 1: gunicorn: not found") and env ("env: 'node': No such
+    // file or directory") say it their way.
+    if (lower.starts_with("sh: ") || lower.starts_with("/bin/sh: "))
+        && lower.ends_with(": not found")
+    {
+        let cmd = line
+            .trim_end()
+            .strip_suffix(": not found")
+            .and_then(|l| l.rsplit(": ").next())
+            .unwrap_or("the command")
+            .to_string();
+        return Some(command_not_found(cmd));
+    }
+    if lower.contains("env: '") && lower.contains("no such file or directory") {
+        if let Some(cmd) = quoted_after(line, "env:") {
+            return Some(command_not_found(cmd));
+        }
+    }
     if lower.contains("command not found")
         || lower.contains("no such file or directory") && lower.starts_with("bash: ")
     {
@@ -786,15 +1029,7 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
                     .into(),
             ));
         }
-        return Some((
-            FindingKind::CommandNotFound,
-            cmd.clone(),
-            format!("The command {cmd:?} is not in the image."),
-            format!(
-                "Install it in the build command (e.g. pip install, npm install, or \
-                 apt-get install -y ...), or call it by its path (e.g. .venv/bin/{cmd})."
-            ),
-        ));
+        return Some(command_not_found(cmd));
     }
     // apt at run time: as non-root, or on the read-only image.
     if lower.contains("are you root?")
