@@ -64,11 +64,14 @@ pub enum FindingKind {
     MissingDependency,
     /// A program built for another processor than the machine's.
     WrongArchitecture,
+    /// A connection kept open between requests (to a database, another
+    /// service) was closed by the other side while the instance had no CPU.
+    StaleConnection,
 }
 
 impl FindingKind {
     /// Every kind, in the order of the enum.
-    pub const ALL: [FindingKind; 22] = [
+    pub const ALL: [FindingKind; 23] = [
         Self::ReadOnlyFileSystem,
         Self::SharedMemory,
         Self::RunUserPermission,
@@ -91,6 +94,7 @@ impl FindingKind {
         Self::WorkAfterAnswer,
         Self::MissingDependency,
         Self::WrongArchitecture,
+        Self::StaleConnection,
     ];
 
     /// The kind's stable name in the API's JSON (`Finding.kind`).
@@ -118,6 +122,7 @@ impl FindingKind {
             Self::WorkAfterAnswer => "WorkAfterAnswer",
             Self::MissingDependency => "MissingDependency",
             Self::WrongArchitecture => "WrongArchitecture",
+            Self::StaleConnection => "StaleConnection",
         }
     }
 }
@@ -190,6 +195,9 @@ const WHY_AFTER_ANSWER: &str = "a serverless instance's CPU is suspended as soon
 const WHY_ARCHITECTURE: &str = "instances run on this machine's processor (x86-64, \
      linux/amd64); a program or native module built elsewhere for another one (arm64 on an \
      Apple or Graviton machine) cannot be executed";
+const WHY_STALE: &str = "a serverless instance has no CPU between requests, so it answers \
+     no keep-alive and no ping on the connections it keeps open; servers, proxies and NAT \
+     drop idle connections, and the next request finds its pooled connection dead";
 const WHY_DISK: &str = "what an instance writes goes to its /tmp, which holds at most \
      limits.tmp_size (default 512MiB), or, in a persistent service, also to its writable \
      layer, a disk of its own of limits.disk (default 1GiB); past them, writes fail with \
@@ -290,6 +298,7 @@ impl Diagnoser {
             | FindingKind::MissingDependency
             | FindingKind::CommandNotFound => WHY_MISSING,
             FindingKind::WrongArchitecture => WHY_ARCHITECTURE,
+            FindingKind::StaleConnection => WHY_STALE,
             FindingKind::RootOnlyCommand => WHY_ROOT_ONLY,
             FindingKind::PortNotListening => WHY_PORT_CHECK,
             FindingKind::OutOfMemory => WHY_MEMORY,
@@ -554,6 +563,199 @@ fn classify_event(kind: &EventKind, message: &str) -> Option<Classified> {
     })
 }
 
+/// Users of shared memory that say so in their own words: PyTorch's data
+/// loader workers, Chromium, PostgreSQL.
+fn shared_memory(lower: &str) -> Option<Classified> {
+    let (subject, what, fix) = if lower.contains("insufficient shared memory") {
+        (
+            "pytorch",
+            "PyTorch's DataLoader workers ran out of shared memory (/dev/shm) to pass \
+             batches between processes.",
+            "Load in the main process: DataLoader(..., num_workers=0) (or threads); a \
+             serverless instance has no shared memory.",
+        )
+    } else if lower.contains("/dev/shm")
+        && (lower.contains("chrom") || lower.contains(".org.chromium"))
+    {
+        (
+            "chromium",
+            "Chromium could not create its shared memory in /dev/shm.",
+            "Start it with --disable-dev-shm-usage (it then uses /tmp), and --no-sandbox: \
+             e.g. puppeteer.launch({args: ['--disable-dev-shm-usage', '--no-sandbox']}).",
+        )
+    } else if lower.contains("could not resize shared memory segment") {
+        (
+            "postgresql",
+            "PostgreSQL could not make a dynamic shared memory segment (/dev/shm).",
+            "Run the database outside the service (a managed PostgreSQL), or set \
+             dynamic_shared_memory_type = mmap in postgresql.conf, with its data under /tmp.",
+        )
+    } else {
+        return None;
+    };
+    Some((
+        FindingKind::SharedMemory,
+        subject.into(),
+        what.into(),
+        fix.into(),
+    ))
+}
+
+/// A pooled connection found closed: database drivers' and HTTP clients'
+/// words for it.
+fn stale_connection(lower: &str) -> Option<Classified> {
+    let (subject, fix) = if lower.contains("connection terminated unexpectedly")
+        || lower.contains("server closed the connection unexpectedly")
+        || lower.contains("server has gone away")
+        || lower.contains("lost connection to mysql server")
+    {
+        (
+            "database",
+            "Check connections before use and reconnect on error: SQLAlchemy \
+             create_engine(..., pool_pre_ping=True, pool_recycle=60), node-postgres \
+             pool.on('error', ...) with idleTimeoutMillis, Rails reconnect: true; or open a \
+             connection per request; or run the service with mode = \"persistent\".",
+        )
+    } else if lower.contains("marked as broken") && lower.contains("hikari") {
+        (
+            "hikari",
+            "Give HikariCP a maxLifetime and keepaliveTime shorter than the idle time the \
+             database or its proxy allows (spring.datasource.hikari.max-lifetime), so broken \
+             connections are replaced; or run the service with mode = \"persistent\".",
+        )
+    } else if lower.contains("socket hang up")
+        || lower.contains("remote end closed connection without response")
+        // Go names the connection: only an outgoing one (a pool's) counts;
+        // a client that went away resets an incoming one, which is no
+        // finding.
+        || (lower.contains("read tcp") || lower.contains("write tcp"))
+            && lower.contains("->")
+            && (lower.contains("connection reset by peer") || lower.contains("broken pipe"))
+    {
+        (
+            "http",
+            "Retry once on a connection error, and keep idle connections shorter than the \
+             other side does (e.g. an http.Agent with keepAlive and a short freeSocketTimeout, \
+             or requests' Session re-created); or run the service with mode = \"persistent\".",
+        )
+    } else {
+        return None;
+    };
+    Some((
+        FindingKind::StaleConnection,
+        subject.into(),
+        "A connection the service kept open between requests was found closed by the other \
+         side."
+            .into(),
+        fix.into(),
+    ))
+}
+
+/// A request body over the framework's own limit (which applies within
+/// skiff's `max_request`).
+fn own_body_limit(lower: &str) -> Option<Classified> {
+    let (subject, fix) = if lower.contains("request entity too large") {
+        (
+            "express",
+            "Raise the body parser's own limit, e.g. express.json({ limit: '5mb' }) (within \
+             [limits] max_request, 6MiB by default), or upload large files to object storage.",
+        )
+    } else if lower.contains("requestdatatoobig") || lower.contains("data_upload_max_memory_size") {
+        (
+            "django",
+            "Raise Django's DATA_UPLOAD_MAX_MEMORY_SIZE (within [limits] max_request, 6MiB by \
+             default), or upload large files to object storage.",
+        )
+    } else if lower.contains("post content-length of") && lower.contains("exceeds the limit") {
+        (
+            "php",
+            "Raise PHP's post_max_size and upload_max_filesize (php -d post_max_size=6M), \
+             within [limits] max_request, or upload large files to object storage.",
+        )
+    } else if lower.contains("maxuploadsizeexceededexception") {
+        (
+            "spring",
+            "Raise spring.servlet.multipart.max-file-size and max-request-size, within \
+             [limits] max_request, or upload large files to object storage.",
+        )
+    } else {
+        return None;
+    };
+    Some((
+        FindingKind::RequestTooLarge,
+        subject.into(),
+        "The service refused a request body as too large, by its own limit.".into(),
+        fix.into(),
+    ))
+}
+
+/// A runtime that says it ran out of memory, before (or instead of) the
+/// kernel's kill: each has its own limit beside `limits.memory`.
+fn out_of_memory(line: &str, lower: &str) -> Option<Classified> {
+    let trimmed = line.trim();
+    let raise = "raise [limits] memory in skiff.toml (e.g. memory = \"1GiB\") or make it use less \
+                 (stream data instead of loading it whole, fewer workers)";
+    let (subject, what, fix) = if lower.contains("javascript heap out of memory")
+        || lower.contains("reached heap limit")
+    {
+        (
+            "node",
+            "Node.js ran out of heap.".to_string(),
+            format!(
+                "Node's heap limit is its own, apart from the instance's: set it below \
+                 limits.memory with [env] NODE_OPTIONS = \"--max-old-space-size=<MiB>\" (about \
+                 three quarters of limits.memory), and if that is not enough, {raise}."
+            ),
+        )
+    } else if lower.contains("java.lang.outofmemoryerror") {
+        (
+            "java",
+            format!(
+                "The JVM ran out of memory: {}",
+                trimmed.rsplit(": ").next().unwrap_or(trimmed)
+            ),
+            format!(
+                "The JVM's heap limit is its own: size it from the instance's with \
+                 -XX:MaxRAMPercentage=75 (or -Xmx below limits.memory, leaving room for the rest \
+                 of the process), and if the heap must grow, {raise}."
+            ),
+        )
+    } else if lower.contains("allowed memory size of") && lower.contains("exhausted") {
+        (
+            "php",
+            "PHP reached its memory_limit.".to_string(),
+            format!(
+                "PHP's memory_limit is its own: raise it (php -d memory_limit=256M, or \
+                 ini_set) while it stays below limits.memory, and if more is needed, {raise}."
+            ),
+        )
+    } else if trimmed == "MemoryError"
+        || trimmed.starts_with("MemoryError:")
+        || lower.contains("runtime: out of memory")
+        || lower.contains("(nomemoryerror)")
+        || lower.contains("std::bad_alloc")
+    {
+        (
+            "memory",
+            format!("The service ran out of memory: {trimmed}"),
+            format!("The instance may use limits.memory: {raise}."),
+        )
+    } else if lower.contains(" killed ") && lower.contains("line ") && lower.starts_with("bash: ") {
+        // bash reports a child the kernel killed (SIGKILL, as the OOM killer does).
+        (
+            "memory",
+            format!("A process of the service was killed: {trimmed}"),
+            format!(
+                "A process killed by the kernel inside an instance was most likely over \
+                 limits.memory: {raise}."
+            ),
+        )
+    } else {
+        return None;
+    };
+    Some((FindingKind::OutOfMemory, subject.into(), what, fix))
+}
+
 /// A command the image lacks.
 fn command_not_found(cmd: String) -> Classified {
     (
@@ -792,6 +994,18 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
                 .into(),
         ));
     }
+    if let Some(c) = shared_memory(&lower) {
+        return Some(c);
+    }
+    if let Some(c) = stale_connection(&lower) {
+        return Some(c);
+    }
+    if let Some(c) = own_body_limit(&lower) {
+        return Some(c);
+    }
+    if let Some(c) = out_of_memory(line, &lower) {
+        return Some(c);
+    }
     if (lower.contains("no space left on device")
         || lower.contains("enospc")
         || lower.contains("disk quota exceeded")
@@ -889,9 +1103,22 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
     let about_a_socket = ["bind", "listen"]
         .iter()
         .any(|w| lower.contains(w) || previous.contains(&format!("{w}(")));
-    if denied && about_a_socket && path_in(line).is_none() {
-        // Error numbers ("[Errno 13]", "errno: -13") are not ports.
-        let without_errno = lower.replace("errno ", "errno").replace("errno: ", "errno");
+    // Ruby names its source location first ("binder.rb:334:in ...: Permission
+    // denied - bind(2) for ..."): that path is no file the service wanted.
+    let binding =
+        lower.contains("bind(2)") || lower.contains("bind: ") || lower.contains("bindexception");
+    if denied && about_a_socket && (binding || path_in(line).is_none()) {
+        // The port is after the call (dates and source lines come before);
+        // error numbers ("[Errno 13]", "errno: -13", "bind(2)") are not ports.
+        let from = ["bind", "listen"]
+            .iter()
+            .filter_map(|w| lower.find(w))
+            .min()
+            .unwrap_or(0);
+        let without_errno = lower[from..]
+            .replace("bind(2)", "bind")
+            .replace("errno ", "errno")
+            .replace("errno: ", "errno");
         let port = without_errno
             .split(|c: char| !c.is_ascii_alphanumeric())
             .filter(|w| !w.starts_with("errno"))

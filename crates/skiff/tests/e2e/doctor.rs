@@ -394,7 +394,22 @@ fn work_after_answering_is_diagnosed_on_json_server() {
     let doc = doctor(&d, &name);
     assert_eq!(doc["findings"].as_array().unwrap().len(), 0, "{doc:#}");
 
-    assert_eq!(post_json(&d, &name, "/posts", r#"{"title":"x"}"#), 201);
+    // The check gives the work 50 ms; on a loaded machine json-server may
+    // not get the CPU that soon, and the next checked answer (the third)
+    // tries again.
+    for _ in 0..2 {
+        assert_eq!(post_json(&d, &name, "/posts", r#"{"title":"x"}"#), 201);
+        std::thread::sleep(Duration::from_millis(500));
+        let doc = doctor(&d, &name);
+        if doc["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["kind"] == "WorkAfterAnswer")
+        {
+            break;
+        }
+    }
     let f = finding(&d, &name, "WorkAfterAnswer");
     has(&f, "evidence", "EROFS");
     has(&f, "evidence", "after answering");
