@@ -381,8 +381,18 @@ fn stalled(line: &str, lower: &str) -> Option<Classified> {
              had no CPU between requests."
                 .to_string(),
         )
+    } else if lower.contains("otlpexportererror")
+        || (lower.contains("while exporting")
+            && (lower.contains("transient error") || lower.contains("deadline")))
+    {
+        (
+            "exporter",
+            "A telemetry exporter could not send its batch: it sends in the background, \
+             and the instance had no CPU between requests."
+                .to_string(),
+        )
     } else if lower.contains("heartbeat")
-        && (lower.contains("missed") || lower.contains("timed out"))
+        && (lower.contains("missed") || lower.contains("timed out") || lower.contains("blocked"))
     {
         (
             "heartbeat",
@@ -394,7 +404,11 @@ fn stalled(line: &str, lower: &str) -> Option<Classified> {
     } else {
         return None;
     };
-    let fix = if subject == "gunicorn" {
+    let fix = if subject == "exporter" {
+        "Flush before answering: end each request with the provider's force_flush() \
+         (Python) or forceFlush() (Node), or export synchronously (SimpleSpanProcessor); or \
+         run the service with mode = \"persistent\"."
+    } else if subject == "gunicorn" {
         "skiff starts gunicorn with --timeout 0 in serverless mode (through \
          GUNICORN_CMD_ARGS), so that a frozen worker is not taken for a hung one; a --timeout \
          in the start command or a gunicorn config file overrides it: remove it there (or \
@@ -1032,6 +1046,29 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
                 .into(),
         ));
     }
+    // Package managers run by the start command: what they install belongs
+    // in the build.
+    if let Some(tool) = package_install(&lower) {
+        return Some(install_at_run_time(tool));
+    }
+    if let Some(call) = ["chown", "chmod", "chgrp"]
+        .into_iter()
+        .find(|c| lower.starts_with(&format!("{c}: changing ")))
+    {
+        return Some((
+            FindingKind::RunUserPermission,
+            call.into(),
+            format!("The start command ran {call}, which the run user may not do here."),
+            format!(
+                "Set owners and modes in the build command, which runs as root and may change \
+                 /app (e.g. build = \"... && {call} ...\"); at run time, files the service makes \
+                 under /tmp are its own already."
+            ),
+        ));
+    }
+    if let Some(c) = own_timeout(&lower) {
+        return Some(c);
+    }
     // Libraries that want a writable cache or configuration directory and
     // say so without an error number.
     if let Some(c) = unwritable_directory(&lower) {
@@ -1372,6 +1409,76 @@ fn disk_full(line: &str, disks: Option<Disks>) -> Classified {
         ),
     };
     (FindingKind::DiskFull, subject.into(), what, fix)
+}
+
+/// The package manager whose run-time install failed, in its own words.
+fn package_install(lower: &str) -> Option<&'static str> {
+    if lower.contains("could not install packages due to an oserror") {
+        Some("pip")
+    } else if lower.starts_with("npm error") || lower.starts_with("npm err!") {
+        (lower.contains("erofs") || lower.contains("eacces")).then_some("npm")
+    } else if lower.contains("gem::filepermissionerror") {
+        Some("gem")
+    } else if lower.contains("/vendor does not exist and could not be created") {
+        Some("composer")
+    } else {
+        None
+    }
+}
+
+/// A package install run by the start command.
+fn install_at_run_time(tool: &str) -> Classified {
+    (
+        FindingKind::RootOnlyCommand,
+        tool.into(),
+        format!(
+            "The start command ran {tool} to install packages: at run time the image is \
+             read-only and the user is not root."
+        ),
+        format!(
+            "Install in the build command, which runs as root and may write /app (e.g. build = \
+             \"{}\"), and start the service with what it installed.",
+            match tool {
+                "pip" => "python3 -m venv .venv && .venv/bin/pip install -r requirements.txt",
+                "npm" => "npm ci",
+                "gem" => "bundle install",
+                _ => "composer install --no-dev",
+            }
+        ),
+    )
+}
+
+/// A framework's own request timeout (within skiff's `request_timeout`).
+fn own_timeout(lower: &str) -> Option<Classified> {
+    let (subject, fix) = if lower.contains("maximum execution time of") {
+        (
+            "php",
+            "PHP's max_execution_time ended the request: raise it (php -d \
+             max_execution_time=120, or set_time_limit) within [limits] request_timeout, or \
+             hand long work to a queue and answer at once.",
+        )
+    } else if lower.contains("rack::timeout") {
+        (
+            "rack-timeout",
+            "Rack::Timeout ended the request: raise RACK_TIMEOUT_SERVICE_TIMEOUT within \
+             [limits] request_timeout, or hand long work to a queue and answer at once.",
+        )
+    } else if lower.contains("asyncrequesttimeoutexception") {
+        (
+            "spring",
+            "Spring's async request timeout ended the request: raise \
+             spring.mvc.async.request-timeout within [limits] request_timeout, or hand long \
+             work to a queue and answer at once.",
+        )
+    } else {
+        return None;
+    };
+    Some((
+        FindingKind::RequestTimeout,
+        subject.into(),
+        "The service ended a request by its own time limit.".into(),
+        fix.into(),
+    ))
 }
 
 fn root_only(tool: &str, _line: &str) -> Option<Classified> {
