@@ -577,129 +577,242 @@ fn classify_event(kind: &EventKind, message: &str) -> Option<Classified> {
     })
 }
 
-/// Users of shared memory that say so in their own words: PyTorch's data
-/// loader workers, Chromium, PostgreSQL.
-fn shared_memory(lower: &str) -> Option<Classified> {
-    let (subject, what, fix) = if lower.contains("insufficient shared memory") {
-        (
-            "pytorch",
-            "PyTorch's DataLoader workers ran out of shared memory (/dev/shm) to pass \
-             batches between processes.",
-            "Load in the main process: DataLoader(..., num_workers=0) (or threads); a \
-             serverless instance has no shared memory.",
-        )
-    } else if lower.contains("/dev/shm")
-        && (lower.contains("chrom") || lower.contains(".org.chromium"))
-    {
-        (
-            "chromium",
-            "Chromium could not create its shared memory in /dev/shm.",
-            "Start it with --disable-dev-shm-usage (it then uses /tmp), and --no-sandbox: \
-             e.g. puppeteer.launch({args: ['--disable-dev-shm-usage', '--no-sandbox']}).",
-        )
-    } else if lower.contains("could not resize shared memory segment") {
-        (
-            "postgresql",
-            "PostgreSQL could not make a dynamic shared memory segment (/dev/shm).",
-            "Run the database outside the service (a managed PostgreSQL), or set \
-             dynamic_shared_memory_type = mmap in postgresql.conf, with its data under /tmp.",
-        )
-    } else {
-        return None;
-    };
-    Some((
-        FindingKind::SharedMemory,
-        subject.into(),
-        what.into(),
-        fix.into(),
-    ))
+/// A rule that is only words: a line whose lowercase form contains every
+/// one of `all` and, when `any` is not empty, one of `any`, gives this
+/// finding. Each stack's own words are rows of their own; rules that must
+/// read a path, a module or a port out of the line are functions below.
+struct Rule {
+    /// Whose words these are (for the reader; the corpus has a case per
+    /// stack).
+    stack: &'static str,
+    all: &'static [&'static str],
+    any: &'static [&'static str],
+    kind: FindingKind,
+    subject: &'static str,
+    what: &'static str,
+    fix: &'static str,
 }
 
-/// A pooled connection found closed: database drivers' and HTTP clients'
-/// words for it.
-fn stale_connection(lower: &str) -> Option<Classified> {
-    let (subject, fix) = if lower.contains("connection terminated unexpectedly")
-        || lower.contains("server closed the connection unexpectedly")
-        || lower.contains("server has gone away")
-        || lower.contains("lost connection to mysql server")
-    {
-        (
-            "database",
-            "Check connections before use and reconnect on error: SQLAlchemy \
-             create_engine(..., pool_pre_ping=True, pool_recycle=60), node-postgres \
-             pool.on('error', ...) with idleTimeoutMillis, Rails reconnect: true; or open a \
-             connection per request; or run the service with mode = \"persistent\".",
-        )
-    } else if lower.contains("marked as broken") && lower.contains("hikari") {
-        (
-            "hikari",
-            "Give HikariCP a maxLifetime and keepaliveTime shorter than the idle time the \
-             database or its proxy allows (spring.datasource.hikari.max-lifetime), so broken \
-             connections are replaced; or run the service with mode = \"persistent\".",
-        )
-    } else if lower.contains("socket hang up")
-        || lower.contains("remote end closed connection without response")
-        // Go names the connection: only an outgoing one (a pool's) counts;
-        // a client that went away resets an incoming one, which is no
-        // finding.
-        || (lower.contains("read tcp") || lower.contains("write tcp"))
-            && lower.contains("->")
-            && (lower.contains("connection reset by peer") || lower.contains("broken pipe"))
-    {
-        (
-            "http",
-            "Retry once on a connection error, and keep idle connections shorter than the \
-             other side does (e.g. an http.Agent with keepAlive and a short freeSocketTimeout, \
-             or requests' Session re-created); or run the service with mode = \"persistent\".",
-        )
-    } else {
-        return None;
-    };
-    Some((
-        FindingKind::StaleConnection,
-        subject.into(),
-        "A connection the service kept open between requests was found closed by the other \
-         side."
-            .into(),
-        fix.into(),
-    ))
+impl Rule {
+    fn matches(&self, lower: &str) -> bool {
+        self.all.iter().all(|w| lower.contains(w))
+            && (self.any.is_empty() || self.any.iter().any(|w| lower.contains(w)))
+    }
 }
 
-/// A request body over the framework's own limit (which applies within
-/// skiff's `max_request`).
-fn own_body_limit(lower: &str) -> Option<Classified> {
-    let (subject, fix) = if lower.contains("request entity too large") {
-        (
-            "express",
-            "Raise the body parser's own limit, e.g. express.json({ limit: '5mb' }) (within \
-             [limits] max_request, 6MiB by default), or upload large files to object storage.",
-        )
-    } else if lower.contains("requestdatatoobig") || lower.contains("data_upload_max_memory_size") {
-        (
-            "django",
-            "Raise Django's DATA_UPLOAD_MAX_MEMORY_SIZE (within [limits] max_request, 6MiB by \
-             default), or upload large files to object storage.",
-        )
-    } else if lower.contains("post content-length of") && lower.contains("exceeds the limit") {
-        (
-            "php",
-            "Raise PHP's post_max_size and upload_max_filesize (php -d post_max_size=6M), \
-             within [limits] max_request, or upload large files to object storage.",
-        )
-    } else if lower.contains("maxuploadsizeexceededexception") {
-        (
-            "spring",
-            "Raise spring.servlet.multipart.max-file-size and max-request-size, within \
-             [limits] max_request, or upload large files to object storage.",
-        )
-    } else {
-        return None;
-    };
+const FIX_POOLED: &str = "Check connections before use and reconnect on error: SQLAlchemy \
+     create_engine(..., pool_pre_ping=True, pool_recycle=60), node-postgres pool.on('error', \
+     ...) with idleTimeoutMillis, Rails reconnect: true; or open a connection per request; or \
+     run the service with mode = \"persistent\".";
+const WHAT_POOLED: &str =
+    "A connection the service kept open between requests was found closed by the other side.";
+const WHAT_OWN_BODY_LIMIT: &str =
+    "The service refused a request body as too large, by its own limit.";
+const WHAT_OWN_TIMEOUT: &str = "The service ended a request by its own time limit.";
+
+/// The rules that are only words, in order: the first that matches wins.
+const RULES: &[Rule] = &[
+    // Shared memory (/dev/shm), in its users' words.
+    Rule {
+        stack: "python",
+        all: &["insufficient shared memory"],
+        any: &[],
+        kind: FindingKind::SharedMemory,
+        subject: "pytorch",
+        what: "PyTorch's DataLoader workers ran out of shared memory (/dev/shm) to pass \
+               batches between processes.",
+        fix: "Load in the main process: DataLoader(..., num_workers=0) (or threads); a \
+              serverless instance has no shared memory.",
+    },
+    Rule {
+        stack: "node",
+        all: &["/dev/shm"],
+        any: &["chrom"],
+        kind: FindingKind::SharedMemory,
+        subject: "chromium",
+        what: "Chromium could not create its shared memory in /dev/shm.",
+        fix: "Start it with --disable-dev-shm-usage (it then uses /tmp), and --no-sandbox: \
+              e.g. puppeteer.launch({args: ['--disable-dev-shm-usage', '--no-sandbox']}).",
+    },
+    Rule {
+        stack: "go",
+        all: &["could not resize shared memory segment"],
+        any: &[],
+        kind: FindingKind::SharedMemory,
+        subject: "postgresql",
+        what: "PostgreSQL could not make a dynamic shared memory segment (/dev/shm).",
+        fix: "Run the database outside the service (a managed PostgreSQL), or set \
+              dynamic_shared_memory_type = mmap in postgresql.conf, with its data under /tmp.",
+    },
+    // Pooled connections found closed after a suspension.
+    Rule {
+        stack: "node, python, ruby, php",
+        all: &[],
+        any: &[
+            "connection terminated unexpectedly",
+            "server closed the connection unexpectedly",
+            "server has gone away",
+            "lost connection to mysql server",
+        ],
+        kind: FindingKind::StaleConnection,
+        subject: "database",
+        what: WHAT_POOLED,
+        fix: FIX_POOLED,
+    },
+    Rule {
+        stack: "java",
+        all: &["marked as broken", "hikari"],
+        any: &[],
+        kind: FindingKind::StaleConnection,
+        subject: "hikari",
+        what: WHAT_POOLED,
+        fix: "Give HikariCP a maxLifetime and keepaliveTime shorter than the idle time the \
+              database or its proxy allows (spring.datasource.hikari.max-lifetime), so broken \
+              connections are replaced; or run the service with mode = \"persistent\".",
+    },
+    Rule {
+        stack: "node, python",
+        all: &[],
+        any: &[
+            "socket hang up",
+            "remote end closed connection without response",
+        ],
+        kind: FindingKind::StaleConnection,
+        subject: "http",
+        what: WHAT_POOLED,
+        fix: FIX_HTTP_POOL,
+    },
+    // Go names the connection: only an outgoing one (a pool's, local->remote
+    // to a service's port) counts; a client that went away resets an
+    // incoming one, which is no finding.
+    Rule {
+        stack: "go",
+        all: &["tcp ", "->"],
+        any: &["read: connection reset by peer", "write: broken pipe"],
+        kind: FindingKind::StaleConnection,
+        subject: "http",
+        what: WHAT_POOLED,
+        fix: FIX_HTTP_POOL,
+    },
+    // A body over the framework's own limit (within skiff's max_request).
+    Rule {
+        stack: "node",
+        all: &["request entity too large"],
+        any: &[],
+        kind: FindingKind::RequestTooLarge,
+        subject: "express",
+        what: WHAT_OWN_BODY_LIMIT,
+        fix: "Raise the body parser's own limit, e.g. express.json({ limit: '5mb' }) (within \
+              [limits] max_request, 6MiB by default), or upload large files to object storage.",
+    },
+    Rule {
+        stack: "python",
+        all: &[],
+        any: &["requestdatatoobig", "data_upload_max_memory_size"],
+        kind: FindingKind::RequestTooLarge,
+        subject: "django",
+        what: WHAT_OWN_BODY_LIMIT,
+        fix: "Raise Django's DATA_UPLOAD_MAX_MEMORY_SIZE (within [limits] max_request, 6MiB by \
+              default), or upload large files to object storage.",
+    },
+    Rule {
+        stack: "php",
+        all: &["post content-length of", "exceeds the limit"],
+        any: &[],
+        kind: FindingKind::RequestTooLarge,
+        subject: "php",
+        what: WHAT_OWN_BODY_LIMIT,
+        fix: "Raise PHP's post_max_size and upload_max_filesize (php -d post_max_size=6M), \
+              within [limits] max_request, or upload large files to object storage.",
+    },
+    Rule {
+        stack: "java",
+        all: &["maxuploadsizeexceededexception"],
+        any: &[],
+        kind: FindingKind::RequestTooLarge,
+        subject: "spring",
+        what: WHAT_OWN_BODY_LIMIT,
+        fix: "Raise spring.servlet.multipart.max-file-size and max-request-size, within \
+              [limits] max_request, or upload large files to object storage.",
+    },
+    // A request ended by the framework's own time limit.
+    Rule {
+        stack: "php",
+        all: &["maximum execution time of"],
+        any: &[],
+        kind: FindingKind::RequestTimeout,
+        subject: "php",
+        what: WHAT_OWN_TIMEOUT,
+        fix: "PHP's max_execution_time ended the request: raise it (php -d \
+              max_execution_time=120, or set_time_limit) within [limits] request_timeout, or \
+              hand long work to a queue and answer at once.",
+    },
+    Rule {
+        stack: "ruby",
+        all: &["rack::timeout"],
+        any: &[],
+        kind: FindingKind::RequestTimeout,
+        subject: "rack-timeout",
+        what: WHAT_OWN_TIMEOUT,
+        fix: "Rack::Timeout ended the request: raise RACK_TIMEOUT_SERVICE_TIMEOUT within \
+              [limits] request_timeout, or hand long work to a queue and answer at once.",
+    },
+    Rule {
+        stack: "java",
+        all: &["asyncrequesttimeoutexception"],
+        any: &[],
+        kind: FindingKind::RequestTimeout,
+        subject: "spring",
+        what: WHAT_OWN_TIMEOUT,
+        fix: "Spring's async request timeout ended the request: raise \
+              spring.mvc.async.request-timeout within [limits] request_timeout, or hand long \
+              work to a queue and answer at once.",
+    },
+    // Libraries that want a writable cache or configuration directory and
+    // say so without an error number.
+    Rule {
+        stack: "python",
+        all: &["mplconfigdir", "not a writable directory"],
+        any: &[],
+        kind: FindingKind::ReadOnlyFileSystem,
+        subject: "matplotlib",
+        what: "Matplotlib found no writable configuration directory (MPLCONFIGDIR) and made a \
+               temporary one on every start, which slows its import.",
+        fix: "Point it at /tmp in skiff.toml: [env] MPLCONFIGDIR = \"/tmp/matplotlib\" (only \
+              /tmp is writable; the cache goes with the instance).",
+    },
+    Rule {
+        stack: "any",
+        all: &["fontconfig", "no writable cache directories"],
+        any: &[],
+        kind: FindingKind::ReadOnlyFileSystem,
+        subject: "fontconfig",
+        what: "fontconfig found no writable cache directory, so fonts are scanned again on \
+               every start.",
+        fix: "Point it at /tmp in skiff.toml: [env] XDG_CACHE_HOME = \"/tmp/.cache\" (only \
+              /tmp is writable; the cache goes with the instance).",
+    },
+];
+
+const FIX_HTTP_POOL: &str = "Retry once on a connection error, and keep idle connections \
+     shorter than the other side does (e.g. an http.Agent with keepAlive and a short \
+     freeSocketTimeout, or requests' Session re-created); or run the service with mode = \
+     \"persistent\".";
+
+/// The rules that are only words, as (stacks, finding, subject): the
+/// corpus test checks that each row is exercised by a case of its stacks.
+pub fn word_rules() -> impl Iterator<Item = (&'static str, FindingKind, &'static str)> {
+    RULES.iter().map(|r| (r.stack, r.kind, r.subject))
+}
+
+/// The first rule of [`RULES`] the line matches.
+fn by_words(lower: &str) -> Option<Classified> {
+    let rule = RULES.iter().find(|r| r.matches(lower))?;
     Some((
-        FindingKind::RequestTooLarge,
-        subject.into(),
-        "The service refused a request body as too large, by its own limit.".into(),
-        fix.into(),
+        rule.kind,
+        rule.subject.into(),
+        rule.what.into(),
+        rule.fix.into(),
     ))
 }
 
@@ -900,40 +1013,6 @@ fn cache_variable(path: &str) -> Option<&'static str> {
     }
 }
 
-/// Matplotlib's and fontconfig's words for a configuration or cache
-/// directory they cannot write.
-fn unwritable_directory(lower: &str) -> Option<Classified> {
-    let (subject, what, variable, dir) =
-        if lower.contains("mplconfigdir") && lower.contains("not a writable directory") {
-            (
-                "matplotlib",
-                "Matplotlib found no writable configuration directory (MPLCONFIGDIR) and made a \
-             temporary one on every start, which slows its import.",
-                "MPLCONFIGDIR",
-                "/tmp/matplotlib",
-            )
-        } else if lower.contains("fontconfig") && lower.contains("no writable cache directories") {
-            (
-                "fontconfig",
-                "fontconfig found no writable cache directory, so fonts are scanned again on \
-             every start.",
-                "XDG_CACHE_HOME",
-                "/tmp/.cache",
-            )
-        } else {
-            return None;
-        };
-    Some((
-        FindingKind::ReadOnlyFileSystem,
-        subject.into(),
-        what.into(),
-        format!(
-            "Point it at /tmp in skiff.toml: [env] {variable} = \"{dir}\" (only /tmp is \
-             writable; the cache goes with the instance)."
-        ),
-    ))
-}
-
 /// The first quoted or obvious path in an error line.
 fn path_in(line: &str) -> Option<String> {
     // Python: "... : '/app/x'"; Node: "... open '/app/x'"; shells: "bash: /app/x: ..."
@@ -1008,13 +1087,7 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
                 .into(),
         ));
     }
-    if let Some(c) = shared_memory(&lower) {
-        return Some(c);
-    }
-    if let Some(c) = stale_connection(&lower) {
-        return Some(c);
-    }
-    if let Some(c) = own_body_limit(&lower) {
+    if let Some(c) = by_words(&lower) {
         return Some(c);
     }
     if let Some(c) = out_of_memory(line, &lower) {
@@ -1065,14 +1138,6 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
                  under /tmp are its own already."
             ),
         ));
-    }
-    if let Some(c) = own_timeout(&lower) {
-        return Some(c);
-    }
-    // Libraries that want a writable cache or configuration directory and
-    // say so without an error number.
-    if let Some(c) = unwritable_directory(&lower) {
-        return Some(c);
     }
     if lower.contains("read-only file system")
         || lower.contains("erofs")
@@ -1446,39 +1511,6 @@ fn install_at_run_time(tool: &str) -> Classified {
             }
         ),
     )
-}
-
-/// A framework's own request timeout (within skiff's `request_timeout`).
-fn own_timeout(lower: &str) -> Option<Classified> {
-    let (subject, fix) = if lower.contains("maximum execution time of") {
-        (
-            "php",
-            "PHP's max_execution_time ended the request: raise it (php -d \
-             max_execution_time=120, or set_time_limit) within [limits] request_timeout, or \
-             hand long work to a queue and answer at once.",
-        )
-    } else if lower.contains("rack::timeout") {
-        (
-            "rack-timeout",
-            "Rack::Timeout ended the request: raise RACK_TIMEOUT_SERVICE_TIMEOUT within \
-             [limits] request_timeout, or hand long work to a queue and answer at once.",
-        )
-    } else if lower.contains("asyncrequesttimeoutexception") {
-        (
-            "spring",
-            "Spring's async request timeout ended the request: raise \
-             spring.mvc.async.request-timeout within [limits] request_timeout, or hand long \
-             work to a queue and answer at once.",
-        )
-    } else {
-        return None;
-    };
-    Some((
-        FindingKind::RequestTimeout,
-        subject.into(),
-        "The service ended a request by its own time limit.".into(),
-        fix.into(),
-    ))
 }
 
 fn root_only(tool: &str, _line: &str) -> Option<Classified> {
