@@ -419,3 +419,91 @@ fn work_after_answering_is_diagnosed_on_json_server() {
     let f = finding(&d, &name, "ReadOnlyFileSystem");
     has(&f, "what", "db.json");
 }
+
+/// A small HTTP server in plain Ruby (Debian's, installed by the build):
+/// `/save` writes beside the app in a thread, whose uncaught error Ruby
+/// reports in its own words.
+const RUBY_APP: &str = r#"
+require "socket"
+server = TCPServer.new("0.0.0.0", Integer(ENV.fetch("PORT")))
+loop do
+  client = server.accept
+  request = client.gets.to_s
+  while (line = client.gets) && line != "\r\n"; end
+  if request.include?("/save")
+    Thread.new { File.write("/app/data.txt", "x") }.join rescue nil
+  end
+  client.write "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+  client.close
+end
+"#;
+
+/// The troubleshooter on Ruby's and PHP's own output (each from Debian's
+/// packages, installed by the build): a write beside the app, and a
+/// dependency the image lacks.
+#[test]
+fn ruby_and_php_failures_are_named_in_their_own_words() {
+    let d = Up::serve(None, &[]);
+    let apt = "apt-get update -qq && apt-get install -y -qq --no-install-recommends";
+
+    let ruby = unique("dr-ruby");
+    let app = App::new(
+        &format!("name = \"{ruby}\"\nbuild = \"{apt} ruby\"\nstart = \"exec ruby app.rb\"\n"),
+        &[("app.rb", RUBY_APP)],
+    );
+    let (ok, err) = deploy(&d, &app);
+    assert!(ok, "{err}");
+    assert_eq!(request(&d, &ruby, "GET /save HTTP/1.1"), 200);
+    let f = finding(&d, &ruby, "ReadOnlyFileSystem");
+    has(&f, "what", "/app/data.txt");
+    has(&f, "evidence", "Errno::EROFS");
+
+    let gem = unique("dr-gem");
+    let app = App::new(
+        &format!(
+            "name = \"{gem}\"\nbuild = \"{apt} ruby\"\nstart = \"exec ruby -e 'require \\\"sinatra\\\"'\"\n\
+             [limits]\nstart_timeout = \"5s\"\n"
+        ),
+        &[],
+    );
+    let (ok, _) = deploy(&d, &app);
+    assert!(!ok, "the start must fail");
+    let f = finding(&d, &gem, "MissingDependency");
+    has(&f, "what", "sinatra");
+    has(&f, "fix", "bundle install");
+
+    let php = unique("dr-php");
+    let app = App::new(
+        &format!(
+            "name = \"{php}\"\nbuild = \"{apt} php-cli\"\n\
+             start = \"exec php -d log_errors=1 -S 0.0.0.0:$PORT index.php\"\n"
+        ),
+        &[(
+            "index.php",
+            "<?php\nif ($_SERVER['REQUEST_URI'] === '/save') { file_put_contents('/app/cache.txt', 'x'); }\necho 'ok';\n",
+        )],
+    );
+    let (ok, err) = deploy(&d, &app);
+    assert!(ok, "{err}");
+    assert_eq!(request(&d, &php, "GET /save HTTP/1.1"), 200);
+    let f = finding(&d, &php, "ReadOnlyFileSystem");
+    has(&f, "what", "/app/cache.txt");
+
+    let composer = unique("dr-composer");
+    let app = App::new(
+        &format!(
+            "name = \"{composer}\"\nbuild = \"{apt} php-cli\"\n\
+             start = \"exec php -d log_errors=1 -S 0.0.0.0:$PORT index.php\"\n"
+        ),
+        &[(
+            "index.php",
+            "<?php\nrequire __DIR__ . '/vendor/autoload.php';\necho 'ok';\n",
+        )],
+    );
+    let (ok, err) = deploy(&d, &app);
+    assert!(ok, "{err}");
+    request(&d, &composer, "GET / HTTP/1.1");
+    let f = finding(&d, &composer, "MissingDependency");
+    has(&f, "what", "vendor/autoload.php");
+    has(&f, "fix", "composer install");
+}
