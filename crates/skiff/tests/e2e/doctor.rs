@@ -472,16 +472,20 @@ fn ruby_and_php_failures_are_named_in_their_own_words() {
     has(&f, "what", "sinatra");
     has(&f, "fix", "bundle install");
 
+    // PHP's built-in server with index.php as its router, from Debian's php-cli.
+    let php_app = |name: &str, index: &str| {
+        App::new(
+            &format!(
+                "name = \"{name}\"\nbuild = \"{apt} php-cli\"\n\
+                 start = \"exec php -d log_errors=1 -S 0.0.0.0:$PORT index.php\"\n"
+            ),
+            &[("index.php", index)],
+        )
+    };
     let php = unique("dr-php");
-    let app = App::new(
-        &format!(
-            "name = \"{php}\"\nbuild = \"{apt} php-cli\"\n\
-             start = \"exec php -d log_errors=1 -S 0.0.0.0:$PORT index.php\"\n"
-        ),
-        &[(
-            "index.php",
-            "<?php\nif ($_SERVER['REQUEST_URI'] === '/save') { file_put_contents('/app/cache.txt', 'x'); }\necho 'ok';\n",
-        )],
+    let app = php_app(
+        &php,
+        "<?php\nif ($_SERVER['REQUEST_URI'] === '/save') { file_put_contents('/app/cache.txt', 'x'); }\necho 'ok';\n",
     );
     let (ok, err) = deploy(&d, &app);
     assert!(ok, "{err}");
@@ -490,15 +494,9 @@ fn ruby_and_php_failures_are_named_in_their_own_words() {
     has(&f, "what", "/app/cache.txt");
 
     let composer = unique("dr-composer");
-    let app = App::new(
-        &format!(
-            "name = \"{composer}\"\nbuild = \"{apt} php-cli\"\n\
-             start = \"exec php -d log_errors=1 -S 0.0.0.0:$PORT index.php\"\n"
-        ),
-        &[(
-            "index.php",
-            "<?php\nrequire __DIR__ . '/vendor/autoload.php';\necho 'ok';\n",
-        )],
+    let app = php_app(
+        &composer,
+        "<?php\nrequire __DIR__ . '/vendor/autoload.php';\necho 'ok';\n",
     );
     let (ok, err) = deploy(&d, &app);
     assert!(ok, "{err}");
