@@ -381,6 +381,20 @@ fn stalled(line: &str, lower: &str) -> Option<Classified> {
              had no CPU between requests."
                 .to_string(),
         )
+    } else if lower.contains("thread starvation or clock leap detected") {
+        (
+            "hikari",
+            "HikariCP's housekeeper found time had jumped (\"clock leap\"): the instance had \
+             no CPU between requests."
+                .to_string(),
+        )
+    } else if lower.contains("failed to check in within") {
+        (
+            "puma",
+            "Puma terminated a worker that had not checked in: the instance had no CPU \
+             between requests."
+                .to_string(),
+        )
     } else if lower.contains("otlpexportererror")
         || (lower.contains("while exporting")
             && (lower.contains("transient error") || lower.contains("deadline")))
@@ -1015,6 +1029,14 @@ fn cache_variable(path: &str) -> Option<&'static str> {
 
 /// The first quoted or obvious path in an error line.
 fn path_in(line: &str) -> Option<String> {
+    // Ruby names its source location first: "app.rb:12:in `read': Permission
+    // denied @ rb_sysopen - /app/x (Errno::EACCES)".
+    if let Some(rest) = line.split_once(" @ rb_sysopen - ").map(|(_, r)| r) {
+        let path = rest.split(' ').next().unwrap_or(rest);
+        if path.starts_with('/') {
+            return Some(path.to_string());
+        }
+    }
     // Python: "... : '/app/x'"; Node: "... open '/app/x'"; shells: "bash: /app/x: ..."
     if let Some(start) = line.find("'/") {
         let rest = &line[start + 1..];
@@ -1285,18 +1307,26 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
             fix,
         ));
     }
-    if let Some(c) = missing_dependency(line, &lower) {
-        return Some(c);
-    }
     if lower.contains("exec format error")
         || lower.contains("invalid elf header")
         || lower.contains("cannot execute binary file")
         || lower.contains("wrong elf class")
+        // Java: "(Possible cause: can't load AARCH64 .so on a AMD 64 platform)"
+        || lower.contains("possible cause: can't load")
     {
         let path = path_in(line);
         let native_module =
             path.as_deref().is_some_and(|p| p.ends_with(".node")) || lower.contains("node_modules");
-        let fix = if native_module {
+        let python_package = path
+            .as_deref()
+            .is_some_and(|p| p.contains("site-packages") || p.contains("/.venv/"));
+        let fix = if python_package {
+            "Do not upload a virtualenv made on another machine: leave .venv out with \
+             .gitignore or .skiffignore and make it in the build command (build = \"python3 \
+             -m venv .venv && .venv/bin/pip install -r requirements.txt\"), which installs \
+             wheels for this machine."
+                .to_string()
+        } else if native_module {
             "Do not upload node_modules: leave it out with .gitignore or .skiffignore and \
              install in the build command (build = \"npm ci\" or \"npm rebuild\"), which \
              builds native modules for this machine."
@@ -1315,6 +1345,9 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
             },
             fix,
         ));
+    }
+    if let Some(c) = missing_dependency(line, &lower) {
+        return Some(c);
     }
     // dash ("sh: 1: gunicorn: not found") and env ("env: 'node': No such
     // file or directory") say it their way.
