@@ -35,8 +35,6 @@ pub type Cause = Box<dyn std::error::Error + Send + Sync>;
 pub struct Failure {
     kind: ErrorKind,
     message: String,
-    source: Source,
-    retryable: bool,
     cause: Option<Cause>,
 }
 
@@ -47,8 +45,6 @@ impl Failure {
         Self {
             kind,
             message: message.into(),
-            source: kind.source(),
-            retryable: kind.retryable(),
             cause: None,
         }
     }
@@ -68,14 +64,15 @@ impl Failure {
         &self.message
     }
 
-    /// Who caused it.
+    /// Who caused it (as its kind says).
     pub fn source(&self) -> Source {
-        self.source
+        self.kind.source()
     }
 
-    /// Whether sending the same request again may succeed.
+    /// Whether sending the same request again may succeed (as its kind
+    /// says).
     pub fn retryable(&self) -> bool {
-        self.retryable
+        self.kind.retryable()
     }
 
     /// The underlying error, when there was one.
@@ -94,8 +91,8 @@ impl std::fmt::Debug for Failure {
         f.debug_struct("Failure")
             .field("kind", &self.kind)
             .field("message", &self.message)
-            .field("source", &self.source)
-            .field("retryable", &self.retryable)
+            .field("source", &self.source())
+            .field("retryable", &self.retryable())
             .field("cause", &self.cause)
             .finish()
     }
@@ -130,7 +127,7 @@ pub(crate) fn wants_json(headers: &HeaderMap) -> bool {
 fn error_response(failure: &Failure, json: bool) -> Response<Body> {
     let (kind, message) = (failure.kind, failure.message.as_str());
     let (body, content_type) = if json {
-        let source = match failure.source {
+        let source = match failure.source() {
             Source::Client => "client",
             Source::Platform => "platform",
             Source::Upstream => "upstream",
@@ -140,7 +137,7 @@ fn error_response(failure: &Failure, json: bool) -> Response<Body> {
             "status": status(kind).as_u16(),
             "message": message,
             "source": source,
-            "retryable": failure.retryable,
+            "retryable": failure.retryable(),
         });
         (format!("{value}\n"), "application/json")
     } else {
