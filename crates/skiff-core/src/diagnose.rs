@@ -398,6 +398,13 @@ fn stalled(line: &str, lower: &str) -> Option<Classified> {
     } else if lower.contains("otlpexportererror")
         || (lower.contains("while exporting")
             && (lower.contains("transient error") || lower.contains("deadline")))
+        // Go's OTLP exporters, through otel's default error handler. A
+        // deadline only: a refused connection or an unknown name is the
+        // endpoint's configuration, not a suspension.
+        || (["traces export:", "failed to upload metrics:", "logs export:"]
+            .iter()
+            .any(|w| lower.contains(w))
+            && lower.contains("code = deadlineexceeded"))
     {
         (
             "exporter",
@@ -420,8 +427,8 @@ fn stalled(line: &str, lower: &str) -> Option<Classified> {
     };
     let fix = if subject == "exporter" {
         "Flush before answering: end each request with the provider's force_flush() \
-         (Python) or forceFlush() (Node), or export synchronously (SimpleSpanProcessor); or \
-         run the service with mode = \"persistent\"."
+         (Python), forceFlush() (Node) or ForceFlush(ctx) (Go), or export synchronously \
+         (SimpleSpanProcessor, WithSyncer); or run the service with mode = \"persistent\"."
     } else if subject == "gunicorn" {
         "skiff starts gunicorn with --timeout 0 in serverless mode (through \
          GUNICORN_CMD_ARGS), so that a frozen worker is not taken for a hung one; a --timeout \
@@ -638,18 +645,22 @@ const RULES: &[Rule] = &[
         fix: "Load in the main process: DataLoader(..., num_workers=0) (or threads); a \
               serverless instance has no shared memory.",
     },
+    // Chromium's own line, whichever library started it (Puppeteer,
+    // Playwright, Grover, Browsershot, chrome-php) and passed its output on.
     Rule {
-        stack: "node",
+        stack: "node, ruby, php",
         all: &["/dev/shm"],
         any: &["chrom"],
         kind: FindingKind::SharedMemory,
         subject: "chromium",
         what: "Chromium could not create its shared memory in /dev/shm.",
         fix: "Start it with --disable-dev-shm-usage (it then uses /tmp), and --no-sandbox: \
-              e.g. puppeteer.launch({args: ['--disable-dev-shm-usage', '--no-sandbox']}).",
+              e.g. puppeteer.launch({args: ['--disable-dev-shm-usage', '--no-sandbox']}); \
+              Grover's launch_args, Browsershot's addChromiumArguments and chrome-php's \
+              customFlags take the same flags.",
     },
     Rule {
-        stack: "go",
+        stack: "go, java",
         all: &["could not resize shared memory segment"],
         any: &[],
         kind: FindingKind::SharedMemory,
@@ -749,7 +760,59 @@ const RULES: &[Rule] = &[
         fix: "Raise spring.servlet.multipart.max-file-size and max-request-size, within \
               [limits] max_request, or upload large files to object storage.",
     },
+    Rule {
+        stack: "ruby",
+        all: &["total query size", "exceeds limit"],
+        any: &[],
+        kind: FindingKind::RequestTooLarge,
+        subject: "rack",
+        what: WHAT_OWN_BODY_LIMIT,
+        fix: "Rack parses form bodies up to 4MiB: raise [env] \
+              RACK_QUERY_PARSER_BYTESIZE_LIMIT (in bytes, within [limits] max_request, 6MiB \
+              by default), or send large data as a file upload or JSON.",
+    },
+    Rule {
+        stack: "go",
+        all: &["http: request body too large"],
+        any: &[],
+        kind: FindingKind::RequestTooLarge,
+        subject: "net/http",
+        what: WHAT_OWN_BODY_LIMIT,
+        fix: "The service's http.MaxBytesReader cut the body: raise its limit (within \
+              [limits] max_request, 6MiB by default), or upload large files to object storage.",
+    },
     // A request ended by the framework's own time limit.
+    Rule {
+        stack: "python",
+        all: &["harakiri on worker"],
+        any: &[],
+        kind: FindingKind::RequestTimeout,
+        subject: "uwsgi",
+        what: "uWSGI's harakiri killed a worker whose request ran past its own time limit.",
+        fix: "Raise uWSGI's --harakiri (seconds) within [limits] request_timeout, or hand long \
+              work to a queue and answer at once.",
+    },
+    Rule {
+        stack: "node",
+        all: &["response timeout"],
+        any: &["serviceunavailableerror", "connect-timeout"],
+        kind: FindingKind::RequestTimeout,
+        subject: "connect-timeout",
+        what: WHAT_OWN_TIMEOUT,
+        fix: "The connect-timeout middleware ended the request: raise its time (app.use(timeout('60s'))) \
+              within [limits] request_timeout, or hand long work to a queue and answer at once.",
+    },
+    Rule {
+        stack: "go",
+        all: &["http: handler timeout"],
+        any: &[],
+        kind: FindingKind::RequestTimeout,
+        subject: "net/http",
+        what: WHAT_OWN_TIMEOUT,
+        fix: "http.TimeoutHandler ended the request and its handler wrote too late: raise the \
+              handler's time within [limits] request_timeout, or hand long work to a queue and \
+              answer at once.",
+    },
     Rule {
         stack: "php",
         all: &["maximum execution time of"],
@@ -1314,13 +1377,33 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
         // Java: "(Possible cause: can't load AARCH64 .so on a AMD 64 platform)"
         || lower.contains("possible cause: can't load")
     {
-        let path = path_in(line);
+        // The library itself, where the line names one (Ruby names the
+        // requiring file first); else the first path.
+        let path = line
+            .split([' ', ':', '(', ')', '\''])
+            .find(|w| w.starts_with('/') && (w.ends_with(".so") || w.ends_with(".node")))
+            .map(str::to_string)
+            .or_else(|| path_in(line));
         let native_module =
             path.as_deref().is_some_and(|p| p.ends_with(".node")) || lower.contains("node_modules");
         let python_package = path
             .as_deref()
             .is_some_and(|p| p.contains("site-packages") || p.contains("/.venv/"));
-        let fix = if python_package {
+        let ruby_gem = path
+            .as_deref()
+            .is_some_and(|p| p.contains("/gems/") || p.contains("vendor/bundle"));
+        let php_extension = lower.contains("php startup") || lower.contains("dynamic library");
+        let fix = if ruby_gem {
+            "Do not upload vendor/bundle made on another machine: leave it out with .gitignore \
+             or .skiffignore and install in the build command (build = \"bundle install\"), \
+             which compiles native gems for this machine."
+                .to_string()
+        } else if php_extension {
+            "Install the extension for this machine in the build command, e.g. build = \
+             \"apt-get update && apt-get install -y php-imagick\" (or pecl install), instead \
+             of a .so copied from another machine."
+                .to_string()
+        } else if python_package {
             "Do not upload a virtualenv made on another machine: leave .venv out with \
              .gitignore or .skiffignore and make it in the build command (build = \"python3 \
              -m venv .venv && .venv/bin/pip install -r requirements.txt\"), which installs \
