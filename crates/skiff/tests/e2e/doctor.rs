@@ -505,3 +505,178 @@ fn ruby_and_php_failures_are_named_in_their_own_words() {
     has(&f, "what", "vendor/autoload.php");
     has(&f, "fix", "composer install");
 }
+
+/// A Java HTTP server (the JDK's own `com.sun.net.httpserver`), compiled by
+/// the build with Debian's JDK: each path fails one way, and the handler
+/// prints what it caught, as services do.
+const JAVA_APP: &str = r#"
+import com.sun.net.httpserver.HttpServer;
+import java.net.InetSocketAddress;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.util.ArrayList;
+import java.util.List;
+
+public class App {
+    public static void main(String[] args) throws Exception {
+        int port = Integer.parseInt(System.getenv("PORT"));
+        HttpServer server = HttpServer.create(new InetSocketAddress(port), 0);
+        server.createContext("/", exchange -> {
+            String path = exchange.getRequestURI().getPath();
+            int status = 200;
+            try {
+                if (path.equals("/save")) {
+                    Files.writeString(Path.of("/app/data.txt"), "x");
+                } else if (path.equals("/grow")) {
+                    List<byte[]> held = new ArrayList<>();
+                    while (true) {
+                        held.add(new byte[1 << 20]);
+                    }
+                } else if (path.equals("/listen")) {
+                    HttpServer.create(new InetSocketAddress(80), 0);
+                }
+            } catch (Throwable e) {
+                e.printStackTrace();
+                status = 500;
+            }
+            exchange.sendResponseHeaders(status, -1);
+            exchange.close();
+        });
+        server.start();
+    }
+}
+"#;
+
+/// The troubleshooter on the JVM's own output: a write beside the app, a
+/// heap smaller than the work (the fix relates -Xmx to limits.memory), a
+/// privileged port, and a main class that is not on the class path.
+#[test]
+fn java_failures_are_named_in_its_own_words() {
+    let d = Up::serve(None, &[]);
+    let build = "apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+                 default-jdk-headless && javac App.java";
+    let java = unique("dr-java");
+    let app = App::new(
+        &format!(
+            "name = \"{java}\"\nbuild = \"{build}\"\nstart = \"exec java -Xmx32m -cp /app App\"\n"
+        ),
+        &[("App.java", JAVA_APP)],
+    );
+    let (ok, err) = deploy(&d, &app);
+    assert!(ok, "{err}");
+
+    assert_eq!(request(&d, &java, "GET /save HTTP/1.1"), 500);
+    let f = finding(&d, &java, "ReadOnlyFileSystem");
+    has(&f, "what", "/app/data.txt");
+    has(&f, "evidence", "Read-only file system");
+
+    assert_eq!(request(&d, &java, "GET /grow HTTP/1.1"), 500);
+    let f = finding(&d, &java, "OutOfMemory");
+    has(&f, "what", "Java heap space");
+    has(&f, "fix", "-XX:MaxRAMPercentage");
+
+    assert_eq!(request(&d, &java, "GET /listen HTTP/1.1"), 500);
+    let f = finding(&d, &java, "PrivilegedPort");
+    has(&f, "evidence", "BindException");
+
+    // The same image started with a class that is not there.
+    let missing = unique("dr-jclass");
+    let app = App::new(
+        &format!(
+            "name = \"{missing}\"\nbuild = \"{build}\"\n\
+             start = \"exec java -cp /app com.example.Main\"\n[limits]\nstart_timeout = \"5s\"\n"
+        ),
+        &[("App.java", JAVA_APP)],
+    );
+    let (ok, _) = deploy(&d, &app);
+    assert!(!ok, "the start must fail");
+    let f = finding(&d, &missing, "MissingDependency");
+    has(&f, "what", "com.example.Main");
+    has(&f, "fix", "java -jar");
+}
+
+/// A Go HTTP server from the standard library, compiled by the build with
+/// Debian's Go: each path fails one way and logs the error, as services do.
+const GO_APP: &str = r#"
+package main
+
+import (
+	"io"
+	"log"
+	"net"
+	"net/http"
+	"os"
+	"time"
+)
+
+func main() {
+	mux := http.NewServeMux()
+	mux.HandleFunc("/save", func(w http.ResponseWriter, r *http.Request) {
+		if err := os.WriteFile("/app/data.txt", []byte("x"), 0o644); err != nil {
+			log.Printf("save: %v", err)
+		}
+	})
+	mux.HandleFunc("/upload", func(w http.ResponseWriter, r *http.Request) {
+		r.Body = http.MaxBytesReader(w, r.Body, 1024)
+		if _, err := io.ReadAll(r.Body); err != nil {
+			log.Printf("upload: %v", err)
+			http.Error(w, "too large", http.StatusRequestEntityTooLarge)
+		}
+	})
+	slow := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(300 * time.Millisecond)
+		if _, err := w.Write([]byte("late")); err != nil {
+			log.Printf("slow: %v", err)
+		}
+	})
+	mux.Handle("/slow", http.TimeoutHandler(slow, 50*time.Millisecond, "timeout"))
+	mux.HandleFunc("/listen", func(w http.ResponseWriter, r *http.Request) {
+		if _, err := net.Listen("tcp", ":80"); err != nil {
+			log.Print(err)
+		}
+	})
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "ok")
+	})
+	log.Fatal(http.ListenAndServe(":"+os.Getenv("PORT"), mux))
+}
+"#;
+
+/// The troubleshooter on Go's own output: a write beside the app, a body
+/// over the service's own MaxBytesReader, a handler past its own
+/// TimeoutHandler, and a privileged port.
+#[test]
+fn go_failures_are_named_in_its_own_words() {
+    let d = Up::serve(None, &[]);
+    let go = unique("dr-go");
+    // The slow handler writes after its TimeoutHandler answered: the
+    // instance stays unfrozen a while so that the write is seen.
+    let app = App::new(
+        &format!(
+            "name = \"{go}\"\n\
+             build = \"apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+             golang-go && HOME=/tmp GOCACHE=/tmp/go-cache go build -o server main.go\"\n\
+             start = \"exec ./server\"\n[limits]\nidle_suspend = \"5s\"\n"
+        ),
+        &[("main.go", GO_APP)],
+    );
+    let (ok, err) = deploy(&d, &app);
+    assert!(ok, "{err}");
+
+    assert_eq!(request(&d, &go, "GET /save HTTP/1.1"), 200);
+    let f = finding(&d, &go, "ReadOnlyFileSystem");
+    has(&f, "what", "/app/data.txt");
+
+    assert_eq!(post_json(&d, &go, "/upload", &"x".repeat(4096)), 413);
+    let f = finding(&d, &go, "RequestTooLarge");
+    has(&f, "evidence", "http: request body too large");
+    has(&f, "fix", "MaxBytesReader");
+
+    assert_eq!(request(&d, &go, "GET /slow HTTP/1.1"), 503);
+    let f = finding(&d, &go, "RequestTimeout");
+    has(&f, "evidence", "http: Handler timeout");
+
+    assert_eq!(request(&d, &go, "GET /listen HTTP/1.1"), 200);
+    let f = finding(&d, &go, "PrivilegedPort");
+    has(&f, "what", "port 80");
+}
