@@ -363,90 +363,6 @@ impl std::fmt::Display for Finding {
     }
 }
 
-/// What background work says when it ran late because the instance had no
-/// CPU: APScheduler's missed runs, gunicorn's arbiter finding its workers'
-/// heartbeats stale, missed heartbeats of workers and clients.
-fn stalled(line: &str, lower: &str) -> Option<Classified> {
-    let (subject, what) = if lower.contains("was missed by") {
-        (
-            "scheduler",
-            "A scheduled job ran late (\"was missed by\"): the scheduler's thread had no CPU \
-             between requests."
-                .to_string(),
-        )
-    } else if lower.contains("worker timeout") {
-        (
-            "gunicorn",
-            "Gunicorn killed a worker for a stale heartbeat (WORKER TIMEOUT) after the instance \
-             had no CPU between requests."
-                .to_string(),
-        )
-    } else if lower.contains("thread starvation or clock leap detected") {
-        (
-            "hikari",
-            "HikariCP's housekeeper found time had jumped (\"clock leap\"): the instance had \
-             no CPU between requests."
-                .to_string(),
-        )
-    } else if lower.contains("failed to check in within") {
-        (
-            "puma",
-            "Puma terminated a worker that had not checked in: the instance had no CPU \
-             between requests."
-                .to_string(),
-        )
-    } else if lower.contains("otlpexportererror")
-        || (lower.contains("while exporting")
-            && (lower.contains("transient error") || lower.contains("deadline")))
-        // Go's OTLP exporters, through otel's default error handler. A
-        // deadline only: a refused connection or an unknown name is the
-        // endpoint's configuration, not a suspension.
-        || (["traces export:", "failed to upload metrics:", "logs export:"]
-            .iter()
-            .any(|w| lower.contains(w))
-            && lower.contains("code = deadlineexceeded"))
-    {
-        (
-            "exporter",
-            "A telemetry exporter could not send its batch: it sends in the background, \
-             and the instance had no CPU between requests."
-                .to_string(),
-        )
-    } else if lower.contains("heartbeat")
-        && (lower.contains("missed") || lower.contains("timed out") || lower.contains("blocked"))
-    {
-        (
-            "heartbeat",
-            format!(
-                "A heartbeat was missed while the instance had no CPU between requests: {}",
-                line.trim()
-            ),
-        )
-    } else {
-        return None;
-    };
-    let fix = if subject == "exporter" {
-        "Flush before answering: end each request with the provider's force_flush() \
-         (Python), forceFlush() (Node) or ForceFlush(ctx) (Go), or export synchronously \
-         (SimpleSpanProcessor, WithSyncer); or run the service with mode = \"persistent\"."
-    } else if subject == "gunicorn" {
-        "skiff starts gunicorn with --timeout 0 in serverless mode (through \
-         GUNICORN_CMD_ARGS), so that a frozen worker is not taken for a hung one; a --timeout \
-         in the start command or a gunicorn config file overrides it: remove it there (or \
-         set it to 0), or run the service with mode = \"persistent\"."
-    } else {
-        "Do the work inside the request, before answering; trigger scheduled jobs from \
-         outside (a cron that calls an endpoint); or run the service with mode = \
-         \"persistent\", which is never frozen."
-    };
-    Some((
-        FindingKind::BackgroundWorkStalled,
-        subject.into(),
-        what,
-        fix.into(),
-    ))
-}
-
 /// Whether `line` is a request log line (`"GET /x HTTP/1.1" 200`, `GET /x
 /// 200 3.1 ms`): servers write these after answering, and such a line is
 /// no work of the service's own.
@@ -598,14 +514,18 @@ fn classify_event(kind: &EventKind, message: &str) -> Option<Classified> {
     })
 }
 
-/// A rule that is only words: a line whose lowercase form contains every
-/// one of `all` and, when `any` is not empty, one of `any`, gives this
-/// finding. Each stack's own words are rows of their own; rules that must
-/// read a path, a module or a port out of the line are functions below.
+/// A rule that is only words: a line whose lowercase form starts with
+/// `start` (after leading blanks), contains every one of `all` and, when
+/// `any` is not empty, one of `any`, gives this finding. Each stack's own
+/// words are rows of their own. `what` and `fix` may quote the line:
+/// `{line}` is the line, `{detail}` its last part after ": "; `{raise}` is
+/// the advice on `limits.memory`. Rules that must read a path, a module, a
+/// port or a command out of the line are functions below.
 struct Rule {
-    /// Whose words these are (for the reader; the corpus has a case per
-    /// stack).
+    /// Whose words these are (the corpus has a case per stack named; "any"
+    /// for words no stack owns).
     stack: &'static str,
+    start: &'static str,
     all: &'static [&'static str],
     any: &'static [&'static str],
     kind: FindingKind,
@@ -614,12 +534,60 @@ struct Rule {
     fix: &'static str,
 }
 
+/// The defaults rows leave out.
+const ROW: Rule = Rule {
+    stack: "any",
+    start: "",
+    all: &[],
+    any: &[],
+    kind: FindingKind::InstanceCrashed,
+    subject: "",
+    what: "",
+    fix: "",
+};
+
 impl Rule {
     fn matches(&self, lower: &str) -> bool {
-        self.all.iter().all(|w| lower.contains(w))
+        lower.trim_start().starts_with(self.start)
+            && self.all.iter().all(|w| lower.contains(w))
             && (self.any.is_empty() || self.any.iter().any(|w| lower.contains(w)))
     }
+
+    fn finding(&self, line: &str) -> Classified {
+        let line = line.trim();
+        let detail = line.rsplit(": ").next().unwrap_or(line);
+        let fill = |text: &str| {
+            text.replace("{line}", line)
+                .replace("{detail}", detail)
+                .replace("{raise}", RAISE_MEMORY)
+        };
+        (
+            self.kind,
+            self.subject.into(),
+            fill(self.what),
+            fill(self.fix),
+        )
+    }
 }
+
+const RAISE_MEMORY: &str = "raise [limits] memory in skiff.toml (e.g. memory = \"1GiB\") or make \
+     it use less (stream data instead of loading it whole, fewer workers)";
+const FIX_STALLED: &str = "Do the work inside the request, before answering; trigger scheduled \
+     jobs from outside (a cron that calls an endpoint); or run the service with mode = \
+     \"persistent\", which is never frozen.";
+const FIX_EXPORTER: &str = "Flush before answering: end each request with the provider's \
+     force_flush() (Python), forceFlush() (Node) or ForceFlush(ctx) (Go), or export \
+     synchronously (SimpleSpanProcessor, WithSyncer); or run the service with mode = \
+     \"persistent\".";
+const WHAT_EXPORTER: &str = "A telemetry exporter could not send its batch: it sends in the \
+     background, and the instance had no CPU between requests.";
+const FIX_RUNTIME: &str =
+    "Name the Node.js it needs in skiff.toml, e.g. runtime = \"node@24\" (any \
+     major from 18 to 25; a service with a package.json runs on 22, the current long-term-support \
+     version, unless it names one), and deploy again.";
+const WHAT_RUNTIME: &str = "A tool needs another Node.js than the one it ran on: {line}";
+const WHAT_OUT_OF_MEMORY: &str = "The service ran out of memory: {line}";
+const FIX_OUT_OF_MEMORY: &str = "The instance may use limits.memory: {raise}.";
 
 const FIX_POOLED: &str = "Check connections before use and reconnect on error: SQLAlchemy \
      create_engine(..., pool_pre_ping=True, pool_recycle=60), node-postgres pool.on('error', \
@@ -633,17 +601,134 @@ const WHAT_OWN_TIMEOUT: &str = "The service ended a request by its own time limi
 
 /// The rules that are only words, in order: the first that matches wins.
 const RULES: &[Rule] = &[
+    // Background work that ran late because the instance had no CPU.
+    Rule {
+        stack: "python",
+        all: &["was missed by"],
+        kind: FindingKind::BackgroundWorkStalled,
+        subject: "scheduler",
+        what: "A scheduled job ran late (\"was missed by\"): the scheduler's thread had no CPU \
+               between requests.",
+        fix: FIX_STALLED,
+        ..ROW
+    },
+    Rule {
+        stack: "python",
+        all: &["worker timeout"],
+        kind: FindingKind::BackgroundWorkStalled,
+        subject: "gunicorn",
+        what: "Gunicorn killed a worker for a stale heartbeat (WORKER TIMEOUT) after the \
+               instance had no CPU between requests.",
+        fix: "skiff starts gunicorn with --timeout 0 in serverless mode (through \
+              GUNICORN_CMD_ARGS), so that a frozen worker is not taken for a hung one; a \
+              --timeout in the start command or a gunicorn config file overrides it: remove it \
+              there (or set it to 0), or run the service with mode = \"persistent\".",
+        ..ROW
+    },
+    Rule {
+        stack: "java",
+        all: &["thread starvation or clock leap detected"],
+        kind: FindingKind::BackgroundWorkStalled,
+        subject: "hikari",
+        what: "HikariCP's housekeeper found time had jumped (\"clock leap\"): the instance had \
+               no CPU between requests.",
+        fix: FIX_STALLED,
+        ..ROW
+    },
+    Rule {
+        stack: "ruby",
+        all: &["failed to check in within"],
+        kind: FindingKind::BackgroundWorkStalled,
+        subject: "puma",
+        what: "Puma terminated a worker that had not checked in: the instance had no CPU \
+               between requests.",
+        fix: FIX_STALLED,
+        ..ROW
+    },
+    Rule {
+        stack: "node",
+        all: &["otlpexportererror"],
+        kind: FindingKind::BackgroundWorkStalled,
+        subject: "exporter",
+        what: WHAT_EXPORTER,
+        fix: FIX_EXPORTER,
+        ..ROW
+    },
+    Rule {
+        stack: "python",
+        all: &["while exporting"],
+        any: &["transient error", "deadline"],
+        kind: FindingKind::BackgroundWorkStalled,
+        subject: "exporter",
+        what: WHAT_EXPORTER,
+        fix: FIX_EXPORTER,
+        ..ROW
+    },
+    // Go's OTLP exporters, through otel's default error handler. A deadline
+    // only: a refused connection or an unknown name is the endpoint's
+    // configuration, not a suspension.
+    Rule {
+        stack: "go",
+        all: &["code = deadlineexceeded"],
+        any: &["traces export:", "failed to upload metrics:", "logs export:"],
+        kind: FindingKind::BackgroundWorkStalled,
+        subject: "exporter",
+        what: WHAT_EXPORTER,
+        fix: FIX_EXPORTER,
+        ..ROW
+    },
+    Rule {
+        stack: "python, php",
+        all: &["heartbeat"],
+        any: &["missed", "timed out", "blocked"],
+        kind: FindingKind::BackgroundWorkStalled,
+        subject: "heartbeat",
+        what: "A heartbeat was missed while the instance had no CPU between requests: {line}",
+        fix: FIX_STALLED,
+        ..ROW
+    },
+    // Next.js, Vite and others: "You are using Node.js 18.19.0. For Next.js,
+    // Node.js version ... is required." / "Vite requires Node.js version
+    // 20.19+"; npm's EBADENGINE lists the engine it wanted.
+    Rule {
+        stack: "node",
+        all: &["you are using node.js"],
+        any: &["required", "requires"],
+        kind: FindingKind::RuntimeTooOld,
+        subject: "node",
+        what: WHAT_RUNTIME,
+        fix: FIX_RUNTIME,
+        ..ROW
+    },
+    Rule {
+        stack: "node",
+        all: &["unsupported engine", "wanted: {\"node\""],
+        kind: FindingKind::RuntimeTooOld,
+        subject: "node",
+        what: WHAT_RUNTIME,
+        fix: FIX_RUNTIME,
+        ..ROW
+    },
+    Rule {
+        stack: "node",
+        all: &["notsup", "required: {\"node\""],
+        kind: FindingKind::RuntimeTooOld,
+        subject: "node",
+        what: WHAT_RUNTIME,
+        fix: FIX_RUNTIME,
+        ..ROW
+    },
     // Shared memory (/dev/shm), in its users' words.
     Rule {
         stack: "python",
         all: &["insufficient shared memory"],
-        any: &[],
         kind: FindingKind::SharedMemory,
         subject: "pytorch",
         what: "PyTorch's DataLoader workers ran out of shared memory (/dev/shm) to pass \
                batches between processes.",
         fix: "Load in the main process: DataLoader(..., num_workers=0) (or threads); a \
               serverless instance has no shared memory.",
+        ..ROW
     },
     // Chromium's own line, whichever library started it (Puppeteer,
     // Playwright, Grover, Browsershot, chrome-php) and passed its output on.
@@ -658,16 +743,17 @@ const RULES: &[Rule] = &[
               e.g. puppeteer.launch({args: ['--disable-dev-shm-usage', '--no-sandbox']}); \
               Grover's launch_args, Browsershot's addChromiumArguments and chrome-php's \
               customFlags take the same flags.",
+        ..ROW
     },
     Rule {
         stack: "go, java",
         all: &["could not resize shared memory segment"],
-        any: &[],
         kind: FindingKind::SharedMemory,
         subject: "postgresql",
         what: "PostgreSQL could not make a dynamic shared memory segment (/dev/shm).",
         fix: "Run the database outside the service (a managed PostgreSQL), or set \
               dynamic_shared_memory_type = mmap in postgresql.conf, with its data under /tmp.",
+        ..ROW
     },
     // Pooled connections found closed after a suspension.
     Rule {
@@ -683,17 +769,18 @@ const RULES: &[Rule] = &[
         subject: "database",
         what: WHAT_POOLED,
         fix: FIX_POOLED,
+        ..ROW
     },
     Rule {
         stack: "java",
         all: &["marked as broken", "hikari"],
-        any: &[],
         kind: FindingKind::StaleConnection,
         subject: "hikari",
         what: WHAT_POOLED,
         fix: "Give HikariCP a maxLifetime and keepaliveTime shorter than the idle time the \
               database or its proxy allows (spring.datasource.hikari.max-lifetime), so broken \
               connections are replaced; or run the service with mode = \"persistent\".",
+        ..ROW
     },
     Rule {
         stack: "node, python",
@@ -706,6 +793,7 @@ const RULES: &[Rule] = &[
         subject: "http",
         what: WHAT_POOLED,
         fix: FIX_HTTP_POOL,
+        ..ROW
     },
     // Go names the connection: only an outgoing one (a pool's, local->remote
     // to a service's port) counts; a client that went away resets an
@@ -718,17 +806,18 @@ const RULES: &[Rule] = &[
         subject: "http",
         what: WHAT_POOLED,
         fix: FIX_HTTP_POOL,
+        ..ROW
     },
     // A body over the framework's own limit (within skiff's max_request).
     Rule {
         stack: "node",
         all: &["request entity too large"],
-        any: &[],
         kind: FindingKind::RequestTooLarge,
         subject: "express",
         what: WHAT_OWN_BODY_LIMIT,
         fix: "Raise the body parser's own limit, e.g. express.json({ limit: '5mb' }) (within \
               [limits] max_request, 6MiB by default), or upload large files to object storage.",
+        ..ROW
     },
     Rule {
         stack: "python",
@@ -739,58 +828,59 @@ const RULES: &[Rule] = &[
         what: WHAT_OWN_BODY_LIMIT,
         fix: "Raise Django's DATA_UPLOAD_MAX_MEMORY_SIZE (within [limits] max_request, 6MiB by \
               default), or upload large files to object storage.",
+        ..ROW
     },
     Rule {
         stack: "php",
         all: &["post content-length of", "exceeds the limit"],
-        any: &[],
         kind: FindingKind::RequestTooLarge,
         subject: "php",
         what: WHAT_OWN_BODY_LIMIT,
         fix: "Raise PHP's post_max_size and upload_max_filesize (php -d post_max_size=6M), \
               within [limits] max_request, or upload large files to object storage.",
+        ..ROW
     },
     Rule {
         stack: "java",
         all: &["maxuploadsizeexceededexception"],
-        any: &[],
         kind: FindingKind::RequestTooLarge,
         subject: "spring",
         what: WHAT_OWN_BODY_LIMIT,
         fix: "Raise spring.servlet.multipart.max-file-size and max-request-size, within \
               [limits] max_request, or upload large files to object storage.",
+        ..ROW
     },
     Rule {
         stack: "ruby",
         all: &["total query size", "exceeds limit"],
-        any: &[],
         kind: FindingKind::RequestTooLarge,
         subject: "rack",
         what: WHAT_OWN_BODY_LIMIT,
         fix: "Rack parses form bodies up to 4MiB: raise [env] \
               RACK_QUERY_PARSER_BYTESIZE_LIMIT (in bytes, within [limits] max_request, 6MiB \
               by default), or send large data as a file upload or JSON.",
+        ..ROW
     },
     Rule {
         stack: "go",
         all: &["http: request body too large"],
-        any: &[],
         kind: FindingKind::RequestTooLarge,
         subject: "net/http",
         what: WHAT_OWN_BODY_LIMIT,
         fix: "The service's http.MaxBytesReader cut the body: raise its limit (within \
               [limits] max_request, 6MiB by default), or upload large files to object storage.",
+        ..ROW
     },
     // A request ended by the framework's own time limit.
     Rule {
         stack: "python",
         all: &["harakiri on worker"],
-        any: &[],
         kind: FindingKind::RequestTimeout,
         subject: "uwsgi",
         what: "uWSGI's harakiri killed a worker whose request ran past its own time limit.",
         fix: "Raise uWSGI's --harakiri (seconds) within [limits] request_timeout, or hand long \
               work to a queue and answer at once.",
+        ..ROW
     },
     Rule {
         stack: "node",
@@ -801,73 +891,183 @@ const RULES: &[Rule] = &[
         what: WHAT_OWN_TIMEOUT,
         fix: "The connect-timeout middleware ended the request: raise its time (app.use(timeout('60s'))) \
               within [limits] request_timeout, or hand long work to a queue and answer at once.",
+        ..ROW
     },
     Rule {
         stack: "go",
         all: &["http: handler timeout"],
-        any: &[],
         kind: FindingKind::RequestTimeout,
         subject: "net/http",
         what: WHAT_OWN_TIMEOUT,
         fix: "http.TimeoutHandler ended the request and its handler wrote too late: raise the \
               handler's time within [limits] request_timeout, or hand long work to a queue and \
               answer at once.",
+        ..ROW
     },
     Rule {
         stack: "php",
         all: &["maximum execution time of"],
-        any: &[],
         kind: FindingKind::RequestTimeout,
         subject: "php",
         what: WHAT_OWN_TIMEOUT,
         fix: "PHP's max_execution_time ended the request: raise it (php -d \
               max_execution_time=120, or set_time_limit) within [limits] request_timeout, or \
               hand long work to a queue and answer at once.",
+        ..ROW
     },
     Rule {
         stack: "ruby",
         all: &["rack::timeout"],
-        any: &[],
         kind: FindingKind::RequestTimeout,
         subject: "rack-timeout",
         what: WHAT_OWN_TIMEOUT,
         fix: "Rack::Timeout ended the request: raise RACK_TIMEOUT_SERVICE_TIMEOUT within \
               [limits] request_timeout, or hand long work to a queue and answer at once.",
+        ..ROW
     },
     Rule {
         stack: "java",
         all: &["asyncrequesttimeoutexception"],
-        any: &[],
         kind: FindingKind::RequestTimeout,
         subject: "spring",
         what: WHAT_OWN_TIMEOUT,
         fix: "Spring's async request timeout ended the request: raise \
               spring.mvc.async.request-timeout within [limits] request_timeout, or hand long \
               work to a queue and answer at once.",
+        ..ROW
     },
     // Libraries that want a writable cache or configuration directory and
     // say so without an error number.
     Rule {
         stack: "python",
         all: &["mplconfigdir", "not a writable directory"],
-        any: &[],
         kind: FindingKind::ReadOnlyFileSystem,
         subject: "matplotlib",
         what: "Matplotlib found no writable configuration directory (MPLCONFIGDIR) and made a \
                temporary one on every start, which slows its import.",
         fix: "Point it at /tmp in skiff.toml: [env] MPLCONFIGDIR = \"/tmp/matplotlib\" (only \
               /tmp is writable; the cache goes with the instance).",
+        ..ROW
     },
     Rule {
         stack: "any",
         all: &["fontconfig", "no writable cache directories"],
-        any: &[],
         kind: FindingKind::ReadOnlyFileSystem,
         subject: "fontconfig",
         what: "fontconfig found no writable cache directory, so fonts are scanned again on \
                every start.",
         fix: "Point it at /tmp in skiff.toml: [env] XDG_CACHE_HOME = \"/tmp/.cache\" (only \
               /tmp is writable; the cache goes with the instance).",
+        ..ROW
+    },
+    Rule {
+        stack: "python, go",
+        any: &[
+            "attempt to write a readonly database",
+            "unable to open database file",
+        ],
+        kind: FindingKind::ReadOnlyFileSystem,
+        subject: "sqlite",
+        what: "SQLite could not write its database: the file (or the directory, where it keeps \
+               its journal) is not writable.",
+        fix: "In a serverless service, put the database under /tmp (e.g. \
+              sqlite:////tmp/app.db; it goes with the instance) or use a database server; for \
+              data that must last on this machine, use mode = \"persistent\".",
+        ..ROW
+    },
+    Rule {
+        stack: "python",
+        any: &["externally-managed-environment", "externally managed"],
+        kind: FindingKind::MissingPythonModule,
+        subject: "pip",
+        what: "pip refused to install into the system's Python (PEP 668, \
+               \"externally-managed-environment\").",
+        fix: "skiff's builds allow it (PIP_BREAK_SYSTEM_PACKAGES=1): install in the build \
+              command, build = \"pip install -r requirements.txt\"; at run time nothing can be \
+              installed. If a build still sees it, unset PIP_BREAK_SYSTEM_PACKAGES in [env] or \
+              use a virtualenv (python3 -m venv .venv && .venv/bin/pip install ...).",
+        ..ROW
+    },
+    // A runtime that says it ran out of memory, before (or instead of) the
+    // kernel's kill: each has its own limit beside `limits.memory`.
+    Rule {
+        stack: "node",
+        any: &["javascript heap out of memory", "reached heap limit"],
+        kind: FindingKind::OutOfMemory,
+        subject: "node",
+        what: "Node.js ran out of heap.",
+        fix: "Node's heap limit is its own, apart from the instance's: set it below \
+              limits.memory with [env] NODE_OPTIONS = \"--max-old-space-size=<MiB>\" (about \
+              three quarters of limits.memory), and if that is not enough, {raise}.",
+        ..ROW
+    },
+    Rule {
+        stack: "java",
+        all: &["java.lang.outofmemoryerror"],
+        kind: FindingKind::OutOfMemory,
+        subject: "java",
+        what: "The JVM ran out of memory: {detail}",
+        fix: "The JVM's heap limit is its own: size it from the instance's with \
+              -XX:MaxRAMPercentage=75 (or -Xmx below limits.memory, leaving room for the rest of \
+              the process), and if the heap must grow, {raise}.",
+        ..ROW
+    },
+    Rule {
+        stack: "php",
+        all: &["allowed memory size of", "exhausted"],
+        kind: FindingKind::OutOfMemory,
+        subject: "php",
+        what: "PHP reached its memory_limit.",
+        fix: "PHP's memory_limit is its own: raise it (php -d memory_limit=256M, or ini_set) \
+              while it stays below limits.memory, and if more is needed, {raise}.",
+        ..ROW
+    },
+    Rule {
+        stack: "python",
+        start: "memoryerror",
+        kind: FindingKind::OutOfMemory,
+        subject: "memory",
+        what: WHAT_OUT_OF_MEMORY,
+        fix: FIX_OUT_OF_MEMORY,
+        ..ROW
+    },
+    Rule {
+        stack: "go",
+        all: &["runtime: out of memory"],
+        kind: FindingKind::OutOfMemory,
+        subject: "memory",
+        what: WHAT_OUT_OF_MEMORY,
+        fix: FIX_OUT_OF_MEMORY,
+        ..ROW
+    },
+    Rule {
+        stack: "ruby",
+        all: &["(nomemoryerror)"],
+        kind: FindingKind::OutOfMemory,
+        subject: "memory",
+        what: WHAT_OUT_OF_MEMORY,
+        fix: FIX_OUT_OF_MEMORY,
+        ..ROW
+    },
+    Rule {
+        all: &["std::bad_alloc"],
+        kind: FindingKind::OutOfMemory,
+        subject: "memory",
+        what: WHAT_OUT_OF_MEMORY,
+        fix: FIX_OUT_OF_MEMORY,
+        ..ROW
+    },
+    // bash reports a child the kernel killed (SIGKILL, as the OOM killer does).
+    Rule {
+        stack: "python",
+        start: "bash: ",
+        all: &[" killed ", "line "],
+        kind: FindingKind::OutOfMemory,
+        subject: "memory",
+        what: "A process of the service was killed: {line}",
+        fix: "A process killed by the kernel inside an instance was most likely over \
+              limits.memory: {raise}.",
+        ..ROW
     },
 ];
 
@@ -883,81 +1083,16 @@ pub fn word_rules() -> impl Iterator<Item = (&'static str, FindingKind, &'static
 }
 
 /// The first rule of [`RULES`] the line matches.
-fn by_words(lower: &str) -> Option<Classified> {
-    let rule = RULES.iter().find(|r| r.matches(lower))?;
-    Some((
-        rule.kind,
-        rule.subject.into(),
-        rule.what.into(),
-        rule.fix.into(),
-    ))
+fn by_words(line: &str, lower: &str) -> Option<Classified> {
+    Some(RULES.iter().find(|r| r.matches(lower))?.finding(line))
 }
 
-/// A runtime that says it ran out of memory, before (or instead of) the
-/// kernel's kill: each has its own limit beside `limits.memory`.
-fn out_of_memory(line: &str, lower: &str) -> Option<Classified> {
-    let trimmed = line.trim();
-    let raise = "raise [limits] memory in skiff.toml (e.g. memory = \"1GiB\") or make it use less \
-                 (stream data instead of loading it whole, fewer workers)";
-    let (subject, what, fix) = if lower.contains("javascript heap out of memory")
-        || lower.contains("reached heap limit")
-    {
-        (
-            "node",
-            "Node.js ran out of heap.".to_string(),
-            format!(
-                "Node's heap limit is its own, apart from the instance's: set it below \
-                 limits.memory with [env] NODE_OPTIONS = \"--max-old-space-size=<MiB>\" (about \
-                 three quarters of limits.memory), and if that is not enough, {raise}."
-            ),
-        )
-    } else if lower.contains("java.lang.outofmemoryerror") {
-        (
-            "java",
-            format!(
-                "The JVM ran out of memory: {}",
-                trimmed.rsplit(": ").next().unwrap_or(trimmed)
-            ),
-            format!(
-                "The JVM's heap limit is its own: size it from the instance's with \
-                 -XX:MaxRAMPercentage=75 (or -Xmx below limits.memory, leaving room for the rest \
-                 of the process), and if the heap must grow, {raise}."
-            ),
-        )
-    } else if lower.contains("allowed memory size of") && lower.contains("exhausted") {
-        (
-            "php",
-            "PHP reached its memory_limit.".to_string(),
-            format!(
-                "PHP's memory_limit is its own: raise it (php -d memory_limit=256M, or \
-                 ini_set) while it stays below limits.memory, and if more is needed, {raise}."
-            ),
-        )
-    } else if trimmed == "MemoryError"
-        || trimmed.starts_with("MemoryError:")
-        || lower.contains("runtime: out of memory")
-        || lower.contains("(nomemoryerror)")
-        || lower.contains("std::bad_alloc")
-    {
-        (
-            "memory",
-            format!("The service ran out of memory: {trimmed}"),
-            format!("The instance may use limits.memory: {raise}."),
-        )
-    } else if lower.contains(" killed ") && lower.contains("line ") && lower.starts_with("bash: ") {
-        // bash reports a child the kernel killed (SIGKILL, as the OOM killer does).
-        (
-            "memory",
-            format!("A process of the service was killed: {trimmed}"),
-            format!(
-                "A process killed by the kernel inside an instance was most likely over \
-                 limits.memory: {raise}."
-            ),
-        )
-    } else {
-        return None;
-    };
-    Some((FindingKind::OutOfMemory, subject.into(), what, fix))
+/// Which row of the word rules (in [`word_rules`]' order) gives the
+/// finding for `line`, if one does: the corpus test checks that every row
+/// is reached by a case of each stack it names.
+pub fn word_rule_of(line: &str) -> Option<usize> {
+    let lower = line.to_ascii_lowercase();
+    RULES.iter().position(|r| r.matches(&lower))
 }
 
 /// A command the image lacks.
@@ -1145,37 +1280,10 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
     {
         return None;
     }
-    if let Some(c) = stalled(line, &lower) {
+    if let Some(c) = by_words(line, &lower) {
         return Some(c);
     }
     if let Some(c) = denied_call(&lower) {
-        return Some(c);
-    }
-    // Next.js, Vite and others: "You are using Node.js 18.19.0. For Next.js,
-    // Node.js version ... is required." / "Vite requires Node.js version
-    // 20.19+"; npm's EBADENGINE lists the engine it wanted.
-    if (lower.contains("you are using node.js")
-        && (lower.contains("required") || lower.contains("requires")))
-        || (lower.contains("unsupported engine") && lower.contains("wanted: {\"node\""))
-        || (lower.contains("notsup") && lower.contains("required: {\"node\""))
-    {
-        return Some((
-            FindingKind::RuntimeTooOld,
-            "node".into(),
-            format!(
-                "A tool needs another Node.js than the one it ran on: {}",
-                line.trim()
-            ),
-            "Name the Node.js it needs in skiff.toml, e.g. runtime = \"node@24\" (any \
-             major from 18 to 25; a service with a package.json runs on 22, the current \
-             long-term-support version, unless it names one), and deploy again."
-                .into(),
-        ));
-    }
-    if let Some(c) = by_words(&lower) {
-        return Some(c);
-    }
-    if let Some(c) = out_of_memory(line, &lower) {
         return Some(c);
     }
     if (lower.contains("no space left on device")
@@ -1271,21 +1379,6 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
             fix,
         ));
     }
-    if lower.contains("attempt to write a readonly database")
-        || lower.contains("unable to open database file")
-    {
-        return Some((
-            FindingKind::ReadOnlyFileSystem,
-            "sqlite".into(),
-            "SQLite could not write its database: the file (or the directory, where it \
-             keeps its journal) is not writable."
-                .into(),
-            "In a serverless service, put the database under /tmp (e.g. \
-             sqlite:////tmp/app.db; it goes with the instance) or use a database server; \
-             for data that must last on this machine, use mode = \"persistent\"."
-                .into(),
-        ));
-    }
     let denied = lower.contains("permission denied") || lower.contains("eacces");
     let about_a_socket = ["bind", "listen"]
         .iter()
@@ -1323,20 +1416,6 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
             what,
             "Listen on the port skiff passes in $PORT (set port = 8080 or another port from \
              1024 up in skiff.toml)."
-                .into(),
-        ));
-    }
-    if lower.contains("externally-managed-environment") || lower.contains("externally managed") {
-        return Some((
-            FindingKind::MissingPythonModule,
-            "pip".into(),
-            "pip refused to install into the system's Python (PEP 668, \
-             \"externally-managed-environment\")."
-                .into(),
-            "skiff's builds allow it (PIP_BREAK_SYSTEM_PACKAGES=1): install in the build \
-             command, build = \"pip install -r requirements.txt\"; at run time nothing can \
-             be installed. If a build still sees it, unset PIP_BREAK_SYSTEM_PACKAGES in [env] \
-             or use a virtualenv (python3 -m venv .venv && .venv/bin/pip install ...)."
                 .into(),
         ));
     }
