@@ -528,6 +528,11 @@ struct Rule {
     start: &'static str,
     all: &'static [&'static str],
     any: &'static [&'static str],
+    /// Words that make a line someone else's (a client quoting a server).
+    none: &'static [&'static str],
+    /// Where `{detail}` starts: after this marker (up to a closing bracket),
+    /// or when empty after the last ": ".
+    detail: &'static str,
     kind: FindingKind,
     subject: &'static str,
     what: &'static str,
@@ -540,6 +545,8 @@ const ROW: Rule = Rule {
     start: "",
     all: &[],
     any: &[],
+    none: &[],
+    detail: "",
     kind: FindingKind::InstanceCrashed,
     subject: "",
     what: "",
@@ -548,14 +555,28 @@ const ROW: Rule = Rule {
 
 impl Rule {
     fn matches(&self, lower: &str) -> bool {
-        lower.trim_start().starts_with(self.start)
+        // `start` is whole words: "memoryerror" is not "memoryerrorhandler".
+        let starts = lower
+            .trim_start()
+            .strip_prefix(self.start)
+            .is_some_and(|rest| {
+                self.start.ends_with(' ') || !rest.starts_with(|c: char| c.is_ascii_alphanumeric())
+            });
+        (self.start.is_empty() || starts)
             && self.all.iter().all(|w| lower.contains(w))
             && (self.any.is_empty() || self.any.iter().any(|w| lower.contains(w)))
+            && !self.none.iter().any(|w| lower.contains(w))
     }
 
     fn finding(&self, line: &str) -> Classified {
         let line = line.trim();
-        let detail = line.rsplit(": ").next().unwrap_or(line);
+        let detail = match line.find(self.detail).filter(|_| !self.detail.is_empty()) {
+            Some(at) => {
+                let rest = &line[at + self.detail.len()..];
+                rest[..rest.find([']', ')']).unwrap_or(rest.len())].trim()
+            }
+            None => line.rsplit(": ").next().unwrap_or(line),
+        };
         let fill = |text: &str| {
             text.replace("{line}", line)
                 .replace("{detail}", detail)
@@ -678,7 +699,23 @@ const RULES: &[Rule] = &[
         ..ROW
     },
     Rule {
-        stack: "python, php",
+        stack: "php, ruby",
+        any: &[
+            "amqpheartbeatmissedexception",
+            "missed server heartbeat",
+            "missed heartbeats from server",
+        ],
+        kind: FindingKind::BackgroundWorkStalled,
+        subject: "amqp",
+        what: "The connection to the message broker missed its heartbeats: it was kept open \
+               between requests, while the instance had no CPU to answer the broker.",
+        fix: "Open the broker connection per request and close it before answering, or \
+              reconnect on this error (php-amqplib, Bunny and pika all can); or run the \
+              service with mode = \"persistent\" for a long-running consumer.",
+        ..ROW
+    },
+    Rule {
+        stack: "python",
         all: &["heartbeat"],
         any: &["missed", "timed out", "blocked"],
         kind: FindingKind::BackgroundWorkStalled,
@@ -733,7 +770,7 @@ const RULES: &[Rule] = &[
     // Chromium's own line, whichever library started it (Puppeteer,
     // Playwright, Grover, Browsershot, chrome-php) and passed its output on.
     Rule {
-        stack: "node, ruby, php",
+        stack: "node, ruby, java, php",
         all: &["/dev/shm"],
         any: &["chrom"],
         kind: FindingKind::SharedMemory,
@@ -745,9 +782,22 @@ const RULES: &[Rule] = &[
               customFlags take the same flags.",
         ..ROW
     },
+    // PostgreSQL's own log: the database runs in the instance. A client
+    // quoting the same error (JDBC, psycopg, pq, PDO, pg) is told it by a
+    // server elsewhere, whose /dev/shm is none of the instance's.
     Rule {
-        stack: "go, java",
+        stack: "go",
         all: &["could not resize shared memory segment"],
+        none: &[
+            "psqlexception",
+            "sqlstate",
+            "pg::",
+            "pq: ",
+            "psycopg",
+            "pdoexception",
+            "sqlalchemy",
+            "jdbc",
+        ],
         kind: FindingKind::SharedMemory,
         subject: "postgresql",
         what: "PostgreSQL could not make a dynamic shared memory segment (/dev/shm).",
@@ -966,6 +1016,7 @@ const RULES: &[Rule] = &[
             "attempt to write a readonly database",
             "unable to open database file",
         ],
+        none: &["no space left", "enospc"],
         kind: FindingKind::ReadOnlyFileSystem,
         subject: "sqlite",
         what: "SQLite could not write its database: the file (or the directory, where it keeps \
@@ -1004,6 +1055,8 @@ const RULES: &[Rule] = &[
     Rule {
         stack: "java",
         all: &["java.lang.outofmemoryerror"],
+        none: &["unable to create native thread"],
+        detail: "OutOfMemoryError: ",
         kind: FindingKind::OutOfMemory,
         subject: "java",
         what: "The JVM ran out of memory: {detail}",
@@ -1092,7 +1145,29 @@ fn by_words(line: &str, lower: &str) -> Option<Classified> {
 /// is reached by a case of each stack it names.
 pub fn word_rule_of(line: &str) -> Option<usize> {
     let lower = line.to_ascii_lowercase();
+    if is_error_field(&lower) {
+        return None;
+    }
     RULES.iter().position(|r| r.matches(&lower))
+}
+
+/// Node prints an error object's fields after its message (`code:
+/// 'EROFS'`, `path: '/app/x'`): the message line was the finding, these
+/// are the same event.
+fn is_error_field(lower: &str) -> bool {
+    let field = lower.trim_start();
+    field.len() < lower.len()
+        && [
+            "code: ",
+            "errno: ",
+            "syscall: ",
+            "path: ",
+            "address: ",
+            "port: ",
+            "dest: ",
+        ]
+        .iter()
+        .any(|f| field.starts_with(f))
 }
 
 /// A command the image lacks.
@@ -1261,27 +1336,14 @@ type Classified = (FindingKind, String, String, String);
 /// (lowercase lines; see `Diagnoser::previous`).
 fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classified> {
     let lower = line.to_ascii_lowercase();
-    // Node prints an error object's fields after its message (`code:
-    // 'EROFS'`, `path: '/app/x'`): the message line was the finding, these
-    // are the same event.
-    let field = lower.trim_start();
-    if field.len() < lower.len()
-        && [
-            "code: ",
-            "errno: ",
-            "syscall: ",
-            "path: ",
-            "address: ",
-            "port: ",
-            "dest: ",
-        ]
-        .iter()
-        .any(|f| field.starts_with(f))
-    {
+    if is_error_field(&lower) {
         return None;
     }
     if let Some(c) = by_words(line, &lower) {
-        return Some(c);
+        // A persistent instance is never frozen: there, late heartbeats and
+        // exports have another cause, which these words do not tell.
+        let never_frozen = disks.is_some_and(|d| d.persistent);
+        return Some(c).filter(|c| !(never_frozen && c.0 == FindingKind::BackgroundWorkStalled));
     }
     if let Some(c) = denied_call(&lower) {
         return Some(c);
@@ -1293,6 +1355,8 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
         || lower.contains("[errno 28]"))
         // Node's "ENOSPC: System limit for number of file watchers".
         && !lower.contains("watchers")
+        // A database server's /dev/shm, quoted by its client.
+        && !lower.contains("shared memory segment")
     {
         return Some(disk_full(line, disks));
     }
@@ -1460,7 +1524,9 @@ fn classify(line: &str, previous: &str, disks: Option<Disks>) -> Option<Classifi
         // requiring file first); else the first path.
         let path = line
             .split([' ', ':', '(', ')', '\''])
-            .find(|w| w.starts_with('/') && (w.ends_with(".so") || w.ends_with(".node")))
+            .find(|w| {
+                w.starts_with('/') && [".so", ".node", ".bundle"].iter().any(|e| w.ends_with(e))
+            })
             .map(str::to_string)
             .or_else(|| path_in(line));
         let native_module =
@@ -1650,21 +1716,26 @@ fn disk_full(line: &str, disks: Option<Disks>) -> Classified {
         (Some(true), _) | (None, Some(false)) => (
             "/tmp",
             format!("The service's /tmp is full{written}: it holds at most limits.tmp_size{tmp}."),
-            "Delete temporary files once they are used, stream large data instead of              storing it, or raise [limits] tmp_size in skiff.toml."
+            "Delete temporary files once they are used, stream large data instead of \
+             storing it, or raise [limits] tmp_size in skiff.toml."
                 .to_string(),
         ),
         (Some(false), _) | (None, Some(true)) => (
             "disk",
             format!(
-                "The service's writable layer is full{written}: a persistent service keeps at                  most limits.disk{layer} of files outside /tmp."
+                "The service's writable layer is full{written}: a persistent service keeps at \
+             most limits.disk{layer} of files outside /tmp."
             ),
-            "Delete files the service no longer needs (old logs, caches), keep large data in              a database or object storage, or raise [limits] disk in skiff.toml and deploy              again (a new version starts with a new, empty writable layer)."
+            "Delete files the service no longer needs (old logs, caches), keep large data in \
+             a database or object storage, or raise [limits] disk in skiff.toml and deploy \
+             again (a new version starts with a new, empty writable layer)."
                 .to_string(),
         ),
         (None, None) => (
             "",
             format!("A write failed for want of space{written}."),
-            "Free space or raise the limit that applies in skiff.toml: [limits] tmp_size for              /tmp, [limits] disk for a persistent service's files."
+            "Free space or raise the limit that applies in skiff.toml: [limits] tmp_size for \
+             /tmp, [limits] disk for a persistent service's files."
                 .to_string(),
         ),
     };
@@ -2141,5 +2212,68 @@ mod tests {
         assert!(d
             .observe("OSError: [Errno 30] Read-only file system: '/app/y'", t)
             .is_some());
+    }
+
+    /// Lines that look like a rule's words but are someone else's: each
+    /// gives the finding it should, or none, and not the row's.
+    #[test]
+    fn look_alike_lines_are_told_apart() {
+        let kinds = |line| {
+            diagnose_lines([line])
+                .into_iter()
+                .map(|f| (f.kind, f.what))
+                .collect::<Vec<_>>()
+        };
+        // A client quoting the database server's shared memory: the
+        // server's /dev/shm, not the instance's.
+        assert_eq!(
+            kinds(
+                "org.postgresql.util.PSQLException: ERROR: could not resize shared memory \
+                 segment \"/PostgreSQL.1\" to 8388608 bytes: No space left on device"
+            ),
+            vec![]
+        );
+        // SQLite on a full disk: the disk, not a read-only file.
+        let found = kinds("open db: unable to open database file: no space left on device");
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, FindingKind::DiskFull);
+        // A thread limit is not the heap: no advice on -Xmx.
+        assert_eq!(
+            kinds(
+                "java.lang.OutOfMemoryError: unable to create native thread: possibly out of \
+                 memory or process/resource limits reached"
+            ),
+            vec![]
+        );
+        // "MemoryError" as a word, not a prefix of another name.
+        assert_eq!(kinds("MemoryErrorHandler installed"), vec![]);
+        assert_eq!(kinds("MemoryError")[0].0, FindingKind::OutOfMemory);
+        // The heap's own words, out of Spring's brackets.
+        let found = kinds(
+            "Servlet.service() threw exception [Handler dispatch failed: \
+             java.lang.OutOfMemoryError: Java heap space] with root cause",
+        );
+        assert_eq!(found[0].1, "The JVM ran out of memory: Java heap space");
+    }
+
+    /// A persistent instance is never frozen: a late heartbeat there is no
+    /// suspension's doing.
+    #[test]
+    fn stalled_work_is_a_serverless_finding_only() {
+        let line = "[WARNING] discord.gateway: Shard ID None heartbeat blocked for more than 10 \
+                    seconds.";
+        let disks = |persistent| Disks {
+            persistent,
+            tmp_size: 512 << 20,
+            disk: 1 << 30,
+        };
+        let t = SystemTime::now();
+        let mut serverless = Diagnoser::with_disks(disks(false));
+        serverless.observe(line, t);
+        let found: Vec<_> = serverless.findings().map(|f| f.kind).collect();
+        assert_eq!(found, vec![FindingKind::BackgroundWorkStalled]);
+        let mut persistent = Diagnoser::with_disks(disks(true));
+        persistent.observe(line, t);
+        assert_eq!(persistent.findings().count(), 0);
     }
 }
