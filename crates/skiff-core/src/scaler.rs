@@ -212,6 +212,33 @@ impl Scaler {
             .count()
     }
 
+    /// Whether a sandbox should be prepared ahead for the next start: when
+    /// no instance is left (the next request starts one from zero), and
+    /// when every instance is ready and full while another may start (the
+    /// next request scales out). Not while one starts already, nor once
+    /// the version is shutting down.
+    pub fn wants_spare(&self) -> bool {
+        if self.shutting_down {
+            return false;
+        }
+        let mut live = self
+            .instances
+            .values()
+            .filter(|i| i.phase != Phase::Stopping)
+            .peekable();
+        if live.peek().is_none() {
+            return true;
+        }
+        let mut count = 0;
+        for i in live {
+            if i.phase != Phase::Ready || i.in_flight < self.cfg.concurrency {
+                return false;
+            }
+            count += 1;
+        }
+        count < self.cfg.max_instances as usize
+    }
+
     /// A request arrived.
     pub fn on_request(&mut self, now: Instant) -> (Outcome, Vec<Action>) {
         if self.shutting_down {

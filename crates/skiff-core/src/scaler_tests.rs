@@ -349,3 +349,59 @@ fn a_failed_deploy_of_a_persistent_service_is_not_retried() {
     assert_eq!(s.on_start_failed(1, "no port".into(), t0), vec![]);
     assert_eq!(s.on_tick(secs(t0, 100)), vec![]);
 }
+
+/// A sandbox is prepared ahead when the next request would start an
+/// instance: once the last one's stop is decided (not after it ends), and
+/// when every instance is full and another may start.
+#[test]
+fn a_spare_is_wanted_before_the_start_that_needs_it() {
+    let t0 = Instant::now();
+    let mut s = deployed(
+        ScaleConfig {
+            idle_stop: Duration::from_secs(10),
+            ..cfg()
+        },
+        t0,
+    );
+    assert!(
+        !s.wants_spare(),
+        "one idle instance serves the next request"
+    );
+    // Full (concurrency 1), with room for two more: the next one scales out.
+    let (out, _) = s.on_request(secs(t0, 1));
+    assert_eq!(out, Outcome::Dispatched(1));
+    assert!(s.wants_spare());
+    // Scaling out: while the second starts, no other spare.
+    let (out, actions) = s.on_request(secs(t0, 1));
+    assert!(matches!(out, Outcome::Queued(_)), "{out:?}");
+    assert_eq!(actions, vec![Action::Start(2)]);
+    assert!(!s.wants_spare());
+    s.on_ready(2, secs(t0, 1));
+    assert!(s.wants_spare(), "both full, a third may start");
+    s.on_done(1, secs(t0, 2));
+    s.on_done(2, secs(t0, 2));
+    assert!(!s.wants_spare());
+    // The idle stop decided: the spare is wanted now, while they stop.
+    assert_eq!(
+        s.on_tick(secs(t0, 12)),
+        vec![Action::Stop(1), Action::Stop(2)]
+    );
+    assert!(s.wants_spare());
+    s.on_exit(1, "stopped".into(), secs(t0, 12));
+    s.on_exit(2, "stopped".into(), secs(t0, 12));
+    assert!(s.wants_spare());
+    // At max_instances, nothing more may start.
+    let mut full = deployed(
+        ScaleConfig {
+            max_instances: 1,
+            ..cfg()
+        },
+        t0,
+    );
+    full.on_request(secs(t0, 1));
+    assert!(!full.wants_spare());
+    // A version shutting down wants none.
+    let mut gone = deployed(cfg(), t0);
+    gone.shutdown();
+    assert!(!gone.wants_spare());
+}

@@ -132,7 +132,29 @@ pub(crate) struct ServiceRuntime {
     /// `/etc/passwd` and `/etc/group` naming that uid `app`.
     accounts: Vec<skiff_sandbox::Bind>,
     /// A sandbox prepared for the next start (see `Sandbox::prepare`).
-    spare: Mutex<Option<Prepared>>,
+    spare: Mutex<Spare>,
+}
+
+/// The next start's sandbox, prepared ahead (`Sandbox::prepare`).
+#[derive(Default)]
+enum Spare {
+    #[default]
+    None,
+    /// Being prepared: the sender says true when it is `Ready` (or is
+    /// dropped when the preparation failed).
+    Preparing(watch::Receiver<bool>),
+    Ready(Box<Prepared>),
+}
+
+/// How long a start waits for a spare being prepared before it prepares
+/// its own: a preparation takes milliseconds, more only on a loaded host.
+const SPARE_WAIT: Duration = Duration::from_secs(1);
+
+/// `SKIFF_NO_SPARE=1`: no sandbox is prepared ahead (the benchmarks
+/// measure a start without one).
+fn no_spares() -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OFF.get_or_init(|| std::env::var_os("SKIFF_NO_SPARE").is_some_and(|v| v == "1"))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -258,7 +280,7 @@ impl ServiceRuntime {
         f: impl FnOnce(&mut Scaler) -> (R, Vec<Action>),
     ) -> R {
         let mut settle = None;
-        let (result, rest, rearm) = {
+        let (result, rest, rearm, spare_wanted) = {
             let mut core = lock(&self.core);
             let (result, actions) = f(&mut core.scaler);
             let next = core.scaler.next_deadline();
@@ -267,6 +289,7 @@ impl ServiceRuntime {
                 (Some(_), None) => true,
                 (None, _) => false,
             };
+            let spare_wanted = core.scaler.wants_spare();
             let mut rest = Vec::new();
             for action in actions {
                 match action {
@@ -301,9 +324,12 @@ impl ServiceRuntime {
                     other => rest.push(other),
                 }
             }
-            (result, rest, rearm)
+            (result, rest, rearm, spare_wanted)
         };
         self.apply(rest);
+        if spare_wanted {
+            self.prepare_spare();
+        }
         if rearm {
             self.wake.notify_one();
         }
@@ -485,8 +511,6 @@ impl ServiceRuntime {
         first: Option<oneshot::Sender<Result<StartReport, StartError>>>,
     ) {
         let shared = &self.shared;
-        // A prepared sandbox, when one waits, makes this a warm start.
-        let spare = lock(&self.spare).take();
         let ctx = StartContext {
             sandbox: &shared.sandbox,
             layers: &self.layers,
@@ -498,7 +522,9 @@ impl ServiceRuntime {
             events: shared.events.clone(),
         };
         let starting = async {
-            match spare {
+            // A prepared sandbox, when one waits (or is being prepared),
+            // makes this a warm start.
+            match self.take_spare().await {
                 Some(prepared) => {
                     instance::start_prepared(&ctx, &self.spec, prepared, Duration::ZERO).await
                 }
@@ -551,16 +577,7 @@ impl ServiceRuntime {
             core.tails.insert(n, started.tail.clone());
         }
         let report = started.report;
-        let record = skiff_store::StartRecord {
-            service: self.name.clone(),
-            version: Some(self.version),
-            instance: id.clone(),
-            at: std::time::SystemTime::now(),
-            phases: report.phases,
-        };
-        if let Err(e) = shared.store.add_start(&record) {
-            warn!("{}: recording a start: {e}", self.name);
-        }
+        let at = std::time::SystemTime::now();
         self.decide(|s| ((), s.on_ready(n, Instant::now())));
         if first.is_none() {
             let _ = shared.events.send(Event::InstanceStarted {
@@ -572,6 +589,22 @@ impl ServiceRuntime {
         if let Some(tx) = first {
             let _ = tx.send(Ok(report));
         }
+        // The start's record, once the waiting requests are on their way,
+        // and off the async threads: SQLite may wait for its lock.
+        let record = skiff_store::StartRecord {
+            service: self.name.clone(),
+            version: Some(self.version),
+            instance: id.clone(),
+            at,
+            phases: report.phases,
+        };
+        let store = shared.store.clone();
+        let name = self.name.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = store.add_start(&record) {
+                warn!("{name}: recording a start: {e}");
+            }
+        });
 
         let mut shutdown = self.shutdown.subscribe();
         let stopped = tokio::select! {
@@ -594,11 +627,6 @@ impl ServiceRuntime {
                         service: self.name.clone(),
                         instance: id.clone(),
                     });
-                    // Scaled to zero: have a sandbox ready for the next
-                    // request, so it gets a warm start.
-                    if lock(&self.core).scaler.counts() == (0, 0, 0) {
-                        self.prepare_spare();
-                    }
                 }
             }
             Err(exit) => {
@@ -664,38 +692,81 @@ impl ServiceRuntime {
         self.shared.forget_upstream(id);
     }
 
-    /// Prepares a sandbox in the background for the next start.
+    /// The spare, when one is ready; when one is being prepared, waits for
+    /// it (a second preparation would only pay the same cost again).
+    async fn take_spare(&self) -> Option<Prepared> {
+        loop {
+            let mut ready = {
+                let mut spare = lock(&self.spare);
+                match std::mem::take(&mut *spare) {
+                    Spare::None => return None,
+                    Spare::Ready(prepared) => return Some(*prepared),
+                    Spare::Preparing(ready) => {
+                        *spare = Spare::Preparing(ready.clone());
+                        ready
+                    }
+                }
+            };
+            // Ready (or failed: the slot says which), or too slow.
+            let waited = tokio::time::timeout(SPARE_WAIT, ready.wait_for(|r| *r))
+                .await
+                .is_ok();
+            if !waited {
+                return None;
+            }
+        }
+    }
+
+    /// Prepares a sandbox in the background for the next start, unless one
+    /// is ready or being prepared (`Scaler::wants_spare` says when).
     fn prepare_spare(self: &Arc<Self>) {
-        let this = self.clone();
-        let task = tokio::spawn(async move {
-            if lock(&this.spare).is_some() {
+        if no_spares() {
+            return;
+        }
+        let (done, ready) = watch::channel(false);
+        {
+            let mut spare = lock(&self.spare);
+            if !matches!(*spare, Spare::None) || *self.shutdown.borrow() {
                 return;
             }
+            *spare = Spare::Preparing(ready);
+        }
+        let this = self.clone();
+        // On the platform's runtime: the decision may be taken on a gateway
+        // thread.
+        let task = self.shared.runtime.spawn(async move {
             let id = this.shared.instance_id(&this.name);
             let limits = instance::cgroup_limits(&this.spec);
-            let prepared = match this.shared.sandbox.prepare(&id, limits).await {
-                Ok(p) => p,
-                Err(e) => {
-                    warn!("{}: preparing a sandbox: {e}", this.name);
-                    return;
-                }
-            };
-            // Checked and stored under the one lock that shutdown takes
-            // after setting its flag: the spare is either seen and taken by
-            // shutdown, or discarded here.
+            let prepared = this.shared.sandbox.prepare(&id, limits).await;
+            // Stored under the one lock that shutdown takes after setting
+            // its flag: the spare is either seen and taken by shutdown, or
+            // discarded here.
             let unused = {
                 let mut spare = lock(&this.spare);
-                if *this.shutdown.borrow() {
-                    Some(prepared)
-                } else {
-                    spare.replace(prepared)
+                match prepared {
+                    Ok(prepared) if !*this.shutdown.borrow() => {
+                        *spare = Spare::Ready(Box::new(prepared));
+                        None
+                    }
+                    Ok(prepared) => {
+                        *spare = Spare::None;
+                        Some(prepared)
+                    }
+                    Err(e) => {
+                        warn!("{}: preparing a sandbox: {e}", this.name);
+                        *spare = Spare::None;
+                        None
+                    }
                 }
             };
+            let _ = done.send(true);
             if let Some(unused) = unused {
                 unused.discard().await;
             }
         });
-        lock(&self.tasks).push(task);
+        let mut tasks = lock(&self.tasks);
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
     }
 
     /// Freezes and stops idle instances, times out waiters, restarts.
@@ -763,8 +834,8 @@ impl ServiceRuntime {
     pub async fn shutdown(self: &Arc<Self>) {
         self.decide(|s| ((), s.shutdown()));
         let _ = self.shutdown.send(true);
-        let spare = lock(&self.spare).take();
-        if let Some(spare) = spare {
+        let spare = std::mem::take(&mut *lock(&self.spare));
+        if let Spare::Ready(spare) = spare {
             spare.discard().await;
         }
         loop {

@@ -8,9 +8,18 @@
 //! 2. cold start from zero to the first 200, for a minimal native binary
 //!    and a minimal Python app, against the same start command run
 //!    directly (`bash -c`, as the contract starts it; Python from the base
-//!    image by chroot);
-//! 3. density: 200 suspended instances of the native app: memory per
+//!    image by chroot); also with prepared sandboxes turned off
+//!    (`SKIFF_NO_SPARE=1`): the share when no spare is ready;
+//! 3. scale-out: a second instance started while the first is busy, to its
+//!    first 200, against the same direct start;
+//! 4. restart: `skiff serve` on the state of 300 deployed services, until
+//!    every one answers;
+//! 5. density: 200 suspended instances of the native app: memory per
 //!    instance beyond the app's own, and the platform's CPU while all idle.
+//!
+//! With `SKIFF_BASELINE=/path/to/another/skiff` (e.g. a release build of
+//! the commit before a change), 2-4 also run that build, in turns with this
+//! one, and report both.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -48,6 +57,7 @@ int main(void) {
                 have += n; buf[have] = 0;
                 char *end;
                 while ((end = strstr(buf, "\r\n\r\n"))) {
+                    if (!strncmp(buf, "GET /slow", 9)) sleep(1);
                     if (write(c, R, sizeof R - 1) < 0) _exit(0);
                     size_t used = end + 4 - buf;
                     memmove(buf, buf + used, have - used); have -= used; buf[have] = 0;
@@ -110,8 +120,14 @@ impl Drop for Up {
 }
 
 fn skiff_up(dirs: &[PathBuf], state: &Path) -> Up {
+    skiff_up_with(Path::new(common::SKIFF), &[], dirs, state)
+}
+
+/// `skiff up` of another build, with more environment.
+fn skiff_up_with(skiff: &Path, env: &[(&str, &str)], dirs: &[PathBuf], state: &Path) -> Up {
     let dirs_ref: Vec<&Path> = dirs.iter().map(PathBuf::as_path).collect();
-    let mut child = common::skiff_up(state, &dirs_ref, Stdio::null())
+    let mut child = common::skiff_up_with(skiff, state, &dirs_ref, Stdio::null())
+        .envs(env.iter().copied())
         .spawn()
         .expect("skiff up");
     let out = BufReader::new(child.stdout.take().expect("stdout"));
@@ -266,8 +282,43 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// Waits until no instance of `name` runs (its idle_stop has passed).
+fn wait_stopped(name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running(name) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A GET on a new connection; the time to its 200.
+fn timed_first_get(port: u16, host: &str, path: &str) -> Duration {
+    let mut c = connect(port);
+    let t = Instant::now();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    c.write_all(req.as_bytes()).unwrap();
+    assert_eq!(read_response(&mut c), 200, "{host}{path}");
+    t.elapsed()
+}
+
+fn report_share(what: &str, label: &str, total: &[Duration], own: Duration) {
+    let t = pct(total, 0.5);
+    println!(
+        "  {what}, {label}: {} (p90 {}), platform share {}",
+        ms(t),
+        ms(pct(total, 0.9)),
+        ms(t.saturating_sub(own))
+    );
+}
+
+/// A skiff build to measure, and the environment it runs with.
+struct Config {
+    label: String,
+    bin: PathBuf,
+    env: Vec<(&'static str, &'static str)>,
+}
+
 fn cold_start(work: &Path, server: &Path, base: &Path) {
-    let runs = 8;
+    let (turns, runs) = (2, 6);
     let native = work.join("cold-native");
     native_app(&native, "bench-cold-native", "idle_stop = \"1s\"");
     std::fs::copy(server, native.join("server")).unwrap();
@@ -279,55 +330,190 @@ fn cold_start(work: &Path, server: &Path, base: &Path) {
          [limits]\nidle_stop = \"1s\"\n",
     )
     .unwrap();
-    let state = tempfile::tempdir().unwrap();
-    let up = skiff_up(&[native.clone(), python.clone()], state.path());
     let base_s = base.to_string_lossy().into_owned();
-    for (name, direct) in [
-        (
-            "bench-cold-native",
-            Box::new(|| direct_start(&["bash", "-c", "exec ./server"], &native, free_port()))
-                as Box<dyn Fn() -> Duration>,
-        ),
-        (
-            "bench-cold-python",
-            Box::new(|| {
-                let port = free_port();
-                direct_start(
-                    &[
-                        "chroot",
-                        &base_s,
-                        "bash",
-                        "-c",
-                        "exec python3 -m http.server $PORT",
-                    ],
-                    Path::new("/"),
-                    port,
-                )
-            }),
-        ),
-    ] {
-        let (mut total, mut own) = (Vec::new(), Vec::new());
-        for _ in 0..runs {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while running(name) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
+    let native_direct = || direct_start(&["bash", "-c", "exec ./server"], &native, free_port());
+    let python_direct = || {
+        direct_start(
+            &[
+                "chroot",
+                &base_s,
+                "bash",
+                "-c",
+                "exec python3 -m http.server $PORT",
+            ],
+            Path::new("/"),
+            free_port(),
+        )
+    };
+    // Each build, and this build without spares, in turns.
+    let mut configs: Vec<Config> = common::builds()
+        .into_iter()
+        .map(|(label, bin)| Config {
+            label: label.into(),
+            bin,
+            env: vec![],
+        })
+        .collect();
+    configs.insert(
+        1,
+        Config {
+            label: "this build, no spare".into(),
+            bin: common::SKIFF.into(),
+            env: vec![("SKIFF_NO_SPARE", "1")],
+        },
+    );
+    let apps = ["bench-cold-native", "bench-cold-python"];
+    let mut total = vec![vec![Vec::new(); apps.len()]; configs.len()];
+    let mut own = vec![Vec::new(); apps.len()];
+    for _ in 0..turns {
+        for (c, config) in configs.iter().enumerate() {
+            let state = tempfile::tempdir().unwrap();
+            let up = skiff_up_with(
+                &config.bin,
+                &config.env,
+                &[native.clone(), python.clone()],
+                state.path(),
+            );
+            for (a, name) in apps.iter().enumerate() {
+                for _ in 0..runs {
+                    wait_stopped(name);
+                    total[c][a].push(timed_first_get(up.port, &format!("{name}.localhost"), "/"));
+                }
             }
-            let mut c = connect(up.port);
-            let t = Instant::now();
-            let req = format!("GET / HTTP/1.1\r\nHost: {name}.localhost\r\n\r\n");
-            c.write_all(req.as_bytes()).unwrap();
-            assert_eq!(read_response(&mut c), 200);
-            total.push(t.elapsed());
-            own.push(direct());
         }
-        let (t, o) = (pct(&total, 0.5), pct(&own, 0.5));
-        println!("cold start from zero to first 200, {name}, median of {runs}:");
-        println!("  through skiff {}", ms(t));
-        println!("  baseline: the app started directly {}", ms(o));
+        for _ in 0..runs {
+            own[0].push(native_direct());
+            own[1].push(python_direct());
+        }
+    }
+    for (a, name) in apps.iter().enumerate() {
+        let o = pct(&own[a], 0.5);
         println!(
-            "  platform share {} (target under 15 ms)",
-            ms(t.saturating_sub(o))
+            "cold start from zero to first 200, {name}, median of {}:",
+            turns * runs
         );
+        println!("  baseline: the app started directly {}", ms(o));
+        for (c, config) in configs.iter().enumerate() {
+            report_share("through skiff", &config.label, &total[c][a], o);
+        }
+    }
+}
+
+/// A second instance, started while the first is busy (concurrency = 1),
+/// until its first 200; against the same start command run directly.
+fn scale_out(work: &Path, server: &Path) {
+    let (turns, runs) = (2, 6);
+    let name = "bench-scale-out";
+    let dir = work.join("scale-out");
+    native_app(
+        &dir,
+        name,
+        "idle_stop = \"1s\"\nconcurrency = 1\nmax_instances = 4",
+    );
+    std::fs::copy(server, dir.join("server")).unwrap();
+    let host = format!("{name}.localhost");
+    let builds = common::builds();
+    let mut total = vec![Vec::new(); builds.len()];
+    let mut own = Vec::new();
+    for _ in 0..turns {
+        for (b, (_, bin)) in builds.iter().enumerate() {
+            let state = tempfile::tempdir().unwrap();
+            let up = skiff_up_with(bin, &[], std::slice::from_ref(&dir), state.path());
+            for _ in 0..runs {
+                wait_stopped(name);
+                // The first instance starts and sleeps a second in its answer.
+                let mut busy = connect(up.port);
+                busy.write_all(format!("GET /slow HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+                total[b].push(timed_first_get(up.port, &host, "/"));
+                assert_eq!(read_response(&mut busy), 200);
+            }
+        }
+        for _ in 0..runs {
+            own.push(direct_start(
+                &["bash", "-c", "exec ./server"],
+                &dir,
+                free_port(),
+            ));
+        }
+    }
+    let o = pct(&own, 0.5);
+    println!(
+        "scale-out: a second instance while the first is busy, to its first 200, median of {}:",
+        turns * runs
+    );
+    println!("  baseline: the app started directly {}", ms(o));
+    for (b, (label, _)) in builds.iter().enumerate() {
+        report_share("through skiff", label, &total[b], o);
+    }
+}
+
+/// `skiff serve` on the state of `n` deployed services: how long until
+/// every one answers through the gateway.
+fn restart(work: &Path, server: &Path) {
+    let n = 300;
+    let dirs: Vec<PathBuf> = (0..n)
+        .map(|i| {
+            let d = work.join(format!("restart-{i}"));
+            native_app(&d, &format!("bench-restart-{i}"), "");
+            std::fs::copy(server, d.join("server")).unwrap();
+            d
+        })
+        .collect();
+    println!("restart: skiff serve on the state of {n} services, until every one answers:");
+    for (label, bin) in common::builds() {
+        let state = tempfile::tempdir().unwrap();
+        drop(skiff_up_with(&bin, &[], &dirs, state.path()));
+        let t = Instant::now();
+        let mut serve = Command::new(&bin)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--api",
+                "127.0.0.1:0",
+                "--state",
+            ])
+            .arg(state.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("skiff serve");
+        let mut lines = BufReader::new(serve.stderr.take().unwrap()).lines();
+        let port = loop {
+            let line = lines
+                .next()
+                .expect("skiff serve ended early")
+                .expect("read");
+            if let Some(rest) = line.split("serving services on http://").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap_or_default();
+                break common::port_of(addr).expect("gateway port");
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        let serve = Up { child: serve, port };
+        let deadline = t + Duration::from_secs(300);
+        for i in 0..n {
+            let host = format!("bench-restart-{i}.localhost");
+            loop {
+                let answered = TcpStream::connect(("127.0.0.1", serve.port)).is_ok_and(|mut c| {
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
+                    let req =
+                        format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+                    c.write_all(req.as_bytes()).is_ok() && read_response(&mut c) == 200
+                });
+                if answered {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{host} never answered after the restart"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        println!("  {label}: {:.2} s", t.elapsed().as_secs_f64());
     }
 }
 
@@ -443,7 +629,22 @@ fn main() {
         .expect("base image (run skiff up once first)");
     let work = tempfile::tempdir().unwrap();
     let server = compile_server(work.path());
-    resume_latency(work.path(), &server);
-    cold_start(work.path(), &server, &base.root);
-    density(work.path(), &server);
+    // `cargo bench -p skiff --bench scale -- cold` runs one part.
+    let only = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let run = |part: &str| only.as_deref().is_none_or(|o| o == part);
+    if run("resume") {
+        resume_latency(work.path(), &server);
+    }
+    if run("cold") {
+        cold_start(work.path(), &server, &base.root);
+    }
+    if run("scale-out") {
+        scale_out(work.path(), &server);
+    }
+    if run("restart") {
+        restart(work.path(), &server);
+    }
+    if run("density") {
+        density(work.path(), &server);
+    }
 }
