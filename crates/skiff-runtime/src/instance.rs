@@ -26,10 +26,15 @@ use skiff_store::{LogSender, LogSource};
 /// How often the health check polls while an instance starts: every
 /// millisecond at first (a refused connection inside a network namespace
 /// costs microseconds, and most services listen within tens of ms), then
-/// every 5 ms for slow starters.
+/// every 5 ms for slow starters. With a listen watch (`watch_listen`), the
+/// probes wait for it, and poll only every 5 ms in case it is starved.
 const HEALTH_INTERVAL_FAST: Duration = Duration::from_millis(1);
 const HEALTH_INTERVAL: Duration = Duration::from_millis(5);
 const FAST_POLLING_FOR: Duration = Duration::from_millis(250);
+/// How often the listen watch asks the kernel whether the port is
+/// listened on: often at first, then less for slow starters.
+const LISTEN_WATCH_FAST: Duration = Duration::from_micros(200);
+const LISTEN_WATCH: Duration = Duration::from_millis(2);
 /// Lines of output kept per instance for error messages.
 const TAIL_LINES: usize = 20;
 /// Longest log line kept; longer lines are cut (memory stays bounded).
@@ -420,6 +425,7 @@ pub async fn start_prepared(
     let mut elsewhere = Vec::new();
     let mut refused_http = false;
     let mut looked_at = started_at;
+    let mut listen_watch = watch_listen(&netns, spec.port, deadline);
     loop {
         let remaining = deadline.saturating_duration_since(Instant::now());
         let probe =
@@ -465,14 +471,30 @@ pub async fn start_prepared(
                 tail: tail.lines(),
             });
         }
+        // Listening but not answering yet: probe at the fast pace.
+        if probe.connected.is_some() {
+            listen_watch = None;
+        }
+        let interval = match listen_watch {
+            Some(_) => HEALTH_INTERVAL,
+            None => poll_interval(started_at.elapsed()),
+        };
+        let heard = async {
+            match listen_watch.as_mut() {
+                Some(heard) => {
+                    let _ = heard.await;
+                }
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             exit = instance.wait() => {
                 let exit = exit.map_err(SandboxError::from)?;
                 return Err(early_exit(instance, exit, pumps, &tail, spec).await);
             }
+            _ = heard => listen_watch = None,
             _ = tokio::time::sleep(
-                poll_interval(started_at.elapsed())
-                    .min(deadline.saturating_duration_since(Instant::now())),
+                interval.min(deadline.saturating_duration_since(Instant::now())),
             ) => {}
         }
     }
@@ -529,6 +551,44 @@ const LISTENERS_EVERY: Duration = Duration::from_millis(500);
 /// metrics or admin port first and its own port later changes its set of
 /// listeners when it does.
 const LISTENING_ELSEWHERE_GRACE: Duration = Duration::from_secs(8);
+
+/// Watches, on a thread of its own at idle priority (it must not take the
+/// CPU from the service starting on a small machine), for `port` to be
+/// listened on in the instance's namespace, asking the kernel (sock_diag)
+/// rather than connecting; says so once. None when it cannot watch: the
+/// probes then poll at their fast pace alone.
+fn watch_listen(
+    netns: &NetNs,
+    port: u16,
+    until: Instant,
+) -> Option<tokio::sync::oneshot::Receiver<()>> {
+    let mut listeners = netns.listeners().ok()?;
+    let (heard, rx) = tokio::sync::oneshot::channel();
+    let watch = move || {
+        skiff_sandbox::idle_priority();
+        let started = Instant::now();
+        while !heard.is_closed() && Instant::now() < until {
+            match listeners.listening_on(port) {
+                Ok(true) => {
+                    let _ = heard.send(());
+                    return;
+                }
+                Ok(false) => {}
+                Err(_) => return,
+            }
+            std::thread::sleep(if started.elapsed() < FAST_POLLING_FOR {
+                LISTEN_WATCH_FAST
+            } else {
+                LISTEN_WATCH
+            });
+        }
+    };
+    std::thread::Builder::new()
+        .name("skiff-listen".into())
+        .spawn(watch)
+        .ok()?;
+    Some(rx)
+}
 
 fn poll_interval(since_start: Duration) -> Duration {
     if since_start < FAST_POLLING_FOR {

@@ -30,7 +30,7 @@ mod syscalls;
 
 pub use cgroup::{CgroupError, CgroupLimits, Cgroups, Freezer};
 pub use init::init_main;
-pub use netns::NetNs;
+pub use netns::{Listeners, NetNs};
 pub use spawn::{Exit, Instance, Prepared, Sandbox, SandboxError, StartTimings};
 
 use std::path::PathBuf;
@@ -182,4 +182,16 @@ pub enum Identity {
     /// nothing that could leave the sandbox (no mount, no module loading,
     /// no raw network, no ptrace of the host): builds.
     BuildRoot,
+}
+
+/// Puts the calling thread at idle priority (SCHED_IDLE): it runs only on
+/// a CPU nothing else wants. Best effort: a thread left at its priority
+/// works the same, only less politely.
+pub fn idle_priority() {
+    // SAFETY: sched_setscheduler on the calling thread (0) with a zeroed
+    // parameter, as SCHED_IDLE requires.
+    unsafe {
+        let param: libc::sched_param = std::mem::zeroed();
+        libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+    }
 }

@@ -158,3 +158,38 @@ fn hand_over_changes_owners_and_never_follows_a_link() {
         "the link was followed"
     );
 }
+
+/// The listen watch asks a network namespace's kernel which ports are
+/// listened on: a port is seen once a socket in that namespace listens on
+/// it, and not in the host's namespace, nor before.
+#[test]
+fn listeners_are_seen_in_their_own_network_namespace_only() {
+    as_root();
+    use std::sync::mpsc;
+    let (to_main, from_thread) = mpsc::channel();
+    let (to_thread, from_main) = mpsc::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        // A namespace of this thread's own (loopback down: any address).
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        to_main.send(nix::unistd::gettid().as_raw()).unwrap();
+        from_main.recv().unwrap();
+        let listener = std::net::TcpListener::bind("0.0.0.0:4321").unwrap();
+        to_main.send(0).unwrap();
+        from_main.recv().unwrap();
+        drop(listener);
+    });
+    let tid = from_thread.recv().unwrap();
+    let netns = skiff_sandbox::NetNs::of_pid(tid as u32).unwrap();
+    let mut listeners = netns.listeners().unwrap();
+    assert!(!listeners.listening_on(4321).unwrap(), "nothing listens yet");
+    to_thread.send(()).unwrap();
+    from_thread.recv().unwrap();
+    assert!(listeners.listening_on(4321).unwrap());
+    assert!(!listeners.listening_on(4322).unwrap());
+    // The host's namespace has no such listener (nor sees the instance's).
+    let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host_port = host.local_addr().unwrap().port();
+    assert!(!listeners.listening_on(host_port).unwrap());
+    to_thread.send(()).unwrap();
+    thread.join().unwrap();
+}
