@@ -2,8 +2,8 @@
 //! [`Kernel`] makes them, and in tests a recording double stands in (see
 //! `plan.rs` for what decides which calls are made, and in what order).
 
-use std::ffi::CString;
-use std::io::{self, Write};
+use std::ffi::{CStr, CString};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -64,6 +64,8 @@ pub(crate) trait Syscalls {
     fn setresgid(&mut self, gid: u32) -> io::Result<()>;
     fn setresuid(&mut self, uid: u32) -> io::Result<()>;
     fn set_no_new_privs(&mut self) -> io::Result<()>;
+    /// Tells the platform everything is built, and waits for its go.
+    fn hold(&mut self) -> io::Result<()>;
     /// Tells the platform the command is about to be executed.
     fn announce_exec(&mut self) -> io::Result<()>;
     fn install_filters(&mut self, filters: &Filters) -> io::Result<()>;
@@ -233,6 +235,20 @@ impl Syscalls for Kernel<'_> {
         Ok(nix::sys::prctl::set_no_new_privs()?)
     }
 
+    fn hold(&mut self) -> io::Result<()> {
+        let control = self
+            .control
+            .as_mut()
+            .ok_or_else(|| other("no control socket to hold on"))?;
+        control.write_all(b"held\n")?;
+        let mut go = [0u8; 1];
+        match control.read(&mut go)? {
+            1 if go[0] == b'g' => Ok(()),
+            // The platform went away (or discarded the sandbox): no exec.
+            _ => Err(other("the platform gave no go")),
+        }
+    }
+
     fn announce_exec(&mut self) -> io::Result<()> {
         match self.control.as_mut() {
             Some(control) => control.write_all(b"exec\n"),
@@ -258,11 +274,54 @@ impl Syscalls for Kernel<'_> {
             )
         }
         .map_err(io::Error::from)?;
-        match nix::unistd::execvpe(program, argv, env) {
-            Ok(never) => match never {},
-            Err(e) => Err(e.into()),
+        // The program is looked up in the command's own PATH (glibc's
+        // execvpe would use this process's, which is skiff's).
+        let mut denied = false;
+        for path in candidates(program, env) {
+            match nix::unistd::execve(&path, argv, env) {
+                Ok(never) => match never {},
+                // Not there (or not a directory on the way): the next.
+                Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR) => {}
+                Err(nix::errno::Errno::EACCES) => denied = true,
+                Err(e) => return Err(e.into()),
+            }
         }
+        Err(if denied {
+            io::Error::from_raw_os_error(libc::EACCES)
+        } else {
+            io::Error::from_raw_os_error(libc::ENOENT)
+        })
     }
+}
+
+/// Where `program` is looked for: itself when it names a path, else in
+/// each directory of the `PATH` in `env` (the last one set wins, as in a
+/// shell; an empty entry is the working directory), or a standard one.
+pub(crate) fn candidates(program: &CStr, env: &[CString]) -> Vec<CString> {
+    let name = program.to_bytes();
+    if name.contains(&b'/') {
+        return vec![program.to_owned()];
+    }
+    if name.is_empty() {
+        return Vec::new();
+    }
+    let path = env
+        .iter()
+        .rev()
+        .find_map(|e| e.to_bytes().strip_prefix(b"PATH="))
+        .unwrap_or(b"/usr/local/bin:/usr/bin:/bin");
+    path.split(|b| *b == b':')
+        .filter_map(|dir| {
+            let mut full = if dir.is_empty() {
+                b".".to_vec()
+            } else {
+                dir.to_vec()
+            };
+            full.push(b'/');
+            full.extend_from_slice(name);
+            CString::new(full).ok()
+        })
+        .collect()
 }
 
 /// A new network namespace starts with `lo` down; the service and the
@@ -333,6 +392,7 @@ pub(crate) mod recording {
         SetResGid(u32),
         SetResUid(u32),
         NoNewPrivs,
+        Hold,
         AnnounceExec,
         InstallFilters,
         Execvpe(Vec<String>, Vec<String>),
@@ -470,6 +530,9 @@ pub(crate) mod recording {
         fn set_no_new_privs(&mut self) -> io::Result<()> {
             self.record(Call::NoNewPrivs)
         }
+        fn hold(&mut self) -> io::Result<()> {
+            self.record(Call::Hold)
+        }
         fn announce_exec(&mut self) -> io::Result<()> {
             self.record(Call::AnnounceExec)
         }
@@ -482,5 +545,40 @@ pub(crate) mod recording {
                 env.iter().map(text).collect(),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod lookup_tests {
+    use super::*;
+
+    fn c(s: &str) -> CString {
+        CString::new(s).unwrap()
+    }
+
+    fn texts(v: Vec<CString>) -> Vec<String> {
+        v.into_iter().map(|c| c.into_string().unwrap()).collect()
+    }
+
+    /// The command's PATH decides, not the platform's; a path is used as
+    /// it is.
+    #[test]
+    fn a_program_is_looked_up_in_the_commands_own_path() {
+        let env = [c("LANG=C.UTF-8"), c("PATH=/app/bin::/usr/bin")];
+        assert_eq!(
+            texts(candidates(&c("bash"), &env)),
+            ["/app/bin/bash", "./bash", "/usr/bin/bash"]
+        );
+        assert_eq!(texts(candidates(&c("./server"), &env)), ["./server"]);
+        assert_eq!(texts(candidates(&c("/bin/sh"), &env)), ["/bin/sh"]);
+        // Set twice (the manifest's [env] after the platform's): the last.
+        let twice = [c("PATH=/usr/bin"), c("PATH=/opt/x/bin")];
+        assert_eq!(texts(candidates(&c("x"), &twice)), ["/opt/x/bin/x"]);
+        // None set: a standard one.
+        assert_eq!(
+            texts(candidates(&c("env"), &[])),
+            ["/usr/local/bin/env", "/usr/bin/env", "/bin/env"]
+        );
+        assert!(candidates(&c(""), &env).is_empty());
     }
 }
