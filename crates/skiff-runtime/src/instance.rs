@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use skiff_core::{diagnose, Phase, Phases, StartReport, Stream};
 use skiff_model::ServiceSpec;
 use skiff_sandbox::{
-    CgroupLimits, Exit, Identity, Instance, NetNs, Network, Prepared, Sandbox, SandboxConfig,
+    CgroupLimits, Exit, Held, Identity, Instance, NetNs, Network, Prepared, Sandbox, SandboxConfig,
     SandboxError, WritableLayer,
 };
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
@@ -367,23 +367,10 @@ pub async fn start(
     start_prepared(ctx, spec, prepared, t.elapsed()).await
 }
 
-/// Starts one instance of `spec` in a prepared sandbox (see
-/// `Sandbox::prepare`); `prepare_cost` is the part of the sandbox's start
-/// that was paid on the critical path before this call.
-pub async fn start_prepared(
-    ctx: &StartContext<'_>,
-    spec: &ServiceSpec,
-    prepared: Prepared,
-    prepare_cost: Duration,
-) -> Result<Started, StartError> {
-    let service = spec.name.to_string();
-    let id = prepared.id().to_string();
-    let _ = ctx.events.send(Event::Starting {
-        service: service.clone(),
-        instance: id.to_string(),
-    });
-    let config = SandboxConfig {
-        hostname: service.clone(),
+/// The sandbox of one instance of `spec`.
+pub fn sandbox_config(ctx: &StartContext<'_>, spec: &ServiceSpec) -> SandboxConfig {
+    SandboxConfig {
+        hostname: spec.name.to_string(),
         mount_point: ctx.mount_point.to_path_buf(),
         layers: ctx.layers.to_vec(),
         writable: ctx.writable.clone(),
@@ -400,8 +387,53 @@ pub async fn start_prepared(
         open_files: spec.limits.open_files,
         syscall_filter: true,
         layers_owned_by: ctx.writable.as_ref().map(|_| ctx.uid),
-    };
-    let mut instance = prepared.start(&config).await?;
+        hold: false,
+    }
+}
+
+/// Starts one instance of `spec` in a sandbox built and held ahead (see
+/// `Prepared::hold`): only the exec is left, then the health check.
+pub async fn start_held(
+    ctx: &StartContext<'_>,
+    spec: &ServiceSpec,
+    held: Held,
+) -> Result<Started, StartError> {
+    announce(ctx, spec, held.id());
+    let instance = held.start().await?;
+    follow_start(ctx, spec, instance, Duration::ZERO).await
+}
+
+/// Starts one instance of `spec` in a prepared sandbox (see
+/// `Sandbox::prepare`); `prepare_cost` is the part of the sandbox's start
+/// that was paid on the critical path before this call.
+pub async fn start_prepared(
+    ctx: &StartContext<'_>,
+    spec: &ServiceSpec,
+    prepared: Prepared,
+    prepare_cost: Duration,
+) -> Result<Started, StartError> {
+    announce(ctx, spec, prepared.id());
+    let instance = prepared.start(&sandbox_config(ctx, spec)).await?;
+    follow_start(ctx, spec, instance, prepare_cost).await
+}
+
+fn announce(ctx: &StartContext<'_>, spec: &ServiceSpec, id: &str) {
+    let _ = ctx.events.send(Event::Starting {
+        service: spec.name.to_string(),
+        instance: id.to_string(),
+    });
+}
+
+/// From the exec of the start command until its port answers: its output
+/// captured, the health check, and the reasons a start fails.
+async fn follow_start(
+    ctx: &StartContext<'_>,
+    spec: &ServiceSpec,
+    mut instance: Instance,
+    prepare_cost: Duration,
+) -> Result<Started, StartError> {
+    let service = spec.name.to_string();
+    let id = instance.id.clone();
     let tail = Tail::default();
     let sink = LogSink {
         service: service.clone(),

@@ -15,7 +15,7 @@ use skiff_gateway::{
 };
 use skiff_model::{format_duration, ServiceSpec};
 use skiff_sandbox::beneath::Tree;
-use skiff_sandbox::{disk, Freezer, NetNs, Prepared, WritableLayer};
+use skiff_sandbox::{disk, Freezer, Held, NetNs, Prepared, WritableLayer};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::warn;
@@ -143,7 +143,26 @@ enum Spare {
     /// Being prepared: the sender says true when it is `Ready` (or is
     /// dropped when the preparation failed).
     Preparing(watch::Receiver<bool>),
-    Ready(Box<Prepared>),
+    Ready(Box<Ahead>),
+}
+
+/// A sandbox made ahead of its start.
+#[allow(clippy::large_enum_variant)] // one per service, moved rarely
+enum Ahead {
+    /// Built and held before the exec: the start only executes.
+    Held(Held),
+    /// Only its helper waits in its cgroups. So for a persistent service,
+    /// whose writable layer the instance before may still have mounted.
+    Prepared(Prepared),
+}
+
+impl Ahead {
+    async fn discard(self) {
+        match self {
+            Self::Held(held) => held.discard().await,
+            Self::Prepared(prepared) => prepared.discard().await,
+        }
+    }
 }
 
 /// How long a start waits for a spare being prepared before it prepares
@@ -524,11 +543,27 @@ impl ServiceRuntime {
         let starting = async {
             // A prepared sandbox, when one waits (or is being prepared),
             // makes this a warm start.
+            let fresh_id = shared.instance_id(&self.name);
+            let fresh = || instance::start(&ctx, &self.spec, &fresh_id);
             match self.take_spare().await {
-                Some(prepared) => {
+                Some(Ahead::Held(held)) => {
+                    match instance::start_held(&ctx, &self.spec, held).await {
+                        // Held a while, it may have been killed meanwhile:
+                        // the start is not lost for that.
+                        Err(StartError::Sandbox(e)) => {
+                            warn!(
+                                "{}: a sandbox made ahead failed ({e}); starting afresh",
+                                self.name
+                            );
+                            fresh().await
+                        }
+                        started => started,
+                    }
+                }
+                Some(Ahead::Prepared(prepared)) => {
                     instance::start_prepared(&ctx, &self.spec, prepared, Duration::ZERO).await
                 }
-                None => instance::start(&ctx, &self.spec, &shared.instance_id(&self.name)).await,
+                None => fresh().await,
             }
         };
         // A shutdown does not wait for a slow start: dropping the start
@@ -694,13 +729,13 @@ impl ServiceRuntime {
 
     /// The spare, when one is ready; when one is being prepared, waits for
     /// it (a second preparation would only pay the same cost again).
-    async fn take_spare(&self) -> Option<Prepared> {
+    async fn take_spare(&self) -> Option<Ahead> {
         loop {
             let mut ready = {
                 let mut spare = lock(&self.spare);
                 match std::mem::take(&mut *spare) {
                     Spare::None => return None,
-                    Spare::Ready(prepared) => return Some(*prepared),
+                    Spare::Ready(ahead) => return Some(*ahead),
                     Spare::Preparing(ready) => {
                         *spare = Spare::Preparing(ready.clone());
                         ready
@@ -737,20 +772,39 @@ impl ServiceRuntime {
         let task = self.shared.runtime.spawn(async move {
             let id = this.shared.instance_id(&this.name);
             let limits = instance::cgroup_limits(&this.spec);
-            let prepared = this.shared.sandbox.prepare(&id, limits).await;
+            let mount_point = this.shared.mount_point();
+            let ctx = StartContext {
+                sandbox: &this.shared.sandbox,
+                layers: &this.layers,
+                writable: this.writable.clone(),
+                uid: this.uid,
+                accounts: &this.accounts,
+                mount_point: &mount_point,
+                log: this.log.clone(),
+                events: this.shared.events.clone(),
+            };
+            let config = instance::sandbox_config(&ctx, &this.spec);
+            let prepared = async {
+                let prepared = this.shared.sandbox.prepare(&id, limits).await?;
+                if this.writable.is_some() {
+                    return Ok(Ahead::Prepared(prepared));
+                }
+                prepared.hold(&config).await.map(Ahead::Held)
+            }
+            .await;
             // Stored under the one lock that shutdown takes after setting
             // its flag: the spare is either seen and taken by shutdown, or
             // discarded here.
             let unused = {
                 let mut spare = lock(&this.spare);
                 match prepared {
-                    Ok(prepared) if !*this.shutdown.borrow() => {
-                        *spare = Spare::Ready(Box::new(prepared));
+                    Ok(ahead) if !*this.shutdown.borrow() => {
+                        *spare = Spare::Ready(Box::new(ahead));
                         None
                     }
-                    Ok(prepared) => {
+                    Ok(ahead) => {
                         *spare = Spare::None;
-                        Some(prepared)
+                        Some(ahead)
                     }
                     Err(e) => {
                         warn!("{}: preparing a sandbox: {e}", this.name);

@@ -1,10 +1,12 @@
 //! The helper side: runs in a fresh, single-threaded process, builds the
 //! instance and executes its start command. Nothing here returns to the caller.
 //!
-//! Control socket protocol (fd 3, one line per message, helper to platform):
-//! `ns` once the namespaces exist, `exec` right before the start command is
-//! executed, `err <text>` when something failed. The platform sends the
-//! configuration as JSON and closes its writing side first.
+//! Control socket protocol (fd 3). The platform sends the configuration:
+//! its length (4 bytes, little-endian), then its JSON; for a held sandbox
+//! it later sends `g`, the go. The helper answers one line per message:
+//! `ns` once the namespaces exist, `held` when a held sandbox is built and
+//! waits for the go, `exec` right before the start command is executed,
+//! `err <text>` when something failed.
 
 use std::io::{Read, Write};
 use std::os::fd::FromRawFd;
@@ -21,6 +23,9 @@ use crate::{outbound, Network, SandboxConfig};
 
 /// The control socket's number in the helper.
 pub(crate) const CONTROL_FD: i32 = 3;
+
+/// The largest configuration the helper reads.
+const MAX_CONFIG: usize = 16 << 20;
 
 /// Exit code of the helper when the sandbox could not be built (the reason
 /// went over the control socket).
@@ -64,10 +69,19 @@ pub fn init_main() -> ! {
 }
 
 fn helper(control: &mut UnixStream) -> Res<i32> {
-    let mut buf = Vec::new();
-    ctx(control.read_to_end(&mut buf), || {
-        "reading the sandbox configuration".into()
-    })?;
+    // The configuration's length (4 bytes, little-endian), then its JSON:
+    // the platform's side stays open for a held sandbox's go.
+    let reading = || "reading the sandbox configuration".to_string();
+    let mut len = [0u8; 4];
+    ctx(control.read_exact(&mut len), reading)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_CONFIG {
+        return Err(format!(
+            "a sandbox configuration of {len} bytes is too large"
+        ));
+    }
+    let mut buf = vec![0u8; len];
+    ctx(control.read_exact(&mut buf), reading)?;
     let config: SandboxConfig = ctx(serde_json::from_slice(&buf), || {
         "parsing the sandbox configuration".into()
     })?;

@@ -31,7 +31,7 @@ mod syscalls;
 pub use cgroup::{CgroupError, CgroupLimits, Cgroups, Freezer};
 pub use init::init_main;
 pub use netns::{Listeners, NetNs};
-pub use spawn::{Exit, Instance, Prepared, Sandbox, SandboxError, StartTimings};
+pub use spawn::{Exit, Held, Instance, Prepared, Sandbox, SandboxError, StartTimings};
 
 use std::path::PathBuf;
 
@@ -141,6 +141,11 @@ pub struct SandboxConfig {
     /// uid (and gid), so that the service, running as it, may change any
     /// file of its writable root, those the build made included.
     pub layers_owned_by: Option<u32>,
+    /// Build everything, down to the command's identity, then hold before
+    /// the exec until the platform says go (see [`Prepared::hold`]): the
+    /// start then costs only the exec.
+    #[serde(default)]
+    pub hold: bool,
 }
 
 /// What a sandbox's network namespace holds. No sandbox shares the host's.

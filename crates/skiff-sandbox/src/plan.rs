@@ -182,6 +182,9 @@ pub(crate) enum Step {
     SetResGid(u32),
     SetResUid(u32),
     NoNewPrivs,
+    /// Says everything is built and waits for the platform's go
+    /// (`SandboxConfig::hold`).
+    Hold,
     /// Tells the platform the command is about to be executed.
     AnnounceExec,
     InstallFilters(Filters),
@@ -233,7 +236,7 @@ impl Step {
             Step::SetResGid(_) => "setresgid".into(),
             Step::SetResUid(_) => "setresuid".into(),
             Step::NoNewPrivs => "no_new_privs".into(),
-            Step::AnnounceExec => "control socket".into(),
+            Step::AnnounceExec | Step::Hold => "control socket".into(),
             Step::Exec { program, .. } => format!("cannot run {program:?}"),
         })
     }
@@ -674,6 +677,11 @@ fn command(config: &SandboxConfig, facts: &Facts) -> Res<Vec<Step>> {
         }
     }
     p.push(Step::NoNewPrivs);
+    // A held sandbox waits here: built, with no privilege left, the filter
+    // and the exec still to come.
+    if config.hold {
+        p.push(Step::Hold);
+    }
     p.push(Step::AnnounceExec);
     // The filter last: nothing of skiff's own runs under it.
     if config.syscall_filter {
@@ -763,6 +771,7 @@ fn do_step<S: Syscalls>(step: &Step, sys: &mut S) -> Res<()> {
         Step::SetResGid(gid) => sys.setresgid(*gid),
         Step::SetResUid(uid) => sys.setresuid(*uid),
         Step::NoNewPrivs => sys.set_no_new_privs(),
+        Step::Hold => sys.hold(),
         Step::AnnounceExec => sys.announce_exec(),
         Step::InstallFilters(filters) => sys.install_filters(filters),
         Step::Exec { argv, env, .. } => sys.execvpe(argv, env),
@@ -811,6 +820,7 @@ mod tests {
             open_files: 65536,
             syscall_filter: true,
             layers_owned_by: None,
+            hold: false,
         }
     }
 
@@ -1393,12 +1403,33 @@ mod tests {
                 Step::SetResGid(_) => "setresgid",
                 Step::SetResUid(_) => "setresuid",
                 Step::NoNewPrivs => "no_new_privs",
+                Step::Hold => "hold",
                 Step::AnnounceExec => "announce",
                 Step::InstallFilters(_) => "seccomp",
                 Step::Exec { .. } => "exec",
                 other => panic!("unexpected in the command's steps: {other:?}"),
             })
             .collect()
+    }
+
+    /// A sandbox built ahead holds after every privilege is gone and
+    /// before the filter and the exec; the rest of its plan is the same.
+    #[test]
+    fn a_held_sandbox_waits_with_no_privilege_before_the_filter() {
+        let plain = planned(&serverless());
+        let held = planned(&SandboxConfig {
+            hold: true,
+            ..serverless()
+        });
+        let mut k = kinds(&held.command);
+        k.dedup();
+        let at = |name| k.iter().position(|s| *s == name).unwrap();
+        assert_eq!(at("hold"), at("no_new_privs") + 1);
+        assert_eq!(at("announce"), at("hold") + 1);
+        assert!(at("hold") > at("setresuid") && at("hold") < at("seccomp"));
+        assert_eq!(held.command.len(), plain.command.len() + 1);
+        assert_eq!(format!("{:?}", held.pid1), format!("{:?}", plain.pid1));
+        assert!(!kinds(&plain.command).contains(&"hold"));
     }
 
     #[test]

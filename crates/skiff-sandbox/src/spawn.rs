@@ -208,32 +208,34 @@ impl Prepared {
             control,
         } = self;
         instance.timings.requested = Instant::now();
-        // A helper that neither finishes nor fails (a hung mount, a kernel
-        // stuck in D state) must not hang the deploy forever.
-        let handshake =
-            tokio::time::timeout(HANDSHAKE_TIMEOUT, instance.handshake(control, config))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(SandboxError::Setup(format!(
-                        "the sandbox was not ready after {}s; the host may be overloaded",
-                        HANDSHAKE_TIMEOUT.as_secs()
-                    )))
-                });
-        match handshake {
-            Ok(()) => {
-                tracing::debug!(
-                    instance = instance.id,
-                    namespaces = ?instance.timings.namespaces,
-                    started = ?instance.timings.started,
-                    "sandbox ready"
-                );
-                Ok(instance)
-            }
-            Err(e) => {
-                let _ = instance.stop(Duration::ZERO).await;
-                Err(e)
-            }
-        }
+        let config = SandboxConfig {
+            hold: false,
+            ..config.clone()
+        };
+        let mut control = Control::send(control, &config).await?;
+        let outcome = bounded(instance.follow(&mut control, &config, Until::Exec)).await;
+        finish(instance, outcome).await
+    }
+
+    /// Builds the sandbox from `config` down to the command's identity,
+    /// and holds it there: [`Held::start`] then only executes the command.
+    pub async fn hold(self, config: &SandboxConfig) -> Result<Held, SandboxError> {
+        let Self {
+            mut instance,
+            control,
+        } = self;
+        let config = SandboxConfig {
+            hold: true,
+            ..config.clone()
+        };
+        let mut control = Control::send(control, &config).await?;
+        let outcome = bounded(instance.follow(&mut control, &config, Until::Held)).await;
+        let instance = finish(instance, outcome).await?;
+        Ok(Held {
+            instance,
+            control,
+            config,
+        })
     }
 
     /// Kills the waiting helper and removes its cgroups.
@@ -260,23 +262,140 @@ pub struct Instance {
     pub timings: StartTimings,
 }
 
-impl Instance {
-    async fn handshake(
-        &mut self,
+/// A sandbox built and held before its command's exec (see
+/// [`Prepared::hold`]). Dropping it kills the helper; [`Held::discard`]
+/// also removes the cgroups.
+#[derive(Debug)]
+pub struct Held {
+    instance: Instance,
+    control: Control,
+    config: SandboxConfig,
+}
+
+impl Held {
+    /// The id its cgroups are named by.
+    pub fn id(&self) -> &str {
+        &self.instance.id
+    }
+
+    /// Executes the command; returns once it has been executed. Timings
+    /// count from this call (what was built before is not in them).
+    pub async fn start(self) -> Result<Instance, SandboxError> {
+        let Self {
+            mut instance,
+            mut control,
+            config,
+        } = self;
+        instance.timings.requested = Instant::now();
+        instance.timings.namespaces = Duration::ZERO;
+        let go = async {
+            control.write.write_all(b"g").await?;
+            control.write.shutdown().await?;
+            instance.follow(&mut control, &config, Until::Exec).await
+        };
+        let outcome = bounded(go).await;
+        finish(instance, outcome).await
+    }
+
+    /// Kills the held sandbox and removes its cgroups.
+    pub async fn discard(mut self) {
+        let _ = self.instance.stop(Duration::ZERO).await;
+    }
+}
+
+/// The platform's end of a helper's control socket.
+#[derive(Debug)]
+struct Control {
+    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    write: tokio::net::unix::OwnedWriteHalf,
+    error: Option<String>,
+    exec_seen: bool,
+    /// The helper ended before its `ns` could be followed.
+    helper_gone: bool,
+}
+
+impl Control {
+    /// Sends `config` (its length, then its JSON); unless the sandbox is
+    /// to be held, nothing more will be sent.
+    async fn send(
         ours: std::os::unix::net::UnixStream,
         config: &SandboxConfig,
-    ) -> Result<(), SandboxError> {
+    ) -> Result<Self, SandboxError> {
         ours.set_nonblocking(true)?;
-        let mut control = tokio::net::UnixStream::from_std(ours)?;
+        let (read, mut write) = tokio::net::UnixStream::from_std(ours)?.into_split();
         let json = serde_json::to_vec(config).map_err(io::Error::other)?;
-        control.write_all(&json).await?;
-        control.shutdown().await?;
+        let len = u32::try_from(json.len()).map_err(io::Error::other)?;
+        write.write_all(&len.to_le_bytes()).await?;
+        write.write_all(&json).await?;
+        if !config.hold {
+            write.shutdown().await?;
+        }
+        Ok(Self {
+            lines: BufReader::new(read).lines(),
+            write,
+            error: None,
+            exec_seen: false,
+            helper_gone: false,
+        })
+    }
+}
 
-        let mut lines = BufReader::new(control).lines();
-        let mut error = None;
-        let mut exec_seen = false;
-        let mut helper_gone = false;
-        while let Some(line) = lines.next_line().await? {
+/// How far to follow the helper.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// It holds before the exec.
+    Held,
+    /// The command has been executed (every copy of the socket closed).
+    Exec,
+}
+
+/// A helper that neither finishes nor fails (a hung mount, a kernel stuck
+/// in D state) must not hang the deploy forever.
+async fn bounded(
+    follow: impl std::future::Future<Output = Result<(), SandboxError>>,
+) -> Result<(), SandboxError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, follow)
+        .await
+        .unwrap_or_else(|_| {
+            Err(SandboxError::Setup(format!(
+                "the sandbox was not ready after {}s; the host may be overloaded",
+                HANDSHAKE_TIMEOUT.as_secs()
+            )))
+        })
+}
+
+/// The instance, or, when following it failed, the error with the
+/// instance stopped.
+async fn finish(
+    mut instance: Instance,
+    outcome: Result<(), SandboxError>,
+) -> Result<Instance, SandboxError> {
+    match outcome {
+        Ok(()) => {
+            tracing::debug!(
+                instance = instance.id,
+                namespaces = ?instance.timings.namespaces,
+                started = ?instance.timings.started,
+                "sandbox ready"
+            );
+            Ok(instance)
+        }
+        Err(e) => {
+            let _ = instance.stop(Duration::ZERO).await;
+            Err(e)
+        }
+    }
+}
+
+impl Instance {
+    /// Reads the helper's messages until `until`.
+    async fn follow(
+        &mut self,
+        control: &mut Control,
+        config: &SandboxConfig,
+        until: Until,
+    ) -> Result<(), SandboxError> {
+        while let Some(line) = control.lines.next_line().await? {
             let elapsed = self.timings.requested.elapsed();
             match line.split_once(' ').unwrap_or((line.as_str(), "")) {
                 ("ns", _) => {
@@ -286,7 +405,7 @@ impl Instance {
                         // with it before this line is read: the instance
                         // is over, and its exit tells why.
                         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                            helper_gone = true;
+                            control.helper_gone = true;
                             None
                         }
                         Err(e) => return Err(e.into()),
@@ -298,7 +417,7 @@ impl Instance {
                         match outbound::start_slirp(slirp4netns, self.pid) {
                             Ok(child) => self.slirp = Some(child),
                             Err(e) => {
-                                error = Some(format!(
+                                control.error = Some(format!(
                                     "starting {} for the build's network: {e}",
                                     slirp4netns.display()
                                 ))
@@ -306,17 +425,31 @@ impl Instance {
                         }
                     }
                 }
-                ("exec", _) => exec_seen = true,
-                ("err", msg) => error = Some(msg.to_string()),
-                _ => error = Some(format!("unexpected message from the helper: {line:?}")),
+                ("held", _) if until == Until::Held && control.error.is_none() => {
+                    return if self.netns.is_some() {
+                        Ok(())
+                    } else {
+                        Err(SandboxError::Setup(
+                            "the sandbox held before its namespaces were seen".into(),
+                        ))
+                    };
+                }
+                ("exec", _) => control.exec_seen = true,
+                ("err", msg) => control.error = Some(msg.to_string()),
+                _ => control.error = Some(format!("unexpected message from the helper: {line:?}")),
             }
         }
         // EOF: every copy of the control socket is closed, which after
         // `exec` means the command is running.
         self.timings.started = self.timings.requested.elapsed();
-        match error {
+        match control.error.take() {
             Some(e) => Err(SandboxError::Setup(e)),
-            None if exec_seen && (self.netns.is_some() || helper_gone) => Ok(()),
+            None if until == Until::Exec
+                && control.exec_seen
+                && (self.netns.is_some() || control.helper_gone) =>
+            {
+                Ok(())
+            }
             None => {
                 // The helper died without a word: report what it printed.
                 let status = self.child.wait().await?;

@@ -181,7 +181,10 @@ fn listeners_are_seen_in_their_own_network_namespace_only() {
     let tid = from_thread.recv().unwrap();
     let netns = skiff_sandbox::NetNs::of_pid(tid as u32).unwrap();
     let mut listeners = netns.listeners().unwrap();
-    assert!(!listeners.listening_on(4321).unwrap(), "nothing listens yet");
+    assert!(
+        !listeners.listening_on(4321).unwrap(),
+        "nothing listens yet"
+    );
     to_thread.send(()).unwrap();
     from_thread.recv().unwrap();
     assert!(listeners.listening_on(4321).unwrap());
