@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -594,9 +595,26 @@ fn watch_listen(
     port: u16,
     until: Instant,
 ) -> Option<tokio::sync::oneshot::Receiver<()>> {
+    // Many starts at once (a restart with hundreds of services) share the
+    // CPU anyway: past a few watches, the probes alone poll at their fast
+    // pace, and no thread is made per start.
+    static WATCHING: AtomicUsize = AtomicUsize::new(0);
+    let most = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+    if WATCHING.fetch_add(1, Ordering::SeqCst) >= most {
+        WATCHING.fetch_sub(1, Ordering::SeqCst);
+        return None;
+    }
+    struct Watching;
+    impl Drop for Watching {
+        fn drop(&mut self) {
+            WATCHING.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let watching = Watching;
     let mut listeners = netns.listeners().ok()?;
     let (heard, rx) = tokio::sync::oneshot::channel();
     let watch = move || {
+        let _watching = watching;
         skiff_sandbox::idle_priority();
         let started = Instant::now();
         while !heard.is_closed() && Instant::now() < until {

@@ -183,8 +183,9 @@ fn connect(port: u16) -> TcpStream {
     c
 }
 
-/// Whether an instance of `name` runs: a cgroup with more than the one
-/// process of a prepared, waiting sandbox helper.
+/// Whether an instance of `name` runs: a cgroup of it with a process that
+/// is not skiff's own (a spare's helper, pid 1 and held command are all
+/// `skiff` until the exec).
 fn running(name: &str) -> bool {
     std::fs::read_dir("/sys/fs/cgroup/unified/skiff")
         .map(|d| {
@@ -192,8 +193,12 @@ fn running(name: &str) -> bool {
                 e.file_name()
                     .to_string_lossy()
                     .starts_with(&format!("{name}-"))
-                    && std::fs::read_to_string(e.path().join("cgroup.procs"))
-                        .is_ok_and(|p| p.lines().count() > 1)
+                    && std::fs::read_to_string(e.path().join("cgroup.procs")).is_ok_and(|p| {
+                        p.lines().any(|pid| {
+                            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                                .is_ok_and(|c| c.trim() != "skiff")
+                        })
+                    })
             })
         })
         .unwrap_or(false)
@@ -317,35 +322,9 @@ struct Config {
     env: Vec<(&'static str, &'static str)>,
 }
 
-fn cold_start(work: &Path, server: &Path, base: &Path) {
-    let (turns, runs) = (2, 6);
-    let native = work.join("cold-native");
-    native_app(&native, "bench-cold-native", "idle_stop = \"1s\"");
-    std::fs::copy(server, native.join("server")).unwrap();
-    let python = work.join("cold-python");
-    std::fs::create_dir_all(&python).unwrap();
-    std::fs::write(
-        python.join("skiff.toml"),
-        "name = \"bench-cold-python\"\nstart = \"exec python3 -m http.server $PORT\"\n\
-         [limits]\nidle_stop = \"1s\"\n",
-    )
-    .unwrap();
-    let base_s = base.to_string_lossy().into_owned();
-    let native_direct = || direct_start(&["bash", "-c", "exec ./server"], &native, free_port());
-    let python_direct = || {
-        direct_start(
-            &[
-                "chroot",
-                &base_s,
-                "bash",
-                "-c",
-                "exec python3 -m http.server $PORT",
-            ],
-            Path::new("/"),
-            free_port(),
-        )
-    };
-    // Each build, and this build without spares, in turns.
+/// The builds to measure, each with the environment it runs with: each
+/// build, and this one without spares.
+fn cold_configs() -> Vec<Config> {
     let mut configs: Vec<Config> = common::builds()
         .into_iter()
         .map(|(label, bin)| Config {
@@ -362,36 +341,84 @@ fn cold_start(work: &Path, server: &Path, base: &Path) {
             env: vec![("SKIFF_NO_SPARE", "1")],
         },
     );
-    let apps = ["bench-cold-native", "bench-cold-python"];
+    configs
+}
+
+/// Cold starts, each build on a daemon of its own, all up at once and
+/// measured in turn, run by run, with the direct start between: the
+/// machine's drift (it is shared) falls on all alike.
+fn cold_start(work: &Path, server: &Path, base: &Path) {
+    let rounds = 12;
+    let configs = cold_configs();
+    let python_start = "exec python3 -m http.server $PORT";
+    let mut ups = Vec::new();
+    for (c, config) in configs.iter().enumerate() {
+        let native = work.join(format!("cold-native-{c}"));
+        native_app(
+            &native,
+            &format!("bench-cold-native-{c}"),
+            "idle_stop = \"1s\"",
+        );
+        std::fs::copy(server, native.join("server")).unwrap();
+        let python = work.join(format!("cold-python-{c}"));
+        std::fs::create_dir_all(&python).unwrap();
+        std::fs::write(
+            python.join("skiff.toml"),
+            format!(
+                "name = \"bench-cold-python-{c}\"\nstart = \"{python_start}\"\n\
+                 [limits]\nidle_stop = \"1s\"\n"
+            ),
+        )
+        .unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let up = skiff_up_with(&config.bin, &config.env, &[native, python], state.path());
+        ups.push((up, state));
+    }
+    let native_dir = work.join("cold-native-0");
+    let base_s = base.to_string_lossy().into_owned();
+    let apps = ["native", "python"];
+    let direct = |app: &str| match app {
+        "native" => direct_start(&["bash", "-c", "exec ./server"], &native_dir, free_port()),
+        _ => direct_start(
+            &["chroot", &base_s, "bash", "-c", python_start],
+            Path::new("/"),
+            free_port(),
+        ),
+    };
     let mut total = vec![vec![Vec::new(); apps.len()]; configs.len()];
     let mut own = vec![Vec::new(); apps.len()];
-    for _ in 0..turns {
-        for (c, config) in configs.iter().enumerate() {
-            let state = tempfile::tempdir().unwrap();
-            let up = skiff_up_with(
-                &config.bin,
-                &config.env,
-                &[native.clone(), python.clone()],
-                state.path(),
-            );
-            for (a, name) in apps.iter().enumerate() {
-                for _ in 0..runs {
-                    wait_stopped(name);
-                    total[c][a].push(timed_first_get(up.port, &format!("{name}.localhost"), "/"));
-                }
-            }
+    let every: Vec<String> = (0..configs.len())
+        .flat_map(|c| apps.map(|app| format!("bench-cold-{app}-{c}")))
+        .collect();
+    // Each start on a quiet machine: every instance stopped, and a moment
+    // for the spares being made (after those stops) to be ready.
+    let quiet = || {
+        for name in &every {
+            wait_stopped(name);
         }
-        for _ in 0..runs {
-            own[0].push(native_direct());
-            own[1].push(python_direct());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for round in 0..rounds {
+        for (a, app) in apps.iter().enumerate() {
+            // The builds' order turns each round.
+            for i in 0..ups.len() {
+                let c = (i + round) % ups.len();
+                let name = format!("bench-cold-{app}-{c}");
+                quiet();
+                total[c][a].push(timed_first_get(
+                    ups[c].0.port,
+                    &format!("{name}.localhost"),
+                    "/",
+                ));
+            }
+            quiet();
+            own[a].push(direct(app));
         }
     }
-    for (a, name) in apps.iter().enumerate() {
+    drop(ups);
+    for (a, app) in apps.iter().enumerate() {
         let o = pct(&own[a], 0.5);
-        println!(
-            "cold start from zero to first 200, {name}, median of {}:",
-            turns * runs
-        );
+        println!("cold start from zero to first 200, {app}, median of {rounds}:");
         println!("  baseline: the app started directly {}", ms(o));
         for (c, config) in configs.iter().enumerate() {
             report_share("through skiff", &config.label, &total[c][a], o);
@@ -400,48 +427,61 @@ fn cold_start(work: &Path, server: &Path, base: &Path) {
 }
 
 /// A second instance, started while the first is busy (concurrency = 1),
-/// until its first 200; against the same start command run directly.
+/// until its first 200; against the same start command run directly. The
+/// builds run at once, on daemons of their own, measured in turn.
 fn scale_out(work: &Path, server: &Path) {
-    let (turns, runs) = (2, 6);
-    let name = "bench-scale-out";
-    let dir = work.join("scale-out");
-    native_app(
-        &dir,
-        name,
-        "idle_stop = \"1s\"\nconcurrency = 1\nmax_instances = 4",
-    );
-    std::fs::copy(server, dir.join("server")).unwrap();
-    let host = format!("{name}.localhost");
+    let rounds = 12;
     let builds = common::builds();
+    let mut ups = Vec::new();
+    for (b, (_, bin)) in builds.iter().enumerate() {
+        let dir = work.join(format!("scale-out-{b}"));
+        native_app(
+            &dir,
+            &format!("bench-scale-out-{b}"),
+            "idle_stop = \"1s\"\nconcurrency = 1\nmax_instances = 4",
+        );
+        std::fs::copy(server, dir.join("server")).unwrap();
+        let state = tempfile::tempdir().unwrap();
+        ups.push((skiff_up_with(bin, &[], &[dir], state.path()), state));
+    }
     let mut total = vec![Vec::new(); builds.len()];
     let mut own = Vec::new();
-    for _ in 0..turns {
-        for (b, (_, bin)) in builds.iter().enumerate() {
-            let state = tempfile::tempdir().unwrap();
-            let up = skiff_up_with(bin, &[], std::slice::from_ref(&dir), state.path());
-            for _ in 0..runs {
-                wait_stopped(name);
-                // The first instance starts and sleeps a second in its answer.
-                let mut busy = connect(up.port);
-                busy.write_all(format!("GET /slow HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
-                    .unwrap();
-                std::thread::sleep(Duration::from_millis(300));
-                total[b].push(timed_first_get(up.port, &host, "/"));
-                assert_eq!(read_response(&mut busy), 200);
-            }
+    let every: Vec<String> = (0..ups.len())
+        .map(|b| format!("bench-scale-out-{b}"))
+        .collect();
+    let quiet = || {
+        for name in &every {
+            wait_stopped(name);
         }
-        for _ in 0..runs {
-            own.push(direct_start(
-                &["bash", "-c", "exec ./server"],
-                &dir,
-                free_port(),
-            ));
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for round in 0..rounds {
+        for i in 0..ups.len() {
+            let b = (i + round) % ups.len();
+            let up = &ups[b].0;
+            let name = format!("bench-scale-out-{b}");
+            let host = format!("{name}.localhost");
+            quiet();
+            // The first instance starts and sleeps a second in its answer.
+            let mut busy = connect(up.port);
+            busy.write_all(format!("GET /slow HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            total[b].push(timed_first_get(up.port, &host, "/"));
+            assert_eq!(read_response(&mut busy), 200);
         }
+        quiet();
+        own.push(direct_start(
+            &["bash", "-c", "exec ./server"],
+            &work.join("scale-out-0"),
+            free_port(),
+        ));
     }
+    drop(ups);
     let o = pct(&own, 0.5);
     println!(
-        "scale-out: a second instance while the first is busy, to its first 200, median of {}:",
-        turns * runs
+        "scale-out: a second instance while the first is busy, to its first 200, median of \
+         {rounds}:"
     );
     println!("  baseline: the app started directly {}", ms(o));
     for (b, (label, _)) in builds.iter().enumerate() {
