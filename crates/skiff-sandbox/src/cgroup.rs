@@ -5,7 +5,10 @@
 
 use std::fs;
 use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+
+use nix::fcntl::OFlag;
 use std::time::{Duration, Instant};
 
 /// Limits written into an instance's cgroups.
@@ -145,12 +148,35 @@ impl Cgroups {
         Ok(())
     }
 
-    /// Moves process `pid` (and so everything it starts later) into every group.
-    pub fn add(&self, pid: u32) -> Result<(), CgroupError> {
-        for dir in self.dirs() {
-            Self::write(dir, "cgroup.procs", &pid.to_string())?;
+    /// What a process needs to enter these groups by itself, without the
+    /// global lock a move by another process takes (whose first use after
+    /// a quiet while waits for an RCU grace period, milliseconds): each v1
+    /// group's `tasks`, where writing `0` moves the writing thread alone,
+    /// and the cgroup2 directory, to clone a child straight into
+    /// (`clone3` with `CLONE_INTO_CGROUP`). The descriptors are at 64 or
+    /// above and close on exec.
+    pub fn entry(&self) -> Result<Entry, CgroupError> {
+        let open = |path: &Path, flags: OFlag| {
+            let fd = nix::fcntl::open(
+                path,
+                flags | OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )
+            .map_err(|e| io_err(path)(e.into()))?;
+            // Above the numbers a helper puts them at (see `spawn.rs`).
+            let high = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(64))
+                .map_err(|e| io_err(path)(e.into()))?;
+            // SAFETY: F_DUPFD_CLOEXEC returned a new descriptor we own.
+            Ok::<_, CgroupError>(unsafe { OwnedFd::from_raw_fd(high) })
+        };
+        let mut tasks = Vec::new();
+        for dir in &self.v1 {
+            tasks.push(open(&dir.join("tasks"), OFlag::O_WRONLY)?);
         }
-        Ok(())
+        Ok(Entry {
+            tasks,
+            unified: open(&self.unified, OFlag::O_RDONLY | OFlag::O_DIRECTORY)?,
+        })
     }
 
     /// Process ids currently in the instance.
@@ -232,6 +258,16 @@ impl Cgroups {
         }
         Ok(())
     }
+}
+
+/// Descriptors to enter an instance's cgroups from inside the process
+/// that enters them ([`Cgroups::entry`]).
+#[derive(Debug)]
+pub struct Entry {
+    /// The v1 groups' `tasks` files, in `memory`, `pids`, `cpu` order.
+    pub tasks: Vec<OwnedFd>,
+    /// The cgroup2 group's directory.
+    pub unified: OwnedFd,
 }
 
 /// Freezes and thaws one instance's whole process tree (cgroup2
@@ -387,29 +423,36 @@ mod tests {
     }
 
     #[test]
-    fn add_moves_a_process_into_every_group() {
+    fn entry_opens_each_v1_tasks_file_and_the_cgroup2_directory_high_and_cloexec() {
         let root = hierarchies();
         let cg = Cgroups::create(root.path(), "svc-1", LIMITS).unwrap();
-        cg.add(4242).unwrap();
-        for c in ["memory", "pids", "cpu", "unified"] {
-            assert_eq!(
-                read(root.path(), &format!("{c}/skiff/svc-1/cgroup.procs")),
-                "4242",
-                "{c}"
-            );
+        for c in ["memory", "pids", "cpu"] {
+            fs::write(root.path().join(c).join("skiff/svc-1/tasks"), "").unwrap();
         }
+        let entry = cg.entry().unwrap();
+        use std::os::fd::AsRawFd;
+        for (fd, c) in entry.tasks.iter().zip(["memory", "pids", "cpu"]) {
+            assert!(fd.as_raw_fd() >= 64);
+            let link = fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+            assert_eq!(link, root.path().join(c).join("skiff/svc-1/tasks"));
+            let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).unwrap();
+            assert_ne!(flags & libc::FD_CLOEXEC, 0, "{c}");
+        }
+        let link = fs::read_link(format!("/proc/self/fd/{}", entry.unified.as_raw_fd())).unwrap();
+        assert_eq!(link, root.path().join("unified/skiff/svc-1"));
     }
 
     #[test]
     fn writing_to_a_group_that_is_gone_names_the_file() {
         let root = hierarchies();
         let cg = Cgroups::create(root.path(), "svc-1", LIMITS).unwrap();
+        fs::write(root.path().join("memory/skiff/svc-1/tasks"), "").unwrap();
         fs::remove_dir_all(root.path().join("pids/skiff")).unwrap();
-        let err = cg.add(1).unwrap_err();
-        let file = root.path().join("pids/skiff/svc-1/cgroup.procs");
+        let err = cg.entry().unwrap_err();
+        let file = root.path().join("pids/skiff/svc-1/tasks");
         assert!(matches!(&err, CgroupError::Io { path, source }
             if *path == file && source.kind() == io::ErrorKind::NotFound));
-        assert!(err.to_string().contains("pids/skiff/svc-1/cgroup.procs: "));
+        assert!(err.to_string().contains("pids/skiff/svc-1/tasks: "));
     }
 
     #[test]

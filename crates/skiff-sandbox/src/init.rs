@@ -23,6 +23,10 @@ use crate::{outbound, Network, SandboxConfig};
 
 /// The control socket's number in the helper.
 pub(crate) const CONTROL_FD: i32 = 3;
+/// The instance's v1 `tasks` files (memory, pids, cpu) in the helper, and
+/// its cgroup2 directory (see `Cgroups::entry`).
+pub(crate) const CGROUP_TASKS_FDS: [i32; 3] = [4, 5, 6];
+pub(crate) const CGROUP_DIR_FD: i32 = 7;
 
 /// The largest configuration the helper reads.
 const MAX_CONFIG: usize = 16 << 20;
@@ -42,23 +46,29 @@ pub fn init_main() -> ! {
     // SAFETY: fd 3 was placed there by `Sandbox::spawn` (dup2 in pre_exec) and
     // nothing else in this fresh process owns it.
     let mut control = unsafe { UnixStream::from_raw_fd(CONTROL_FD) };
+    // Into the instance's v1 groups, by this (only) thread itself: the
+    // kernel's path without the global lock. An error is reported once the
+    // control socket is ready below.
+    let entered = enter_v1_groups();
     // Nothing skiff itself inherited (a CI runner's pipes, a socket from
     // whoever started skiff) may reach a build or a service: close every
-    // descriptor above the control socket.
+    // descriptor above the cgroup2 directory's.
     // SAFETY: close_range on descriptors this fresh process does not use.
     unsafe {
         libc::syscall(
             libc::SYS_close_range,
-            (CONTROL_FD + 1) as libc::c_uint,
+            (CGROUP_DIR_FD + 1) as libc::c_uint,
             libc::c_uint::MAX,
             0 as libc::c_uint,
         )
     };
+    // SAFETY: fcntl on a descriptor this process owns (or a harmless EBADF).
+    unsafe { libc::fcntl(CGROUP_DIR_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
     // The start command must not inherit the control socket: once it has been
     // executed, the platform sees the socket close.
     // SAFETY: fcntl on a descriptor this process owns.
     unsafe { libc::fcntl(CONTROL_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
-    let code = match helper(&mut control) {
+    let code = match entered.and_then(|()| helper(&mut control)) {
         Ok(code) => code,
         Err(e) => {
             let _ = writeln!(control, "err {}", e.replace('\n', " "));
@@ -95,11 +105,12 @@ fn helper(control: &mut UnixStream) -> Res<i32> {
         Some(uid) => Some(RootAs::new(uid)?),
         None => None,
     };
+    // The cgroup namespace is pid 1's own, made once it is in its groups
+    // (see `pid1_into_cgroup`).
     let flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWPID
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWUTS
-        | CloneFlags::CLONE_NEWCGROUP
         | CloneFlags::CLONE_NEWNET;
     ctx(unshare(flags), || "creating namespaces".into())?;
     // Before the platform hears `ns` and connects slirp4netns: no packet
@@ -109,11 +120,11 @@ fn helper(control: &mut UnixStream) -> Res<i32> {
     }
     ctx(control.write_all(b"ns\n"), || "control socket".into())?;
 
-    // SAFETY: this process is single-threaded (a fresh exec of the skiff
-    // binary that has started no threads), so fork cannot inherit a lock.
-    match ctx(unsafe { fork() }, || "forking the instance's pid 1".into())? {
+    match ctx(pid1_into_cgroup(), || "forking the instance's pid 1".into())? {
         ForkResult::Child => {
-            let code = match pid1(&plan, root_as.as_ref(), control) {
+            let code = match own_cgroup_namespace()
+                .and_then(|()| pid1(&plan, root_as.as_ref(), control))
+            {
                 Ok(code) => code,
                 Err(e) => {
                     let _ = writeln!(control, "err {}", e.replace('\n', " "));
@@ -124,9 +135,113 @@ fn helper(control: &mut UnixStream) -> Res<i32> {
         }
         ForkResult::Parent { child } => {
             close_control();
+            // SAFETY: closing a descriptor this process owns.
+            unsafe { libc::close(CGROUP_DIR_FD) };
             Ok(wait_for(child))
         }
     }
+}
+
+/// Moves this process (its one thread) into the instance's v1 groups, by
+/// writing `0` to each group's `tasks`, then closes those descriptors.
+fn enter_v1_groups() -> Res<()> {
+    for fd in CGROUP_TASKS_FDS {
+        // SAFETY: a write of a borrowed buffer to a descriptor the platform
+        // placed here for this.
+        let written = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+        let e = std::io::Error::last_os_error();
+        // SAFETY: closing a descriptor this process owns.
+        unsafe { libc::close(fd) };
+        if written != 1 {
+            return Err(format!("entering the instance's cgroups: {e}"));
+        }
+    }
+    Ok(())
+}
+
+/// Forks pid 1 straight into the instance's cgroup2 group (`clone3` with
+/// `CLONE_INTO_CGROUP`: no move afterwards, so no global lock). A kernel
+/// without it gets a fork and a move by pid 1 itself.
+fn pid1_into_cgroup() -> nix::Result<ForkResult> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+    let mut args = CloneArgs {
+        flags: CLONE_INTO_CGROUP,
+        exit_signal: libc::SIGCHLD as u64,
+        cgroup: CGROUP_DIR_FD as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 without CLONE_VM is a fork: this process is
+    // single-threaded (a fresh exec of the skiff binary that has started no
+    // threads), so the child cannot inherit a lock; `args` outlives the call.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    match pid {
+        0 => {
+            // SAFETY: closing a descriptor this process owns.
+            unsafe { libc::close(CGROUP_DIR_FD) };
+            Ok(ForkResult::Child)
+        }
+        -1 => match nix::errno::Errno::last() {
+            nix::errno::Errno::ENOSYS | nix::errno::Errno::E2BIG | nix::errno::Errno::EINVAL => {
+                // SAFETY: as above; single-threaded.
+                match unsafe { fork() }? {
+                    ForkResult::Child => {
+                        let entered = enter_by_move();
+                        // SAFETY: closing a descriptor this process owns.
+                        unsafe { libc::close(CGROUP_DIR_FD) };
+                        entered?;
+                        Ok(ForkResult::Child)
+                    }
+                    parent => Ok(parent),
+                }
+            }
+            e => Err(e),
+        },
+        pid => Ok(ForkResult::Parent {
+            child: Pid::from_raw(pid as i32),
+        }),
+    }
+}
+
+/// The fallback: this process moves itself into the cgroup2 group.
+fn enter_by_move() -> nix::Result<()> {
+    let procs = nix::fcntl::openat(
+        // SAFETY: the directory descriptor the platform placed here.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(CGROUP_DIR_FD) },
+        "cgroup.procs",
+        nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    nix::unistd::write(&procs, b"0")?;
+    Ok(())
+}
+
+/// Pid 1's own cgroup namespace, made in its groups: inside, they are
+/// the root, and no path of the host's hierarchy shows.
+fn own_cgroup_namespace() -> Res<()> {
+    ctx(unshare(CloneFlags::CLONE_NEWCGROUP), || {
+        "creating the cgroup namespace".into()
+    })
 }
 
 /// Closes this process's copy of the control socket without shutting the

@@ -14,7 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
 use crate::cgroup::{CgroupError, CgroupLimits, Cgroups};
-use crate::init::CONTROL_FD;
+use crate::init::{CGROUP_DIR_FD, CGROUP_TASKS_FDS, CONTROL_FD};
 use crate::netns::NetNs;
 use crate::{outbound, Network, SandboxConfig, INIT_ARG};
 
@@ -104,6 +104,21 @@ impl Sandbox {
     pub async fn prepare(&self, id: &str, limits: CgroupLimits) -> Result<Prepared, SandboxError> {
         let prepared_at = Instant::now();
         let cgroups = Cgroups::create(&self.cgroup_root, id, limits)?;
+        // The helper enters the groups itself (see `Cgroups::entry`).
+        let entry = match cgroups.entry() {
+            Ok(entry) => entry,
+            Err(e) => {
+                let _ = cgroups.remove(Duration::ZERO);
+                return Err(e.into());
+            }
+        };
+        let entry_fds: Vec<(i32, i32)> = entry
+            .tasks
+            .iter()
+            .zip(CGROUP_TASKS_FDS)
+            .chain([(&entry.unified, CGROUP_DIR_FD)])
+            .map(|(fd, at)| (fd.as_raw_fd(), at))
+            .collect();
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         let theirs_fd = theirs.as_raw_fd();
 
@@ -136,11 +151,18 @@ impl Sandbox {
                 } else if libc::dup2(theirs_fd, CONTROL_FD) < 0 {
                     return Err(io::Error::last_os_error());
                 }
+                // The cgroup descriptors are at 64 or above: no clash.
+                for &(fd, at) in &entry_fds {
+                    if libc::dup2(fd, at) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
         let spawned = cmd.spawn();
         drop(theirs);
+        drop(entry);
         let mut child = match spawned {
             Ok(c) => c,
             Err(source) => {
@@ -152,7 +174,7 @@ impl Sandbox {
             }
         };
         let pid = child.id().unwrap_or(0);
-        let mut instance = Instance {
+        let instance = Instance {
             id: id.to_string(),
             pid,
             stdout: child.stdout.take(),
@@ -167,16 +189,9 @@ impl Sandbox {
                 started: Duration::ZERO,
             },
         };
-        // The helper waits for its configuration, so nothing it starts can
-        // escape the cgroups.
-        let added = match &instance.cgroups {
-            Some(cg) => cg.add(pid),
-            None => Ok(()),
-        };
-        if let Err(e) = added {
-            let _ = instance.stop(Duration::ZERO).await;
-            return Err(e.into());
-        }
+        // The helper enters the v1 groups before it reads its
+        // configuration, and pid 1 starts in the cgroup2 group: nothing it
+        // starts can escape them.
         tracing::debug!(instance = id, took = ?prepared_at.elapsed(), "sandbox prepared");
         Ok(Prepared {
             instance,

@@ -212,8 +212,8 @@ fn an_instance_and_a_build_see_no_host_path_in_their_mounts_or_pid_1() {
     let manifest = r#"
 name = "NAME"
 mode = "persistent"
-build = "cat /proc/self/mountinfo > /app/build-mounts && tr '\\0' ' ' < /proc/1/cmdline > /app/build-cmdline"
-start = "cat /proc/self/mountinfo > /tmp/mounts && tr '\\0' ' ' < /proc/1/cmdline > /tmp/cmdline && cp /app/build-* /tmp/ && exec python3 -m http.server $PORT --directory /tmp"
+build = "cat /proc/self/mountinfo > /app/build-mounts && tr '\\0' ' ' < /proc/1/cmdline > /app/build-cmdline && cat /proc/self/cgroup > /app/build-cgroup"
+start = "cat /proc/self/mountinfo > /tmp/mounts && tr '\\0' ' ' < /proc/1/cmdline > /tmp/cmdline && cat /proc/self/cgroup > /tmp/cgroup && cp /app/build-* /tmp/ && exec python3 -m http.server $PORT --directory /tmp"
 "#
     .replace("NAME", &name);
     let app = App::new(&manifest, &[]);
@@ -221,7 +221,25 @@ start = "cat /proc/self/mountinfo > /tmp/mounts && tr '\\0' ' ' < /proc/1/cmdlin
     assert_eq!(up.wait_urls(1, FIRST_START).len(), 1, "{}", up.stderr());
     let state = up.state_dir().display().to_string();
     let binary = std::fs::canonicalize(SKIFF).unwrap().display().to_string();
-    for file in ["mounts", "cmdline", "build-mounts", "build-cmdline"] {
+    // Each sees itself at the root of every cgroup hierarchy (its own
+    // cgroup namespace, made once it was in its groups).
+    for file in ["cgroup", "build-cgroup"] {
+        let r = up.get(&host(&name), &format!("/{file}"));
+        assert_eq!(r.status, 200, "{file}: {r:?}");
+        assert!(
+            r.body.lines().count() > 1 && r.body.lines().all(|l| l.ends_with(":/")),
+            "{file} shows a path outside its cgroups:\n{}",
+            r.body
+        );
+    }
+    for file in [
+        "mounts",
+        "cmdline",
+        "build-mounts",
+        "build-cmdline",
+        "cgroup",
+        "build-cgroup",
+    ] {
         let r = up.get(&host(&name), &format!("/{file}"));
         assert_eq!(r.status, 200, "{file}: {r:?}");
         assert!(!r.body.trim().is_empty(), "{file} is empty");

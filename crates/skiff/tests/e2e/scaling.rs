@@ -43,14 +43,21 @@ fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 /// Processes in the service's instances beyond a waiting sandbox helper.
+/// The service's own processes: those in its cgroups that are not skiff's
+/// (a spare's pid 1 and held command are `skiff` until the exec).
 fn running_processes(name: &str) -> usize {
     cgroups_named(name)
         .iter()
         .filter(|p| p.starts_with("/sys/fs/cgroup/unified"))
         .map(|p| {
             std::fs::read_to_string(p.join("cgroup.procs"))
-                .map(|s| s.lines().count().saturating_sub(1))
-                .unwrap_or(0)
+                .unwrap_or_default()
+                .lines()
+                .filter(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|c| c.trim() != "skiff")
+                })
+                .count()
         })
         .sum()
 }
@@ -121,7 +128,7 @@ fn scales_to_zero_and_back_with_a_fresh_tmp() {
         "the idle instance was not stopped: {}",
         up.stderr()
     );
-    // Only a prepared sandbox waits (its helper, no service process).
+    // Only a spare waits (skiff's own processes, none of the service).
     assert!(
         eventually(Duration::from_secs(5), || running_processes(&name) == 0),
         "instance processes left: {}",
