@@ -140,9 +140,10 @@ pub(crate) struct ServiceRuntime {
 enum Spare {
     #[default]
     None,
-    /// Being prepared: the sender says true when it is `Ready` (or is
-    /// dropped when the preparation failed).
-    Preparing(watch::Receiver<bool>),
+    /// Being prepared since then: the sender says true once the slot
+    /// holds the outcome (or is dropped when the preparation ended
+    /// otherwise).
+    Preparing(watch::Receiver<bool>, Instant),
     Ready(Box<Ahead>),
 }
 
@@ -165,8 +166,9 @@ impl Ahead {
     }
 }
 
-/// How long a start waits for a spare being prepared before it prepares
-/// its own: a preparation takes milliseconds, more only on a loaded host.
+/// How long after a spare's preparation began a start still waits for it
+/// rather than prepare its own: a preparation takes milliseconds, more
+/// only on a loaded host; one stuck longer holds no start up.
 const SPARE_WAIT: Duration = Duration::from_secs(1);
 
 /// `SKIFF_NO_SPARE=1`: no sandbox is prepared ahead (the benchmarks
@@ -546,18 +548,19 @@ impl ServiceRuntime {
             let fresh_id = shared.instance_id(&self.name);
             let fresh = || instance::start(&ctx, &self.spec, &fresh_id);
             match self.take_spare().await {
-                Some(Ahead::Held(held)) => {
-                    match instance::start_held(&ctx, &self.spec, held).await {
-                        // Held a while, it may have been killed meanwhile:
-                        // the start is not lost for that.
-                        Err(StartError::Sandbox(e)) => {
-                            warn!(
-                                "{}: a sandbox made ahead failed ({e}); starting afresh",
-                                self.name
-                            );
-                            fresh().await
-                        }
-                        started => started,
+                Some(Ahead::Held(mut held)) => {
+                    // Held a while, it may have been killed meanwhile (the
+                    // host's OOM killer, an operator): the start is not
+                    // lost for that.
+                    if held.is_alive() {
+                        instance::start_held(&ctx, &self.spec, held).await
+                    } else {
+                        warn!(
+                            "{}: a sandbox made ahead was gone; starting afresh",
+                            self.name
+                        );
+                        held.discard().await;
+                        fresh().await
                     }
                 }
                 Some(Ahead::Prepared(prepared)) => {
@@ -731,23 +734,35 @@ impl ServiceRuntime {
     /// it (a second preparation would only pay the same cost again).
     async fn take_spare(&self) -> Option<Ahead> {
         loop {
-            let mut ready = {
+            let (mut ready, since) = {
                 let mut spare = lock(&self.spare);
                 match std::mem::take(&mut *spare) {
                     Spare::None => return None,
                     Spare::Ready(ahead) => return Some(*ahead),
-                    Spare::Preparing(ready) => {
-                        *spare = Spare::Preparing(ready.clone());
-                        ready
+                    Spare::Preparing(ready, since) => {
+                        *spare = Spare::Preparing(ready.clone(), since);
+                        (ready, since)
                     }
                 }
             };
-            // Ready (or failed: the slot says which), or too slow.
-            let waited = tokio::time::timeout(SPARE_WAIT, ready.wait_for(|r| *r))
+            let left = (since + SPARE_WAIT).saturating_duration_since(Instant::now());
+            let waited = tokio::time::timeout(left, ready.wait_for(|r| *r))
                 .await
-                .is_ok();
-            if !waited {
-                return None;
+                .map(|outcome| outcome.is_ok());
+            match waited {
+                // The slot holds the outcome now.
+                Ok(true) => continue,
+                // The preparation ended without saying (it cannot, short of
+                // a panic): the slot is cleared so that spares go on.
+                Ok(false) => {
+                    let mut spare = lock(&self.spare);
+                    if matches!(&*spare, Spare::Preparing(r, _) if r.same_channel(&ready)) {
+                        *spare = Spare::None;
+                    }
+                    return None;
+                }
+                // Too slow: this start makes its own.
+                Err(_) => return None,
             }
         }
     }
@@ -759,13 +774,15 @@ impl ServiceRuntime {
             return;
         }
         let (done, ready) = watch::channel(false);
-        {
-            let mut spare = lock(&self.spare);
-            if !matches!(*spare, Spare::None) || *self.shutdown.borrow() {
-                return;
-            }
-            *spare = Spare::Preparing(ready);
+        // The slot's lock is held until the task is listed: shutdown, which
+        // sets its flag and then takes this lock, either sees no
+        // preparation, or finds its task and waits for it (it must not
+        // outlive the version: its layers are unpinned after).
+        let mut spare = lock(&self.spare);
+        if !matches!(*spare, Spare::None) || *self.shutdown.borrow() {
+            return;
         }
+        *spare = Spare::Preparing(ready, Instant::now());
         let this = self.clone();
         // On the platform's runtime: the decision may be taken on a gateway
         // thread.
@@ -821,6 +838,8 @@ impl ServiceRuntime {
         let mut tasks = lock(&self.tasks);
         tasks.retain(|t| !t.is_finished());
         tasks.push(task);
+        drop(tasks);
+        drop(spare);
     }
 
     /// Freezes and stops idle instances, times out waiters, restarts.

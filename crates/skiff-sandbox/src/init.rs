@@ -23,10 +23,15 @@ use crate::{outbound, Network, SandboxConfig};
 
 /// The control socket's number in the helper.
 pub(crate) const CONTROL_FD: i32 = 3;
-/// The instance's v1 `tasks` files (memory, pids, cpu) in the helper, and
-/// its cgroup2 directory (see `Cgroups::entry`).
-pub(crate) const CGROUP_TASKS_FDS: [i32; 3] = [4, 5, 6];
-pub(crate) const CGROUP_DIR_FD: i32 = 7;
+/// Where the platform says which descriptors the helper inherited for its
+/// cgroups (see `Cgroups::entry`): the v1 `tasks` files (memory, pids,
+/// cpu), then the cgroup2 directory, as numbers (`64,65,66,67`). Fixed
+/// numbers would be placed with dup2 after fork, where they could land on
+/// the pipe the standard library reports a failed exec through.
+pub(crate) const CGROUP_FDS_ENV: &str = "SKIFF_CGROUP_FDS";
+/// The cgroup2 directory's descriptor once the helper has entered the v1
+/// groups.
+const CGROUP_DIR_FD: i32 = 4;
 
 /// The largest configuration the helper reads.
 const MAX_CONFIG: usize = 16 << 20;
@@ -48,7 +53,7 @@ pub fn init_main() -> ! {
     let mut control = unsafe { UnixStream::from_raw_fd(CONTROL_FD) };
     // Into the instance's v1 groups, by this (only) thread itself: the
     // kernel's path without the global lock. An error is reported once the
-    // control socket is ready below.
+    // configuration has been read (the platform is writing it).
     let entered = enter_v1_groups();
     // Nothing skiff itself inherited (a CI runner's pipes, a socket from
     // whoever started skiff) may reach a build or a service: close every
@@ -68,7 +73,7 @@ pub fn init_main() -> ! {
     // executed, the platform sees the socket close.
     // SAFETY: fcntl on a descriptor this process owns.
     unsafe { libc::fcntl(CONTROL_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
-    let code = match entered.and_then(|()| helper(&mut control)) {
+    let code = match helper(&mut control, entered) {
         Ok(code) => code,
         Err(e) => {
             let _ = writeln!(control, "err {}", e.replace('\n', " "));
@@ -78,7 +83,7 @@ pub fn init_main() -> ! {
     std::process::exit(code)
 }
 
-fn helper(control: &mut UnixStream) -> Res<i32> {
+fn helper(control: &mut UnixStream, entered: Res<()>) -> Res<i32> {
     // The configuration's length (4 bytes, little-endian), then its JSON:
     // the platform's side stays open for a held sandbox's go.
     let reading = || "reading the sandbox configuration".to_string();
@@ -92,6 +97,7 @@ fn helper(control: &mut UnixStream) -> Res<i32> {
     }
     let mut buf = vec![0u8; len];
     ctx(control.read_exact(&mut buf), reading)?;
+    entered?;
     let config: SandboxConfig = ctx(serde_json::from_slice(&buf), || {
         "parsing the sandbox configuration".into()
     })?;
@@ -143,20 +149,46 @@ fn helper(control: &mut UnixStream) -> Res<i32> {
 }
 
 /// Moves this process (its one thread) into the instance's v1 groups, by
-/// writing `0` to each group's `tasks`, then closes those descriptors.
+/// writing `0` to each group's `tasks`, and closes those descriptors; puts
+/// the cgroup2 directory's at `CGROUP_DIR_FD`.
 fn enter_v1_groups() -> Res<()> {
-    for fd in CGROUP_TASKS_FDS {
+    let fds: Vec<i32> = std::env::var(CGROUP_FDS_ENV)
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|n| n.parse().ok())
+        .filter(|fd| *fd > CGROUP_DIR_FD)
+        .collect();
+    // SAFETY: this process is single-threaded: nothing reads the
+    // environment meanwhile. Pid 1 and the command need not see it.
+    unsafe { std::env::remove_var(CGROUP_FDS_ENV) };
+    let [tasks @ .., dir] = fds.as_slice() else {
+        return Err("the platform passed no cgroup descriptors".into());
+    };
+    if tasks.len() != 3 {
+        return Err("the platform passed no cgroup descriptors".into());
+    }
+    let mut failed = None;
+    for &fd in tasks {
         // SAFETY: a write of a borrowed buffer to a descriptor the platform
-        // placed here for this.
+        // passed for this.
         let written = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
-        let e = std::io::Error::last_os_error();
+        if written != 1 && failed.is_none() {
+            failed = Some(std::io::Error::last_os_error());
+        }
         // SAFETY: closing a descriptor this process owns.
         unsafe { libc::close(fd) };
-        if written != 1 {
-            return Err(format!("entering the instance's cgroups: {e}"));
-        }
     }
-    Ok(())
+    // SAFETY: dup3 and close on descriptors this process owns; whatever was
+    // inherited at CGROUP_DIR_FD is replaced.
+    let moved = unsafe { libc::dup3(*dir, CGROUP_DIR_FD, libc::O_CLOEXEC) };
+    let e = std::io::Error::last_os_error();
+    // SAFETY: as above.
+    unsafe { libc::close(*dir) };
+    match failed {
+        Some(e) => Err(format!("entering the instance's cgroups: {e}")),
+        None if moved < 0 => Err(format!("the instance's cgroup2 directory: {e}")),
+        None => Ok(()),
+    }
 }
 
 /// Forks pid 1 straight into the instance's cgroup2 group (`clone3` with

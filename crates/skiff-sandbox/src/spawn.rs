@@ -14,7 +14,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 
 use crate::cgroup::{CgroupError, CgroupLimits, Cgroups};
-use crate::init::{CGROUP_DIR_FD, CGROUP_TASKS_FDS, CONTROL_FD};
+use crate::init::{CGROUP_FDS_ENV, CONTROL_FD};
 use crate::netns::NetNs;
 use crate::{outbound, Network, SandboxConfig, INIT_ARG};
 
@@ -112,13 +112,17 @@ impl Sandbox {
                 return Err(e.into());
             }
         };
-        let entry_fds: Vec<(i32, i32)> = entry
+        let entry_fds: Vec<i32> = entry
             .tasks
             .iter()
-            .zip(CGROUP_TASKS_FDS)
-            .chain([(&entry.unified, CGROUP_DIR_FD)])
-            .map(|(fd, at)| (fd.as_raw_fd(), at))
+            .chain([&entry.unified])
+            .map(|fd| fd.as_raw_fd())
             .collect();
+        let entry_list = entry_fds
+            .iter()
+            .map(|fd| fd.to_string())
+            .collect::<Vec<_>>()
+            .join(",");
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         let theirs_fd = theirs.as_raw_fd();
 
@@ -127,6 +131,7 @@ impl Sandbox {
         // /proc/1/cmdline shows no host path.
         cmd.arg0("skiff")
             .arg(INIT_ARG)
+            .env(CGROUP_FDS_ENV, entry_list)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -151,9 +156,10 @@ impl Sandbox {
                 } else if libc::dup2(theirs_fd, CONTROL_FD) < 0 {
                     return Err(io::Error::last_os_error());
                 }
-                // The cgroup descriptors are at 64 or above: no clash.
-                for &(fd, at) in &entry_fds {
-                    if libc::dup2(fd, at) < 0 {
+                // The cgroup descriptors stay where they are (64 or above);
+                // the helper learns their numbers from its environment.
+                for &fd in &entry_fds {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                         return Err(io::Error::last_os_error());
                     }
                 }
@@ -227,8 +233,11 @@ impl Prepared {
             hold: false,
             ..config.clone()
         };
-        let mut control = Control::send(control, &config).await?;
-        let outcome = bounded(instance.follow(&mut control, &config, Until::Exec)).await;
+        let outcome = bounded(async {
+            let mut control = Control::send(control, &config).await?;
+            instance.follow(&mut control, &config, Until::Exec).await
+        })
+        .await;
         finish(instance, outcome).await
     }
 
@@ -243,14 +252,23 @@ impl Prepared {
             hold: true,
             ..config.clone()
         };
-        let mut control = Control::send(control, &config).await?;
-        let outcome = bounded(instance.follow(&mut control, &config, Until::Held)).await;
-        let instance = finish(instance, outcome).await?;
-        Ok(Held {
-            instance,
-            control,
-            config,
+        let outcome = bounded(async {
+            let mut control = Control::send(control, &config).await?;
+            instance.follow(&mut control, &config, Until::Held).await?;
+            Ok(control)
         })
+        .await;
+        match outcome {
+            Ok(control) => Ok(Held {
+                instance: finish(instance, Ok(())).await?,
+                control,
+                config,
+            }),
+            Err(e) => {
+                let _ = instance.stop(Duration::ZERO).await;
+                Err(e)
+            }
+        }
     }
 
     /// Kills the waiting helper and removes its cgroups.
@@ -312,6 +330,12 @@ impl Held {
         finish(instance, outcome).await
     }
 
+    /// Whether its helper still runs (a held sandbox can be killed while
+    /// it waits: the host's OOM killer, an operator).
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.instance.child.try_wait(), Ok(None))
+    }
+
     /// Kills the held sandbox and removes its cgroups.
     pub async fn discard(mut self) {
         let _ = self.instance.stop(Duration::ZERO).await;
@@ -366,9 +390,9 @@ enum Until {
 
 /// A helper that neither finishes nor fails (a hung mount, a kernel stuck
 /// in D state) must not hang the deploy forever.
-async fn bounded(
-    follow: impl std::future::Future<Output = Result<(), SandboxError>>,
-) -> Result<(), SandboxError> {
+async fn bounded<T>(
+    follow: impl std::future::Future<Output = Result<T, SandboxError>>,
+) -> Result<T, SandboxError> {
     tokio::time::timeout(HANDSHAKE_TIMEOUT, follow)
         .await
         .unwrap_or_else(|_| {

@@ -144,6 +144,53 @@ fn scales_to_zero_and_back_with_a_fresh_tmp() {
     );
 }
 
+/// The spare of a service at zero is built ahead and waits; killed while
+/// it waits (the host's OOM killer, an operator), the next start does not
+/// fail for it: it starts afresh.
+#[test]
+fn a_spare_killed_while_it_waits_gives_way_to_a_fresh_start() {
+    let name = unique("spare");
+    let app = app(&name, "idle_stop = \"1s\"");
+    let mut up = up_one(&app);
+    ok_body(&up, &name, "/");
+    assert!(
+        up.wait_output(
+            &format!("{name}: stopped idle instance"),
+            Duration::from_secs(15)
+        ),
+        "the idle instance was not stopped: {}",
+        up.stderr()
+    );
+    // The spare: a group of the service's with skiff's own processes only.
+    let spare = || {
+        cgroups_named(&name).into_iter().find(|p| {
+            p.starts_with("/sys/fs/cgroup/unified")
+                && std::fs::read_to_string(p.join("cgroup.procs"))
+                    .is_ok_and(|procs| procs.lines().count() > 0)
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || running_processes(&name) == 0
+            && spare().is_some()),
+        "no spare waits: {}",
+        up.stderr()
+    );
+    let group = spare().unwrap();
+    std::fs::write(group.join("cgroup.kill"), "1").unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            std::fs::read_to_string(group.join("cgroup.procs")).map_or(true, |p| p.is_empty())
+        }),
+        "the spare's processes outlived cgroup.kill"
+    );
+    assert!(!ok_body(&up, &name, "/").is_empty());
+    assert!(
+        up.wait_output("was gone; starting afresh", Duration::from_secs(5)),
+        "{}",
+        up.stderr()
+    );
+}
+
 #[test]
 fn scales_out_when_instances_are_busy() {
     let name = unique("out");
