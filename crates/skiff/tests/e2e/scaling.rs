@@ -30,6 +30,18 @@ fn ticks(up: &Up, name: &str) -> u64 {
     ok_body(up, name, "/ticks").parse().expect("ticks")
 }
 
+/// Waits until skiff says it stopped `name`'s idle instance.
+fn wait_stopped_idle(up: &mut Up, name: &str) {
+    assert!(
+        up.wait_output(
+            &format!("{name}: stopped idle instance"),
+            Duration::from_secs(15)
+        ),
+        "the idle instance was not stopped: {}",
+        up.stderr()
+    );
+}
+
 /// Polls `cond` every 50 ms until it holds or `timeout` passes.
 fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
@@ -120,14 +132,7 @@ fn scales_to_zero_and_back_with_a_fresh_tmp() {
     let mut up = up_one(&app);
     let first = ok_body(&up, &name, "/tmp-write");
     assert_eq!(ok_body(&up, &name, "/tmp-read"), first);
-    assert!(
-        up.wait_output(
-            &format!("{name}: stopped idle instance"),
-            Duration::from_secs(15)
-        ),
-        "the idle instance was not stopped: {}",
-        up.stderr()
-    );
+    wait_stopped_idle(&mut up, &name);
     // Only a spare waits (skiff's own processes, none of the service).
     assert!(
         eventually(Duration::from_secs(5), || running_processes(&name) == 0),
@@ -153,14 +158,7 @@ fn a_spare_killed_while_it_waits_gives_way_to_a_fresh_start() {
     let app = app(&name, "idle_stop = \"1s\"");
     let mut up = up_one(&app);
     ok_body(&up, &name, "/");
-    assert!(
-        up.wait_output(
-            &format!("{name}: stopped idle instance"),
-            Duration::from_secs(15)
-        ),
-        "the idle instance was not stopped: {}",
-        up.stderr()
-    );
+    wait_stopped_idle(&mut up, &name);
     // The spare: a group of the service's with skiff's own processes only.
     let spare = || {
         cgroups_named(&name).into_iter().find(|p| {
