@@ -174,6 +174,26 @@ fn a_spare_killed_while_it_waits_gives_way_to_a_fresh_start() {
         up.stderr()
     );
     let group = spare().unwrap();
+    // Built and waiting: its command's process has taken the run user (the
+    // last steps before the wait take microseconds).
+    let held = || {
+        std::fs::read_to_string(group.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .any(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|st| {
+                    st.lines().any(|l| {
+                        l.starts_with("Uid:")
+                            && l.split_whitespace().nth(1).is_some_and(|u| u != "0")
+                    })
+                })
+            })
+    };
+    assert!(
+        eventually(Duration::from_secs(5), held),
+        "the spare was never built whole"
+    );
+    std::thread::sleep(Duration::from_millis(100));
     std::fs::write(group.join("cgroup.kill"), "1").unwrap();
     assert!(
         eventually(Duration::from_secs(5), || {
