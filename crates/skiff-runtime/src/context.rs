@@ -36,6 +36,10 @@ pub(crate) struct Context {
     /// The platform's runtime: instance tasks are spawned here, also when
     /// the decision to start one is taken on a gateway thread.
     pub(crate) runtime: tokio::runtime::Handle,
+    /// Spares built at once, at most one per core: hundreds of services
+    /// going idle together (after a restart, their idle stops line up)
+    /// must not take the CPU from the starts that serve requests.
+    pub(crate) spare_builds: tokio::sync::Semaphore,
 }
 
 impl Context {
@@ -57,6 +61,9 @@ impl Context {
             gateway_addr,
             domain,
             runtime: tokio::runtime::Handle::current(),
+            spare_builds: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            ),
         }
     }
 

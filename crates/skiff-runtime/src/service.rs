@@ -801,6 +801,9 @@ impl ServiceRuntime {
                 events: this.shared.events.clone(),
             };
             let config = instance::sandbox_config(&ctx, &this.spec);
+            // The semaphore is never closed; without a permit the build goes
+            // ahead all the same.
+            let _permit = this.shared.spare_builds.acquire().await.ok();
             let prepared = async {
                 let prepared = this.shared.sandbox.prepare(&id, limits).await?;
                 if this.writable.is_some() {
