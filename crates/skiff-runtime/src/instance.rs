@@ -601,7 +601,10 @@ fn watch_listen(
     // CPU anyway: past a few watches, the probes alone poll at their fast
     // pace, and no thread is made per start.
     static WATCHING: AtomicUsize = AtomicUsize::new(0);
-    let most = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+    // Asked once: the standard library reads the cgroup's CPU quota for it.
+    static MOST: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let most =
+        *MOST.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get()) * 2);
     if WATCHING.fetch_add(1, Ordering::SeqCst) >= most {
         WATCHING.fetch_sub(1, Ordering::SeqCst);
         return None;

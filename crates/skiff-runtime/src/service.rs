@@ -545,8 +545,11 @@ impl ServiceRuntime {
         let starting = async {
             // A prepared sandbox, when one waits (or is being prepared),
             // makes this a warm start.
-            let fresh_id = shared.instance_id(&self.name);
-            let fresh = || instance::start(&ctx, &self.spec, &fresh_id);
+            // An id of its own only for a start that makes its sandbox.
+            let fresh = || async {
+                let id = shared.instance_id(&self.name);
+                instance::start(&ctx, &self.spec, &id).await
+            };
             match self.take_spare().await {
                 Some(Ahead::Held(mut held)) => {
                     // Held a while, it may have been killed meanwhile (the

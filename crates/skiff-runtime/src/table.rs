@@ -116,6 +116,15 @@ impl Table {
     }
 }
 
+impl Table {
+    /// `f` of the version `service` serves, under the read lock.
+    fn with_serving<T>(&self, service: &str, f: impl FnOnce(&ServiceRuntime) -> T) -> Option<T> {
+        let services = self.read();
+        let (_, rt) = services.get(service)?.serving.as_ref()?;
+        Some(f(rt))
+    }
+}
+
 impl Router for Table {
     fn route(&self, service: &str) -> Route {
         let services = self.read();
@@ -154,13 +163,7 @@ impl Router for Table {
     }
 
     fn allows_streaming(&self, service: &str) -> Option<bool> {
-        match self.read().get(service) {
-            Some(Entry {
-                serving: Some((_, rt)),
-                ..
-            }) => Some(rt.persistent()),
-            _ => None,
-        }
+        self.with_serving(service, ServiceRuntime::persistent)
     }
 
     fn upstream(&self, key: &str) -> Option<Upstream> {
@@ -168,13 +171,7 @@ impl Router for Table {
     }
 
     fn limits(&self, service: &str) -> Option<ExchangeLimits> {
-        match self.read().get(service) {
-            Some(Entry {
-                serving: Some((_, rt)),
-                ..
-            }) => Some(rt.exchange_limits()),
-            _ => None,
-        }
+        self.with_serving(service, ServiceRuntime::exchange_limits)
     }
 
     fn refused(&self, service: &str, kind: ErrorKind, message: &str) {

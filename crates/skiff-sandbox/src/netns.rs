@@ -76,7 +76,11 @@ impl NetNs {
             // SAFETY: `fd` was just returned by socket() and is ours alone.
             Ok(unsafe { OwnedFd::from_raw_fd(fd) })
         })?;
-        Ok(Listeners { fd, seq: 0 })
+        Ok(Listeners {
+            fd,
+            seq: 0,
+            buf: vec![0; 16 * 1024],
+        })
     }
 
     /// Connects to `127.0.0.1:port` as seen from inside the instance.
@@ -98,6 +102,8 @@ impl NetNs {
 pub struct Listeners {
     fd: OwnedFd,
     seq: u32,
+    /// Where replies are received (asked every few hundred microseconds).
+    buf: Vec<u8>,
 }
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
@@ -138,7 +144,7 @@ impl Listeners {
             return Err(io::Error::last_os_error());
         }
         let mut ports = Vec::new();
-        let mut buf = vec![0u8; 16 * 1024];
+        let buf = &mut self.buf;
         loop {
             // SAFETY: receiving into a buffer we own, of the length given.
             let n =
@@ -177,7 +183,8 @@ fn listen_request(family: u8, seq: u32) -> Vec<u8> {
 fn parse_listen_reply(mut buf: &[u8], seq: u32, ports: &mut Vec<u16>) -> io::Result<bool> {
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "short sock_diag reply");
     while buf.len() >= NLMSG_HEADER {
-        let u32_at = |at: usize| u32::from_ne_bytes(buf[at..at + 4].try_into().unwrap());
+        let u32_at =
+            |at: usize| u32::from_ne_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]]);
         let len = u32_at(0) as usize;
         let kind = u16::from_ne_bytes([buf[4], buf[5]]);
         if len < NLMSG_HEADER || len > buf.len() {
@@ -188,8 +195,10 @@ fn parse_listen_reply(mut buf: &[u8], seq: u32, ports: &mut Vec<u16>) -> io::Res
             match kind {
                 NLMSG_DONE => return Ok(true),
                 NLMSG_ERROR => {
-                    let errno = buf.get(16..20).ok_or_else(bad)?;
-                    let errno = i32::from_ne_bytes(errno.try_into().unwrap());
+                    let errno = match buf.get(16..20).ok_or_else(bad)? {
+                        &[a, b, c, d] => i32::from_ne_bytes([a, b, c, d]),
+                        _ => return Err(bad()),
+                    };
                     // Error 0 is an acknowledgement: nothing more comes.
                     if errno == 0 {
                         return Ok(true);

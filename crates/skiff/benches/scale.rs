@@ -295,6 +295,15 @@ fn wait_stopped(name: &str) {
     }
 }
 
+/// A quiet machine for the next start: every instance of `names`
+/// stopped, and a moment for the spares made after those stops.
+fn wait_quiet(names: &[String]) {
+    for name in names {
+        wait_stopped(name);
+    }
+    std::thread::sleep(Duration::from_millis(100));
+}
+
 /// A GET on a new connection; the time to its 200.
 fn timed_first_get(port: u16, host: &str, path: &str) -> Duration {
     let mut c = connect(port);
@@ -390,14 +399,7 @@ fn cold_start(work: &Path, server: &Path, base: &Path) {
     let every: Vec<String> = (0..configs.len())
         .flat_map(|c| apps.map(|app| format!("bench-cold-{app}-{c}")))
         .collect();
-    // Each start on a quiet machine: every instance stopped, and a moment
-    // for the spares being made (after those stops) to be ready.
-    let quiet = || {
-        for name in &every {
-            wait_stopped(name);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let quiet = || wait_quiet(&every);
     for round in 0..rounds {
         for (a, app) in apps.iter().enumerate() {
             // The builds' order turns each round.
@@ -449,12 +451,7 @@ fn scale_out(work: &Path, server: &Path) {
     let every: Vec<String> = (0..ups.len())
         .map(|b| format!("bench-scale-out-{b}"))
         .collect();
-    let quiet = || {
-        for name in &every {
-            wait_stopped(name);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let quiet = || wait_quiet(&every);
     for round in 0..rounds {
         for i in 0..ups.len() {
             let b = (i + round) % ups.len();
