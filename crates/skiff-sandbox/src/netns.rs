@@ -95,9 +95,8 @@ impl NetNs {
 }
 
 /// A sock_diag socket inside an instance's network namespace: whether a
-/// TCP port is in LISTEN there, asked of the kernel (a dump of the
-/// namespace's listening sockets, a few microseconds) rather than by
-/// connecting to it.
+/// TCP port is in LISTEN there, asked of the kernel (one lookup, about
+/// 3 µs) rather than by connecting to it.
 #[derive(Debug)]
 pub struct Listeners {
     fd: OwnedFd,
@@ -108,25 +107,18 @@ pub struct Listeners {
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
 const TCP_LISTEN: u32 = 10;
 const NLMSG_HEADER: usize = 16;
 
 impl Listeners {
-    /// Whether a TCP socket listens on `port` (IPv4 or IPv6, any address).
+    /// Whether a TCP socket listens where a connection to
+    /// `127.0.0.1:port` would reach it (on that address, on `0.0.0.0`, or on
+    /// `[::]` taking IPv4 too): what the health probe connects to. One
+    /// lookup in the kernel's table, not a dump of every listener (which
+    /// walks the host's whole listening hash, for each namespace alike).
     pub fn listening_on(&mut self, port: u16) -> io::Result<bool> {
-        for family in [libc::AF_INET, libc::AF_INET6] {
-            if self.dump(family as u8)?.contains(&port) {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
-
-    /// The ports of `family`'s TCP sockets in LISTEN.
-    fn dump(&mut self, family: u8) -> io::Result<Vec<u16>> {
         self.seq = self.seq.wrapping_add(1);
-        let request = listen_request(family, self.seq);
+        let request = listener_request(port, self.seq);
         // SAFETY: sending a buffer we own to the kernel (pid 0) on our socket.
         let sent = unsafe {
             let mut to: libc::sockaddr_nl = std::mem::zeroed();
@@ -143,7 +135,6 @@ impl Listeners {
         if sent < 0 {
             return Err(io::Error::last_os_error());
         }
-        let mut ports = Vec::new();
         let buf = &mut self.buf;
         loop {
             // SAFETY: receiving into a buffer we own, of the length given.
@@ -152,35 +143,44 @@ impl Listeners {
             if n < 0 {
                 return Err(io::Error::last_os_error());
             }
-            match parse_listen_reply(&buf[..n as usize], self.seq, &mut ports)? {
-                true => return Ok(ports),
-                false => continue,
+            if let Some(found) = parse_listener_reply(&buf[..n as usize], self.seq)? {
+                return Ok(found);
             }
         }
     }
 }
 
-/// An `inet_diag_req_v2` dump request for `family`'s TCP sockets in LISTEN.
-fn listen_request(family: u8, seq: u32) -> Vec<u8> {
+/// An `inet_diag_req_v2` asking for the one TCP socket a connection from
+/// nowhere to `127.0.0.1:port` would find: a listener, if any.
+fn listener_request(port: u16, seq: u32) -> Vec<u8> {
     // nlmsghdr (16 bytes), then inet_diag_req_v2: family, protocol, ext,
-    // pad, states (u32), and a zeroed inet_diag_sockid (48 bytes).
+    // pad, states (u32), and the inet_diag_sockid (48 bytes): source port,
+    // destination port (big-endian), source and destination address (16
+    // bytes each), interface, and the cookie (none: all ones).
     let len = NLMSG_HEADER + 8 + 48;
     let mut m = Vec::with_capacity(len);
     m.extend_from_slice(&(len as u32).to_ne_bytes());
     m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    let flags = (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16;
-    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
     m.extend_from_slice(&seq.to_ne_bytes());
     m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
+    m.extend_from_slice(&[libc::AF_INET as u8, libc::IPPROTO_TCP as u8, 0, 0]);
     m.extend_from_slice(&(1u32 << TCP_LISTEN).to_ne_bytes());
-    m.resize(len, 0);
+    m.extend_from_slice(&port.to_be_bytes());
+    m.extend_from_slice(&0u16.to_be_bytes());
+    let mut src = [0u8; 16];
+    src[..4].copy_from_slice(&Ipv4Addr::LOCALHOST.octets());
+    m.extend_from_slice(&src);
+    m.extend_from_slice(&[0; 16]);
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&[0xff; 8]);
     m
 }
 
-/// Reads one datagram of a dump's reply into `ports` (each socket's source
-/// port); true once the dump is done.
-fn parse_listen_reply(mut buf: &[u8], seq: u32, ports: &mut Vec<u16>) -> io::Result<bool> {
+/// Reads one datagram of the reply to a listener request: `Some(true)` when
+/// the socket was found in LISTEN, `Some(false)` when none was, `None`
+/// when the datagram held only replies to earlier requests.
+fn parse_listener_reply(mut buf: &[u8], seq: u32) -> io::Result<Option<bool>> {
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "short sock_diag reply");
     while buf.len() >= NLMSG_HEADER {
         let u32_at =
@@ -193,25 +193,21 @@ fn parse_listen_reply(mut buf: &[u8], seq: u32, ports: &mut Vec<u16>) -> io::Res
         // A reply to an earlier request (one abandoned on an error) is skipped.
         if u32_at(8) == seq {
             match kind {
-                NLMSG_DONE => return Ok(true),
                 NLMSG_ERROR => {
                     let errno = match buf.get(16..20).ok_or_else(bad)? {
                         &[a, b, c, d] => i32::from_ne_bytes([a, b, c, d]),
                         _ => return Err(bad()),
                     };
-                    // Error 0 is an acknowledgement: nothing more comes.
-                    if errno == 0 {
-                        return Ok(true);
+                    // No such socket; 0 would be a bare acknowledgement.
+                    if errno == -libc::ENOENT || errno == 0 {
+                        return Ok(Some(false));
                     }
                     return Err(io::Error::from_raw_os_error(-errno));
                 }
                 SOCK_DIAG_BY_FAMILY => {
-                    // inet_diag_msg: family, state, timer, retrans, then
-                    // the socket id, whose source port comes first (big-endian).
-                    let port = buf
-                        .get(NLMSG_HEADER + 4..NLMSG_HEADER + 6)
-                        .ok_or_else(bad)?;
-                    ports.push(u16::from_be_bytes([port[0], port[1]]));
+                    // inet_diag_msg: family, then the socket's state.
+                    let state = *buf.get(NLMSG_HEADER + 1).ok_or_else(bad)?;
+                    return Ok(Some(u32::from(state) == TCP_LISTEN));
                 }
                 _ => {}
             }
@@ -220,7 +216,7 @@ fn parse_listen_reply(mut buf: &[u8], seq: u32, ports: &mut Vec<u16>) -> io::Res
         let next = (len + 3) & !3;
         buf = buf.get(next..).unwrap_or_default();
     }
-    Ok(false)
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -240,41 +236,51 @@ mod tests {
         m
     }
 
-    fn socket(port: u16) -> Vec<u8> {
-        let mut p = vec![libc::AF_INET as u8, TCP_LISTEN as u8, 0, 0];
-        p.extend_from_slice(&port.to_be_bytes());
+    fn socket(state: u32) -> Vec<u8> {
+        let mut p = vec![libc::AF_INET as u8, state as u8, 0, 0];
+        p.extend_from_slice(&8080u16.to_be_bytes());
         p.resize(72, 0);
         p
     }
 
     #[test]
-    fn a_listen_request_asks_for_tcp_sockets_in_listen() {
-        let m = listen_request(libc::AF_INET6 as u8, 7);
+    fn a_listener_request_names_the_port_on_loopback_and_no_cookie() {
+        let m = listener_request(8080, 7);
         assert_eq!(m.len(), 72);
         assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 72);
         assert_eq!(u16::from_ne_bytes([m[4], m[5]]), SOCK_DIAG_BY_FAMILY);
+        // One socket asked for, not a dump.
+        assert_eq!(u16::from_ne_bytes([m[6], m[7]]), libc::NLM_F_REQUEST as u16);
         assert_eq!(u32::from_ne_bytes(m[8..12].try_into().unwrap()), 7);
-        assert_eq!(m[16], libc::AF_INET6 as u8);
+        assert_eq!(m[16], libc::AF_INET as u8);
         assert_eq!(m[17], libc::IPPROTO_TCP as u8);
         assert_eq!(u32::from_ne_bytes(m[20..24].try_into().unwrap()), 1 << 10);
+        // Source port, then destination port, both big-endian.
+        assert_eq!(&m[24..28], &[0x1f, 0x90, 0, 0]);
+        assert_eq!(&m[28..32], &[127, 0, 0, 1]);
+        assert!(m[32..64].iter().all(|&b| b == 0));
+        assert_eq!(&m[64..72], &[0xff; 8]);
     }
 
     #[test]
-    fn a_reply_gives_the_ports_until_done() {
-        let mut reply = message(SOCK_DIAG_BY_FAMILY, 3, &socket(8080));
-        reply.extend(message(SOCK_DIAG_BY_FAMILY, 2, &socket(9))); // an old request's
-        reply.extend(message(SOCK_DIAG_BY_FAMILY, 3, &socket(3000)));
-        let mut ports = Vec::new();
-        assert!(!parse_listen_reply(&reply, 3, &mut ports).unwrap());
-        assert_eq!(ports, vec![8080, 3000]);
-        let done = message(NLMSG_DONE, 3, &[0; 4]);
-        assert!(parse_listen_reply(&done, 3, &mut ports).unwrap());
+    fn a_reply_says_whether_a_listener_was_found() {
+        let found = message(SOCK_DIAG_BY_FAMILY, 3, &socket(TCP_LISTEN));
+        assert_eq!(parse_listener_reply(&found, 3).unwrap(), Some(true));
+        let closing = message(SOCK_DIAG_BY_FAMILY, 3, &socket(7));
+        assert_eq!(parse_listener_reply(&closing, 3).unwrap(), Some(false));
+        let none = message(NLMSG_ERROR, 3, &(-libc::ENOENT).to_ne_bytes());
+        assert_eq!(parse_listener_reply(&none, 3).unwrap(), Some(false));
+        // An earlier request's answer is passed over for this one's.
+        let mut both = message(SOCK_DIAG_BY_FAMILY, 2, &socket(TCP_LISTEN));
+        assert_eq!(parse_listener_reply(&both, 3).unwrap(), None);
+        both.extend(none);
+        assert_eq!(parse_listener_reply(&both, 3).unwrap(), Some(false));
         let error = message(NLMSG_ERROR, 3, &(-libc::EPERM).to_ne_bytes());
-        let e = parse_listen_reply(&error, 3, &mut ports).unwrap_err();
+        let e = parse_listener_reply(&error, 3).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EPERM));
-        let mut cut = message(SOCK_DIAG_BY_FAMILY, 3, &socket(1));
+        let mut cut = message(SOCK_DIAG_BY_FAMILY, 3, &socket(TCP_LISTEN));
         cut.truncate(20);
         cut[0..4].copy_from_slice(&100u32.to_ne_bytes());
-        assert!(parse_listen_reply(&cut, 3, &mut ports).is_err());
+        assert!(parse_listener_reply(&cut, 3).is_err());
     }
 }

@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -159,9 +160,31 @@ fn hand_over_changes_owners_and_never_follows_a_link() {
     );
 }
 
-/// The listen watch asks a network namespace's kernel which ports are
-/// listened on: a port is seen once a socket in that namespace listens on
-/// it, and not in the host's namespace, nor before.
+/// The listen watch asks a network namespace's kernel whether a port is
+/// listened on where the health probe connects (`127.0.0.1`): a port is
+/// seen once a socket in that namespace listens on it (IPv4, or IPv6
+/// taking IPv4 too), and not in the host's namespace, nor before, nor on
+/// an IPv6-only socket the probe could not reach.
+/// A socket listening on `[::]:port` for IPv6 only.
+fn ipv6_only_listener(port: u16) -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{
+        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
+        SockaddrIn6,
+    };
+    let fd = socket(
+        AddressFamily::Inet6,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    setsockopt(&fd, sockopt::Ipv6V6Only, &true).unwrap();
+    let addr = std::net::SocketAddrV6::new(std::net::Ipv6Addr::UNSPECIFIED, port, 0, 0);
+    bind(fd.as_raw_fd(), &SockaddrIn6::from(addr)).unwrap();
+    listen(&fd, Backlog::new(8).unwrap()).unwrap();
+    fd
+}
+
 #[test]
 fn listeners_are_seen_in_their_own_network_namespace_only() {
     as_root();
@@ -174,9 +197,11 @@ fn listeners_are_seen_in_their_own_network_namespace_only() {
         to_main.send(nix::unistd::gettid().as_raw()).unwrap();
         from_main.recv().unwrap();
         let listener = std::net::TcpListener::bind("0.0.0.0:4321").unwrap();
+        let dual = std::net::TcpListener::bind("[::]:4323").unwrap();
+        let v6only = ipv6_only_listener(4324);
         to_main.send(0).unwrap();
         from_main.recv().unwrap();
-        drop(listener);
+        drop((listener, dual, v6only));
     });
     let tid = from_thread.recv().unwrap();
     let netns = skiff_sandbox::NetNs::of_pid(tid as u32).unwrap();
@@ -189,6 +214,8 @@ fn listeners_are_seen_in_their_own_network_namespace_only() {
     from_thread.recv().unwrap();
     assert!(listeners.listening_on(4321).unwrap());
     assert!(!listeners.listening_on(4322).unwrap());
+    assert!(listeners.listening_on(4323).unwrap(), "[::] takes IPv4 too");
+    assert!(!listeners.listening_on(4324).unwrap(), "IPv6 only");
     // The host's namespace has no such listener (nor sees the instance's).
     let host = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let host_port = host.local_addr().unwrap().port();
