@@ -82,6 +82,14 @@ impl Context {
         self.state_dir.join(BUILD_RESOLV_CONF_FILE)
     }
 
+    /// Where the layers of a version's warm root are named while it is
+    /// stacked (`skiff_sandbox::WarmRoot`); empty the rest of the time.
+    pub(crate) fn warm_staging(&self, service: &str, version: i64) -> PathBuf {
+        self.state_dir
+            .join("warm")
+            .join(format!("{service}-{version}"))
+    }
+
     /// Where a persistent service keeps its writable layers.
     pub(crate) fn writable_dir(&self, service: &str) -> PathBuf {
         self.state_dir.join("writable").join(service)

@@ -304,6 +304,8 @@ pub struct StartContext<'a> {
     pub uid: u32,
     /// The account files that name that uid `app`.
     pub accounts: &'a [skiff_sandbox::Bind],
+    /// The image's layers already stacked (`skiff_sandbox::WarmRoot`).
+    pub warm_root: Option<std::sync::Arc<skiff_sandbox::WarmRoot>>,
     pub mount_point: &'a Path,
     pub log: LogSender,
     pub events: broadcast::Sender<Event>,
@@ -390,6 +392,7 @@ pub fn sandbox_config(ctx: &StartContext<'_>, spec: &ServiceSpec) -> SandboxConf
         open_files: spec.limits.open_files,
         syscall_filter: true,
         layers_owned_by: ctx.writable.as_ref().map(|_| ctx.uid),
+        warm_root: ctx.warm_root.clone(),
         hold: false,
     }
 }

@@ -15,7 +15,7 @@ use skiff_gateway::{
 };
 use skiff_model::{format_duration, ServiceSpec};
 use skiff_sandbox::beneath::Tree;
-use skiff_sandbox::{disk, Freezer, Held, NetNs, Prepared, WritableLayer};
+use skiff_sandbox::{disk, Freezer, Held, NetNs, Prepared, WarmRoot, WritableLayer};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::warn;
@@ -133,6 +133,9 @@ pub(crate) struct ServiceRuntime {
     accounts: Vec<skiff_sandbox::Bind>,
     /// A sandbox prepared for the next start (see `Sandbox::prepare`).
     spare: Mutex<Spare>,
+    /// The image's layers stacked once for all its instances, when they
+    /// are several and the root is read-only (`skiff_sandbox::WarmRoot`).
+    warm_root: Option<Arc<WarmRoot>>,
 }
 
 /// The next start's sandbox, prepared ahead (`Sandbox::prepare`).
@@ -210,6 +213,20 @@ impl ServiceRuntime {
         } else {
             None
         };
+        let warm_root = if persistent || layers.len() < 2 {
+            None
+        } else {
+            let staging = shared.warm_staging(spec.name.as_str(), version);
+            match WarmRoot::mount(&layers, &staging) {
+                Ok(root) => Some(Arc::new(root)),
+                // Each instance stacks the layers itself then, as it would
+                // without: slower to start, and its own error if it fails.
+                Err(e) => {
+                    warn!("{}: instances stack their layers each: {e}", spec.name);
+                    None
+                }
+            }
+        };
         let l = &spec.limits;
         // Suspended at once: its first answers are checked for work after them.
         let checking = l.idle_suspend.is_zero() && !persistent;
@@ -249,6 +266,7 @@ impl ServiceRuntime {
             uid,
             accounts,
             spare: Mutex::default(),
+            warm_root,
         }))
     }
 
@@ -538,6 +556,7 @@ impl ServiceRuntime {
             writable: self.writable.clone(),
             uid: self.uid,
             accounts: &self.accounts,
+            warm_root: self.warm_root.clone(),
             mount_point: &shared.mount_point(),
             log: self.log.clone(),
             events: shared.events.clone(),
@@ -799,6 +818,7 @@ impl ServiceRuntime {
                 writable: this.writable.clone(),
                 uid: this.uid,
                 accounts: &this.accounts,
+                warm_root: this.warm_root.clone(),
                 mount_point: &mount_point,
                 log: this.log.clone(),
                 events: this.shared.events.clone(),

@@ -12,12 +12,14 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::wait::waitpid;
 use nix::unistd::{fork, pipe, ForkResult};
+
+use crate::mountapi::{self, MountAttr, MOUNT_ATTR_IDMAP};
 
 type Res<T> = Result<T, String>;
 
@@ -78,63 +80,17 @@ impl RootAs {
                 .map_err(|_| format!("{} contains a NUL byte", p.display()))
         };
         let (source_c, target_c) = (c(source)?, c(target)?);
-        let fail = |what: &str| {
-            format!(
-                "{what} {}: {}",
-                source.display(),
-                std::io::Error::last_os_error()
-            )
-        };
-        // SAFETY: open_tree with a valid, NUL-terminated path; the result
-        // is a new descriptor owned here.
-        let tree = unsafe {
-            libc::syscall(
-                libc::SYS_open_tree,
-                libc::AT_FDCWD,
-                source_c.as_ptr(),
-                (OPEN_TREE_CLONE | libc::O_CLOEXEC as u32) as libc::c_uint,
-            )
-        };
-        if tree < 0 {
-            return Err(fail("cloning the mount of"));
-        }
-        // SAFETY: a descriptor open_tree just returned.
-        let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
+        let fail = |what: &str, e: std::io::Error| format!("{what} {}: {e}", source.display());
+        let tree = mountapi::clone_tree(libc::AT_FDCWD, &source_c)
+            .map_err(|e| fail("cloning the mount of", e))?;
         let attr = MountAttr {
             attr_set: MOUNT_ATTR_IDMAP,
             attr_clr: 0,
             propagation: 0,
             userns_fd: self.ns.as_raw_fd() as u64,
         };
-        // SAFETY: mount_setattr reads one `struct mount_attr` of the size
-        // given; the empty path with AT_EMPTY_PATH names the descriptor.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_mount_setattr,
-                tree.as_raw_fd(),
-                c"".as_ptr(),
-                libc::AT_EMPTY_PATH as libc::c_uint,
-                &attr as *const MountAttr,
-                std::mem::size_of::<MountAttr>(),
-            )
-        };
-        if r < 0 {
-            return Err(fail("idmapping"));
-        }
-        // SAFETY: move_mount from the detached tree to a valid path.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_move_mount,
-                tree.as_raw_fd(),
-                c"".as_ptr(),
-                libc::AT_FDCWD,
-                target_c.as_ptr(),
-                MOVE_MOUNT_F_EMPTY_PATH,
-            )
-        };
-        if r < 0 {
-            return Err(fail("mounting the idmapped"));
-        }
+        mountapi::set_attrs(&tree, &attr).map_err(|e| fail("idmapping", e))?;
+        mountapi::attach(&tree, &target_c).map_err(|e| fail("mounting the idmapped", e))?;
         Ok(())
     }
 }
@@ -146,19 +102,6 @@ fn id_map(uid: u32) -> Res<String> {
         return Err(format!("uid {uid} is among the ids an idmap keeps"));
     }
     Ok(format!("0 {uid} 1\n1 1 {KEPT}\n"))
-}
-
-// From <linux/mount.h>.
-const OPEN_TREE_CLONE: u32 = 1;
-const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
-const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
-
-#[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
 }
 
 #[cfg(test)]

@@ -2,17 +2,19 @@
 //! instance and executes its start command. Nothing here returns to the caller.
 //!
 //! Control socket protocol (fd 3). The platform sends the configuration:
-//! its length (4 bytes, little-endian), then its JSON; for a held sandbox
+//! its length (4 bytes, little-endian; with them, as `SCM_RIGHTS`, the
+//! descriptor of the image's warm root if it has one), then its JSON; for a held sandbox
 //! it later sends `g`, the go. The helper answers one line per message:
 //! `ns` once the namespaces exist, `held` when a held sandbox is built and
 //! waits for the go, `exec` right before the start command is executed,
 //! `err <text>` when something failed.
 
 use std::io::{Read, Write};
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use nix::sched::{unshare, CloneFlags};
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
 
@@ -88,7 +90,8 @@ fn helper(control: &mut UnixStream, entered: Res<()>) -> Res<i32> {
     // the platform's side stays open for a held sandbox's go.
     let reading = || "reading the sandbox configuration".to_string();
     let mut len = [0u8; 4];
-    ctx(control.read_exact(&mut len), reading)?;
+    let (got, warm_root) = ctx(receive_length(&mut len), reading)?;
+    ctx(control.read_exact(&mut len[got..]), reading)?;
     let len = u32::from_le_bytes(len) as usize;
     if len > MAX_CONFIG {
         return Err(format!(
@@ -103,7 +106,8 @@ fn helper(control: &mut UnixStream, entered: Res<()>) -> Res<i32> {
     })?;
     // Decided here, once, before pid 1 is forked: pid 1 and the command's
     // process only carry the plan out.
-    let plan = plan::plan(&config, &facts(&config))?;
+    let facts = facts(&config, warm_root.as_ref().map(|fd| fd.as_raw_fd()));
+    let plan = plan::plan(&config, &facts)?;
 
     // Made here, in the host's pid namespace, where /proc/<pid> names the
     // child it needs; pid 1 inherits the namespace's descriptor.
@@ -141,11 +145,41 @@ fn helper(control: &mut UnixStream, entered: Res<()>) -> Res<i32> {
         }
         ForkResult::Parent { child } => {
             close_control();
+            drop(warm_root);
             // SAFETY: closing a descriptor this process owns.
             unsafe { libc::close(CGROUP_DIR_FD) };
             Ok(wait_for(child))
         }
     }
+}
+
+/// Receives the first bytes of the configuration's length into `len`, and
+/// the descriptor sent with them (closed on exec: only pid 1 uses it, to
+/// mount the root, and no command inherits it).
+fn receive_length(len: &mut [u8; 4]) -> std::io::Result<(usize, Option<OwnedFd>)> {
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let mut iov = [std::io::IoSliceMut::new(len)];
+    let msg = recvmsg::<()>(
+        CONTROL_FD,
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fd = None;
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            for raw in fds {
+                // SAFETY: the kernel just installed this descriptor in this
+                // process; nothing else owns it. Extra ones are closed.
+                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                fd.get_or_insert(owned);
+            }
+        }
+    }
+    if msg.bytes == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok((msg.bytes, fd))
 }
 
 /// Moves this process (its one thread) into the instance's v1 groups, by
@@ -335,7 +369,7 @@ fn pid1(plan: &Plan, root_as: Option<&RootAs>, control: &mut UnixStream) -> Res<
 
 /// What the plan needs to know of this process and the host: asked here,
 /// in the helper, once.
-fn facts(config: &SandboxConfig) -> Facts {
+fn facts(config: &SandboxConfig, warm_root: Option<RawFd>) -> Facts {
     use nix::sys::resource::{getrlimit, Resource};
     let may_raise_limits = caps::has_cap(
         None,
@@ -353,5 +387,6 @@ fn facts(config: &SandboxConfig) -> Facts {
         bind_is_file: config.binds.iter().map(|b| b.source.is_file()).collect(),
         may_raise_limits,
         hard_limits,
+        warm_root,
     }
 }

@@ -21,17 +21,20 @@ mod cgroup;
 pub mod disk;
 mod idmap;
 mod init;
+mod mountapi;
 mod netns;
 pub mod outbound;
 mod plan;
 pub mod seccomp;
 mod spawn;
 mod syscalls;
+mod warm;
 
 pub use cgroup::{CgroupError, CgroupLimits, Cgroups, Freezer};
 pub use init::init_main;
 pub use netns::{Listeners, NetNs};
 pub use spawn::{Exit, Held, Instance, Prepared, Sandbox, SandboxError, StartTimings};
+pub use warm::WarmRoot;
 
 use std::path::PathBuf;
 
@@ -146,6 +149,11 @@ pub struct SandboxConfig {
     /// start then costs only the exec.
     #[serde(default)]
     pub hold: bool,
+    /// The image's layers already stacked ([`WarmRoot`]), for an instance
+    /// without a writable layer: its root is a copy of that mount instead
+    /// of an overlay of its own. Sent to the helper as a descriptor.
+    #[serde(skip)]
+    pub warm_root: Option<std::sync::Arc<WarmRoot>>,
 }
 
 /// What a sandbox's network namespace holds. No sandbox shares the host's.

@@ -13,6 +13,7 @@
 //! command's process get it ready-made (copy-on-write) and only execute.
 
 use std::ffi::CString;
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use nix::mount::MsFlags;
@@ -88,6 +89,9 @@ pub(crate) struct Facts {
     /// This process's hard limits, where known: without CAP_SYS_RESOURCE a
     /// limit can be set at most to them.
     pub hard_limits: Vec<(Resource, u64)>,
+    /// The descriptor of the image's warm root, if the platform sent one
+    /// (`SandboxConfig::warm_root`).
+    pub warm_root: Option<RawFd>,
 }
 
 /// Where a mount goes.
@@ -137,6 +141,13 @@ pub(crate) enum Step {
     /// instance (see `idmap.rs`).
     IdmappedBind {
         source: PathBuf,
+        target: PathBuf,
+    },
+    /// Mounts a copy of the image's warm root (the descriptor the platform
+    /// sent, see `SandboxConfig::warm_root`) on `target`, read-only,
+    /// without set-user-id programs or device files; then closes it.
+    AttachWarmRoot {
+        fd: RawFd,
         target: PathBuf,
     },
     CreateDir(PathBuf),
@@ -214,6 +225,9 @@ impl Step {
             | Step::LoopbackUp
             | Step::WaitForOutbound
             | Step::InstallFilters(_) => return None,
+            Step::AttachWarmRoot { target, .. } => {
+                format!("mounting the image's root on {}", target.display())
+            }
             Step::CreateDir(p) => format!("creating {}", p.display()),
             Step::CopyFile { from, .. } => format!("copying {}", from.display()),
             Step::Chdir(p) => format!("chdir {}", p.display()),
@@ -340,11 +354,20 @@ fn build_root(config: &SandboxConfig, facts: &Facts, p: &mut Vec<Step>) -> Res<(
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None,
     );
-    let staged = stage(config, facts, p)?;
+    // Stacked once for every instance of the image (`WarmRoot`), unless the
+    // root is writable (its own upper directory) or one layer (a bind).
+    let warm = facts
+        .warm_root
+        .filter(|_| config.writable.is_none() && config.layers.len() > 1);
+    let staged = stage(config, facts, warm.is_none(), p)?;
     let lower = staged.lower.join(":");
     let overlay = Some(Path::new("overlay"));
     let at_root = || Target::Host(root.clone());
     match (config.layers.as_slice(), &staged.writable) {
+        _ if warm.is_some() => p.extend(warm.map(|fd| Step::AttachWarmRoot {
+            fd,
+            target: root.clone(),
+        })),
         (_, Some((upper, work))) => mount(
             p,
             overlay,
@@ -459,7 +482,12 @@ struct Staged {
 /// instance's `/proc/self/mountinfo` shows no host path (the state
 /// directory, the image cache); the tmpfs ends up beneath the overlay and
 /// leaves with the host's old root.
-fn stage(config: &SandboxConfig, facts: &Facts, p: &mut Vec<Step>) -> Res<Staged> {
+fn stage(
+    config: &SandboxConfig,
+    facts: &Facts,
+    with_layers: bool,
+    p: &mut Vec<Step>,
+) -> Res<Staged> {
     let root = &config.mount_point;
     mount(
         p,
@@ -470,7 +498,8 @@ fn stage(config: &SandboxConfig, facts: &Facts, p: &mut Vec<Step>) -> Res<Staged
         Some("size=16m,mode=700".into()),
     );
     let mut lower = Vec::new();
-    for (i, layer) in config.layers.iter().enumerate() {
+    let layers = if with_layers { &config.layers[..] } else { &[] };
+    for (i, layer) in layers.iter().enumerate() {
         let name = format!("l{i}");
         let dir = root.join(&name);
         p.push(Step::CreateDir(dir.clone()));
@@ -746,6 +775,7 @@ fn do_step<S: Syscalls>(step: &Step, sys: &mut S) -> Res<()> {
             )
         }
         Step::IdmappedBind { source, target } => sys.bind_idmapped(source, target),
+        Step::AttachWarmRoot { fd, target } => sys.attach_warm_root(*fd, target),
         Step::CreateDir(p) => sys.create_dir(p),
         Step::CopyFile { from, to } => sys.copy_file(from, to),
         Step::Chdir(p) => sys.chdir(p),
@@ -820,6 +850,7 @@ mod tests {
             open_files: 65536,
             syscall_filter: true,
             layers_owned_by: None,
+            warm_root: None,
             hold: false,
         }
     }
@@ -874,6 +905,7 @@ mod tests {
                 .collect(),
             may_raise_limits: false,
             hard_limits: vec![(Resource::RLIMIT_NOFILE, 1 << 20)],
+            warm_root: None,
         }
     }
 
@@ -1083,6 +1115,73 @@ mod tests {
                 ),
             ]
         );
+    }
+
+    #[test]
+    fn a_warm_root_replaces_the_layers_unless_the_root_is_writable_or_one_layer() {
+        let warm = |config: &SandboxConfig| {
+            let facts = Facts {
+                warm_root: Some(7),
+                ..facts(config)
+            };
+            plan(config, &facts).unwrap()
+        };
+        let p = warm(&serverless());
+        let attached: Vec<&Step> = p
+            .pid1
+            .iter()
+            .filter(|s| matches!(s, Step::AttachWarmRoot { .. }))
+            .collect();
+        assert!(
+            matches!(attached[..], [Step::AttachWarmRoot { fd: 7, target }] if target == Path::new(ROOT)),
+            "{attached:?}"
+        );
+        // No layer is bound, no overlay made: the copy is the root, on the
+        // staging tmpfs (where the account file is still copied), before
+        // the image is opened and everything else mounted in it.
+        let mounts = rows(&p);
+        assert!(!mounts.iter().any(|r| r.1.contains("/l")), "{mounts:?}");
+        assert!(!mounts.iter().any(|r| r.2 == Some("overlay")), "{mounts:?}");
+        let at = |f: &dyn Fn(&Step) -> bool| p.pid1.iter().position(f).unwrap();
+        let staging = at(&|s| matches!(s, Step::Mount(m) if m.fstype == Some("tmpfs")));
+        let root = at(&|s| matches!(s, Step::AttachWarmRoot { .. }));
+        let opened = at(&|s| matches!(s, Step::OpenImage(_)));
+        assert!(staging < root && root < opened, "{:?}", p.pid1);
+        assert_eq!(
+            mounts
+                .iter()
+                .filter(|r| r.0.as_deref() == Some("f0"))
+                .count(),
+            1
+        );
+        assert_eq!(mounts.len(), rows_without_layers(&planned(&serverless())));
+        // A writable root has its own upper directory; one layer is bound.
+        for config in [
+            persistent(),
+            build(),
+            SandboxConfig {
+                layers: vec!["/c/base".into()],
+                ..serverless()
+            },
+        ] {
+            let p = warm(&config);
+            assert!(
+                !p.pid1
+                    .iter()
+                    .any(|s| matches!(s, Step::AttachWarmRoot { .. })),
+                "{config:?}"
+            );
+            assert_eq!(rows(&p), rows(&planned(&config)));
+        }
+    }
+
+    /// The mounts of a plan but those of its layers (their binds and the
+    /// overlay), which a warm root stands in for.
+    fn rows_without_layers(p: &Plan) -> usize {
+        rows(p)
+            .iter()
+            .filter(|r| !r.1.starts_with("/mnt/skiff/l") && r.2 != Some("overlay"))
+            .count()
     }
 
     #[test]
@@ -1368,6 +1467,7 @@ mod tests {
             bind_is_file: vec![true],
             may_raise_limits: false,
             hard_limits: vec![(Resource::RLIMIT_NOFILE, 4096)],
+            warm_root: None,
         };
         assert_eq!(nofile(capped.clone()), 4096);
         assert_eq!(

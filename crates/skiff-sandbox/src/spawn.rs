@@ -2,13 +2,14 @@
 //! configuration, follow it until the start command runs, stop it again.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
@@ -354,17 +355,36 @@ struct Control {
 }
 
 impl Control {
-    /// Sends `config` (its length, then its JSON); unless the sandbox is
-    /// to be held, nothing more will be sent.
+    /// Sends `config` (its length, with the warm root's descriptor if it
+    /// has one, then its JSON); unless the sandbox is to be held, nothing
+    /// more will be sent.
     async fn send(
         ours: std::os::unix::net::UnixStream,
         config: &SandboxConfig,
     ) -> Result<Self, SandboxError> {
+        let json = serde_json::to_vec(config).map_err(io::Error::other)?;
+        let len = u32::try_from(json.len())
+            .map_err(io::Error::other)?
+            .to_le_bytes();
+        // Four bytes into a new socket's empty buffer: this never blocks.
+        let fds: Vec<RawFd> = config
+            .warm_root
+            .iter()
+            .map(|w| w.fd().as_raw_fd())
+            .collect();
+        let rights = [ControlMessage::ScmRights(&fds)];
+        let cmsgs = if fds.is_empty() { &[][..] } else { &rights[..] };
+        let sent = sendmsg::<()>(
+            ours.as_raw_fd(),
+            &[io::IoSlice::new(&len)],
+            cmsgs,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .map_err(io::Error::from)?;
         ours.set_nonblocking(true)?;
         let (read, mut write) = tokio::net::UnixStream::from_std(ours)?.into_split();
-        let json = serde_json::to_vec(config).map_err(io::Error::other)?;
-        let len = u32::try_from(json.len()).map_err(io::Error::other)?;
-        write.write_all(&len.to_le_bytes()).await?;
+        write.write_all(&len[sent..]).await?;
         write.write_all(&json).await?;
         if !config.hold {
             write.shutdown().await?;

@@ -4,7 +4,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
@@ -16,6 +16,7 @@ use nix::unistd::{Gid, Uid};
 
 use crate::beneath::Tree;
 use crate::idmap::RootAs;
+use crate::mountapi::{self, MountAttr, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
 use crate::seccomp::Filters;
 
 /// What executing a plan asks of the kernel. Each method is one system
@@ -35,6 +36,9 @@ pub(crate) trait Syscalls {
     ) -> io::Result<()>;
     /// Mounts `source` on `target` idmapped (a persistent instance's layer).
     fn bind_idmapped(&mut self, source: &Path, target: &Path) -> io::Result<()>;
+    /// Mounts a copy of the detached mount `fd` on `target` (read-only,
+    /// nosuid, nodev), then closes `fd`.
+    fn attach_warm_root(&mut self, fd: RawFd, target: &Path) -> io::Result<()>;
     fn exists(&mut self, path: &Path) -> bool;
     fn create_dir(&mut self, path: &Path) -> io::Result<()>;
     fn copy_file(&mut self, from: &Path, to: &Path) -> io::Result<()>;
@@ -121,6 +125,25 @@ impl Syscalls for Kernel<'_> {
             Some(map) => map.bind(source, target).map_err(io::Error::other),
             None => Err(other("no user namespace was made for idmapped layers")),
         }
+    }
+
+    fn attach_warm_root(&mut self, fd: RawFd, target: &Path) -> io::Result<()> {
+        let target = CString::new(target.as_os_str().as_encoded_bytes()).map_err(other)?;
+        let copy = mountapi::clone_tree(fd, c"")?;
+        // The source was made so; said again for this copy, which is what
+        // the instance sees.
+        let attr = MountAttr {
+            attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        mountapi::set_attrs(&copy, &attr)?;
+        mountapi::attach(&copy, &target)?;
+        // SAFETY: the descriptor was received for this step alone; nothing
+        // uses it after.
+        drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        Ok(())
     }
 
     fn exists(&mut self, path: &Path) -> bool {
@@ -368,6 +391,7 @@ pub(crate) mod recording {
             data: Option<String>,
         },
         BindIdmapped(PathBuf, PathBuf),
+        AttachWarmRoot(RawFd, PathBuf),
         Exists(PathBuf),
         CreateDir(PathBuf),
         CopyFile(PathBuf, PathBuf),
@@ -456,6 +480,9 @@ pub(crate) mod recording {
         }
         fn bind_idmapped(&mut self, source: &Path, target: &Path) -> io::Result<()> {
             self.record(Call::BindIdmapped(source.into(), target.into()))
+        }
+        fn attach_warm_root(&mut self, fd: RawFd, target: &Path) -> io::Result<()> {
+            self.record(Call::AttachWarmRoot(fd, target.into()))
         }
         fn exists(&mut self, path: &Path) -> bool {
             let _ = self.record(Call::Exists(path.into()));

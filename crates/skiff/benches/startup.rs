@@ -91,6 +91,7 @@ fn sandbox_cost(runs: usize) -> PathBuf {
         open_files: 65536,
         syscall_filter: true,
         layers_owned_by: None,
+        warm_root: None,
         hold: false,
     };
     let unfiltered = SandboxConfig {

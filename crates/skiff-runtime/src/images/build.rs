@@ -449,6 +449,7 @@ async fn run_sandboxed(
         open_files: spec.limits.open_files.max(BUILD_OPEN_FILES),
         syscall_filter: true,
         layers_owned_by: None,
+        warm_root: None,
         hold: false,
     };
     let limits = CgroupLimits {

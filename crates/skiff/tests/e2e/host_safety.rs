@@ -217,8 +217,19 @@ start = "cat /proc/self/mountinfo > /tmp/mounts && tr '\\0' ' ' < /proc/1/cmdlin
 "#
     .replace("NAME", &name);
     let app = App::new(&manifest, &[]);
-    let mut up = Up::start(&[app.path()], &[]);
-    assert_eq!(up.wait_urls(1, FIRST_START).len(), 1, "{}", up.stderr());
+    // A serverless instance on three layers (build, source, base): its
+    // root is a copy of the image's warm root.
+    let serverless = unique("paths-ro");
+    let stacked = App::new(
+        &format!(
+            "name = \"{serverless}\"\nbuild = \"echo built > /app/built\"\n\
+             start = \"cat /proc/self/mountinfo > /tmp/mounts && \
+             exec python3 -m http.server $PORT --directory /tmp\"\n"
+        ),
+        &[],
+    );
+    let mut up = Up::start(&[app.path(), stacked.path()], &[]);
+    assert_eq!(up.wait_urls(2, FIRST_START).len(), 2, "{}", up.stderr());
     let state = up.state_dir().display().to_string();
     let binary = std::fs::canonicalize(SKIFF).unwrap().display().to_string();
     // Each sees itself at the root of every cgroup hierarchy (its own
@@ -232,15 +243,21 @@ start = "cat /proc/self/mountinfo > /tmp/mounts && tr '\\0' ' ' < /proc/1/cmdlin
             r.body
         );
     }
-    for file in [
-        "mounts",
-        "cmdline",
-        "build-mounts",
-        "build-cmdline",
-        "cgroup",
-        "build-cgroup",
+    let stacked_mounts = up.get(&host(&serverless), "/mounts");
+    assert!(
+        stacked_mounts.body.contains("lowerdir=l0:l1:l2,"),
+        "{stacked_mounts:?}"
+    );
+    for (service, file) in [
+        (&name, "mounts"),
+        (&name, "cmdline"),
+        (&name, "build-mounts"),
+        (&name, "build-cmdline"),
+        (&name, "cgroup"),
+        (&name, "build-cgroup"),
+        (&serverless, "mounts"),
     ] {
-        let r = up.get(&host(&name), &format!("/{file}"));
+        let r = up.get(&host(service), &format!("/{file}"));
         assert_eq!(r.status, 200, "{file}: {r:?}");
         assert!(!r.body.trim().is_empty(), "{file} is empty");
         for leak in [

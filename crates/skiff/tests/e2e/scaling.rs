@@ -149,6 +149,61 @@ fn scales_to_zero_and_back_with_a_fresh_tmp() {
     );
 }
 
+/// Every instance of an image gets the same stacked root (one overlay,
+/// its caches warm from the instances before), which is in no mount
+/// table: not the host's, not the platform's. It shows the instance no
+/// host path and stays read-only, without set-user-id programs or devices.
+#[test]
+fn instances_of_an_image_share_one_root_that_no_mount_table_shows() {
+    let name = unique("warm");
+    // Each instance notes who it is, its root's device and its root's
+    // mount, for /tmp-read.
+    let start = r#"{ cat /proc/sys/kernel/random/uuid; stat -c %d /; grep \" / / \" /proc/self/mountinfo; } > /tmp/mark; exec python3 app.py"#;
+    let app = App::new(
+        &format!(
+            "name = \"{name}\"\nstart = \"{start}\"\n\
+             [limits]\nconcurrency = 1\nmax_instances = 2\n"
+        ),
+        &[("app.py", TICKER_APP)],
+    );
+    let up = up_one(&app);
+    let (port, h) = (up.port.unwrap(), host(&name));
+    // Two instances at once (the first busy, the second started for the
+    // next request): separate overlays would be two file systems.
+    let busy = {
+        let h = h.clone();
+        std::thread::spawn(move || http_get(port, &h, "/slow?ms=1500"))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let second = ok_body(&up, &name, "/tmp-read");
+    assert_eq!(busy.join().unwrap().status, 200);
+    let first = ok_body(&up, &name, "/tmp-read");
+    let (a, b): (Vec<&str>, Vec<&str>) = (first.lines().collect(), second.lines().collect());
+    assert!(a.len() == 3 && b.len() == 3, "{first}\n{second}");
+    assert_ne!(a[0], b[0], "one instance answered both");
+    assert_eq!(a[1], b[1], "two instances, two roots:\n{first}\n{second}");
+    let root = b[2];
+    // The image's two layers (source snapshot, base) under short names.
+    let fields: Vec<&str> = root.split_whitespace().collect();
+    assert_eq!(fields.get(8), Some(&"overlay"), "{root}");
+    assert!(
+        fields[5].split(',').take(3).eq(["ro", "nosuid", "nodev"]),
+        "{root}"
+    );
+    assert!(root.contains("lowerdir=l0:l1,"), "{root}");
+    let platform = std::fs::read_to_string(format!("/proc/{}/mountinfo", up.pid())).unwrap();
+    assert!(
+        !platform.lines().any(|l| l.contains(" - overlay ")),
+        "the platform's mount table holds an overlay:\n{platform}"
+    );
+    assert!(mounts_with("lowerdir=l0").is_empty());
+    // The layers were named in a directory of the platform's only while
+    // they were stacked.
+    let staging = up.state_dir().join("warm");
+    let left: Vec<_> = std::fs::read_dir(&staging).unwrap().flatten().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 /// The spare of a service at zero is built ahead and waits; killed while
 /// it waits (the host's OOM killer, an operator), the next start does not
 /// fail for it: it starts afresh.
