@@ -216,11 +216,17 @@ impl Handle {
         let shared = &self.shared;
         let name = spec.name.to_string();
         let log = shared.ctx.store.log_sender(&name, Some(version));
-        let rt = ServiceRuntime::new(spec.clone(), version, layers, shared.ctx.clone(), log)
-            .map_err(|source| DeployError::Writable {
-                dir: shared.ctx.writable_dir(&name),
-                source,
-            })?;
+        // Files, a disk to format, layers to stack: off the async threads.
+        let (owned, ctx) = (spec.clone(), shared.ctx.clone());
+        let rt = tokio::task::spawn_blocking(move || {
+            ServiceRuntime::new(owned, version, layers, ctx, log)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        .map_err(|source| DeployError::Writable {
+            dir: shared.ctx.writable_dir(&name),
+            source,
+        })?;
         let stopping = {
             // Registered and checked under the lock shutdown snapshots
             // under: either shutdown sees this runtime, or this sees the flag.

@@ -81,8 +81,8 @@ impl RootAs {
         };
         let (source_c, target_c) = (c(source)?, c(target)?);
         let fail = |what: &str, e: std::io::Error| format!("{what} {}: {e}", source.display());
-        let tree = mountapi::clone_tree(libc::AT_FDCWD, &source_c)
-            .map_err(|e| fail("cloning the mount of", e))?;
+        let tree =
+            mountapi::clone_tree_at(&source_c).map_err(|e| fail("cloning the mount of", e))?;
         let attr = MountAttr {
             attr_set: MOUNT_ATTR_IDMAP,
             attr_clr: 0,

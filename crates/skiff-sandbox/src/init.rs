@@ -10,7 +10,7 @@
 //! `err <text>` when something failed.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use nix::sched::{unshare, CloneFlags};
@@ -106,7 +106,10 @@ fn helper(control: &mut UnixStream, entered: Res<()>) -> Res<i32> {
     })?;
     // Decided here, once, before pid 1 is forked: pid 1 and the command's
     // process only carry the plan out.
-    let facts = facts(&config, warm_root.as_ref().map(|fd| fd.as_raw_fd()));
+    // From here a plain number: pid 1's step that mounts it takes it over
+    // (and closes it); the helper closes its own copy after the fork.
+    let warm_root = warm_root.map(IntoRawFd::into_raw_fd);
+    let facts = facts(&config, warm_root);
     let plan = plan::plan(&config, &facts)?;
 
     // Made here, in the host's pid namespace, where /proc/<pid> names the
@@ -145,7 +148,10 @@ fn helper(control: &mut UnixStream, entered: Res<()>) -> Res<i32> {
         }
         ForkResult::Parent { child } => {
             close_control();
-            drop(warm_root);
+            if let Some(fd) = warm_root {
+                // SAFETY: closing this process's copy of a descriptor it owns.
+                unsafe { libc::close(fd) };
+            }
             // SAFETY: closing a descriptor this process owns.
             unsafe { libc::close(CGROUP_DIR_FD) };
             Ok(wait_for(child))

@@ -1,10 +1,11 @@
-//! The kernel's new mount calls (Linux 5.2 and 5.12), which `nix` does not
-//! wrap: detached mounts held by a descriptor, cloned, given attributes
-//! and attached where they belong.
+//! The kernel's new mount calls, which `nix` does not wrap: detached mounts
+//! held by a descriptor, copied, given attributes and attached where they
+//! belong (Linux 5.2; `mount_setattr` 5.12; copying a mount made by
+//! `fsmount`, which is in no namespace, 6.15).
 
 use std::ffi::CStr;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 // From <linux/mount.h>.
 const OPEN_TREE_CLONE: libc::c_uint = 1;
@@ -44,16 +45,23 @@ fn done(r: libc::c_long) -> io::Result<()> {
     Ok(())
 }
 
-/// A detached copy of the mount at `path` (or of the detached mount `fd`
-/// itself when `path` is empty), closed on exec.
-pub(crate) fn clone_tree(fd: libc::c_int, path: &CStr) -> io::Result<OwnedFd> {
-    let mut flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
-    if path.is_empty() {
-        flags |= libc::AT_EMPTY_PATH as libc::c_uint;
-    }
+/// A detached copy of the mount at `path`, closed on exec.
+pub(crate) fn clone_tree_at(path: &CStr) -> io::Result<OwnedFd> {
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
     // SAFETY: open_tree reads the NUL-terminated path; the result is a new
     // descriptor, owned by `owned`.
-    owned(unsafe { libc::syscall(libc::SYS_open_tree, fd, path.as_ptr(), flags) })
+    owned(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) })
+}
+
+/// A detached copy of the detached mount `fd`, closed on exec. Linux 6.15
+/// and later only: before, a mount outside the caller's namespace could
+/// not be copied.
+pub(crate) fn clone_mount(fd: BorrowedFd<'_>) -> io::Result<OwnedFd> {
+    let flags =
+        OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as libc::c_uint;
+    // SAFETY: open_tree on a borrowed, open descriptor with an empty path;
+    // the result is a new descriptor, owned by `owned`.
+    owned(unsafe { libc::syscall(libc::SYS_open_tree, fd.as_raw_fd(), c"".as_ptr(), flags) })
 }
 
 /// Changes the attributes of the detached mount `tree`.

@@ -76,11 +76,16 @@ impl NetNs {
             // SAFETY: `fd` was just returned by socket() and is ours alone.
             Ok(unsafe { OwnedFd::from_raw_fd(fd) })
         })?;
-        Ok(Listeners {
+        let mut listeners = Listeners {
             fd,
             seq: 0,
             buf: vec![0; 16 * 1024],
-        })
+        };
+        // A lookup that finds nothing and a kernel without the TCP handler
+        // (no `tcp_diag` module) both answer ENOENT; a dump tells them
+        // apart, once (the namespace is new: it holds no listener yet).
+        listeners.ask(&listener_request(0, 0, true))?;
+        Ok(listeners)
     }
 
     /// Connects to `127.0.0.1:port` as seen from inside the instance.
@@ -107,6 +112,7 @@ pub struct Listeners {
 
 const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
 const TCP_LISTEN: u32 = 10;
 const NLMSG_HEADER: usize = 16;
 
@@ -118,7 +124,12 @@ impl Listeners {
     /// walks the host's whole listening hash, for each namespace alike).
     pub fn listening_on(&mut self, port: u16) -> io::Result<bool> {
         self.seq = self.seq.wrapping_add(1);
-        let request = listener_request(port, self.seq);
+        self.ask(&listener_request(port, self.seq, false))
+    }
+
+    /// Sends `request` (whose sequence number is `self.seq`) and reads
+    /// until its answer.
+    fn ask(&mut self, request: &[u8]) -> io::Result<bool> {
         // SAFETY: sending a buffer we own to the kernel (pid 0) on our socket.
         let sent = unsafe {
             let mut to: libc::sockaddr_nl = std::mem::zeroed();
@@ -151,8 +162,9 @@ impl Listeners {
 }
 
 /// An `inet_diag_req_v2` asking for the one TCP socket a connection from
-/// nowhere to `127.0.0.1:port` would find: a listener, if any.
-fn listener_request(port: u16, seq: u32) -> Vec<u8> {
+/// nowhere to `127.0.0.1:port` would find: a listener, if any; or, as a
+/// `dump`, for every IPv4 listener.
+fn listener_request(port: u16, seq: u32, dump: bool) -> Vec<u8> {
     // nlmsghdr (16 bytes), then inet_diag_req_v2: family, protocol, ext,
     // pad, states (u32), and the inet_diag_sockid (48 bytes): source port,
     // destination port (big-endian), source and destination address (16
@@ -161,7 +173,8 @@ fn listener_request(port: u16, seq: u32) -> Vec<u8> {
     let mut m = Vec::with_capacity(len);
     m.extend_from_slice(&(len as u32).to_ne_bytes());
     m.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    m.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    let dump = if dump { libc::NLM_F_DUMP } else { 0 };
+    m.extend_from_slice(&((libc::NLM_F_REQUEST | dump) as u16).to_ne_bytes());
     m.extend_from_slice(&seq.to_ne_bytes());
     m.extend_from_slice(&0u32.to_ne_bytes());
     m.extend_from_slice(&[libc::AF_INET as u8, libc::IPPROTO_TCP as u8, 0, 0]);
@@ -178,8 +191,8 @@ fn listener_request(port: u16, seq: u32) -> Vec<u8> {
 }
 
 /// Reads one datagram of the reply to a listener request: `Some(true)` when
-/// the socket was found in LISTEN, `Some(false)` when none was, `None`
-/// when the datagram held only replies to earlier requests.
+/// the socket was found in LISTEN, `Some(false)` when none was (or a dump
+/// ended), `None` when the datagram held only replies to earlier requests.
 fn parse_listener_reply(mut buf: &[u8], seq: u32) -> io::Result<Option<bool>> {
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "short sock_diag reply");
     while buf.len() >= NLMSG_HEADER {
@@ -193,6 +206,7 @@ fn parse_listener_reply(mut buf: &[u8], seq: u32) -> io::Result<Option<bool>> {
         // A reply to an earlier request (one abandoned on an error) is skipped.
         if u32_at(8) == seq {
             match kind {
+                NLMSG_DONE => return Ok(Some(false)),
                 NLMSG_ERROR => {
                     let errno = match buf.get(16..20).ok_or_else(bad)? {
                         &[a, b, c, d] => i32::from_ne_bytes([a, b, c, d]),
@@ -245,7 +259,7 @@ mod tests {
 
     #[test]
     fn a_listener_request_names_the_port_on_loopback_and_no_cookie() {
-        let m = listener_request(8080, 7);
+        let m = listener_request(8080, 7, false);
         assert_eq!(m.len(), 72);
         assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 72);
         assert_eq!(u16::from_ne_bytes([m[4], m[5]]), SOCK_DIAG_BY_FAMILY);
@@ -260,6 +274,11 @@ mod tests {
         assert_eq!(&m[28..32], &[127, 0, 0, 1]);
         assert!(m[32..64].iter().all(|&b| b == 0));
         assert_eq!(&m[64..72], &[0xff; 8]);
+        let dump = listener_request(0, 1, true);
+        assert_eq!(
+            u16::from_ne_bytes([dump[6], dump[7]]),
+            (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16
+        );
     }
 
     #[test]
@@ -270,6 +289,8 @@ mod tests {
         assert_eq!(parse_listener_reply(&closing, 3).unwrap(), Some(false));
         let none = message(NLMSG_ERROR, 3, &(-libc::ENOENT).to_ne_bytes());
         assert_eq!(parse_listener_reply(&none, 3).unwrap(), Some(false));
+        let done = message(NLMSG_DONE, 3, &[0; 4]);
+        assert_eq!(parse_listener_reply(&done, 3).unwrap(), Some(false));
         // An earlier request's answer is passed over for this one's.
         let mut both = message(SOCK_DIAG_BY_FAMILY, 2, &socket(TCP_LISTEN));
         assert_eq!(parse_listener_reply(&both, 3).unwrap(), None);

@@ -362,6 +362,13 @@ impl Control {
         ours: std::os::unix::net::UnixStream,
         config: &SandboxConfig,
     ) -> Result<Self, SandboxError> {
+        debug_assert!(
+            config
+                .warm_root
+                .as_ref()
+                .is_none_or(|w| w.layers() == config.layers),
+            "a warm root of other layers than the configuration's"
+        );
         let json = serde_json::to_vec(config).map_err(io::Error::other)?;
         let len = u32::try_from(json.len())
             .map_err(io::Error::other)?

@@ -4,7 +4,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 
@@ -128,8 +128,11 @@ impl Syscalls for Kernel<'_> {
     }
 
     fn attach_warm_root(&mut self, fd: RawFd, target: &Path) -> io::Result<()> {
+        // SAFETY: the helper gave up its ownership of this descriptor for
+        // this step (`init.rs`); it is closed when this returns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let target = CString::new(target.as_os_str().as_encoded_bytes()).map_err(other)?;
-        let copy = mountapi::clone_tree(fd, c"")?;
+        let copy = mountapi::clone_mount(fd.as_fd())?;
         // The source was made so; said again for this copy, which is what
         // the instance sees.
         let attr = MountAttr {
@@ -139,11 +142,7 @@ impl Syscalls for Kernel<'_> {
             userns_fd: 0,
         };
         mountapi::set_attrs(&copy, &attr)?;
-        mountapi::attach(&copy, &target)?;
-        // SAFETY: the descriptor was received for this step alone; nothing
-        // uses it after.
-        drop(unsafe { OwnedFd::from_raw_fd(fd) });
-        Ok(())
+        mountapi::attach(&copy, &target)
     }
 
     fn exists(&mut self, path: &Path) -> bool {

@@ -73,17 +73,25 @@ impl WarmRoot {
         let staging = staging.to_path_buf();
         // The names are resolved from the working directory, which the
         // platform's threads share: a thread of its own gets one of its own.
-        let mount = std::thread::spawn(move || {
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS)?;
-            std::env::set_current_dir(&staging)?;
-            mountapi::detached_overlay(
-                &lowerdir,
-                MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
-            )
-        })
-        .join()
-        .map_err(|_| io::Error::other("the thread stacking the layers panicked"))?
-        .map_err(|e| io::Error::new(e.kind(), format!("stacking the image's layers: {e}")))?;
+        let stacking = std::thread::Builder::new()
+            .name("skiff-stack".into())
+            .spawn(move || {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS)?;
+                std::env::set_current_dir(&staging)?;
+                mountapi::detached_overlay(
+                    &lowerdir,
+                    MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+                )
+            })?;
+        let mount = stacking
+            .join()
+            .map_err(|_| io::Error::other("the thread stacking the layers panicked"))?
+            .map_err(|e| io::Error::new(e.kind(), format!("stacking the image's layers: {e}")))?;
+        // What each instance's pid 1 will do, tried once here: a kernel
+        // that cannot copy a mount made this way (before Linux 6.15) gets
+        // no warm root, and its instances stack their layers each.
+        mountapi::clone_mount(mount.as_fd())
+            .map_err(|e| io::Error::new(e.kind(), format!("copying the stacked layers: {e}")))?;
         Ok(Self {
             mount,
             layers: layers.to_vec(),

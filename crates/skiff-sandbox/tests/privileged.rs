@@ -160,11 +160,6 @@ fn hand_over_changes_owners_and_never_follows_a_link() {
     );
 }
 
-/// The listen watch asks a network namespace's kernel whether a port is
-/// listened on where the health probe connects (`127.0.0.1`): a port is
-/// seen once a socket in that namespace listens on it (IPv4, or IPv6
-/// taking IPv4 too), and not in the host's namespace, nor before, nor on
-/// an IPv6-only socket the probe could not reach.
 /// A socket listening on `[::]:port` for IPv6 only.
 fn ipv6_only_listener(port: u16) -> std::os::fd::OwnedFd {
     use nix::sys::socket::{
@@ -185,6 +180,11 @@ fn ipv6_only_listener(port: u16) -> std::os::fd::OwnedFd {
     fd
 }
 
+/// The listen watch asks a network namespace's kernel whether a port is
+/// listened on where the health probe connects (`127.0.0.1`): a port is
+/// seen once a socket in that namespace listens on it (IPv4, or IPv6
+/// taking IPv4 too), and not in the host's namespace, nor before, nor on
+/// an IPv6-only socket the probe could not reach.
 #[test]
 fn listeners_are_seen_in_their_own_network_namespace_only() {
     as_root();
