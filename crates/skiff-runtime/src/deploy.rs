@@ -21,6 +21,15 @@ use crate::platform::{Deployed, Handle};
 use crate::service::ServiceRuntime;
 use crate::table::Deploying;
 
+/// When a new runtime stacks its image's layers (`ServiceRuntime::stack_layers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stack {
+    /// Before its first start: a deploy, one at a time.
+    First,
+    /// Before its first spare: a restart, where every version starts at once.
+    Later,
+}
+
 impl Handle {
     /// Builds `spec` (or reuses its image), starts its first instance and
     /// waits until it answers; then routes to it. A service that already
@@ -145,7 +154,9 @@ impl Handle {
         let base = self.base_image(spec).await?;
         let (layers, build) = self.image(spec, version, &base).await?;
         shared.ctx.store.set_layers(version, &layers, build)?;
-        let (rt, report) = self.start_runtime(spec, version, layers.clone()).await?;
+        let (rt, report) = self
+            .start_runtime(spec, version, layers.clone(), Stack::First)
+            .await?;
         if let Err(e) = shared
             .ctx
             .store
@@ -212,21 +223,16 @@ impl Handle {
         spec: &ServiceSpec,
         version: i64,
         layers: Vec<PathBuf>,
+        stack: Stack,
     ) -> Result<(Arc<ServiceRuntime>, StartReport), DeployError> {
         let shared = &self.shared;
         let name = spec.name.to_string();
         let log = shared.ctx.store.log_sender(&name, Some(version));
-        // Files, a disk to format, layers to stack: off the async threads.
-        let (owned, ctx) = (spec.clone(), shared.ctx.clone());
-        let rt = tokio::task::spawn_blocking(move || {
-            ServiceRuntime::new(owned, version, layers, ctx, log)
-        })
-        .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-        .map_err(|source| DeployError::Writable {
-            dir: shared.ctx.writable_dir(&name),
-            source,
-        })?;
+        let rt = ServiceRuntime::new(spec.clone(), version, layers, shared.ctx.clone(), log)
+            .map_err(|source| DeployError::Writable {
+                dir: shared.ctx.writable_dir(&name),
+                source,
+            })?;
         let stopping = {
             // Registered and checked under the lock shutdown snapshots
             // under: either shutdown sees this runtime, or this sees the flag.
@@ -239,6 +245,9 @@ impl Handle {
         if stopping {
             rt.shutdown().await;
             return Err(DeployError::ShuttingDown);
+        }
+        if stack == Stack::First {
+            rt.stack_layers().await;
         }
         // A failure is recorded for diagnosis by the instance task, which
         // sees it first (`ServiceRuntime::run_instance`).

@@ -9,6 +9,7 @@ use skiff_model::ServiceSpec;
 use skiff_store::StoreError;
 use tracing::warn;
 
+use crate::deploy::Stack;
 use crate::errors::DeployError;
 use crate::events::Event;
 use crate::platform::Handle;
@@ -95,7 +96,10 @@ impl Handle {
             });
         }
         self.shared.pin(version, layers.clone());
-        let (rt, report) = match self.start_runtime(spec, version, layers).await {
+        let (rt, report) = match self
+            .start_runtime(spec, version, layers, Stack::Later)
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 self.shared.unpin(version);

@@ -134,8 +134,9 @@ pub(crate) struct ServiceRuntime {
     /// A sandbox prepared for the next start (see `Sandbox::prepare`).
     spare: Mutex<Spare>,
     /// The image's layers stacked once for all its instances, when they
-    /// are several and the root is read-only (`skiff_sandbox::WarmRoot`).
-    warm_root: Option<Arc<WarmRoot>>,
+    /// are several and the root is read-only (`skiff_sandbox::WarmRoot`):
+    /// set by `stack_layers` (`None` when stacking failed), unset before.
+    warm_root: std::sync::OnceLock<Option<Arc<WarmRoot>>>,
 }
 
 /// The next start's sandbox, prepared ahead (`Sandbox::prepare`).
@@ -213,20 +214,6 @@ impl ServiceRuntime {
         } else {
             None
         };
-        let warm_root = if persistent || layers.len() < 2 {
-            None
-        } else {
-            let staging = shared.warm_staging(spec.name.as_str(), version);
-            match WarmRoot::mount(&layers, &staging) {
-                Ok(root) => Some(Arc::new(root)),
-                // Each instance stacks the layers itself then, as it would
-                // without: slower to start, and its own error if it fails.
-                Err(e) => {
-                    warn!("{}: instances stack their layers each: {e}", spec.name);
-                    None
-                }
-            }
-        };
         let l = &spec.limits;
         // Suspended at once: its first answers are checked for work after them.
         let checking = l.idle_suspend.is_zero() && !persistent;
@@ -266,8 +253,40 @@ impl ServiceRuntime {
             uid,
             accounts,
             spare: Mutex::default(),
-            warm_root,
+            warm_root: std::sync::OnceLock::new(),
         }))
+    }
+
+    /// Stacks the image's layers into its warm root, once, if its root is
+    /// read-only and has several (one is bound as it is, warm already).
+    /// Called before a deploy's first start and before a spare is built:
+    /// not on a restart's first starts, where hundreds of versions at once
+    /// would make every one of them wait longer.
+    pub(crate) async fn stack_layers(&self) {
+        if self.warm_root.get().is_some() || self.writable.is_some() || self.layers.len() < 2 {
+            return;
+        }
+        let (layers, staging) = (
+            self.layers.clone(),
+            self.shared.warm_staging(&self.name, self.version),
+        );
+        let stacked = tokio::task::spawn_blocking(move || WarmRoot::mount(&layers, &staging))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        let root = match stacked {
+            Ok(root) => Some(Arc::new(root)),
+            // Each instance stacks the layers itself then, as it would
+            // without: slower to start, and its own error if it fails.
+            Err(e) => {
+                warn!("{}: instances stack their layers each: {e}", self.name);
+                None
+            }
+        };
+        let _ = self.warm_root.set(root);
+    }
+
+    fn stacked_root(&self) -> Option<Arc<WarmRoot>> {
+        self.warm_root.get().cloned().flatten()
     }
 
     /// Persistent services take long-lived connections (WebSocket).
@@ -556,7 +575,7 @@ impl ServiceRuntime {
             writable: self.writable.clone(),
             uid: self.uid,
             accounts: &self.accounts,
-            warm_root: self.warm_root.clone(),
+            warm_root: self.stacked_root(),
             mount_point: &shared.mount_point(),
             log: self.log.clone(),
             events: shared.events.clone(),
@@ -809,6 +828,7 @@ impl ServiceRuntime {
         // On the platform's runtime: the decision may be taken on a gateway
         // thread.
         let task = self.shared.runtime.spawn(async move {
+            this.stack_layers().await;
             let id = this.shared.instance_id(&this.name);
             let limits = instance::cgroup_limits(&this.spec);
             let mount_point = this.shared.mount_point();
@@ -818,7 +838,7 @@ impl ServiceRuntime {
                 writable: this.writable.clone(),
                 uid: this.uid,
                 accounts: &this.accounts,
-                warm_root: this.warm_root.clone(),
+                warm_root: this.stacked_root(),
                 mount_point: &mount_point,
                 log: this.log.clone(),
                 events: this.shared.events.clone(),
