@@ -18,7 +18,7 @@ use skiff_sandbox::beneath::Tree;
 use skiff_sandbox::{disk, Freezer, Held, NetNs, Prepared, WarmRoot, WritableLayer};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::task::JoinHandle;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::context::Context;
 use crate::events::Event;
@@ -133,6 +133,8 @@ pub(crate) struct ServiceRuntime {
     accounts: Vec<skiff_sandbox::Bind>,
     /// A sandbox prepared for the next start (see `Sandbox::prepare`).
     spare: Mutex<Spare>,
+    /// Wakes the wait for a ready spare's expiry when a start took it.
+    spare_taken: Notify,
     /// The image's layers stacked once for all its instances, when they
     /// are several and the root is read-only (`skiff_sandbox::WarmRoot`):
     /// set by `stack_layers` (`None` when stacking failed), unset before.
@@ -148,7 +150,8 @@ enum Spare {
     /// holds the outcome (or is dropped when the preparation ended
     /// otherwise).
     Preparing(watch::Receiver<bool>, Instant),
-    Ready(Box<Ahead>),
+    /// Ready since then.
+    Ready(Box<Ahead>, Instant),
 }
 
 /// A sandbox made ahead of its start.
@@ -174,6 +177,19 @@ impl Ahead {
 /// rather than prepare its own: a preparation takes milliseconds, more
 /// only on a loaded host; one stuck longer holds no start up.
 const SPARE_WAIT: Duration = Duration::from_secs(1);
+
+/// How long a spare waits for a start before it is discarded: a service
+/// left at zero holds no sandbox (three processes, 2.3 MB) for good.
+/// `SKIFF_SPARE_KEEP` (e.g. `2s`) sets it, for the tests.
+fn spare_keep() -> Duration {
+    static KEEP: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *KEEP.get_or_init(|| {
+        std::env::var("SKIFF_SPARE_KEEP")
+            .ok()
+            .and_then(|v| humantime::parse_duration(&v).ok())
+            .unwrap_or(Duration::from_secs(600))
+    })
+}
 
 /// `SKIFF_NO_SPARE=1`: no sandbox is prepared ahead (the benchmarks
 /// measure a start without one).
@@ -253,6 +269,7 @@ impl ServiceRuntime {
             uid,
             accounts,
             spare: Mutex::default(),
+            spare_taken: Notify::new(),
             warm_root: std::sync::OnceLock::new(),
         }))
     }
@@ -779,7 +796,10 @@ impl ServiceRuntime {
                 let mut spare = lock(&self.spare);
                 match std::mem::take(&mut *spare) {
                     Spare::None => return None,
-                    Spare::Ready(ahead) => return Some(*ahead),
+                    Spare::Ready(ahead, _) => {
+                        self.spare_taken.notify_waiters();
+                        return Some(*ahead);
+                    }
                     Spare::Preparing(ready, since) => {
                         *spare = Spare::Preparing(ready.clone(), since);
                         (ready, since)
@@ -858,11 +878,12 @@ impl ServiceRuntime {
             // Stored under the one lock that shutdown takes after setting
             // its flag: the spare is either seen and taken by shutdown, or
             // discarded here.
+            let ready_at = Instant::now();
             let unused = {
                 let mut spare = lock(&this.spare);
                 match prepared {
                     Ok(ahead) if !*this.shutdown.borrow() => {
-                        *spare = Spare::Ready(Box::new(ahead));
+                        *spare = Spare::Ready(Box::new(ahead), ready_at);
                         None
                     }
                     Ok(ahead) => {
@@ -879,6 +900,36 @@ impl ServiceRuntime {
             let _ = done.send(true);
             if let Some(unused) = unused {
                 unused.discard().await;
+                return;
+            }
+            // Unused for long, it goes (the next start then builds its own).
+            let mut shutdown = this.shutdown.subscribe();
+            let expiry = tokio::time::sleep(spare_keep());
+            tokio::pin!(expiry);
+            loop {
+                let taken = this.spare_taken.notified();
+                if !matches!(&*lock(&this.spare), Spare::Ready(_, at) if *at == ready_at) {
+                    return;
+                }
+                tokio::select! {
+                    _ = &mut expiry => break,
+                    _ = taken => {}
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
+            }
+            let expired = {
+                let mut spare = lock(&this.spare);
+                match std::mem::take(&mut *spare) {
+                    Spare::Ready(ahead, at) if at == ready_at => Some(ahead),
+                    other => {
+                        *spare = other;
+                        None
+                    }
+                }
+            };
+            if let Some(ahead) = expired {
+                debug!("{}: a sandbox made ahead went unused; discarded", this.name);
+                ahead.discard().await;
             }
         });
         let mut tasks = lock(&self.tasks);
@@ -954,7 +1005,7 @@ impl ServiceRuntime {
         self.decide(|s| ((), s.shutdown()));
         let _ = self.shutdown.send(true);
         let spare = std::mem::take(&mut *lock(&self.spare));
-        if let Spare::Ready(spare) = spare {
+        if let Spare::Ready(spare, _) = spare {
             spare.discard().await;
         }
         loop {

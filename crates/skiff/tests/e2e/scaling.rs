@@ -204,6 +204,32 @@ fn instances_of_an_image_share_one_root_that_no_mount_table_shows() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// A spare that no start takes goes after a while (`SKIFF_SPARE_KEEP`,
+/// 10 minutes unless set): a service left at zero holds no sandbox for
+/// good. The next request still gets an instance, started afresh.
+#[test]
+fn an_unused_spare_goes_and_the_next_start_makes_its_own() {
+    let name = unique("expire");
+    let app = app(&name, "idle_stop = \"1s\"");
+    let mut up = Up::start_wrapped(&["env", "SKIFF_SPARE_KEEP=2s"], &[app.path()], &[]);
+    assert_eq!(up.wait_urls(1, FIRST_START).len(), 1, "{}", up.stderr());
+    ok_body(&up, &name, "/");
+    wait_stopped_idle(&mut up, &name);
+    let groups = || cgroups_named(&name);
+    assert!(
+        eventually(Duration::from_secs(5), || running_processes(&name) == 0
+            && !groups().is_empty()),
+        "no spare waits: {}",
+        up.stderr()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || groups().is_empty()),
+        "the spare is still there: {:?}",
+        groups()
+    );
+    ok_body(&up, &name, "/");
+}
+
 /// The spare of a service at zero is built ahead and waits; killed while
 /// it waits (the host's OOM killer, an operator), the next start does not
 /// fail for it: it starts afresh.
