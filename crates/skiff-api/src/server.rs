@@ -9,6 +9,7 @@
 //! | `DELETE /v1/services/{name}` | remove |
 //! | `GET /v1/services/{name}/logs?since=&tail=&follow=` | NDJSON log lines |
 //! | `GET /v1/services/{name}/doctor` | findings with evidence, start phases |
+//! | `GET /metrics` | the platform's metrics, Prometheus's text format |
 //! | `GET /openapi.json` | this API's description (no token needed) |
 
 use std::convert::Infallible;
@@ -53,6 +54,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/v1/services/{name}"),
     ("GET", "/v1/services/{name}/logs"),
     ("GET", "/v1/services/{name}/doctor"),
+    ("GET", "/metrics"),
     ("GET", "/openapi.json"),
 ];
 
@@ -266,7 +268,9 @@ impl Api {
                 self.logs(name, &q)
             }
             ("GET", ["v1", "services", name, "doctor"]) => self.doctor(name),
-            (_, ["v1", "services"])
+            ("GET", ["metrics"]) => self.metrics(),
+            (_, ["metrics"])
+            | (_, ["v1", "services"])
             | (_, ["v1", "deploy"])
             | (_, ["v1", "services", _])
             | (_, ["v1", "services", _, "logs"])
@@ -278,6 +282,18 @@ impl Api {
                 path: path.to_string(),
             }),
         }
+    }
+
+    /// `GET /metrics`: behind the token like the rest (it names every
+    /// service and how it is used); Prometheus sends it from a file.
+    fn metrics(&self) -> Response<ApiBody> {
+        Response::builder()
+            .header(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+            .body(Full::new(Bytes::from(self.platform.metrics())).boxed())
+            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
     }
 
     fn summary(&self, s: &LiveStatus) -> types::ServiceSummary {

@@ -40,6 +40,8 @@ pub(crate) struct Context {
     /// going idle together (after a restart, their idle stops line up)
     /// must not take the CPU from the starts that serve requests.
     pub(crate) spare_builds: tokio::sync::Semaphore,
+    /// What `GET /metrics` shows.
+    pub(crate) metrics: crate::metrics::Metrics,
 }
 
 impl Context {
@@ -64,6 +66,7 @@ impl Context {
             spare_builds: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
             ),
+            metrics: crate::metrics::Metrics::new(),
         }
     }
 

@@ -332,6 +332,7 @@ impl Handle {
             }
         }
         if ready {
+            shared.ctx.metrics.build(&name, "reused", None);
             let _ = shared.ctx.events.send(Event::BuildFinished {
                 service: name,
                 elapsed: None,
@@ -352,7 +353,14 @@ impl Handle {
                 events: shared.ctx.events.clone(),
             };
             let id = shared.ctx.instance_id(&format!("{name}-build"));
-            let report = build::run(&ctx, spec, build, &lower, &image, &id).await?;
+            let began = std::time::Instant::now();
+            let ran = build::run(&ctx, spec, build, &lower, &image, &id).await;
+            let result = if ran.is_ok() { "built" } else { "failed" };
+            shared
+                .ctx
+                .metrics
+                .build(&name, result, Some(began.elapsed()));
+            let report = ran?;
             elapsed = Some(report.elapsed);
             let _ = shared.ctx.events.send(Event::BuildFinished {
                 service: name,

@@ -22,6 +22,7 @@ mod events;
 pub mod health;
 mod images;
 mod instance;
+pub mod metrics;
 mod platform;
 mod remove;
 mod restore;

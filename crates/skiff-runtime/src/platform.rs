@@ -417,6 +417,27 @@ impl Handle {
     }
 }
 
+impl Handle {
+    /// The platform's metrics in Prometheus's text format, with the
+    /// instances of every service that has some at this moment.
+    pub fn metrics(&self) -> String {
+        let names: Vec<String> = self.shared.table.read().keys().cloned().collect();
+        let instances: Vec<_> = names
+            .into_iter()
+            .filter_map(|n| {
+                let c = self.status(&n)?.instances;
+                let states = [
+                    ("running", c.running),
+                    ("suspended", c.suspended),
+                    ("starting", c.starting),
+                ];
+                Some((n, states))
+            })
+            .collect();
+        self.shared.ctx.metrics.encode(&instances)
+    }
+}
+
 /// Writes what happens to instances into the records, so `status` and
 /// `logs` show it after the fact.
 async fn record_events(ctx: Arc<Context>, mut events: broadcast::Receiver<Event>) {

@@ -48,6 +48,7 @@ impl Handle {
         while stopping.join_next().await.is_some() {}
         let removed = shared.ctx.store.remove_service(name);
         if removed.is_ok() {
+            shared.ctx.metrics.forget(name);
             // While the entry is still marked: a deploy of the same name is
             // refused until the files are gone, so it cannot lose its own.
             if let Err(e) = shared.images.remove_ref(name) {

@@ -135,6 +135,8 @@ pub(crate) struct ServiceRuntime {
     spare: Mutex<Spare>,
     /// Wakes the wait for a ready spare's expiry when a start took it.
     spare_taken: Notify,
+    /// Where this service's thaws are timed (`crate::metrics`).
+    thaws: prometheus_client::metrics::histogram::Histogram,
     /// The image's layers stacked once for all its instances, when they
     /// are several and the root is read-only (`skiff_sandbox::WarmRoot`):
     /// set by `stack_layers` (`None` when stacking failed), unset before.
@@ -230,6 +232,7 @@ impl ServiceRuntime {
         } else {
             None
         };
+        let thaws = shared.metrics.thaws_of(spec.name.as_str());
         let l = &spec.limits;
         // Suspended at once: its first answers are checked for work after them.
         let checking = l.idle_suspend.is_zero() && !persistent;
@@ -270,6 +273,7 @@ impl ServiceRuntime {
             accounts,
             spare: Mutex::default(),
             spare_taken: Notify::new(),
+            thaws,
             warm_root: std::sync::OnceLock::new(),
         }))
     }
@@ -391,8 +395,13 @@ impl ServiceRuntime {
                             }
                         }
                         if let Some(fz) = core.freezers.get(&n) {
-                            if let Err(e) = fz.set(frozen) {
-                                warn!("{}: freezer of instance {n}: {e}", self.name);
+                            let began = Instant::now();
+                            match fz.set(frozen) {
+                                Err(e) => warn!("{}: freezer of instance {n}: {e}", self.name),
+                                Ok(()) if !frozen => {
+                                    self.thaws.observe(began.elapsed().as_secs_f64());
+                                }
+                                Ok(()) => {}
                             }
                         }
                     }
@@ -694,6 +703,7 @@ impl ServiceRuntime {
             at,
             phases: report.phases,
         };
+        shared.metrics.started(&self.name, &report.phases);
         let store = shared.store.clone();
         let name = self.name.clone();
         tokio::task::spawn_blocking(move || {

@@ -12,6 +12,7 @@ mod gateway;
 mod gateway_safety;
 mod host_safety;
 mod isolation;
+mod metrics;
 mod persistent;
 mod sandbox;
 mod scaling;

@@ -1,0 +1,329 @@
+//! What the platform counts for Prometheus (`GET /metrics` on the control
+//! API): per service, cold starts and how long each phase took, thaws,
+//! builds by result, and the instances by state at the time of the scrape.
+//!
+//! Names follow OpenTelemetry's FaaS conventions where one fits
+//! (`faas.coldstarts` is `faas_coldstarts_total`, `faas.init_duration` is
+//! `faas_init_duration_seconds`, the service is `faas_name`); the rest are
+//! skiff's own, prefixed `skiff_`. Everything here changes a few times per
+//! start or build; a thaw, which can come with every request, observes a
+//! histogram its service holds (no lookup, no allocation).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use skiff_core::Phases;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Service {
+    faas_name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StartPhase {
+    faas_name: String,
+    /// `sandbox_ready`, `process_started`, `port_listening`, `first_answer`.
+    phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Build {
+    faas_name: String,
+    /// `built`, `reused` or `failed`.
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstanceState {
+    faas_name: String,
+    /// `running`, `suspended` or `starting`.
+    state: &'static str,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+/// Starts: a millisecond to a minute.
+fn start_buckets() -> Histogram {
+    Histogram::new([
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    ])
+}
+
+/// Thaws: from 10 µs to 100 ms.
+fn thaw_buckets() -> Histogram {
+    Histogram::new([
+        0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.01, 0.1,
+    ])
+}
+
+/// Builds: a second to half an hour.
+fn build_buckets() -> Histogram {
+    Histogram::new([1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0])
+}
+
+/// The platform's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    coldstarts: Family<Service, Counter>,
+    init_duration: Histograms<Service>,
+    start_phases: Histograms<StartPhase>,
+    thaws: Histograms<Service>,
+    builds: Family<Build, Counter>,
+    build_duration: Histograms<Service>,
+    instances: Family<InstanceState, Gauge>,
+    /// Held while the instance gauges are set and the text is made, so two
+    /// scrapes at once do not mix.
+    scrape: Mutex<()>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let coldstarts = Family::<Service, Counter>::default();
+        let init_duration = Histograms::<Service>::new_with_constructor(start_buckets);
+        let start_phases = Histograms::<StartPhase>::new_with_constructor(start_buckets);
+        let thaws = Histograms::<Service>::new_with_constructor(thaw_buckets);
+        let builds = Family::<Build, Counter>::default();
+        let build_duration = Histograms::<Service>::new_with_constructor(build_buckets);
+        let instances = Family::<InstanceState, Gauge>::default();
+        let mut registry = Registry::default();
+        registry.register(
+            "faas_coldstarts",
+            "Instances started from nothing (to zero and back, scale-out, restarts)",
+            coldstarts.clone(),
+        );
+        registry.register_with_unit(
+            "faas_init_duration",
+            "From the request to start an instance until its first answer to the health check",
+            Unit::Seconds,
+            init_duration.clone(),
+        );
+        registry.register_with_unit(
+            "skiff_start_phase",
+            "When each phase of a start was reached, counted from the request to start",
+            Unit::Seconds,
+            start_phases.clone(),
+        );
+        registry.register_with_unit(
+            "skiff_thaw_duration",
+            "Thawing a suspended instance for a request",
+            Unit::Seconds,
+            thaws.clone(),
+        );
+        registry.register(
+            "skiff_builds",
+            "Deploys by what their image took: built, reused, or a build that failed",
+            builds.clone(),
+        );
+        registry.register_with_unit(
+            "skiff_build_duration",
+            "Builds that ran, failed ones too",
+            Unit::Seconds,
+            build_duration.clone(),
+        );
+        registry.register(
+            "skiff_instances",
+            "Instances by state at the time of the scrape",
+            instances.clone(),
+        );
+        Self {
+            registry,
+            coldstarts,
+            init_duration,
+            start_phases,
+            thaws,
+            builds,
+            build_duration,
+            instances,
+            scrape: Mutex::new(()),
+        }
+    }
+
+    /// An instance of `service` started and answered its health check.
+    pub(crate) fn started(&self, service: &str, phases: &Phases) {
+        let name = || service.to_string();
+        self.coldstarts
+            .get_or_create(&Service { faas_name: name() })
+            .inc();
+        self.init_duration
+            .get_or_create(&Service { faas_name: name() })
+            .observe(phases.first_answer.as_secs_f64());
+        for (phase, at) in [
+            ("sandbox_ready", phases.sandbox_ready),
+            ("process_started", phases.process_started),
+            ("port_listening", phases.port_listening),
+            ("first_answer", phases.first_answer),
+        ] {
+            self.start_phases
+                .get_or_create(&StartPhase {
+                    faas_name: name(),
+                    phase,
+                })
+                .observe(at.as_secs_f64());
+        }
+    }
+
+    /// Where `service`'s thaws are observed: kept by the service, since a
+    /// thaw can come with every request (`idle_suspend = "0s"`).
+    pub(crate) fn thaws_of(&self, service: &str) -> Histogram {
+        self.thaws
+            .get_or_create(&Service {
+                faas_name: service.to_string(),
+            })
+            .clone()
+    }
+
+    /// A deploy of `service` got its image: `built` in `took`, `reused`, or
+    /// `failed` after `took`.
+    pub(crate) fn build(&self, service: &str, result: &'static str, took: Option<Duration>) {
+        self.builds
+            .get_or_create(&Build {
+                faas_name: service.to_string(),
+                result,
+            })
+            .inc();
+        if let Some(took) = took {
+            self.build_duration
+                .get_or_create(&Service {
+                    faas_name: service.to_string(),
+                })
+                .observe(took.as_secs_f64());
+        }
+    }
+
+    /// A removed service's series go with it.
+    pub(crate) fn forget(&self, service: &str) {
+        let one = Service {
+            faas_name: service.to_string(),
+        };
+        self.coldstarts.remove(&one);
+        self.init_duration.remove(&one);
+        self.thaws.remove(&one);
+        self.build_duration.remove(&one);
+        for phase in [
+            "sandbox_ready",
+            "process_started",
+            "port_listening",
+            "first_answer",
+        ] {
+            self.start_phases.remove(&StartPhase {
+                faas_name: service.to_string(),
+                phase,
+            });
+        }
+        for result in ["built", "reused", "failed"] {
+            self.builds.remove(&Build {
+                faas_name: service.to_string(),
+                result,
+            });
+        }
+    }
+
+    /// The text exposition (Prometheus text format 0.0.4, which OpenMetrics
+    /// parsers read too), with each service's instances by state
+    /// (`running`, `suspended`, `starting`) as `instances` gives them.
+    pub fn encode(&self, instances: &[(String, [(&'static str, usize); 3])]) -> String {
+        let _one = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        self.instances.clear();
+        for (service, states) in instances {
+            for &(state, n) in states {
+                self.instances
+                    .get_or_create(&InstanceState {
+                        faas_name: service.clone(),
+                        state,
+                    })
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn phases(ms: u64) -> Phases {
+        Phases {
+            sandbox_ready: Duration::from_micros(200),
+            process_started: Duration::from_micros(600),
+            port_listening: Duration::from_millis(ms - 1),
+            first_answer: Duration::from_millis(ms),
+        }
+    }
+
+    fn line<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(prefix))
+    }
+
+    #[test]
+    fn starts_thaws_builds_and_instances_are_exposed_by_service() {
+        let m = Metrics::new();
+        m.started("api", &phases(40));
+        m.started("api", &phases(60));
+        m.thaws_of("api")
+            .observe(Duration::from_micros(80).as_secs_f64());
+        m.build("api", "built", Some(Duration::from_secs(3)));
+        m.build("web", "reused", None);
+        let count = [("running", 1), ("suspended", 2), ("starting", 0)];
+        let text = m.encode(&[("api".into(), count)]);
+        assert_eq!(
+            line(&text, "faas_coldstarts_total{faas_name=\"api\"}"),
+            Some("faas_coldstarts_total{faas_name=\"api\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("faas_init_duration_seconds_bucket{le=\"0.05\",faas_name=\"api\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("faas_init_duration_seconds_count{faas_name=\"api\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "skiff_start_phase_seconds_count{faas_name=\"api\",phase=\"port_listening\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("skiff_thaw_duration_seconds_bucket{le=\"0.0001\",faas_name=\"api\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("skiff_builds_total{faas_name=\"web\",result=\"reused\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("skiff_build_duration_seconds_sum{faas_name=\"api\"} 3.0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("skiff_instances{faas_name=\"api\",state=\"suspended\"} 2"),
+            "{text}"
+        );
+        // A service gone from the scrape's list is gone from the gauges;
+        // a removed one from everything.
+        let text = m.encode(&[]);
+        assert!(!text.contains("skiff_instances{"), "{text}");
+        m.forget("api");
+        let text = m.encode(&[]);
+        assert!(!text.contains("faas_name=\"api\""), "{text}");
+        assert!(text.contains("faas_name=\"web\""), "{text}");
+    }
+}

@@ -1,0 +1,184 @@
+//! `GET /metrics` as its real consumer reads it: a Prometheus server (Debian's
+//! `prometheus`, which `.ci/run` unpacks) scrapes the daemon with its token,
+//! and its own query API then answers with skiff's series.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::sandbox::host;
+use crate::support::*;
+use crate::FIRST_START;
+
+/// Where `.ci/run` unpacks Debian's package (`dpkg-deb -x`: no service is
+/// installed or started), unless `prometheus` is on the PATH.
+const UNPACKED: &str = "/opt/skiff-ci/prometheus/usr/bin/prometheus";
+
+fn prometheus_binary() -> PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("prometheus"))
+            .find(|p| p.is_file())
+    });
+    on_path.unwrap_or_else(|| {
+        let unpacked = PathBuf::from(UNPACKED);
+        assert!(
+            unpacked.is_file(),
+            "no prometheus binary: install Debian's `prometheus`, or unpack it as .ci/run \
+             does (apt-get download prometheus && dpkg-deb -x prometheus_*.deb \
+             /opt/skiff-ci/prometheus)"
+        );
+        unpacked
+    })
+}
+
+/// A Prometheus server of the test's own, killed when dropped.
+struct Prometheus {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Prometheus {
+    /// Scrapes `target` (`host:port`) every second with the token in
+    /// `token_file`.
+    fn scraping(target: &str, token_file: &std::path::Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: skiff\n    authorization:\n      \
+                 credentials_file: {}\n    static_configs:\n      - targets: ['{target}']\n",
+                token_file.display()
+            ),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(prometheus_binary())
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus");
+        Self {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+
+    /// The result of an instant query, as Prometheus's JSON.
+    fn query(&self, query: &str) -> String {
+        let q: String = query
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => {
+                    char::from(b).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        // Not listening yet while it starts: no answer then.
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let head = format!(
+            "GET /api/v1/query?query={q} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        );
+        let mut raw = String::new();
+        if s.write_all(head.as_bytes()).is_err() || s.read_to_string(&mut raw).is_err() {
+            return String::new();
+        }
+        raw.split_once("\r\n\r\n")
+            .map_or(String::new(), |(_, body)| body.to_string())
+    }
+
+    /// Waits until `query` has a result whose value satisfies `ok`; returns
+    /// the last answer either way.
+    fn wait_for(&self, query: &str, ok: impl Fn(f64) -> bool) -> (bool, String) {
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            last = self.query(query);
+            if first_value(&last).is_some_and(&ok) {
+                return (true, last);
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        (false, last)
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of the first sample in an instant query's JSON answer.
+fn first_value(json: &str) -> Option<f64> {
+    let v: serde_json::Value = serde_json::from_str(json).ok()?;
+    let sample = v.pointer("/data/result/0/value/1")?;
+    sample.as_str()?.parse().ok()
+}
+
+#[test]
+fn prometheus_scrapes_starts_thaws_and_instances_per_service() {
+    let name = unique("metrics");
+    let app = App::new(
+        &format!("name = \"{name}\"\nstart = \"exec python3 app.py\"\n"),
+        &[("app.py", TICKER_APP)],
+    );
+    let mut up = Up::start(&[app.path()], &[]);
+    assert_eq!(up.wait_urls(1, FIRST_START).len(), 1, "{}", up.stderr());
+    // Frozen between requests (idle_suspend 0s): each one thaws it.
+    for _ in 0..5 {
+        assert_eq!(up.get(&host(&name), "/").status, 200);
+    }
+    // Behind the token like the rest of the API.
+    let (status, _) = up.api("GET", "/metrics", b"", Some("wrong"));
+    assert_eq!(status, 401);
+    let (status, text) = up.api("GET", "/metrics", b"", None);
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.contains(&format!("faas_coldstarts_total{{faas_name=\"{name}\"}} 1")),
+        "{text}"
+    );
+
+    let state = up.state_dir();
+    let target = std::fs::read_to_string(state.join("api-address")).unwrap();
+    let prometheus = Prometheus::scraping(target.trim(), &state.join("api-token"));
+    let label = format!("{{faas_name=\"{name}\"}}");
+    let (ok, last) = prometheus.wait_for(&format!("faas_coldstarts_total{label}"), |v| v == 1.0);
+    assert!(ok, "Prometheus has no cold start of {name}: {last}");
+    let (ok, last) = prometheus
+        .wait_for(&format!("skiff_thaw_duration_seconds_count{label}"), |v| {
+            v >= 4.0
+        });
+    assert!(ok, "Prometheus has no thaws of {name}: {last}");
+    let (ok, last) = prometheus.wait_for(&format!("sum(skiff_instances{label})"), |v| v == 1.0);
+    assert!(ok, "Prometheus has no instance of {name}: {last}");
+    let (ok, last) = prometheus.wait_for(&format!("faas_init_duration_seconds_sum{label}"), |v| {
+        v > 0.0 && v < 60.0
+    });
+    assert!(ok, "Prometheus has no start duration of {name}: {last}");
+    // The scrape itself is healthy (Prometheus's own `up` series).
+    let (ok, last) = prometheus.wait_for("up{job=\"skiff\"}", |v| v == 1.0);
+    assert!(ok, "{last}");
+    drop(up);
+}
