@@ -5,6 +5,10 @@
 #   bench/gateway.sh            (as root; needs wrk and nginx on the host:
 #                                apt-get install wrk nginx-light)
 #
+# With SKIFF_BASELINE=/path/to/another/skiff (e.g. a release build of the
+# commit before a change), that build's gateway serves the same service
+# from a daemon of its own, measured in turn with this one.
+#
 # The server is nginx itself (a small keep-alive answer) running as a skiff
 # service. "Direct" and the nginx reverse proxy run inside the service's
 # network namespace (nsenter), as the gateway reaches it from there too.
@@ -19,10 +23,12 @@ SKIFF=$PWD/target/release/skiff
 
 work=$(mktemp -d)
 skiff_pid=""
+base_pid=""
 proxy_pid=""
 cleanup() {
     [ -n "$proxy_pid" ] && kill "$proxy_pid" 2>/dev/null || true
     [ -n "$skiff_pid" ] && kill -TERM "$skiff_pid" 2>/dev/null && wait "$skiff_pid" 2>/dev/null || true
+    [ -n "$base_pid" ] && kill -TERM "$base_pid" 2>/dev/null && wait "$base_pid" 2>/dev/null || true
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -59,16 +65,28 @@ idle_suspend = "1h"
 idle_stop = "1h"
 TOML
 
-"$SKIFF" up "$work/app" --listen 127.0.0.1:0 --api 127.0.0.1:0 --state "$work/state" > "$work/up.out" 2> "$work/up.err" &
-skiff_pid=$!
-for _ in $(seq 1 600); do
-    grep -q '^http://' "$work/up.out" 2>/dev/null && break
-    kill -0 "$skiff_pid" 2>/dev/null || { cat "$work/up.err" >&2; exit 1; }
-    sleep 0.5
-done
-url=$(grep -m1 '^http://' "$work/up.out")
-gw_port=${url##*:}; gw_port=${gw_port%/}
+# Runs `skiff up` of the app with the binary $1, its files under $work/$2;
+# its pid goes into the variable named $3 (at once, for the cleanup), its
+# gateway's port into the one named $4, once it serves.
+start_up() {
+    "$1" up "$work/app" --listen 127.0.0.1:0 --api 127.0.0.1:0 --state "$work/$2-state" > "$work/$2.out" 2> "$work/$2.err" &
+    printf -v "$3" %s $!
+    for _ in $(seq 1 600); do
+        grep -q '^http://' "$work/$2.out" 2>/dev/null && break
+        kill -0 "${!3}" 2>/dev/null || { cat "$work/$2.err" >&2; exit 1; }
+        sleep 0.5
+    done
+    local url
+    url=$(grep -m1 '^http://' "$work/$2.out")
+    url=${url##*:}
+    printf -v "$4" %s "${url%/}"
+}
+start_up "$SKIFF" up skiff_pid gw_port
 cg=$(ls -d /sys/fs/cgroup/unified/skiff/bench-nginx-* | head -1)
+base_port=""
+if [ -n "${SKIFF_BASELINE:-}" ]; then
+    start_up "$SKIFF_BASELINE" base base_pid base_port
+fi
 inst_pid=$(head -1 "$cg/cgroup.procs")
 netns=/proc/$inst_pid/ns/net
 
@@ -128,9 +146,11 @@ for _ in $(seq 1 "$ROUNDS"); do
     run direct-64 wrk_in_ns -t2 -c64 -d"$DURATION" http://127.0.0.1:8080/
     run nginx-proxy-64 wrk_in_ns -t2 -c64 -d"$DURATION" http://127.0.0.1:18080/
     run skiff-64 wrk -t2 -c64 -d"$DURATION" -H "$H" "http://127.0.0.1:$gw_port/"
+    if [ -n "$base_port" ]; then run baseline-64 wrk -t2 -c64 -d"$DURATION" -H "$H" "http://127.0.0.1:$base_port/"; fi
     run direct-1 wrk_in_ns -t1 -c1 -d"$DURATION" --latency http://127.0.0.1:8080/
     run nginx-proxy-1 wrk_in_ns -t1 -c1 -d"$DURATION" --latency http://127.0.0.1:18080/
     run skiff-1 wrk -t1 -c1 -d"$DURATION" --latency -H "$H" "http://127.0.0.1:$gw_port/"
+    if [ -n "$base_port" ]; then run baseline-1 wrk -t1 -c1 -d"$DURATION" --latency -H "$H" "http://127.0.0.1:$base_port/"; fi
 done
 
 echo "64 connections, 2 threads, median of $ROUNDS runs of $DURATION:"
@@ -139,3 +159,8 @@ echo "1 connection, latency, median of $ROUNDS runs:"
 report direct-1; report nginx-proxy-1; report skiff-1
 ratio() { awk -v a="$(median "$work/$1.rps")" -v b="$(median "$work/$2.rps")" 'BEGIN { printf "%.2f", a / b }'; }
 echo "ratios at 64 connections: skiff/direct $(ratio skiff-64 direct-64), nginx/direct $(ratio nginx-proxy-64 direct-64), skiff/nginx $(ratio skiff-64 nginx-proxy-64)"
+if [ -n "$base_port" ]; then
+    echo "baseline build ($SKIFF_BASELINE), in turn with this one:"
+    report baseline-64; report baseline-1
+    echo "this build / baseline: 64 connections $(ratio skiff-64 baseline-64), 1 connection $(ratio skiff-1 baseline-1)"
+fi

@@ -7,6 +7,9 @@ use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 pub use skiff_core::errors::{ErrorKind, Source};
 
+/// The field that marks the gateway's own answers, with their kind.
+pub(crate) const ERROR_HEADER: &str = "x-skiff-error";
+
 /// The HTTP status of a gateway answer of `kind` (the kinds, their names
 /// and who causes them are `skiff_core::errors`).
 pub fn status(kind: ErrorKind) -> StatusCode {
@@ -151,7 +154,7 @@ fn error_response(failure: &Failure, json: bool) -> Response<Body> {
     *resp.status_mut() = status(kind);
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert("x-skiff-error", HeaderValue::from_static(kind.as_str()));
+    h.insert(ERROR_HEADER, HeaderValue::from_static(kind.as_str()));
     if matches!(kind, ErrorKind::Unavailable | ErrorKind::TooManyConnections) {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     }

@@ -25,11 +25,12 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::error::{ErrorKind, Failure};
+use crate::error::{status, ErrorKind, Failure};
 use crate::gateway::Gateway;
 use crate::h1;
 use crate::hyper_side::HyperBuilder;
 use crate::limits::{after, until, FAR};
+use crate::meter;
 use crate::pipeline::{self, Downstream, Piece, Serverless, Watched};
 use crate::route::ExchangeLimits;
 
@@ -413,6 +414,7 @@ impl Front {
             timer,
             closing,
             unread: true,
+            started: Instant::now(),
         };
         pipeline::serverless(&gw, &mut down, &req, rules).await
     }
@@ -524,6 +526,8 @@ struct Fast<'f, 't> {
     /// Part of the body is not read yet: an answer now closes the
     /// connection without resetting it away (`Front::linger`).
     unread: bool,
+    /// When its head had been read.
+    started: Instant,
 }
 
 impl Fast<'_, '_> {
@@ -629,11 +633,27 @@ impl Downstream for Fast<'_, '_> {
         }
         let length = (!received.bodiless).then_some(received.body.len());
         end_head(out, length, matches!(close, Close::Now));
-        self.front.send(&received.body).await?;
+        let status = received.status.as_u16();
+        let sent = self.front.send(&received.body).await;
+        let meter = self.front.gw.meter();
+        meter.answered(
+            Some(&self.plan.service),
+            status,
+            self.started.elapsed(),
+            None,
+        );
+        sent?;
         Ok(close)
     }
 
     async fn refuse(&mut self, failure: Failure) -> io::Result<Close> {
+        let kind = failure.kind();
+        let service = (!meter::before_routing(kind)).then_some(self.plan.service.as_str());
+        let took = self.started.elapsed();
+        self.front
+            .gw
+            .meter()
+            .answered(service, status(kind).as_u16(), took, Some(kind));
         let (json, head_only) = (self.plan.json, self.plan.head_only);
         if self.unread {
             self.front

@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use crate::admission::{Cidr, ConnectionLimits, ConnectionTable};
 use crate::error::{ErrorKind, Failure};
 use crate::h1;
+use crate::meter::{Meters, ThreadMeter};
 use crate::route::Router;
 use crate::upstream_io::UpstreamIo;
 
@@ -119,6 +120,8 @@ pub struct Gateway {
     /// The open client connections, shared with the gateway's other
     /// threads.
     connections: Arc<ConnectionTable>,
+    /// This thread's counts (`meter.rs`).
+    meter: ThreadMeter,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -131,15 +134,21 @@ impl std::fmt::Debug for Gateway {
 
 impl Gateway {
     pub fn new(router: Arc<dyn Router>, config: GatewayConfig) -> Arc<Self> {
-        Self::sharing(router, config, ConnectionTable::new())
+        Self::counting(router, config, &Meters::new())
     }
 
-    /// A gateway that counts its connections in `connections`, with
-    /// others (one per thread).
+    /// A gateway on one thread that counts its answers in `meters`.
+    pub fn counting(router: Arc<dyn Router>, config: GatewayConfig, meters: &Meters) -> Arc<Self> {
+        Self::sharing(router, config, ConnectionTable::new(), meters)
+    }
+
+    /// A gateway that counts its connections in `connections` and its
+    /// answers in `meters`, with others (one per thread).
     pub(crate) fn sharing(
         router: Arc<dyn Router>,
         config: GatewayConfig,
         connections: Arc<ConnectionTable>,
+        meters: &Meters,
     ) -> Arc<Self> {
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
@@ -153,6 +162,7 @@ impl Gateway {
             client,
             pool: h1::Pool::new(),
             connections,
+            meter: meters.for_thread(),
         })
     }
 
@@ -166,6 +176,10 @@ impl Gateway {
 
     pub(crate) fn config(&self) -> &GatewayConfig {
         &self.config
+    }
+
+    pub(crate) fn meter(&self) -> &ThreadMeter {
+        &self.meter
     }
 
     pub(crate) fn router(&self) -> &dyn Router {

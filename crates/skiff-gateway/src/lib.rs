@@ -16,6 +16,7 @@ mod gateway;
 mod h1;
 mod hyper_side;
 mod limits;
+mod meter;
 mod pipeline;
 mod route;
 mod threads;
@@ -24,6 +25,7 @@ mod upstream_io;
 pub use admission::{Admitted, Cidr, CidrError, ConnectionLimits, ConnectionTable, Refused};
 pub use error::{status, Cause, ErrorKind, Failure, Source};
 pub use gateway::{Gateway, GatewayConfig, GatewayError};
+pub use meter::{Counts, Meters, Snapshot, ThreadMeter, DURATION_BUCKETS};
 pub use route::{
     host_to_service, Connect, ConnectFuture, ExchangeLimits, FailureFuture, Lease, Route,
     RouteFuture, Router, Upstream,

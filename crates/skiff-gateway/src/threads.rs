@@ -20,6 +20,7 @@ use tracing::warn;
 
 use crate::admission::ConnectionTable;
 use crate::gateway::{Gateway, GatewayConfig, GatewayError};
+use crate::meter::Meters;
 use crate::route::Router;
 
 /// The gateway's listening socket, one handle per thread.
@@ -82,6 +83,7 @@ impl GatewayThreads {
         listeners: Listeners,
         accepting: watch::Receiver<bool>,
         running: watch::Receiver<bool>,
+        meters: Arc<Meters>,
     ) -> io::Result<Self> {
         let mut handles = Vec::new();
         // Connections are counted across threads: the caps are the
@@ -89,7 +91,7 @@ impl GatewayThreads {
         let connections = ConnectionTable::new();
         for (i, socket) in listeners.sockets.into_iter().enumerate() {
             let (router, config) = (router.clone(), config.clone());
-            let connections = connections.clone();
+            let (connections, meters) = (connections.clone(), meters.clone());
             let (mut accepting, mut running) = (accepting.clone(), running.clone());
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -114,7 +116,7 @@ impl GatewayThreads {
                         // any more. The same tick drops pooled connections
                         // to instances that are gone or idle too long, also
                         // when no request comes.
-                        let gateway = Gateway::sharing(router, config, connections);
+                        let gateway = Gateway::sharing(router, config, connections, &meters);
                         let sweeper = gateway.clone();
                         tokio::spawn(async move {
                             let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use skiff_gateway::{
     Connect, ConnectFuture, ConnectionLimits, ErrorKind, ExchangeLimits, Gateway, GatewayConfig,
-    Lease, Route, Router, Upstream,
+    Lease, Meters, Route, Router, Upstream,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -327,6 +327,7 @@ fn serverless(timeout_ms: u64) -> ExchangeLimits {
 struct Setup {
     addr: SocketAddr,
     router: Arc<FakeRouter>,
+    meters: Arc<Meters>,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
@@ -354,7 +355,8 @@ async fn gateway(tune: impl FnOnce(&mut GatewayConfig)) -> Setup {
     tune(&mut config);
     let listener = Gateway::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let gw = Gateway::new(router.clone(), config);
+    let meters = Meters::new();
+    let gw = Gateway::counting(router.clone(), config, &meters);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         let stopped = async {
@@ -365,6 +367,7 @@ async fn gateway(tune: impl FnOnce(&mut GatewayConfig)) -> Setup {
     Setup {
         addr,
         router,
+        meters,
         _stop: stop,
     }
 }
@@ -550,6 +553,59 @@ async fn requests_are_routed_by_host_on_both_sides() {
     let a = ask(setup.addr, "HEAD / HTTP/1.1\r\nHost: fn.test\r\n\r\n").await;
     assert_eq!((a.status, a.field("content-length")), (200, Some("2")));
     assert!(setup.router.reports().is_empty());
+}
+
+/// Every answer is counted once, on either side, under its service and
+/// status class; the gateway's own answers also by kind, and those for no
+/// service under none.
+#[tokio::test]
+async fn every_answer_is_counted_once_by_service_and_class() {
+    let setup = gateway(|_| {}).await;
+    let mut asked = Vec::new();
+    for (host, path) in [
+        ("FN.test", "/"),
+        ("fn.test", "/teapot"),
+        ("broken.test", "/"),
+        ("nope.test", "/"),
+    ] {
+        for (side, request) in both_sides(host, path) {
+            asked.push((side, host, ask(setup.addr, &request).await.status));
+        }
+    }
+    // Persistent: hyper's side, streamed.
+    asked.push((
+        "hyper",
+        "db",
+        ask(setup.addr, &get("db.test", "/")).await.status,
+    ));
+    let statuses: Vec<u16> = asked.iter().map(|a| a.2).collect();
+    assert_eq!(
+        statuses,
+        [200, 200, 418, 418, 503, 503, 404, 404, 200],
+        "{asked:?}"
+    );
+    let snap = setup.meters.snapshot();
+    let of = |name: &str| {
+        snap.services
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, c)| c.clone())
+            .unwrap_or_else(|| panic!("{name} not counted: {snap:?}"))
+    };
+    let kind = |k: ErrorKind| ErrorKind::ALL.iter().position(|x| *x == k).unwrap();
+    let fun = of("fn");
+    assert_eq!(fun.by_class, [0, 2, 0, 2, 0]);
+    assert_eq!(fun.buckets.iter().sum::<u64>(), 4);
+    assert!(fun.refused.iter().all(|n| *n == 0), "{fun:?}");
+    let broken = of("broken");
+    assert_eq!(broken.by_class, [0, 0, 0, 0, 2]);
+    assert_eq!(broken.refused[kind(ErrorKind::Unavailable)], 2);
+    assert_eq!(of("db").by_class, [0, 1, 0, 0, 0]);
+    // No row for a name nobody deployed.
+    let names: Vec<&str> = snap.services.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["broken", "db", "fn"]);
+    assert_eq!(snap.unrouted.by_class, [0, 0, 0, 2, 0]);
+    assert_eq!(snap.unrouted.refused[kind(ErrorKind::UnknownService)], 2);
 }
 
 #[tokio::test]

@@ -9,16 +9,20 @@
 //! start or build; a thaw, which can come with every request, observes a
 //! histogram its service holds (no lookup, no allocation).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
-use skiff_core::Phases;
+use skiff_core::{ErrorKind, Phases};
+use skiff_gateway::{Meters, DURATION_BUCKETS};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Service {
@@ -81,6 +85,91 @@ pub struct Metrics {
     /// Held while the instance gauges are set and the text is made, so two
     /// scrapes at once do not mix.
     scrape: Mutex<()>,
+    /// What the gateway's threads count, per request.
+    gateway: Arc<Meters>,
+}
+
+/// The gateway's counts, added up at each scrape.
+#[derive(Debug)]
+struct GatewayCollector(Arc<Meters>);
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+impl Collector for GatewayCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let snap = self.0.snapshot();
+        let all = || {
+            snap.services
+                .iter()
+                .map(|(name, c)| (Some(name.as_str()), c))
+                .chain([(None, &snap.unrouted)])
+        };
+        // `faas_name` only where the request reached a service.
+        let named = |name: Option<&str>, rest: Vec<(&'static str, String)>| {
+            let mut labels: Vec<(&'static str, String)> = Vec::new();
+            if let Some(name) = name {
+                labels.push(("faas_name", name.to_string()));
+            }
+            labels.extend(rest);
+            labels
+        };
+        {
+            let mut family = encoder.encode_descriptor(
+                "faas_invocations",
+                "Requests through the gateway, by the status class of their answer (the gateway's own answers included)",
+                None,
+                MetricType::Counter,
+            )?;
+            for (name, counts) in all() {
+                for (class, n) in CLASSES.iter().zip(counts.by_class) {
+                    if n == 0 {
+                        continue;
+                    }
+                    let labels = named(name, vec![("status_class", class.to_string())]);
+                    ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "faas_invoke_duration",
+                "From a request's head to its answer's, through the gateway (a streamed answer's body not included)",
+                Some(&Unit::Seconds),
+                MetricType::Histogram,
+            )?;
+            for (name, counts) in all() {
+                if counts.count() == 0 {
+                    continue;
+                }
+                let buckets: Vec<(f64, u64)> = DURATION_BUCKETS
+                    .iter()
+                    .copied()
+                    .chain([f64::MAX])
+                    .zip(counts.buckets)
+                    .collect();
+                let labels = named(name, vec![]);
+                family
+                    .encode_family(&labels)?
+                    .encode_histogram::<NoLabelSet>(counts.sum, counts.count(), &buckets, None)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "skiff_gateway_refusals",
+            "Requests the gateway answered itself, by reason (the x-skiff-error kind)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (name, counts) in all() {
+            for (kind, n) in ErrorKind::ALL.iter().zip(counts.refused) {
+                if n == 0 {
+                    continue;
+                }
+                let labels = named(name, vec![("reason", kind.as_str().to_string())]);
+                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Default for Metrics {
@@ -98,7 +187,9 @@ impl Metrics {
         let builds = Family::<Build, Counter>::default();
         let build_duration = Histograms::<Service>::new_with_constructor(build_buckets);
         let instances = Family::<InstanceState, Gauge>::default();
+        let gateway = Meters::new();
         let mut registry = Registry::default();
+        registry.register_collector(Box::new(GatewayCollector(gateway.clone())));
         registry.register(
             "faas_coldstarts",
             "Instances started from nothing (to zero and back, scale-out, restarts)",
@@ -148,7 +239,13 @@ impl Metrics {
             build_duration,
             instances,
             scrape: Mutex::new(()),
+            gateway,
         }
+    }
+
+    /// Where the gateway's threads count (`skiff_gateway::Meters`).
+    pub(crate) fn gateway(&self) -> Arc<Meters> {
+        self.gateway.clone()
     }
 
     /// An instance of `service` started and answered its health check.
@@ -205,6 +302,7 @@ impl Metrics {
 
     /// A removed service's series go with it.
     pub(crate) fn forget(&self, service: &str) {
+        self.gateway.forget(service);
         let one = Service {
             faas_name: service.to_string(),
         };
@@ -280,6 +378,16 @@ mod tests {
             .observe(Duration::from_micros(80).as_secs_f64());
         m.build("api", "built", Some(Duration::from_secs(3)));
         m.build("web", "reused", None);
+        let gateway = m.gateway().for_thread();
+        gateway.answered(Some("api"), 200, Duration::from_millis(2), None);
+        gateway.answered(Some("api"), 201, Duration::from_millis(20), None);
+        gateway.answered(
+            Some("api"),
+            504,
+            Duration::from_secs(30),
+            Some(ErrorKind::RequestTimeout),
+        );
+        gateway.answered(None, 404, Duration::ZERO, Some(ErrorKind::UnknownService));
         let count = [("running", 1), ("suspended", 2), ("starting", 0)];
         let text = m.encode(&[("api".into(), count)]);
         assert_eq!(
@@ -317,6 +425,18 @@ mod tests {
             text.contains("skiff_instances{faas_name=\"api\",state=\"suspended\"} 2"),
             "{text}"
         );
+        for expected in [
+            "faas_invocations_total{faas_name=\"api\",status_class=\"2xx\"} 2",
+            "faas_invocations_total{faas_name=\"api\",status_class=\"5xx\"} 1",
+            "faas_invocations_total{status_class=\"4xx\"} 1",
+            "faas_invoke_duration_seconds_bucket{le=\"0.0025\",faas_name=\"api\"} 1",
+            "faas_invoke_duration_seconds_bucket{le=\"+Inf\",faas_name=\"api\"} 3",
+            "faas_invoke_duration_seconds_count{faas_name=\"api\"} 3",
+            "skiff_gateway_refusals_total{faas_name=\"api\",reason=\"request-timeout\"} 1",
+            "skiff_gateway_refusals_total{reason=\"unknown-service\"} 1",
+        ] {
+            assert!(text.contains(expected), "{expected} in\n{text}");
+        }
         // A service gone from the scrape's list is gone from the gauges;
         // a removed one from everything.
         let text = m.encode(&[]);

@@ -270,6 +270,7 @@ impl Platform {
             listeners,
             accepting_rx,
             running_rx,
+            ctx.metrics.gateway(),
         )
         .map_err(|source| PlatformError::State {
             dir: shared.config.state_dir.clone(),

@@ -150,6 +150,8 @@ fn prometheus_scrapes_starts_thaws_and_instances_per_service() {
     for _ in 0..5 {
         assert_eq!(up.get(&host(&name), "/").status, 200);
     }
+    // One the gateway answers itself, for no service.
+    assert_eq!(up.get(&host("no-such-service"), "/").status, 404);
     // Behind the token like the rest of the API.
     let (status, _) = up.api("GET", "/metrics", b"", Some("wrong"));
     assert_eq!(status, 401);
@@ -177,6 +179,21 @@ fn prometheus_scrapes_starts_thaws_and_instances_per_service() {
         v > 0.0 && v < 60.0
     });
     assert!(ok, "Prometheus has no start duration of {name}: {last}");
+    // The gateway's counts: the answers by class, their durations, and
+    // its own refusal (for no service: no `faas_name`).
+    let answers = format!("faas_invocations_total{{faas_name=\"{name}\",status_class=\"2xx\"}}");
+    let (ok, last) = prometheus.wait_for(&answers, |v| v >= 5.0);
+    assert!(ok, "Prometheus has not the answers of {name}: {last}");
+    let (ok, last) = prometheus
+        .wait_for(&format!("faas_invoke_duration_seconds_count{label}"), |v| {
+            v >= 5.0
+        });
+    assert!(ok, "Prometheus has not the durations of {name}: {last}");
+    let (ok, last) = prometheus.wait_for(
+        "skiff_gateway_refusals_total{reason=\"unknown-service\",faas_name=\"\"}",
+        |v| v == 1.0,
+    );
+    assert!(ok, "Prometheus has not the refusal: {last}");
     // The scrape itself is healthy (Prometheus's own `up` series).
     let (ok, last) = prometheus.wait_for("up{job=\"skiff\"}", |v| v == 1.0);
     assert!(ok, "{last}");
