@@ -17,6 +17,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetri
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
@@ -87,6 +88,57 @@ pub struct Metrics {
     scrape: Mutex<()>,
     /// What the gateway's threads count, per request.
     gateway: Arc<Meters>,
+    /// The instances' usage, as the last scrape read it.
+    usage: Arc<Mutex<Vec<InstanceUsage>>>,
+}
+
+/// What one instance uses, read at the scrape from its groups.
+#[derive(Debug, Clone)]
+pub struct InstanceUsage {
+    pub service: String,
+    pub instance: String,
+    /// CPU time used since it started.
+    pub cpu: Duration,
+    /// Memory used now, its `/tmp` included.
+    pub memory: u64,
+}
+
+/// The instances' usage as the scrape read it.
+#[derive(Debug, Default)]
+struct UsageCollector(Arc<Mutex<Vec<InstanceUsage>>>);
+
+impl Collector for UsageCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let usage = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let labels = |u: &InstanceUsage| {
+            [
+                ("faas_name", u.service.clone()),
+                ("faas_instance", u.instance.clone()),
+            ]
+        };
+        {
+            let mut family = encoder.encode_descriptor(
+                "skiff_instance_memory",
+                "Memory an instance uses, its /tmp included (its memory cgroup)",
+                Some(&Unit::Bytes),
+                MetricType::Gauge,
+            )?;
+            for u in usage.iter() {
+                let memory = i64::try_from(u.memory).unwrap_or(i64::MAX);
+                ConstGauge::new(memory).encode(family.encode_family(&labels(u))?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "skiff_instance_cpu",
+            "CPU time an instance has used since it started",
+            Some(&Unit::Seconds),
+            MetricType::Counter,
+        )?;
+        for u in usage.iter() {
+            ConstCounter::new(u.cpu.as_secs_f64()).encode(family.encode_family(&labels(u))?)?;
+        }
+        Ok(())
+    }
 }
 
 /// The gateway's counts, added up at each scrape.
@@ -190,6 +242,8 @@ impl Metrics {
         let gateway = Meters::new();
         let mut registry = Registry::default();
         registry.register_collector(Box::new(GatewayCollector(gateway.clone())));
+        let usage = Arc::new(Mutex::new(Vec::new()));
+        registry.register_collector(Box::new(UsageCollector(usage.clone())));
         registry.register(
             "faas_coldstarts",
             "Instances started from nothing (to zero and back, scale-out, restarts)",
@@ -240,6 +294,7 @@ impl Metrics {
             instances,
             scrape: Mutex::new(()),
             gateway,
+            usage,
         }
     }
 
@@ -332,8 +387,13 @@ impl Metrics {
     /// The text exposition (Prometheus text format 0.0.4, which OpenMetrics
     /// parsers read too), with each service's instances by state
     /// (`running`, `suspended`, `starting`) as `instances` gives them.
-    pub fn encode(&self, instances: &[(String, [(&'static str, usize); 3])]) -> String {
+    pub fn encode(
+        &self,
+        instances: &[(String, [(&'static str, usize); 3])],
+        usage: Vec<InstanceUsage>,
+    ) -> String {
         let _one = self.scrape.lock().unwrap_or_else(|p| p.into_inner());
+        *self.usage.lock().unwrap_or_else(|p| p.into_inner()) = usage;
         self.instances.clear();
         for (service, states) in instances {
             for &(state, n) in states {
@@ -389,7 +449,13 @@ mod tests {
         );
         gateway.answered(None, 404, Duration::ZERO, Some(ErrorKind::UnknownService));
         let count = [("running", 1), ("suspended", 2), ("starting", 0)];
-        let text = m.encode(&[("api".into(), count)]);
+        let usage = vec![InstanceUsage {
+            service: "api".into(),
+            instance: "api-1-2".into(),
+            cpu: Duration::from_millis(1500),
+            memory: 12 << 20,
+        }];
+        let text = m.encode(&[("api".into(), count)], usage);
         assert_eq!(
             line(&text, "faas_coldstarts_total{faas_name=\"api\"}"),
             Some("faas_coldstarts_total{faas_name=\"api\"} 2"),
@@ -434,15 +500,18 @@ mod tests {
             "faas_invoke_duration_seconds_count{faas_name=\"api\"} 3",
             "skiff_gateway_refusals_total{faas_name=\"api\",reason=\"request-timeout\"} 1",
             "skiff_gateway_refusals_total{reason=\"unknown-service\"} 1",
+            "skiff_instance_memory_bytes{faas_name=\"api\",faas_instance=\"api-1-2\"} 12582912",
+            "skiff_instance_cpu_seconds_total{faas_name=\"api\",faas_instance=\"api-1-2\"} 1.5",
         ] {
             assert!(text.contains(expected), "{expected} in\n{text}");
         }
         // A service gone from the scrape's list is gone from the gauges;
         // a removed one from everything.
-        let text = m.encode(&[]);
+        let text = m.encode(&[], vec![]);
         assert!(!text.contains("skiff_instances{"), "{text}");
+        assert!(!text.contains("faas_instance"), "{text}");
         m.forget("api");
-        let text = m.encode(&[]);
+        let text = m.encode(&[], vec![]);
         assert!(!text.contains("faas_name=\"api\""), "{text}");
         assert!(text.contains("faas_name=\"web\""), "{text}");
     }

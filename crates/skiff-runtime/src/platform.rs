@@ -11,6 +11,8 @@ use std::time::{Duration, SystemTime};
 
 use skiff_core::{EventKind, StartReport};
 use skiff_gateway::{GatewayConfig, GatewayError, GatewayThreads, Listeners};
+
+use crate::metrics::InstanceUsage;
 use skiff_model::ServiceSpec;
 use skiff_sandbox::{Cgroups, Sandbox, CGROUP_ROOT};
 use skiff_store::{Store, StoreError};
@@ -422,7 +424,31 @@ impl Handle {
     /// The platform's metrics in Prometheus's text format, with the
     /// instances of every service that has some at this moment.
     pub fn metrics(&self) -> String {
-        let names: Vec<String> = self.shared.table.read().keys().cloned().collect();
+        let (names, runtimes): (Vec<String>, Vec<_>) = {
+            let table = self.shared.table.read();
+            let runtimes = table
+                .iter()
+                .flat_map(|(name, e)| {
+                    let versions = e.serving.iter().chain(&e.draining);
+                    versions.map(move |(_, rt)| (name.clone(), rt.clone()))
+                })
+                .collect();
+            (table.keys().cloned().collect(), runtimes)
+        };
+        // Read from the instances' groups, after the table's lock.
+        let usage: Vec<InstanceUsage> = runtimes
+            .into_iter()
+            .flat_map(|(service, rt)| {
+                rt.usage()
+                    .into_iter()
+                    .map(move |(instance, cpu, memory)| InstanceUsage {
+                        service: service.clone(),
+                        instance,
+                        cpu,
+                        memory,
+                    })
+            })
+            .collect();
         let instances: Vec<_> = names
             .into_iter()
             .filter_map(|n| {
@@ -435,7 +461,7 @@ impl Handle {
                 Some((n, states))
             })
             .collect();
-        self.shared.ctx.metrics.encode(&instances)
+        self.shared.ctx.metrics.encode(&instances, usage)
     }
 }
 

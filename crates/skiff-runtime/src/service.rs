@@ -975,6 +975,27 @@ impl ServiceRuntime {
         }
     }
 
+    /// Each instance's id, CPU time used and memory used now, for the
+    /// metrics (those whose groups cannot be read are left out).
+    pub(crate) fn usage(&self) -> Vec<(String, Duration, u64)> {
+        let freezers: Vec<(InstanceNo, Freezer)> = lock(&self.core)
+            .freezers
+            .iter()
+            .map(|(n, fz)| (*n, fz.clone()))
+            .collect();
+        let ids: HashMap<InstanceNo, String> = lock(&self.running)
+            .iter()
+            .map(|(n, r)| (*n, r.upstream.key.to_string()))
+            .collect();
+        freezers
+            .into_iter()
+            .filter_map(|(n, fz)| {
+                let id = ids.get(&n)?.clone();
+                Some((id, fz.cpu_used().ok()?, fz.memory_used().ok()?))
+            })
+            .collect()
+    }
+
     /// Instances (running, suspended, starting).
     pub fn counts(&self) -> (usize, usize, usize) {
         lock(&self.core).scaler.counts()

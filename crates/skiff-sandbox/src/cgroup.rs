@@ -222,6 +222,7 @@ impl Cgroups {
     pub fn freezer(&self) -> Freezer {
         Freezer {
             file: self.unified.join("cgroup.freeze"),
+            memory: self.v1.first().map(|m| m.join("memory.usage_in_bytes")),
         }
     }
 
@@ -273,9 +274,12 @@ pub struct Entry {
 /// Freezes and thaws one instance's whole process tree (cgroup2
 /// `cgroup.freeze`): a frozen instance gets no CPU at all. Writing the file
 /// takes effect at once; the kernel finishes stopping tasks shortly after.
+/// Also tells what the instance has used (CPU time, memory).
 #[derive(Debug, Clone)]
 pub struct Freezer {
     file: PathBuf,
+    /// The v1 memory group's `memory.usage_in_bytes`.
+    memory: Option<PathBuf>,
 }
 
 impl Freezer {
@@ -290,6 +294,21 @@ impl Freezer {
         cpu_usage_usec(&stat)
             .map(Duration::from_micros)
             .ok_or_else(|| io::Error::other("cpu.stat has no usage_usec line"))
+    }
+}
+
+impl Freezer {
+    /// The memory the instance's processes use now, the files of its
+    /// `/tmp` included (the v1 memory group's `memory.usage_in_bytes`).
+    pub fn memory_used(&self) -> io::Result<u64> {
+        let file = self
+            .memory
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the instance has no memory group"))?;
+        fs::read_to_string(file)?
+            .trim()
+            .parse()
+            .map_err(io::Error::other)
     }
 }
 
@@ -584,13 +603,21 @@ mod tests {
     }
 
     #[test]
-    fn a_freezer_reads_the_cpu_stat_beside_its_file() {
+    fn a_freezer_reads_the_cpu_stat_beside_its_file_and_the_memory_group() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("cpu.stat"), "usage_usec 42\n").unwrap();
+        fs::write(dir.path().join("memory.usage_in_bytes"), "1048576\n").unwrap();
         let fz = Freezer {
             file: dir.path().join("cgroup.freeze"),
+            memory: Some(dir.path().join("memory.usage_in_bytes")),
         };
         assert_eq!(fz.cpu_used().unwrap(), Duration::from_micros(42));
+        assert_eq!(fz.memory_used().unwrap(), 1 << 20);
+        let none = Freezer {
+            memory: None,
+            ..fz.clone()
+        };
+        assert!(none.memory_used().is_err());
         fz.set(true).unwrap();
         assert_eq!(
             fs::read_to_string(dir.path().join("cgroup.freeze")).unwrap(),

@@ -194,6 +194,18 @@ fn prometheus_scrapes_starts_thaws_and_instances_per_service() {
         |v| v == 1.0,
     );
     assert!(ok, "Prometheus has not the refusal: {last}");
+    // Each instance's use, from its groups: a Python process's memory,
+    // and the CPU time of its start.
+    let (ok, last) = prometheus
+        .wait_for(&format!("sum(skiff_instance_memory_bytes{label})"), |v| {
+            v > 1e6
+        });
+    assert!(ok, "Prometheus has not the memory of {name}: {last}");
+    let (ok, last) = prometheus.wait_for(
+        &format!("sum(skiff_instance_cpu_seconds_total{label})"),
+        |v| v > 0.01,
+    );
+    assert!(ok, "Prometheus has not the CPU of {name}: {last}");
     // The scrape itself is healthy (Prometheus's own `up` series).
     let (ok, last) = prometheus.wait_for("up{job=\"skiff\"}", |v| v == 1.0);
     assert!(ok, "{last}");
