@@ -173,6 +173,10 @@ impl Client {
         self.json(Method::DELETE, path).await
     }
 
+    pub async fn post<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.json(Method::POST, path).await
+    }
+
     /// A request whose answer is a stream of JSON lines.
     pub async fn stream(
         &self,

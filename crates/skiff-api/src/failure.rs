@@ -6,7 +6,7 @@
 
 use http::StatusCode;
 use skiff_runtime::store::StoreError;
-use skiff_runtime::RemoveError;
+use skiff_runtime::{DeployError, RemoveError};
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Failure {
@@ -51,6 +51,11 @@ pub(crate) enum Failure {
     /// The daemon cannot use its own state directory.
     #[error("{0}")]
     State(String),
+    #[error("{0}")]
+    BadVersion(String),
+    /// A rollback that did not happen (the serving version still serves).
+    #[error(transparent)]
+    Rollback(DeployError),
 }
 
 impl Failure {
@@ -71,6 +76,14 @@ impl Failure {
             | Self::BadArchive(_)
             | Self::UploadInterrupted(_) => StatusCode::BAD_REQUEST,
             Self::UploadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BadVersion(_) => StatusCode::BAD_REQUEST,
+            Self::Rollback(
+                DeployError::NoRollback { .. }
+                | DeployError::InProgress { .. }
+                | DeployError::Removing { .. },
+            ) => StatusCode::CONFLICT,
+            Self::Rollback(DeployError::ShuttingDown) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Rollback(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -92,6 +105,12 @@ impl Failure {
             Self::UploadInterrupted(_) => "upload_interrupted",
             Self::UploadTooLarge { .. } => "upload_too_large",
             Self::State(_) => "state",
+            Self::BadVersion(_) => "bad_version",
+            Self::Rollback(DeployError::NoRollback { .. }) => "no_rollback",
+            Self::Rollback(DeployError::InProgress { .. }) => "deploy_in_progress",
+            Self::Rollback(DeployError::Removing { .. }) => "removing",
+            Self::Rollback(DeployError::ShuttingDown) => "shutting_down",
+            Self::Rollback(_) => "rollback_failed",
         }
     }
 }
@@ -153,6 +172,20 @@ mod tests {
                 "upload_too_large",
             ),
             (Failure::State("disk".into()), 500, "state"),
+            (Failure::BadVersion("x".into()), 400, "bad_version"),
+            (
+                Failure::Rollback(DeployError::NoRollback {
+                    service: "web".into(),
+                    reason: "no earlier version served".into(),
+                }),
+                409,
+                "no_rollback",
+            ),
+            (
+                Failure::Rollback(DeployError::ShuttingDown),
+                503,
+                "shutting_down",
+            ),
         ];
         for (failure, status, kind) in cases {
             assert_eq!(failure.status().as_u16(), status, "{failure:?}");

@@ -9,6 +9,7 @@
 //! | `DELETE /v1/services/{name}` | remove |
 //! | `GET /v1/services/{name}/logs?since=&tail=&follow=` | NDJSON log lines |
 //! | `GET /v1/services/{name}/doctor` | findings with evidence, start phases |
+//! | `POST /v1/services/{name}/rollback?version=` | an earlier version's image serves again |
 //! | `GET /metrics` | the platform's metrics, Prometheus's text format |
 //! | `GET /openapi.json` | this API's description (no token needed) |
 
@@ -54,6 +55,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/v1/services/{name}"),
     ("GET", "/v1/services/{name}/logs"),
     ("GET", "/v1/services/{name}/doctor"),
+    ("POST", "/v1/services/{name}/rollback"),
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
 ];
@@ -269,7 +271,12 @@ impl Api {
             }
             ("GET", ["v1", "services", name, "doctor"]) => self.doctor(name),
             ("GET", ["metrics"]) => self.metrics(),
+            ("POST", ["v1", "services", name, "rollback"]) => {
+                let q = query(&req);
+                self.rollback(name, &q).await
+            }
             (_, ["metrics"])
+            | (_, ["v1", "services", _, "rollback"])
             | (_, ["v1", "services"])
             | (_, ["v1", "deploy"])
             | (_, ["v1", "services", _])
@@ -281,6 +288,32 @@ impl Api {
             _ => answer(Failure::NotFound {
                 path: path.to_string(),
             }),
+        }
+    }
+
+    /// `POST /v1/services/{name}/rollback?version=N`: answers once the
+    /// earlier image serves (or why it does not).
+    async fn rollback(&self, name: &str, q: &[(String, String)]) -> Response<ApiBody> {
+        let to = match q.iter().find(|(k, _)| k == "version") {
+            None => None,
+            Some((_, v)) => match v.parse::<i64>() {
+                Ok(v) if v > 0 => Some(v),
+                _ => {
+                    return answer(Failure::BadVersion(format!(
+                        "version must be a version number, e.g. version=3, not {v:?}"
+                    )))
+                }
+            },
+        };
+        match self.platform.rollback(name, to).await {
+            Ok(d) => json(
+                StatusCode::OK,
+                &types::RolledBack {
+                    version: d.version,
+                    url: d.url,
+                },
+            ),
+            Err(e) => answer(Failure::Rollback(e)),
         }
     }
 

@@ -181,3 +181,10 @@ pub struct ApiError {
     pub error: String,
     pub kind: String,
 }
+
+/// The answer to a rollback: the new version serving the earlier image.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RolledBack {
+    pub version: i64,
+    pub url: String,
+}

@@ -20,6 +20,11 @@ use crate::images::image;
 use crate::platform::{Deployed, Handle};
 use crate::service::ServiceRuntime;
 use crate::table::Deploying;
+use skiff_store::VersionState;
+
+/// How many versions that served before keep their images, so that a
+/// rollback to them needs no build (`Shared::collect_images`).
+pub(crate) const ROLLBACK_IMAGES: usize = 3;
 
 /// When a new runtime stacks its image's layers (`ServiceRuntime::stack_layers`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +42,66 @@ impl Handle {
     /// keeps it when the new one fails; the old version then answers what it
     /// accepted and stops.
     pub async fn deploy(&self, spec: &ServiceSpec) -> Result<Deployed, DeployError> {
+        self.new_version(spec, None).await
+    }
+
+    /// Serves an earlier version's image again, as a new version with its
+    /// settings (`to`, or the last one that served before the serving
+    /// one), without building: the same switch as a deploy, so no request
+    /// fails, and the same failure rule (the serving version stays).
+    pub async fn rollback(&self, name: &str, to: Option<i64>) -> Result<Deployed, DeployError> {
+        let shared = &self.shared;
+        let no = |reason: String| DeployError::NoRollback {
+            service: name.to_string(),
+            reason,
+        };
+        let current = shared
+            .ctx
+            .store
+            .service(name)?
+            .ok_or_else(|| no("no such service is deployed".into()))?
+            .current;
+        let versions = shared.ctx.store.versions(name, u32::MAX)?;
+        let target = match to {
+            Some(v) => versions
+                .into_iter()
+                .find(|r| r.id == v)
+                .ok_or_else(|| no(format!("it has no version {v} (see `skiff status {name}`)")))?,
+            None => versions
+                .into_iter()
+                .filter(|r| r.state == VersionState::Replaced && Some(r.id) != current)
+                .max_by_key(|r| r.id)
+                .ok_or_else(|| no("no earlier version served".into()))?,
+        };
+        if Some(target.id) == current {
+            return Err(no(format!("version {} is the one serving", target.id)));
+        }
+        if target.state != VersionState::Replaced {
+            return Err(no(format!(
+                "version {} never served ({}); only a version that served can serve again",
+                target.id,
+                target.state.as_str()
+            )));
+        }
+        let layers = target.layers.clone().unwrap_or_default();
+        if let Some(gone) = layers.iter().find(|l| !l.exists()) {
+            return Err(no(format!(
+                "the image of version {} is gone ({}): skiff keeps the images of the last                  {ROLLBACK_IMAGES} versions that served; deploy that source again instead",
+                target.id,
+                gone.display()
+            )));
+        }
+        self.new_version(&target.spec, Some((target.id, layers)))
+            .await
+    }
+
+    /// A new version of `spec`: built from its source, or on the recorded
+    /// image of the version `from` (a rollback).
+    async fn new_version(
+        &self,
+        spec: &ServiceSpec,
+        from: Option<(i64, Vec<PathBuf>)>,
+    ) -> Result<Deployed, DeployError> {
         let shared = &self.shared;
         let name = spec.name.to_string();
         if shared.shutting_down.load(Ordering::SeqCst) {
@@ -75,12 +140,16 @@ impl Handle {
         {
             d.version = version;
         }
-        shared.ctx.record(
-            &name,
-            EventKind::DeployStarted,
-            &format!("deploying version {version}"),
-        );
-        let result = self.deploy_version(spec, version).await;
+        let started = match &from {
+            None => format!("deploying version {version}"),
+            Some((earlier, _)) => {
+                format!("rolling back to version {earlier}'s image as version {version}")
+            }
+        };
+        shared.ctx.record(&name, EventKind::DeployStarted, &started);
+        let result = self
+            .make_version(spec, version, from.map(|(_, layers)| layers))
+            .await;
         match &result {
             Ok(_) => shared.ctx.record(
                 &name,
@@ -144,16 +213,41 @@ impl Handle {
         Ok(base)
     }
 
-    async fn deploy_version(
+    /// Version `version` of `spec`: its image built (or reused), or, for a
+    /// rollback, the `recorded` one; then the switch to it.
+    async fn make_version(
         &self,
         spec: &ServiceSpec,
         version: i64,
+        recorded: Option<Vec<PathBuf>>,
+    ) -> Result<Deployed, DeployError> {
+        let shared = &self.shared;
+        let (layers, build) = match recorded {
+            None => {
+                let base = self.base_image(spec).await?;
+                self.image(spec, version, &base).await?
+            }
+            // No build: the layers of a version that served.
+            Some(layers) => {
+                shared.pin(version, layers.clone());
+                self.attach_images(&layers).await?;
+                (layers, None)
+            }
+        };
+        shared.ctx.store.set_layers(version, &layers, build)?;
+        self.switch_to(spec, version, layers).await
+    }
+
+    /// Starts `version` on `layers` and, once it answers, routes to it;
+    /// the version before drains and stops.
+    async fn switch_to(
+        &self,
+        spec: &ServiceSpec,
+        version: i64,
+        layers: Vec<PathBuf>,
     ) -> Result<Deployed, DeployError> {
         let shared = &self.shared;
         let name = spec.name.to_string();
-        let base = self.base_image(spec).await?;
-        let (layers, build) = self.image(spec, version, &base).await?;
-        shared.ctx.store.set_layers(version, &layers, build)?;
         let (rt, report) = self
             .start_runtime(spec, version, layers.clone(), Stack::First)
             .await?;

@@ -36,6 +36,8 @@ pub enum DeployError {
     InProgress { service: String, version: i64 },
     #[error("{service:?} is being removed; deploy it again once `skiff rm` has finished")]
     Removing { service: String },
+    #[error("cannot roll {service:?} back: {reason}")]
+    NoRollback { service: String, reason: String },
     #[error(
         "the image of version {version} is missing ({path}); deploy the service again to \
          rebuild it"
@@ -76,6 +78,7 @@ impl DeployError {
             | Self::Source { .. }
             | Self::InProgress { .. }
             | Self::Removing { .. }
+            | Self::NoRollback { .. }
             | Self::ImageMissing { .. }
             | Self::ImageDisk { .. }
             | Self::ShuttingDown => &[],

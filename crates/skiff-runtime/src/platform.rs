@@ -157,15 +157,38 @@ impl Shared {
     /// Removes images nothing uses any more.
     pub(crate) async fn collect_images(&self) {
         let _guard = self.images_lock.lock().await;
-        let keep: Vec<PathBuf> = lock(&self.pins).values().flatten().cloned().collect();
-        let store = self.images.clone();
-        match tokio::task::spawn_blocking(move || store.collect(&keep)).await {
+        let mut keep: Vec<PathBuf> = lock(&self.pins).values().flatten().cloned().collect();
+        let (store, records) = (self.images.clone(), self.ctx.store.clone());
+        let collected = tokio::task::spawn_blocking(move || {
+            keep.extend(rollback_images(&records)?);
+            store.collect(&keep)
+        });
+        match collected.await {
             Ok(Ok(removed)) if !removed.is_empty() => info!("removed unused images: {removed:?}"),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => warn!("collecting unused images: {e}"),
             Err(e) => warn!("collecting unused images: {e}"),
         }
     }
+}
+
+/// The layers of the last versions of each service that served before the
+/// serving one (`deploy::ROLLBACK_IMAGES` of them): kept, so that a
+/// rollback to them needs no build.
+fn rollback_images(records: &skiff_store::Store) -> std::io::Result<Vec<PathBuf>> {
+    let mut keep = Vec::new();
+    for service in records.services().map_err(std::io::Error::other)? {
+        // Versions that failed in between count for nothing: a few more.
+        let versions = records
+            .versions(&service.name, 64)
+            .map_err(std::io::Error::other)?;
+        let served = versions
+            .into_iter()
+            .filter(|v| v.state == skiff_store::VersionState::Replaced)
+            .take(crate::deploy::ROLLBACK_IMAGES);
+        keep.extend(served.flat_map(|v| v.layers.unwrap_or_default()));
+    }
+    Ok(keep)
 }
 
 /// A running platform. Dropping it without [`Platform::shutdown`] still

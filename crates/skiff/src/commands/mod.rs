@@ -6,6 +6,7 @@ mod doctor;
 mod logs;
 mod ls;
 mod rm;
+mod rollback;
 mod serve;
 mod status;
 mod up;
@@ -44,6 +45,10 @@ enum Command {
     Logs(logs::LogsArgs),
     /// Stop and remove a service and its data.
     Rm(rm::RmArgs),
+    /// Serve an earlier version's image again (default: the version
+    /// before the serving one), without building; the switch is a
+    /// redeploy's.
+    Rollback(rollback::RollbackArgs),
     /// Diagnose a service against the common errors: cause and fix for
     /// each finding, and where the time of its starts went.
     Doctor(doctor::DoctorArgs),
@@ -333,6 +338,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(args) => runtime.block_on(status::run(args)),
         Command::Logs(args) => runtime.block_on(logs::run(args)),
         Command::Rm(args) => runtime.block_on(rm::run(args)),
+        Command::Rollback(args) => runtime.block_on(rollback::run(args)),
         Command::Doctor(args) => runtime.block_on(doctor::run(args)),
     }
 }

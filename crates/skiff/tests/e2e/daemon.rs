@@ -478,31 +478,30 @@ fn try_get(port: u16, host: &str) -> Option<(u16, String)> {
     Some((status, text.split_once("\r\n\r\n")?.1.to_string()))
 }
 
-#[test]
-fn zero_failed_requests_across_redeploys_under_load() {
-    let name = unique("load");
-    let a = app(&name, "v1");
-    let d = Up::serve(None, &[]);
-    let (ok, _, err) = deploy(&d, a.path(), &[]);
-    assert!(ok, "{err}");
-    let port = d.port.unwrap();
-    let host = format!("{name}.localhost");
+/// What four clients saw while `act` ran: requests answered, the failures,
+/// and the bodies (versions) that answered.
+struct Load {
+    served: u64,
+    failures: Vec<Option<(u16, String)>>,
+    seen: std::collections::BTreeSet<String>,
+}
+
+fn under_load(port: u16, host: &str, act: impl FnOnce()) -> Load {
     let stop = Arc::new(AtomicBool::new(false));
     let ok_count = Arc::new(AtomicU64::new(0));
     let failures = Arc::new(Mutex::new(Vec::new()));
     let seen = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
     std::thread::scope(|s| {
         for _ in 0..4 {
-            let (stop, ok_count, failures, seen, host) = (
+            let (stop, ok_count, failures, seen) = (
                 stop.clone(),
                 ok_count.clone(),
                 failures.clone(),
                 seen.clone(),
-                host.clone(),
             );
             s.spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
-                    match try_get(port, &host) {
+                    match try_get(port, host) {
                         Some((200, body)) => {
                             ok_count.fetch_add(1, Ordering::SeqCst);
                             seen.lock().unwrap().insert(body);
@@ -512,32 +511,35 @@ fn zero_failed_requests_across_redeploys_under_load() {
                 }
             });
         }
-        for v in ["v2", "v3"] {
-            std::thread::sleep(Duration::from_millis(300));
-            set_version(&a, v);
-            let (ok, _, err) = deploy(&d, a.path(), &[]);
-            assert!(ok, "{err}");
-        }
+        act();
         std::thread::sleep(Duration::from_millis(300));
         stop.store(true, Ordering::SeqCst);
     });
-    let failures = failures.lock().unwrap();
-    let served = ok_count.load(Ordering::SeqCst);
+    let load = Load {
+        served: ok_count.load(Ordering::SeqCst),
+        failures: std::mem::take(&mut *failures.lock().unwrap()),
+        seen: std::mem::take(&mut *seen.lock().unwrap()),
+    };
     assert!(
-        failures.is_empty(),
-        "{} of {served} failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
+        load.failures.is_empty(),
+        "{} of {} failed: {:?}",
+        load.failures.len(),
+        load.served,
+        &load.failures[..load.failures.len().min(5)]
     );
-    let seen = seen.lock().unwrap();
-    assert!(served > 20, "the load generator ran ({served} requests)");
-    for v in ["v1", "v2", "v3"] {
-        assert!(seen.contains(v), "{v} never answered: {seen:?}");
-    }
-    // The replaced versions were drained and stopped.
+    assert!(
+        load.served > 20,
+        "the load generator ran ({} requests)",
+        load.served
+    );
+    load
+}
+
+/// Waits until no replaced version of `name` drains any more.
+fn wait_drained(d: &Up, name: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, out, _) = d.cli(&["status", &name, "--json"]);
+        let (_, out, _) = d.cli(&["status", name, "--json"]);
         if json(&out)["draining"] == 0 {
             break;
         }
@@ -547,6 +549,106 @@ fn zero_failed_requests_across_redeploys_under_load() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn zero_failed_requests_across_redeploys_under_load() {
+    let name = unique("load");
+    let a = app(&name, "v1");
+    let d = Up::serve(None, &[]);
+    let (ok, _, err) = deploy(&d, a.path(), &[]);
+    assert!(ok, "{err}");
+    let host = format!("{name}.localhost");
+    let load = under_load(d.port.unwrap(), &host, || {
+        for v in ["v2", "v3"] {
+            std::thread::sleep(Duration::from_millis(300));
+            set_version(&a, v);
+            let (ok, _, err) = deploy(&d, a.path(), &[]);
+            assert!(ok, "{err}");
+        }
+    });
+    for v in ["v1", "v2", "v3"] {
+        assert!(load.seen.contains(v), "{v} never answered: {:?}", load.seen);
+    }
+    // The replaced versions were drained and stopped.
+    wait_drained(&d, &name);
+}
+
+/// `skiff rollback` serves an earlier version's image again, without a
+/// build, with no request failing across the switch; by default the one
+/// before the serving one, or the version named. What cannot be rolled
+/// back to is refused, and the serving version stays.
+#[test]
+fn rollback_switches_to_an_earlier_image_with_zero_failed_requests() {
+    let name = unique("back");
+    let a = app(&name, "v1");
+    let d = Up::serve(None, &[]);
+    for v in ["v1", "v2", "v3"] {
+        set_version(&a, v);
+        let (ok, _, err) = deploy(&d, a.path(), &[]);
+        assert!(ok, "{err}");
+    }
+    let versions = |state: &str| -> Vec<i64> {
+        let (_, out, _) = d.cli(&["status", &name, "--json"]);
+        let status = json(&out);
+        let all = status["versions"].as_array().cloned().unwrap_or_default();
+        all.iter()
+            .filter(|v| v["state"] == state)
+            .filter_map(|v| v["id"].as_i64())
+            .collect()
+    };
+    // Newest first: v2, then v1.
+    let replaced = versions("replaced");
+    assert_eq!(replaced.len(), 2, "{replaced:?}");
+    let host = format!("{name}.localhost");
+    let mut rolled = Vec::new();
+    let load = under_load(d.port.unwrap(), &host, || {
+        std::thread::sleep(Duration::from_millis(300));
+        // The version before the serving one: v2's image.
+        rolled.push(d.cli(&["rollback", &name]));
+        std::thread::sleep(Duration::from_millis(300));
+        rolled.push(d.cli(&["rollback", &name, &replaced[1].to_string()]));
+    });
+    for (status, out, err) in &rolled {
+        assert!(status.success(), "{out}{err}");
+    }
+    assert!(
+        rolled[0].2.contains("serves the earlier image"),
+        "{:?}",
+        rolled[0]
+    );
+    assert_eq!(body(&d, &name), (200, "v1".to_string()));
+    for v in ["v1", "v2", "v3"] {
+        assert!(load.seen.contains(v), "{v} never answered: {:?}", load.seen);
+    }
+    // No build: the versions record no build time.
+    let (_, out, _) = d.cli(&["status", &name, "--json"]);
+    let newest = &json(&out)["versions"][0];
+    assert_eq!(newest["state"], "ready", "{out}");
+    assert!(newest["build_ms"].is_null(), "{out}");
+    wait_drained(&d, &name);
+
+    // Refusals name the reason; the serving version stays.
+    let serving = versions("ready")[0];
+    for (args, says) in [
+        (
+            vec!["rollback", &name, "999999"],
+            "it has no version 999999",
+        ),
+        (
+            vec!["rollback", "no-such-service"],
+            "no such service is deployed",
+        ),
+    ] {
+        let (status, out, err) = d.cli(&args);
+        assert!(!status.success(), "{args:?}: {out}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    let serving_str = serving.to_string();
+    let (status, _, err) = d.cli(&["rollback", &name, &serving_str]);
+    assert!(!status.success());
+    assert!(err.contains("is the one serving"), "{err}");
+    assert_eq!(body(&d, &name), (200, "v1".to_string()));
 }
 
 #[test]
