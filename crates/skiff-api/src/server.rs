@@ -10,7 +10,7 @@
 //! | `GET /v1/services/{name}/logs?since=&tail=&follow=` | NDJSON log lines |
 //! | `GET /v1/services/{name}/doctor` | findings with evidence, start phases |
 //! | `POST /v1/services/{name}/rollback?version=` | an earlier version's image serves again |
-//! | `GET /metrics` | the platform's metrics, Prometheus's text format |
+//! | `GET /metrics` | the platform's metrics (OpenMetrics text, which Prometheus reads) |
 //! | `GET /openapi.json` | this API's description (no token needed) |
 
 use std::convert::Infallible;
@@ -323,7 +323,7 @@ impl Api {
         Response::builder()
             .header(
                 header::CONTENT_TYPE,
-                "text/plain; version=0.0.4; charset=utf-8",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
             )
             .body(Full::new(Bytes::from(self.platform.metrics())).boxed())
             .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))

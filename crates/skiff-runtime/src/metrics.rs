@@ -384,8 +384,7 @@ impl Metrics {
         }
     }
 
-    /// The text exposition (Prometheus text format 0.0.4, which OpenMetrics
-    /// parsers read too), with each service's instances by state
+    /// The text exposition (OpenMetrics 1.0, ending in `# EOF`), with each service's instances by state
     /// (`running`, `suspended`, `starting`) as `instances` gives them.
     pub fn encode(
         &self,
