@@ -305,6 +305,9 @@ impl Api {
                 }
             },
         };
+        if self.platform.status(name).is_none() {
+            return answer(Failure::UnknownService(name.to_string()));
+        }
         match self.platform.rollback(name, to).await {
             Ok(d) => json(
                 StatusCode::OK,

@@ -8,7 +8,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full};
 pub use skiff_core::errors::{ErrorKind, Source};
 
 /// The field that marks the gateway's own answers, with their kind.
-pub(crate) const ERROR_HEADER: &str = "x-skiff-error";
+const ERROR_HEADER: &str = "x-skiff-error";
 
 /// The HTTP status of a gateway answer of `kind` (the kinds, their names
 /// and who causes them are `skiff_core::errors`).
@@ -155,6 +155,10 @@ fn error_response(failure: &Failure, json: bool) -> Response<Body> {
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     h.insert(ERROR_HEADER, HeaderValue::from_static(kind.as_str()));
+    // For the gateway's own counting: an extension never reaches the wire,
+    // and no service's answer can carry one (its header could).
+    resp.extensions_mut().insert(kind);
+    let h = resp.headers_mut();
     if matches!(kind, ErrorKind::Unavailable | ErrorKind::TooManyConnections) {
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     }

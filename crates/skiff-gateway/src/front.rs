@@ -30,7 +30,6 @@ use crate::gateway::Gateway;
 use crate::h1;
 use crate::hyper_side::HyperBuilder;
 use crate::limits::{after, until, FAR};
-use crate::meter;
 use crate::pipeline::{self, Downstream, Piece, Serverless, Watched};
 use crate::route::ExchangeLimits;
 
@@ -633,27 +632,27 @@ impl Downstream for Fast<'_, '_> {
         }
         let length = (!received.bodiless).then_some(received.body.len());
         end_head(out, length, matches!(close, Close::Now));
+        // Counted when the answer is ready, as on hyper's side: a slow
+        // client's reading is not the service's time.
         let status = received.status.as_u16();
-        let sent = self.front.send(&received.body).await;
+        let took = self.started.elapsed();
         let meter = self.front.gw.meter();
-        meter.answered(
-            Some(&self.plan.service),
-            status,
-            self.started.elapsed(),
-            None,
-        );
-        sent?;
+        meter.answered(Some(&self.plan.service), status, took, None);
+        self.front.send(&received.body).await?;
         Ok(close)
     }
 
     async fn refuse(&mut self, failure: Failure) -> io::Result<Close> {
+        // This side serves admitted requests only: the service exists.
         let kind = failure.kind();
-        let service = (!meter::before_routing(kind)).then_some(self.plan.service.as_str());
         let took = self.started.elapsed();
-        self.front
-            .gw
-            .meter()
-            .answered(service, status(kind).as_u16(), took, Some(kind));
+        let meter = self.front.gw.meter();
+        meter.answered(
+            Some(&self.plan.service),
+            status(kind).as_u16(),
+            took,
+            Some(kind),
+        );
         let (json, head_only) = (self.plan.json, self.plan.head_only);
         if self.unread {
             self.front

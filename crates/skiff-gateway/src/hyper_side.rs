@@ -22,11 +22,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::error::{wants_json, Body, ErrorKind, Failure, ERROR_HEADER};
+use crate::error::{wants_json, Body, ErrorKind, Failure};
 use crate::gateway::{BoxError, Gateway};
 use crate::h1;
 use crate::limits::{after, broke_off, timed_out, too_large_request, too_large_response};
-use crate::meter;
 use crate::pipeline::{self, Downstream, Piece, Serverless, Watched};
 use crate::route::{host_to_service, Lease, Upstream};
 
@@ -72,35 +71,39 @@ impl Gateway {
     async fn handle(&self, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
         let started = Instant::now();
         let json = wants_json(req.headers());
-        // A refcounted copy, read when the request is counted or the
-        // gateway answers itself.
-        let host = req.headers().get(header::HOST).cloned();
-        let service = || {
-            host.as_ref()
-                .and_then(|h| h.to_str().ok())
-                .and_then(|h| host_to_service(h, &self.config().domain))
-                .map(str::to_ascii_lowercase)
-        };
+        // The service the request names, as `forward` finds it (HTTP/2
+        // clients name it in the target's authority): for counting, and
+        // for the report when the gateway answers itself.
+        let service = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_string)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()))
+            .and_then(|h| host_to_service(&h, &self.config().domain).map(str::to_ascii_lowercase));
         let resp = match self.forward(req, remote, json).await {
             Ok(resp) => resp,
             Err(failure) => {
-                if let Some(service) = service() {
-                    self.report(&service, &failure);
+                if let Some(service) = &service {
+                    self.report(service, &failure);
                 }
                 failure.answer(json)
             }
         };
-        // The gateway's own answers say which kind they are.
-        let refused = resp
-            .headers()
-            .get(ERROR_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|name| ErrorKind::ALL.into_iter().find(|k| k.as_str() == name));
-        let routed = refused.is_none_or(|kind| !meter::before_routing(kind));
-        let service = if routed { service() } else { None };
-        let status = resp.status().as_u16();
-        self.meter()
-            .answered(service.as_deref(), status, started.elapsed(), refused);
+        // The gateway's own answers carry their kind (never a service's).
+        let refused = resp.extensions().get::<ErrorKind>().copied();
+        // A refusal names a service only when it is one the router knows:
+        // no client can make rows for names nobody deployed.
+        let service = match refused {
+            Some(_) => service.filter(|s| self.router().exists(s)),
+            None => service,
+        };
+        self.meter().answered(
+            service.as_deref(),
+            resp.status().as_u16(),
+            started.elapsed(),
+            refused,
+        );
         resp
     }
 

@@ -6,9 +6,10 @@
 //! only a scrape takes besides it: counting costs a request an uncontended
 //! lock, a lookup by name and a few additions, and no cache line moves
 //! between cores. A scrape adds the tables up ([`Meters::snapshot`]).
-//! Only services the gateway routed to get a row; requests for none (an
-//! unknown or missing Host) are counted without one, so no client can make
-//! the tables grow.
+//! Only services that exist get a row; requests for none (an unknown or
+//! missing Host) are counted without one, so no client can make the tables
+//! grow, and the platform drops the rows of removed services
+//! ([`Meters::retain`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -128,8 +129,14 @@ impl Meters {
 
     /// A removed service's counts go.
     pub fn forget(&self, service: &str) {
+        self.retain(|name| name != service);
+    }
+
+    /// Only the services `keep` names go on being counted (a request in
+    /// flight when its service was removed counts it again).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
         for table in locked(&self.tables).iter() {
-            locked(table).services.remove(service);
+            locked(table).services.retain(|name, _| keep(name));
         }
     }
 }
@@ -165,19 +172,6 @@ impl ThreadMeter {
         };
         counts.answered(status, took, refused);
     }
-}
-
-/// Whether a refusal of `kind` comes before the gateway knows the request's
-/// service exists: counted without one.
-pub(crate) fn before_routing(kind: ErrorKind) -> bool {
-    matches!(
-        kind,
-        ErrorKind::UnknownService
-            | ErrorKind::BadHost
-            | ErrorKind::BadRequest
-            | ErrorKind::ConnectNotSupported
-            | ErrorKind::TooManyConnections
-    )
 }
 
 #[cfg(test)]
@@ -220,13 +214,5 @@ mod tests {
         assert_eq!(meters.snapshot().services[0].1.buckets[14], 1);
         meters.forget("api");
         assert!(meters.snapshot().services.is_empty());
-    }
-
-    #[test]
-    fn refusals_before_routing_name_no_service() {
-        assert!(before_routing(ErrorKind::UnknownService));
-        assert!(before_routing(ErrorKind::BadHost));
-        assert!(!before_routing(ErrorKind::RequestTimeout));
-        assert!(!before_routing(ErrorKind::Unavailable));
     }
 }

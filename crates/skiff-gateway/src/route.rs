@@ -91,6 +91,11 @@ pub trait Router: Send + Sync + 'static {
     /// upgrades): only persistent services do. `None` when the service is not
     /// ready (unknown, starting, failed): routing will say why.
     fn allows_streaming(&self, service: &str) -> Option<bool>;
+    /// Whether `service` is deployed here (serving, starting or failed):
+    /// what the gateway counts under its name.
+    fn exists(&self, service: &str) -> bool {
+        self.allows_streaming(service).is_some()
+    }
     /// The gateway answered a request for `service` itself (a limit or a
     /// broken exchange): the platform may record it for diagnosis.
     fn refused(&self, _service: &str, _kind: crate::ErrorKind, _message: &str) {}

@@ -297,6 +297,10 @@ impl Router for FakeRouter {
         }
     }
 
+    fn exists(&self, service: &str) -> bool {
+        self.services.contains_key(service)
+    }
+
     fn refused(&self, service: &str, kind: ErrorKind, message: &str) {
         self.refused
             .lock()

@@ -2,7 +2,7 @@
 //! answering; then the switch of traffic and the old version's drain.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -55,44 +55,57 @@ impl Handle {
             service: name.to_string(),
             reason,
         };
-        let current = shared
-            .ctx
-            .store
-            .service(name)?
-            .ok_or_else(|| no("no such service is deployed".into()))?
-            .current;
-        let versions = shared.ctx.store.versions(name, u32::MAX)?;
-        let target = match to {
-            Some(v) => versions
-                .into_iter()
-                .find(|r| r.id == v)
-                .ok_or_else(|| no(format!("it has no version {v} (see `skiff status {name}`)")))?,
-            None => versions
-                .into_iter()
-                .filter(|r| r.state == VersionState::Replaced && Some(r.id) != current)
-                .max_by_key(|r| r.id)
-                .ok_or_else(|| no("no earlier version served".into()))?,
+        // Chosen, checked and pinned under the lock garbage collection
+        // takes: the image cannot go between the check and the start.
+        let (target, layers, pin) = {
+            let _collection = shared.images_lock.lock().await;
+            let current = shared
+                .ctx
+                .store
+                .service(name)?
+                .ok_or_else(|| no("no such service is deployed".into()))?
+                .current;
+            let versions = shared.ctx.store.versions(name, u32::MAX)?;
+            let target = match to {
+                Some(v) => versions.into_iter().find(|r| r.id == v).ok_or_else(|| {
+                    no(format!("it has no version {v} (see `skiff status {name}`)"))
+                })?,
+                None => versions
+                    .into_iter()
+                    .filter(|r| r.state == VersionState::Replaced && Some(r.id) != current)
+                    .max_by_key(|r| r.id)
+                    .ok_or_else(|| no("no earlier version served".into()))?,
+            };
+            if Some(target.id) == current {
+                return Err(no(format!("version {} is the one serving", target.id)));
+            }
+            if target.state != VersionState::Replaced {
+                return Err(no(format!(
+                    "version {} never served ({}); only a version that served can serve again",
+                    target.id,
+                    target.state.as_str()
+                )));
+            }
+            let layers = target.layers.clone().unwrap_or_default();
+            if let Some(gone) = layers.iter().find(|l| !l.exists()) {
+                return Err(no(format!(
+                    "the image of version {} is gone ({}): skiff keeps the images of the \
+                     last {ROLLBACK_IMAGES} versions that served; deploy that source again",
+                    target.id,
+                    gone.display()
+                )));
+            }
+            // Pinned under a key of its own until the new version pins it.
+            static NEXT_PIN: AtomicI64 = AtomicI64::new(-1);
+            let pin = NEXT_PIN.fetch_sub(1, Ordering::SeqCst);
+            shared.pin(pin, layers.clone());
+            (target, layers, pin)
         };
-        if Some(target.id) == current {
-            return Err(no(format!("version {} is the one serving", target.id)));
-        }
-        if target.state != VersionState::Replaced {
-            return Err(no(format!(
-                "version {} never served ({}); only a version that served can serve again",
-                target.id,
-                target.state.as_str()
-            )));
-        }
-        let layers = target.layers.clone().unwrap_or_default();
-        if let Some(gone) = layers.iter().find(|l| !l.exists()) {
-            return Err(no(format!(
-                "the image of version {} is gone ({}): skiff keeps the images of the last                  {ROLLBACK_IMAGES} versions that served; deploy that source again instead",
-                target.id,
-                gone.display()
-            )));
-        }
-        self.new_version(&target.spec, Some((target.id, layers)))
-            .await
+        let result = self
+            .new_version(&target.spec, Some((target.id, layers)))
+            .await;
+        shared.unpin(pin);
+        result
     }
 
     /// A new version of `spec`: built from its source, or on the recorded
@@ -123,6 +136,14 @@ impl Handle {
                 version: 0,
                 runtime: None,
                 since: SystemTime::now(),
+            });
+        }
+        if from.is_some() && shared.ctx.store.service(&name)?.is_none() {
+            // Removed since the rollback chose its version: it stays removed.
+            shared.table.forget(&name);
+            return Err(DeployError::NoRollback {
+                service: name,
+                reason: "it was removed meanwhile".into(),
             });
         }
         let version = match shared.ctx.store.begin_version(spec) {

@@ -178,9 +178,8 @@ impl Shared {
 fn rollback_images(records: &skiff_store::Store) -> std::io::Result<Vec<PathBuf>> {
     let mut keep = Vec::new();
     for service in records.services().map_err(std::io::Error::other)? {
-        // Versions that failed in between count for nothing: a few more.
         let versions = records
-            .versions(&service.name, 64)
+            .versions(&service.name, u32::MAX)
             .map_err(std::io::Error::other)?;
         let served = versions
             .into_iter()
@@ -458,6 +457,13 @@ impl Handle {
                 .collect();
             (table.keys().cloned().collect(), runtimes)
         };
+        // Counts of services no longer deployed (a request in flight while
+        // one was removed) go.
+        self.shared
+            .ctx
+            .metrics
+            .gateway()
+            .retain(|n| names.iter().any(|k| k == n));
         // Read from the instances' groups, after the table's lock.
         let usage: Vec<InstanceUsage> = runtimes
             .into_iter()

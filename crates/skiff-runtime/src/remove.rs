@@ -48,7 +48,6 @@ impl Handle {
         while stopping.join_next().await.is_some() {}
         let removed = shared.ctx.store.remove_service(name);
         if removed.is_ok() {
-            shared.ctx.metrics.forget(name);
             // While the entry is still marked: a deploy of the same name is
             // refused until the files are gone, so it cannot lose its own.
             if let Err(e) = shared.images.remove_ref(name) {
@@ -66,6 +65,11 @@ impl Handle {
             }
         }
         shared.table.forget(name);
+        if removed.is_ok() {
+            // Once the gateway routes to it no more (a request counted
+            // after this is dropped at the next scrape).
+            shared.ctx.metrics.forget(name);
+        }
         removed?;
         shared.collect_images().await;
         Ok(())

@@ -166,6 +166,10 @@ impl Router for Table {
         self.with_serving(service, ServiceRuntime::persistent)
     }
 
+    fn exists(&self, service: &str) -> bool {
+        self.read().contains_key(service)
+    }
+
     fn upstream(&self, key: &str) -> Option<Upstream> {
         self.ctx.upstream(key)
     }

@@ -637,7 +637,7 @@ fn rollback_switches_to_an_earlier_image_with_zero_failed_requests() {
         ),
         (
             vec!["rollback", "no-such-service"],
-            "no such service is deployed",
+            "no service named \"no-such-service\"",
         ),
     ] {
         let (status, out, err) = d.cli(&args);

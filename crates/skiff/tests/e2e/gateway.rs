@@ -375,6 +375,11 @@ fn http2_prior_knowledge_clients_are_served() {
         let body = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"teapot");
     });
+    // Counted under its service, which HTTP/2 names in the authority.
+    let (status, metrics) = up.api("GET", "/metrics", b"", None);
+    assert_eq!(status, 200, "{metrics}");
+    let counted = format!("faas_invocations_total{{faas_name=\"{name}\",status_class=\"4xx\"}} 1");
+    assert!(metrics.contains(&counted), "{counted} in\n{metrics}");
 }
 
 fn open_fds(pid: u32) -> usize {
