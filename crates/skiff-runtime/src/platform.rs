@@ -554,3 +554,45 @@ impl std::fmt::Debug for Handle {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    use super::rollback_images;
+
+    /// The layers kept for rollbacks: those of each service's last 3
+    /// versions that served before its current one; not the current one's
+    /// (its ref keeps it), not failed ones', not older ones'.
+    #[test]
+    fn rollbacks_keep_the_last_three_versions_that_served() {
+        let state = tempfile::tempdir().unwrap();
+        let store = skiff_store::Store::open(state.path()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("skiff.toml"),
+            "name = \"api\"\nstart = \"python3 app.py\"\n",
+        )
+        .unwrap();
+        let spec = skiff_model::load(dir.path(), &Default::default()).unwrap();
+        let layer = |v: i64| vec![PathBuf::from(format!("/s/images/img-{v}"))];
+        let mut served = Vec::new();
+        for n in 0..6 {
+            let v = store.begin_version(&spec).unwrap();
+            store.set_layers(v, &layer(v), None).unwrap();
+            if n == 4 {
+                store.fail_version(v, "it crashed").unwrap();
+                continue;
+            }
+            store
+                .promote("api", v, Duration::ZERO, Duration::ZERO)
+                .unwrap();
+            served.push(v);
+        }
+        // Five served; the last serves now; a failed one in between.
+        let kept = rollback_images(&store).unwrap();
+        let expected: Vec<PathBuf> = served[1..4].iter().rev().flat_map(|v| layer(*v)).collect();
+        assert_eq!(kept, expected);
+    }
+}

@@ -331,10 +331,13 @@ impl Held {
         finish(instance, outcome).await
     }
 
-    /// Whether its helper still runs (a held sandbox can be killed while
-    /// it waits: the host's OOM killer, an operator).
+    /// Whether it can still start: its helper runs, and so do pid 1 and
+    /// the held command (a held sandbox can be killed while it waits: the
+    /// host's OOM killer, an operator; the helper is not in the cgroup2
+    /// group, so it outlives a `cgroup.kill` of it by a moment).
     pub fn is_alive(&mut self) -> bool {
         matches!(self.instance.child.try_wait(), Ok(None))
+            && self.instance.cgroups().is_none_or(Cgroups::populated)
     }
 
     /// Kills the held sandbox and removes its cgroups.

@@ -206,11 +206,11 @@ fn same_source_reuses_the_image_and_a_changed_file_rebuilds() {
     run("one", false);
     std::fs::write(app.path().join("version"), "two").unwrap();
     run("two", true);
-    // The first image is no longer referred to and was collected.
+    // The first image is no longer serving, and kept for a rollback.
     let layers = std::fs::read_dir(state.path().join("images"))
         .unwrap()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("img-"))
         .count();
-    assert_eq!(layers, 1);
+    assert_eq!(layers, 2);
 }
