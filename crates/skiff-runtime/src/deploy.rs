@@ -138,13 +138,22 @@ impl Handle {
                 since: SystemTime::now(),
             });
         }
-        if from.is_some() && shared.ctx.store.service(&name)?.is_none() {
-            // Removed since the rollback chose its version: it stays removed.
-            shared.table.forget(&name);
-            return Err(DeployError::NoRollback {
-                service: name,
-                reason: "it was removed meanwhile".into(),
-            });
+        if from.is_some() {
+            match shared.ctx.store.service(&name) {
+                Ok(Some(_)) => {}
+                // Removed since the rollback chose its version: it stays removed.
+                Ok(None) => {
+                    shared.table.forget(&name);
+                    return Err(DeployError::NoRollback {
+                        service: name,
+                        reason: "it was removed meanwhile".into(),
+                    });
+                }
+                Err(e) => {
+                    self.deploy_failed(&name, &e.to_string());
+                    return Err(e.into());
+                }
+            }
         }
         let version = match shared.ctx.store.begin_version(spec) {
             Ok(v) => v,
