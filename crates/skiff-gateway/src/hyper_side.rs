@@ -71,17 +71,20 @@ impl Gateway {
     async fn handle(&self, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
         let started = Instant::now();
         let json = wants_json(req.headers());
-        // The service the request names, as `forward` finds it (HTTP/2
-        // clients name it in the target's authority): for counting, and
-        // for the report when the gateway answers itself.
-        let service = req
+        // Its Host, or from HTTP/2 clients its target's authority: where
+        // `forward` routes it, and whose service it is counted under and
+        // reported for when the gateway answers itself.
+        let host = req
             .headers()
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .map(str::to_string)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()))
-            .and_then(|h| host_to_service(&h, &self.config().domain).map(str::to_ascii_lowercase));
-        let resp = match self.forward(req, remote, json).await {
+            .or_else(|| req.uri().authority().map(|a| a.to_string()));
+        let service = host
+            .as_deref()
+            .and_then(|h| host_to_service(h, &self.config().domain))
+            .map(str::to_ascii_lowercase);
+        let resp = match self.forward(req, remote, json, host).await {
             Ok(resp) => resp,
             Err(failure) => {
                 if let Some(service) = &service {
@@ -115,6 +118,7 @@ impl Gateway {
         mut req: Request<Incoming>,
         remote: SocketAddr,
         json: bool,
+        host: Option<String>,
     ) -> Result<Response<Body>, Failure> {
         // Request smuggling: hyper's HTTP/1 parser refuses Content-Length
         // values that disagree (400) and, for a body framed by both
@@ -122,12 +126,6 @@ impl Gateway {
         // reads the chunked body (RFC 9112 §6.3). What reaches this point
         // has one framing, and the request sent upstream is framed anew, so
         // the gateway and the service cannot disagree about where it ends.
-        let host = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_string)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()));
         let upgrade = req.headers().get(header::UPGRADE).cloned();
         let admitted = pipeline::admit(
             self,

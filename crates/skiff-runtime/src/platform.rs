@@ -464,32 +464,32 @@ impl Handle {
             .metrics
             .gateway()
             .retain(|n| names.iter().any(|k| k == n));
-        // Read from the instances' groups, after the table's lock.
-        let usage: Vec<InstanceUsage> = runtimes
+        // Each service's instances (those of its serving and draining
+        // versions, as `status` counts them), and what each uses, read
+        // from its groups after the table's lock.
+        let mut instances: Vec<_> = names
             .into_iter()
-            .flat_map(|(service, rt)| {
+            .map(|n| (n, [("running", 0), ("suspended", 0), ("starting", 0)]))
+            .collect();
+        let mut usage: Vec<InstanceUsage> = Vec::new();
+        for (service, rt) in runtimes {
+            let (running, suspended, starting) = rt.counts();
+            if let Some((_, states)) = instances.iter_mut().find(|(n, _)| *n == service) {
+                for (state, n) in [running, suspended, starting].into_iter().enumerate() {
+                    states[state].1 += n;
+                }
+            }
+            usage.extend(
                 rt.usage()
                     .into_iter()
-                    .map(move |(instance, cpu, memory)| InstanceUsage {
+                    .map(|(instance, cpu, memory)| InstanceUsage {
                         service: service.clone(),
                         instance,
                         cpu,
                         memory,
-                    })
-            })
-            .collect();
-        let instances: Vec<_> = names
-            .into_iter()
-            .filter_map(|n| {
-                let c = self.status(&n)?.instances;
-                let states = [
-                    ("running", c.running),
-                    ("suspended", c.suspended),
-                    ("starting", c.starting),
-                ];
-                Some((n, states))
-            })
-            .collect();
+                    }),
+            );
+        }
         self.shared.ctx.metrics.encode(&instances, usage)
     }
 }
