@@ -199,6 +199,25 @@ fn every_shape_matches_its_schema() {
     );
     check(
         &doc,
+        "RequestLine",
+        &schemas["RequestLine"],
+        &RequestLine {
+            id: 1,
+            at: "t".into(),
+            request_id: "r".into(),
+            method: "GET".into(),
+            path: "/".into(),
+            status: 200,
+            duration_ms: 1.5,
+            bytes_in: 0,
+            bytes_out: Some(2),
+            instance: Some("i".into()),
+            wake: Some("cold".into()),
+            error: Some("unavailable".into()),
+        },
+    );
+    check(
+        &doc,
         "Removed",
         &schemas["Removed"],
         &Removed {

@@ -8,6 +8,7 @@
 //! | `GET /v1/services/{name}` | status |
 //! | `DELETE /v1/services/{name}` | remove |
 //! | `GET /v1/services/{name}/logs?since=&tail=&follow=` | NDJSON log lines |
+//! | `GET /v1/services/{name}/requests?since=&tail=&follow=` | NDJSON request records |
 //! | `GET /v1/services/{name}/doctor` | findings with evidence, start phases |
 //! | `POST /v1/services/{name}/rollback?version=` | an earlier version's image serves again |
 //! | `GET /metrics` | the platform's metrics (OpenMetrics text, which Prometheus reads) |
@@ -31,7 +32,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use skiff_gateway::{ConnectionLimits, ConnectionTable};
 use skiff_model::Overrides;
 use skiff_runtime::diagnose::{Diagnoser, Disks};
-use skiff_runtime::store::{LogQuery, LogRecord, LogSource};
+use skiff_runtime::store::{LogQuery, LogRecord, LogSource, RequestRecord};
 use skiff_runtime::Level;
 use skiff_runtime::{DeployError, Event, Handle, LiveStatus, Phase};
 use tokio::io::AsyncWriteExt;
@@ -40,6 +41,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::archive;
+use crate::console;
 use crate::failure::Failure;
 use crate::types::{self, ApiError, DeployMessage};
 
@@ -54,6 +56,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/services/{name}"),
     ("DELETE", "/v1/services/{name}"),
     ("GET", "/v1/services/{name}/logs"),
+    ("GET", "/v1/services/{name}/requests"),
     ("GET", "/v1/services/{name}/doctor"),
     ("POST", "/v1/services/{name}/rollback"),
     ("GET", "/metrics"),
@@ -86,13 +89,15 @@ pub struct ApiConfig {
     pub max_upload: u64,
 }
 
-struct Api {
+pub(crate) struct Api {
     platform: Handle,
     config: ApiConfig,
     next_upload: AtomicU64,
+    /// The console's signed-in browsers.
+    sessions: console::Sessions,
 }
 
-type ApiBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+pub(crate) type ApiBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 /// Serves the API on `listener` until `shutdown` completes.
 pub async fn serve(
@@ -108,6 +113,7 @@ pub async fn serve(
         platform,
         config,
         next_upload: AtomicU64::new(0),
+        sessions: console::Sessions::default(),
     });
     tokio::pin!(shutdown);
     let connections = ConnectionTable::new();
@@ -206,8 +212,13 @@ impl Body for ChannelBody {
 fn ndjson_response(rx: mpsc::Receiver<Bytes>) -> Response<ApiBody> {
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
-        .body(ChannelBody(rx).boxed())
+        .body(channel_body(rx))
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+}
+
+/// A body that sends what comes through `rx` as it comes.
+pub(crate) fn channel_body(rx: mpsc::Receiver<Bytes>) -> ApiBody {
+    ChannelBody(rx).boxed()
 }
 
 fn line<T: serde::Serialize>(value: &T) -> Bytes {
@@ -218,7 +229,7 @@ fn line<T: serde::Serialize>(value: &T) -> Bytes {
 
 /// Compares without stopping at the first difference, so the time taken
 /// does not tell how much of a guess was right.
-fn same_token(given: &[u8], token: &[u8]) -> bool {
+pub(crate) fn same_token(given: &[u8], token: &[u8]) -> bool {
     given.len() == token.len() && given.iter().zip(token).fold(0u8, |d, (a, b)| d | (a ^ b)) == 0
 }
 
@@ -236,6 +247,11 @@ fn query(req: &Request<Incoming>) -> Vec<(String, String)> {
 impl Api {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ApiBody> {
         let path = req.uri().path().to_string();
+        // The console signs in with a cookie of its own (`console.rs`);
+        // the API's routes take the bearer token only.
+        if console::owns(&path) {
+            return console::handle(&self, req).await;
+        }
         if req.method() == Method::GET && path == "/openapi.json" {
             return Response::builder()
                 .header(header::CONTENT_TYPE, "application/json")
@@ -269,6 +285,10 @@ impl Api {
                 let q = query(&req);
                 self.logs(name, &q)
             }
+            ("GET", ["v1", "services", name, "requests"]) => {
+                let q = query(&req);
+                self.requests(name, &q)
+            }
             ("GET", ["v1", "services", name, "doctor"]) => self.doctor(name),
             ("GET", ["metrics"]) => self.metrics(),
             ("POST", ["v1", "services", name, "rollback"]) => {
@@ -281,6 +301,7 @@ impl Api {
             | (_, ["v1", "deploy"])
             | (_, ["v1", "services", _])
             | (_, ["v1", "services", _, "logs"])
+            | (_, ["v1", "services", _, "requests"])
             | (_, ["v1", "services", _, "doctor"]) => answer(Failure::MethodNotAllowed {
                 method: method.to_string(),
                 path: path.to_string(),
@@ -332,7 +353,29 @@ impl Api {
             .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
     }
 
-    fn summary(&self, s: &LiveStatus) -> types::ServiceSummary {
+    pub(crate) fn platform(&self) -> &Handle {
+        &self.platform
+    }
+
+    pub(crate) fn sessions(&self) -> &console::Sessions {
+        &self.sessions
+    }
+
+    pub(crate) fn token(&self) -> &str {
+        &self.config.token
+    }
+
+    /// Where the daemon wrote the token (next to the uploads, in the
+    /// state directory), for the console's sign-in page.
+    pub(crate) fn token_file(&self) -> String {
+        self.config
+            .uploads
+            .parent()
+            .map(|state| state.join("api-token").display().to_string())
+            .unwrap_or_else(|| "api-token in the state directory".into())
+    }
+
+    pub(crate) fn summary(&self, s: &LiveStatus) -> types::ServiceSummary {
         types::ServiceSummary {
             name: s.name.clone(),
             state: s.state.as_str().into(),
@@ -366,9 +409,15 @@ impl Api {
     }
 
     fn status(&self, name: &str) -> Response<ApiBody> {
-        let Some(live) = self.platform.status(name) else {
-            return self.unknown(name);
-        };
+        match self.service_status(name) {
+            Some(status) => json(StatusCode::OK, &status),
+            None => self.unknown(name),
+        }
+    }
+
+    /// What `GET /v1/services/{name}` answers (and the console shows).
+    pub(crate) fn service_status(&self, name: &str) -> Option<types::ServiceStatus> {
+        let live = self.platform.status(name)?;
         let store = self.platform.store();
         let versions = store.versions(name, 10).unwrap_or_default();
         let events = store.events(name, 200).unwrap_or_default();
@@ -410,32 +459,36 @@ impl Api {
             findings: diagnosis.findings,
             last_start: store.starts(name, 1).unwrap_or_default().first().map(start),
         };
-        json(StatusCode::OK, &status)
+        Some(status)
     }
 
     fn doctor(&self, name: &str) -> Response<ApiBody> {
-        let Some(live) = self.platform.status(name) else {
-            return self.unknown(name);
-        };
+        match self.doctor_report(name) {
+            Some(report) => json(StatusCode::OK, &report),
+            None => self.unknown(name),
+        }
+    }
+
+    /// What `GET /v1/services/{name}/doctor` answers (and the console
+    /// shows).
+    pub(crate) fn doctor_report(&self, name: &str) -> Option<types::Doctor> {
+        let live = self.platform.status(name)?;
         let store = self.platform.store();
         let diagnosis = diagnose(store, name);
-        json(
-            StatusCode::OK,
-            &types::Doctor {
-                service: name.to_string(),
-                state: live.state.as_str().into(),
-                findings: diagnosis.findings,
-                starts: store
-                    .starts(name, 5)
-                    .unwrap_or_default()
-                    .iter()
-                    .map(start)
-                    .collect(),
-                log_lines: diagnosis.log_lines,
-                events: diagnosis.events,
-                version: diagnosis.version,
-            },
-        )
+        Some(types::Doctor {
+            service: name.to_string(),
+            state: live.state.as_str().into(),
+            findings: diagnosis.findings,
+            starts: store
+                .starts(name, 5)
+                .unwrap_or_default()
+                .iter()
+                .map(start)
+                .collect(),
+            log_lines: diagnosis.log_lines,
+            events: diagnosis.events,
+            version: diagnosis.version,
+        })
     }
 
     async fn remove(&self, name: &str) -> Response<ApiBody> {
@@ -451,6 +504,42 @@ impl Api {
     }
 
     fn logs(&self, name: &str, q: &[(String, String)]) -> Response<ApiBody> {
+        let store = self.platform.store().clone();
+        let watch = store.log_watch();
+        self.records(name, q, watch, move |name, q| {
+            let lines = store.logs(name, q)?;
+            Ok(lines.iter().map(|l| (l.id, line(&log_line(l)))).collect())
+        })
+    }
+
+    /// `GET /v1/services/{name}/requests`: the request log, as `logs`.
+    fn requests(&self, name: &str, q: &[(String, String)]) -> Response<ApiBody> {
+        let store = self.platform.store().clone();
+        let watch = store.request_watch();
+        self.records(name, q, watch, move |name, q| {
+            let records = store.requests(name, q)?;
+            Ok(records
+                .iter()
+                .map(|r| (r.id, line(&request_line(r))))
+                .collect())
+        })
+    }
+
+    /// A service's stored records as NDJSON (`since`, `tail`), then, with
+    /// `follow`, each new one as `watch` announces it. `fetch` reads the
+    /// records a query matches, as (id, line).
+    fn records<F>(
+        &self,
+        name: &str,
+        q: &[(String, String)],
+        mut watch: tokio::sync::watch::Receiver<i64>,
+        fetch: F,
+    ) -> Response<ApiBody>
+    where
+        F: Fn(&str, &LogQuery) -> Result<Vec<(i64, Bytes)>, skiff_runtime::store::StoreError>
+            + Send
+            + 'static,
+    {
         if self.platform.status(name).is_none() {
             return self.unknown(name);
         }
@@ -464,10 +553,8 @@ impl Api {
             Err(_) => return answer(Failure::BadTail),
         };
         let follow = matches!(get("follow"), Some("1" | "true" | "yes"));
-        let store = self.platform.store().clone();
-        let mut watch = store.log_watch();
-        // The mark is taken before the first query: a line stored after it
-        // is either in that answer or announced by the watch later.
+        // The mark is taken before the first query: a record stored after
+        // it is either in that answer or announced by the watch later.
         let mark = *watch.borrow_and_update();
         let first = LogQuery {
             after: None,
@@ -478,7 +565,7 @@ impl Api {
                 DEFAULT_TAIL
             })),
         };
-        let lines = match store.logs(name, &first) {
+        let lines = match fetch(name, &first) {
             Ok(l) => l,
             Err(e) => return answer(e.into()),
         };
@@ -487,9 +574,9 @@ impl Api {
         let name = name.to_string();
         tokio::spawn(async move {
             let mut last = mark;
-            for l in &lines {
-                last = last.max(l.id);
-                if tx.send(line(&log_line(l))).await.is_err() {
+            for (id, l) in lines {
+                last = last.max(id);
+                if tx.send(l).await.is_err() {
                     return;
                 }
             }
@@ -497,7 +584,7 @@ impl Api {
                 return;
             }
             // A removed service ends the stream; checked on its own clock,
-            // not reset by other services' lines.
+            // not reset by other services' records.
             let mut check = tokio::time::interval(Duration::from_secs(1));
             loop {
                 tokio::select! {
@@ -508,16 +595,16 @@ impl Api {
                         continue;
                     }
                 }
-                let next = store.logs(
+                let next = fetch(
                     &name,
                     &LogQuery {
                         after: Some(last),
                         ..Default::default()
                     },
                 );
-                for l in next.unwrap_or_default() {
-                    last = l.id;
-                    if tx.send(line(&log_line(&l))).await.is_err() {
+                for (id, l) in next.unwrap_or_default() {
+                    last = id;
+                    if tx.send(l).await.is_err() {
                         return;
                     }
                 }
@@ -769,6 +856,23 @@ async fn forward_events(
         if tx.send(line(&msg)).await.is_err() {
             return;
         }
+    }
+}
+
+pub(crate) fn request_line(r: &RequestRecord) -> types::RequestLine {
+    types::RequestLine {
+        id: r.id,
+        at: rfc3339(r.at),
+        request_id: r.request_id.clone(),
+        method: r.method.clone(),
+        path: r.path.clone(),
+        status: r.status,
+        duration_ms: r.duration.as_secs_f64() * 1000.0,
+        bytes_in: r.bytes_in,
+        bytes_out: r.bytes_out,
+        instance: r.instance.clone(),
+        wake: r.wake.clone(),
+        error: r.error.clone(),
     }
 }
 

@@ -139,6 +139,34 @@ pub struct LogLine {
     pub line: String,
 }
 
+/// One request through the gateway, as the request log has it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RequestLine {
+    pub id: i64,
+    /// When its head had been read.
+    pub at: String,
+    /// Its `x-request-id`: the client's, or one the gateway made; the
+    /// service received it too.
+    pub request_id: String,
+    pub method: String,
+    /// Path and query (cut at 512 bytes).
+    pub path: String,
+    pub status: u16,
+    /// From its head to the answer's head.
+    pub duration_ms: f64,
+    pub bytes_in: u64,
+    /// The answer body's length; absent for a streamed answer of
+    /// unannounced length.
+    pub bytes_out: Option<u64>,
+    /// The instance that answered.
+    pub instance: Option<String>,
+    /// `cold` (an instance was started for it) or `thawed` (a suspended
+    /// one was thawed); absent when the instance was running.
+    pub wake: Option<String>,
+    /// The gateway answered itself: why (its `x-skiff-error`).
+    pub error: Option<String>,
+}
+
 /// One line of a deploy's progress stream (NDJSON).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

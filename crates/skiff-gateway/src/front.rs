@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -31,7 +31,8 @@ use crate::h1;
 use crate::hyper_side::HyperBuilder;
 use crate::limits::{after, until, FAR};
 use crate::pipeline::{self, Downstream, Piece, Serverless, Watched};
-use crate::route::ExchangeLimits;
+use crate::reqlog::{self, Entry};
+use crate::route::{ExchangeLimits, Lease, Wake};
 
 /// Most header fields in a request served here; hyper takes requests
 /// with more.
@@ -52,6 +53,11 @@ struct Plan {
     head_len: usize,
     body_len: usize,
     service: String,
+    method: http::Method,
+    /// The target as the request's record keeps it.
+    path: Box<str>,
+    /// Its `x-request-id` (`reqlog.rs`), which the instance's head has.
+    request_id: Box<str>,
     limits: ExchangeLimits,
     max_response: u64,
     /// The client asked for JSON errors.
@@ -273,6 +279,8 @@ impl Front {
         let mut close = false;
         let mut json = false;
         let mut forwarded_for = None;
+        // The client's `x-request-id`; more than one is as good as none.
+        let mut sent_id: Option<Option<&[u8]>> = None;
         for h in req.headers.iter() {
             let name = h.name.as_bytes();
             if name.eq_ignore_ascii_case(b"host") {
@@ -302,6 +310,8 @@ impl Front {
                 }
             } else if name.eq_ignore_ascii_case(b"accept") {
                 json |= h.value.windows(4).any(|w| w == b"json");
+            } else if name.eq_ignore_ascii_case(b"x-request-id") {
+                sent_id = Some(sent_id.map_or(Some(h.value), |_| None));
             } else if self.trusted
                 && name.eq_ignore_ascii_case(b"x-forwarded-for")
                 && forwarded_for.replace(h.value).is_some()
@@ -338,6 +348,10 @@ impl Front {
         let Ok(body_len) = usize::try_from(length) else {
             return Inspected::Hyper;
         };
+        let Ok(method_kind) = http::Method::from_bytes(method.as_bytes()) else {
+            return Inspected::Hyper;
+        };
+        let request_id = reqlog::request_id(sent_id.flatten());
 
         // The instance's request head: the client's fields less those of
         // this hop and the framing, with X-Forwarded-* added.
@@ -354,6 +368,7 @@ impl Front {
                 || name.eq_ignore_ascii_case(b"x-forwarded-for")
                 || name.eq_ignore_ascii_case(b"x-forwarded-proto")
                 || name.eq_ignore_ascii_case(b"x-forwarded-host")
+                || name.eq_ignore_ascii_case(b"x-request-id")
             {
                 continue;
             }
@@ -372,12 +387,17 @@ impl Front {
         up.extend_from_slice(self.remote_ip.as_bytes());
         up.extend_from_slice(b"\r\nx-forwarded-proto: http\r\nx-forwarded-host: ");
         up.extend_from_slice(host.as_bytes());
+        up.extend_from_slice(b"\r\nx-request-id: ");
+        up.extend_from_slice(request_id.as_bytes());
         up.extend_from_slice(b"\r\n");
 
         Inspected::Here(Plan {
             head_len,
             body_len,
             service,
+            method: method_kind,
+            path: reqlog::logged_path(target),
+            request_id,
             limits,
             max_response,
             json,
@@ -396,11 +416,21 @@ impl Front {
     /// an error when the client is gone.
     async fn serve(
         &mut self,
-        plan: Plan,
+        mut plan: Plan,
         timer: Pin<&mut tokio::time::Sleep>,
         closing: &watch::Receiver<bool>,
     ) -> io::Result<Close> {
         let gw = self.gw.clone();
+        let entry = Entry {
+            at: SystemTime::now(),
+            method: plan.method.clone(),
+            path: std::mem::take(&mut plan.path),
+            bytes_in: plan.body_len as u64,
+            bytes_out: None,
+            instance: None,
+            wake: Wake::Warm,
+            request_id: plan.request_id.clone(),
+        };
         let req = Serverless {
             service: &plan.service,
             head_only: plan.head_only,
@@ -414,6 +444,7 @@ impl Front {
             closing,
             unread: true,
             started: Instant::now(),
+            entry: Some(entry),
         };
         pipeline::serverless(&gw, &mut down, &req, rules).await
     }
@@ -436,6 +467,7 @@ impl Front {
         json: bool,
         head_only: bool,
         close: bool,
+        request_id: Option<&str>,
     ) -> io::Result<()> {
         let (parts, body) = failure.answer(json).into_parts();
         let body = body
@@ -452,6 +484,9 @@ impl Front {
             out.extend_from_slice(b"\r\n");
         }
         date_line(out);
+        if let Some(id) = request_id {
+            request_id_line(out, id);
+        }
         end_head(out, Some(body.len()), close);
         if !head_only {
             self.send(&body).await
@@ -496,7 +531,7 @@ impl Front {
                     ErrorKind::Unavailable,
                     "The gateway is shutting down; send the request again.",
                 );
-                let _ = self.write_answer(&failure, false, false, true).await;
+                let _ = self.write_answer(&failure, false, false, true, None).await;
             }
             return self.linger().await;
         }
@@ -527,6 +562,8 @@ struct Fast<'f, 't> {
     unread: bool,
     /// When its head had been read.
     started: Instant,
+    /// What its record says of it (taken when it is answered).
+    entry: Option<Entry>,
 }
 
 impl Fast<'_, '_> {
@@ -604,6 +641,13 @@ impl Downstream for Fast<'_, '_> {
         self.front.up = head;
     }
 
+    fn leased(&mut self, lease: &Lease) {
+        if let Some(entry) = &mut self.entry {
+            entry.instance = Some(lease.upstream.key.clone());
+            entry.wake = lease.wake;
+        }
+    }
+
     /// Past the body, bytes from the client are its next request (read
     /// into the buffer while waiting, up to a head's worth), and its end
     /// means nobody waits for the answer: the work is dropped (and with
@@ -630,14 +674,21 @@ impl Downstream for Fast<'_, '_> {
         if !received.has_date {
             date_line(out);
         }
+        if !received.has_request_id {
+            request_id_line(out, &self.plan.request_id);
+        }
         let length = (!received.bodiless).then_some(received.body.len());
         end_head(out, length, matches!(close, Close::Now));
         // Counted when the answer is ready, as on hyper's side: a slow
         // client's reading is not the service's time.
         let status = received.status.as_u16();
         let took = self.started.elapsed();
+        let entry = self.entry.take().map(|mut e| {
+            e.bytes_out = Some(received.body.len() as u64);
+            e
+        });
         let meter = self.front.gw.meter();
-        meter.answered(Some(&self.plan.service), status, took, None);
+        meter.answered(Some(&self.plan.service), status, took, None, entry);
         self.front.send(&received.body).await?;
         Ok(close)
     }
@@ -652,18 +703,20 @@ impl Downstream for Fast<'_, '_> {
             status(kind).as_u16(),
             took,
             Some(kind),
+            self.entry.take(),
         );
         let (json, head_only) = (self.plan.json, self.plan.head_only);
+        let id = Some(&*self.plan.request_id);
         if self.unread {
             self.front
-                .write_answer(&failure, json, head_only, true)
+                .write_answer(&failure, json, head_only, true, id)
                 .await?;
             return Ok(Close::AfterUnread);
         }
         let close = self.close();
         let now = matches!(close, Close::Now);
         self.front
-            .write_answer(&failure, json, head_only, now)
+            .write_answer(&failure, json, head_only, now, id)
             .await?;
         Ok(close)
     }
@@ -692,6 +745,13 @@ fn date_line(out: &mut Vec<u8>) {
         out.extend_from_slice(date.1.as_bytes());
         out.extend_from_slice(b"\r\n");
     });
+}
+
+/// An `x-request-id` field for a response.
+fn request_id_line(out: &mut Vec<u8>, id: &str) {
+    out.extend_from_slice(b"x-request-id: ");
+    out.extend_from_slice(id.as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Starts a response head in `out` (cleared first).

@@ -80,6 +80,8 @@ pub(crate) struct Received {
     pub lines: Vec<u8>,
     /// The service sent a Date field.
     pub has_date: bool,
+    /// The service sent an `x-request-id` of its own.
+    pub has_request_id: bool,
     pub body: Bytes,
     /// The response has no body by its nature (HEAD, 204, 304): its
     /// Content-Length, if any, describes another message and passes as is.
@@ -557,6 +559,7 @@ async fn round_trip(
             status: head.status,
             lines: head.lines,
             has_date: head.has_date,
+            has_request_id: head.has_request_id,
             body,
             bodiless: head.bodiless,
             conn: None,
@@ -583,6 +586,7 @@ struct Head {
     /// See `Received::lines`.
     lines: Vec<u8>,
     has_date: bool,
+    has_request_id: bool,
 }
 
 fn parse_head(buf: &[u8], head_only: bool) -> Result<Option<Head>, ExchangeError> {
@@ -648,6 +652,7 @@ fn parse_head(buf: &[u8], head_only: bool) -> Result<Option<Head>, ExchangeError
         length: Ok(None),
         lines: Vec::with_capacity(len),
         has_date: false,
+        has_request_id: false,
     };
     for h in resp.headers.iter() {
         let name = h.name.as_bytes();
@@ -669,6 +674,8 @@ fn parse_head(buf: &[u8], head_only: bool) -> Result<Option<Head>, ExchangeError
             }
         } else if name.eq_ignore_ascii_case(b"date") {
             head.has_date = true;
+        } else if name.eq_ignore_ascii_case(b"x-request-id") {
+            head.has_request_id = true;
         } else if is_hop_by_hop(name) || named.iter().any(|n| n.eq_ignore_ascii_case(name)) {
             continue;
         }
@@ -811,6 +818,7 @@ mod tests {
             status: h.status,
             lines: h.lines,
             has_date: h.has_date,
+            has_request_id: h.has_request_id,
             body: Bytes::new(),
             bodiless: false,
             conn: None,

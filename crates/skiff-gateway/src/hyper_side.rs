@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -27,7 +28,8 @@ use crate::gateway::{BoxError, Gateway};
 use crate::h1;
 use crate::limits::{after, broke_off, timed_out, too_large_request, too_large_response};
 use crate::pipeline::{self, Downstream, Piece, Serverless, Watched};
-use crate::route::{host_to_service, Lease, Upstream};
+use crate::reqlog::{self, Entry};
+use crate::route::{host_to_service, Lease, Upstream, Wake};
 
 /// hyper's server side, for the connections `front.rs` hands over.
 pub(crate) type HyperBuilder = hyper_util::server::conn::auto::Builder<TokioExecutor>;
@@ -68,9 +70,27 @@ impl Gateway {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+    async fn handle(&self, mut req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
         let started = Instant::now();
+        let at = SystemTime::now();
         let json = wants_json(req.headers());
+        // The request's id (`reqlog.rs`): the client's, when it sent one
+        // usable field, else a new one; the service gets it either way.
+        let request_id = {
+            let mut sent = req.headers().get_all(X_REQUEST_ID).iter();
+            let one = match (sent.next(), sent.next()) {
+                (Some(v), None) => Some(v.as_bytes()),
+                _ => None,
+            };
+            reqlog::request_id(one)
+        };
+        let id_value = HeaderValue::from_str(&request_id).ok();
+        if let Some(v) = &id_value {
+            req.headers_mut().insert(X_REQUEST_ID, v.clone());
+        }
+        let method = req.method().clone();
+        let path = reqlog::logged_path(req.uri().path_and_query().map_or("/", |p| p.as_str()));
+        let announced = content_length(req.headers());
         // Its Host, or from HTTP/2 clients its target's authority: where
         // `forward` routes it, and whose service it is counted under and
         // reported for when the gateway answers itself.
@@ -84,7 +104,7 @@ impl Gateway {
             .as_deref()
             .and_then(|h| host_to_service(h, &self.config().domain))
             .map(str::to_ascii_lowercase);
-        let resp = match self.forward(req, remote, json, host).await {
+        let mut resp = match self.forward(req, remote, json, host).await {
             Ok(resp) => resp,
             Err(failure) => {
                 if let Some(service) = &service {
@@ -101,11 +121,34 @@ impl Gateway {
             Some(_) => service.filter(|s| self.router().exists(s)),
             None => service,
         };
+        if let Some(v) = id_value {
+            if !resp.headers().contains_key(X_REQUEST_ID) {
+                resp.headers_mut().insert(X_REQUEST_ID, v);
+            }
+        }
+        let served = resp.extensions_mut().remove::<Served>();
+        let entry = service.is_some().then(|| Entry {
+            at,
+            method,
+            path,
+            bytes_in: served
+                .as_ref()
+                .and_then(|s| s.bytes_in)
+                .or(announced)
+                .unwrap_or(0),
+            bytes_out: hyper::body::Body::size_hint(resp.body())
+                .exact()
+                .or_else(|| content_length(resp.headers())),
+            instance: served.as_ref().map(|s| s.instance.clone()),
+            wake: served.map_or(Wake::Warm, |s| s.wake),
+            request_id,
+        });
         self.meter().answered(
             service.as_deref(),
             resp.status().as_u16(),
             started.elapsed(),
             refused,
+            entry,
         );
         resp
     }
@@ -186,6 +229,7 @@ impl Gateway {
             return Ok(pipeline::serverless_leased(self, &mut down, &serverless, lease, max).await);
         }
         let deadline = upstream.limits.request_timeout.map(after);
+        let served = Served::of(&lease, content_length(req.headers()));
         // hyper's pooled client finds the instance by the authority.
         let uri = Uri::builder()
             .scheme("http")
@@ -233,11 +277,13 @@ impl Gateway {
                 // The connection was in flight all along.
                 drop(lease);
             });
+            resp.extensions_mut().insert(served);
             return Ok(resp.map(|b| b.boxed()));
         }
 
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        parts.extensions.insert(served);
         let Some(max) = upstream.limits.max_response else {
             // Persistent: streamed as it comes; in flight until sent.
             let body = LeasedBody {
@@ -320,6 +366,10 @@ struct Whole<'a> {
     body: Option<Incoming>,
     received: BytesMut,
     json: bool,
+    /// The instance it was leased, once it is.
+    served: Option<Served>,
+    /// The body's length, once received whole.
+    body_len: u64,
 }
 
 impl<'a> Whole<'a> {
@@ -330,9 +380,43 @@ impl<'a> Whole<'a> {
             body: Some(body),
             received: BytesMut::new(),
             json,
+            served: None,
+            body_len: 0,
         }
     }
 }
+
+impl Whole<'_> {
+    /// Names the instance in the answer, for the request's record.
+    fn mark(&mut self, resp: &mut Response<Body>) {
+        if let Some(mut served) = self.served.take() {
+            served.bytes_in = Some(self.body_len);
+            resp.extensions_mut().insert(served);
+        }
+    }
+}
+
+/// Which instance answered a request and what it woke from, in the
+/// answer's extensions until `handle` records it.
+#[derive(Debug, Clone)]
+struct Served {
+    instance: Arc<str>,
+    wake: Wake,
+    /// The body's length, when the side that read it knows.
+    bytes_in: Option<u64>,
+}
+
+impl Served {
+    fn of(lease: &Lease, bytes_in: Option<u64>) -> Self {
+        Self {
+            instance: lease.upstream.key.clone(),
+            wake: lease.wake,
+            bytes_in,
+        }
+    }
+}
+
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 impl<'a> Serverless<'a> {
     fn of(service: &'a str, method: &http::Method) -> Self {
@@ -387,6 +471,7 @@ impl Downstream for Whole<'_> {
 
     fn request(&mut self) -> (Vec<u8>, Bytes) {
         let body = self.received.split().freeze();
+        self.body_len = body.len() as u64;
         let head = h1::serialize(&h1::Outgoing {
             method: &self.parts.method,
             path: self.path,
@@ -394,6 +479,10 @@ impl Downstream for Whole<'_> {
             body: body.clone(),
         });
         (head, body)
+    }
+
+    fn leased(&mut self, lease: &Lease) {
+        self.served = Some(Served::of(lease, None));
     }
 
     async fn watch<F: Future>(&mut self, work: F, by: Option<Instant>) -> Watched<F::Output> {
@@ -419,11 +508,14 @@ impl Downstream for Whole<'_> {
         let mut resp = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
         *resp.status_mut() = received.status;
         *resp.headers_mut() = headers;
+        self.mark(&mut resp);
         resp
     }
 
     async fn refuse(&mut self, failure: Failure) -> Response<Body> {
-        failure.answer(self.json)
+        let mut resp = failure.answer(self.json);
+        self.mark(&mut resp);
+        resp
     }
 
     fn gone(&mut self) -> Response<Body> {

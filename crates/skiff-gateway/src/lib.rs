@@ -18,6 +18,7 @@ mod hyper_side;
 mod limits;
 mod meter;
 mod pipeline;
+mod reqlog;
 mod route;
 mod threads;
 mod upstream_io;
@@ -26,8 +27,9 @@ pub use admission::{Admitted, Cidr, CidrError, ConnectionLimits, ConnectionTable
 pub use error::{status, Cause, ErrorKind, Failure, Source};
 pub use gateway::{Gateway, GatewayConfig, GatewayError};
 pub use meter::{Counts, Meters, Snapshot, ThreadMeter, DURATION_BUCKETS};
+pub use reqlog::{Entry, Record, MAX_REQUEST_ID};
 pub use route::{
     host_to_service, Connect, ConnectFuture, ExchangeLimits, FailureFuture, Lease, Route,
-    RouteFuture, Router, Upstream,
+    RouteFuture, Router, Upstream, Wake,
 };
 pub use threads::{GatewayThreads, Listeners};

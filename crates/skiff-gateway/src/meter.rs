@@ -10,12 +10,21 @@
 //! missing Host) are counted without one, so no client can make the tables
 //! grow, and the platform drops the rows of removed services
 //! ([`Meters::retain`]).
+//!
+//! The same tables hold the request log's records (`reqlog.rs`) until the
+//! platform takes them ([`Meters::take_records`]), up to
+//! [`RECORDS_PER_THREAD`] each: beyond that, a record is dropped and
+//! counted, so a platform that falls behind costs no memory.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::error::ErrorKind;
+use crate::reqlog::{Entry, Record};
+
+/// Request records one thread holds until the platform takes them.
+pub const RECORDS_PER_THREAD: usize = 16_384;
 
 /// Upper bounds of the duration histogram's buckets, in seconds (a last,
 /// unbounded one follows).
@@ -76,8 +85,11 @@ impl Counts {
 
 #[derive(Debug, Default)]
 struct Table {
-    services: HashMap<Box<str>, Counts>,
+    services: HashMap<Arc<str>, Counts>,
     unrouted: Counts,
+    records: Vec<Record>,
+    /// Records dropped since the platform last took them.
+    dropped: u64,
 }
 
 /// Every gateway thread's counts.
@@ -127,6 +139,25 @@ impl Meters {
         Snapshot { services, unrouted }
     }
 
+    /// The request records since the last call, oldest first per thread,
+    /// and how many were dropped because a thread held its most.
+    pub fn take_records(&self) -> (Vec<Record>, u64) {
+        let tables: Vec<_> = locked(&self.tables).clone();
+        let mut records = Vec::new();
+        let mut dropped = 0;
+        for table in tables {
+            let mut table = locked(&table);
+            dropped += std::mem::take(&mut table.dropped);
+            if records.is_empty() {
+                // The thread's buffer is taken whole, a fresh one left.
+                records = std::mem::take(&mut table.records);
+            } else {
+                records.append(&mut table.records);
+            }
+        }
+        (records, dropped)
+    }
+
     /// A removed service's counts go.
     pub fn forget(&self, service: &str) {
         self.retain(|name| name != service);
@@ -149,28 +180,52 @@ pub struct ThreadMeter {
 
 impl ThreadMeter {
     /// An answer for `service` (`None`: the request reached no service),
-    /// `refused` when the gateway answered itself.
+    /// `refused` when the gateway answered itself; with the request's
+    /// `entry`, a record of it for the request log (requests for no
+    /// service have none).
     pub fn answered(
         &self,
         service: Option<&str>,
         status: u16,
         took: Duration,
         refused: Option<ErrorKind>,
+        entry: Option<Entry>,
     ) {
-        let mut table = locked(&self.table);
-        let counts = match service {
-            None => &mut table.unrouted,
-            Some(name) => {
-                if !table.services.contains_key(name) {
-                    table.services.insert(name.into(), Counts::default());
-                }
-                match table.services.get_mut(name) {
-                    Some(counts) => counts,
-                    None => return,
-                }
-            }
+        let mut guard = locked(&self.table);
+        let table = &mut *guard;
+        let Some(name) = service else {
+            table.unrouted.answered(status, took, refused);
+            return;
         };
-        counts.answered(status, took, refused);
+        if !table.services.contains_key(name) {
+            table.services.insert(name.into(), Counts::default());
+        }
+        if let Some(counts) = table.services.get_mut(name) {
+            counts.answered(status, took, refused);
+        }
+        let Some(e) = entry else { return };
+        let Some((service, _)) = table.services.get_key_value(name) else {
+            return;
+        };
+        let service = service.clone();
+        if table.records.len() >= RECORDS_PER_THREAD {
+            table.dropped += 1;
+            return;
+        }
+        table.records.push(Record {
+            service,
+            at: e.at,
+            method: e.method,
+            path: e.path,
+            status,
+            took,
+            bytes_in: e.bytes_in,
+            bytes_out: e.bytes_out,
+            instance: e.instance,
+            wake: e.wake,
+            request_id: e.request_id,
+            refused,
+        });
     }
 }
 
@@ -182,15 +237,22 @@ mod tests {
     fn threads_count_apart_and_a_snapshot_adds_them_up() {
         let meters = Meters::new();
         let (a, b) = (meters.for_thread(), meters.for_thread());
-        a.answered(Some("api"), 200, Duration::from_micros(300), None);
-        b.answered(Some("api"), 204, Duration::from_millis(3), None);
+        a.answered(Some("api"), 200, Duration::from_micros(300), None, None);
+        b.answered(Some("api"), 204, Duration::from_millis(3), None, None);
         b.answered(
             Some("api"),
             504,
             Duration::from_secs(30),
             Some(ErrorKind::RequestTimeout),
+            None,
         );
-        a.answered(None, 404, Duration::ZERO, Some(ErrorKind::UnknownService));
+        a.answered(
+            None,
+            404,
+            Duration::ZERO,
+            Some(ErrorKind::UnknownService),
+            None,
+        );
         let snap = meters.snapshot();
         assert_eq!(snap.services.len(), 1);
         let (name, api) = &snap.services[0];
@@ -210,9 +272,55 @@ mod tests {
         assert_eq!(snap.unrouted.by_class, [0, 0, 0, 1, 0]);
         assert_eq!(snap.unrouted.refused.iter().sum::<u64>(), 1);
         // Past the last bound; and a removed service's counts go.
-        a.answered(Some("api"), 200, Duration::from_secs(600), None);
+        a.answered(Some("api"), 200, Duration::from_secs(600), None, None);
         assert_eq!(meters.snapshot().services[0].1.buckets[14], 1);
         meters.forget("api");
         assert!(meters.snapshot().services.is_empty());
+    }
+
+    fn entry(path: &str) -> Entry {
+        Entry {
+            at: std::time::SystemTime::now(),
+            method: http::Method::GET,
+            path: path.into(),
+            bytes_in: 0,
+            bytes_out: Some(2),
+            instance: Some(Arc::from("i1")),
+            wake: crate::route::Wake::Cold,
+            request_id: "r1".into(),
+        }
+    }
+
+    #[test]
+    fn records_are_taken_once_and_held_up_to_a_bound() {
+        let meters = Meters::new();
+        let (a, b) = (meters.for_thread(), meters.for_thread());
+        a.answered(Some("api"), 200, Duration::ZERO, None, Some(entry("/a")));
+        b.answered(
+            Some("api"),
+            502,
+            Duration::ZERO,
+            Some(ErrorKind::UpstreamFailed),
+            Some(entry("/b")),
+        );
+        a.answered(None, 404, Duration::ZERO, None, None);
+        let (records, dropped) = meters.take_records();
+        assert_eq!(dropped, 0);
+        let paths: Vec<_> = records.iter().map(|r| (&*r.path, r.status)).collect();
+        assert_eq!(paths, [("/a", 200), ("/b", 502)]);
+        assert_eq!(&*records[1].service, "api");
+        assert_eq!(records[1].refused, Some(ErrorKind::UpstreamFailed));
+        assert!(meters.take_records().0.is_empty(), "taken once");
+
+        for _ in 0..RECORDS_PER_THREAD + 5 {
+            a.answered(Some("api"), 200, Duration::ZERO, None, Some(entry("/")));
+        }
+        let (records, dropped) = meters.take_records();
+        assert_eq!((records.len(), dropped), (RECORDS_PER_THREAD, 5));
+        // Counted all the same.
+        assert_eq!(
+            meters.snapshot().services[0].1.by_class[1],
+            RECORDS_PER_THREAD as u64 + 6
+        );
     }
 }

@@ -183,6 +183,9 @@ pub(crate) trait Downstream {
     fn request(&mut self) -> (Vec<u8>, Bytes);
     /// Takes back the head `request` gave, to reuse its buffer.
     fn reuse(&mut self, _head: Vec<u8>) {}
+    /// The instance the request got, and what it waited for (what the
+    /// request's record names).
+    fn leased(&mut self, lease: &Lease);
     /// Waits for `work` unless `by` passes or the client leaves first.
     async fn watch<F: Future>(&mut self, work: F, by: Option<Instant>) -> Watched<F::Output>;
     /// Sends the instance's answer on.
@@ -270,7 +273,10 @@ pub(crate) async fn serverless<D: Downstream>(
     // this one behind to be served again.
     let request = down.request();
     let lease = match down.watch(lease(gw.router(), req.service), None).await {
-        Watched::Done(Ok(lease)) => lease,
+        Watched::Done(Ok(lease)) => {
+            down.leased(&lease);
+            lease
+        }
         Watched::Done(Err(failure)) => {
             down.reuse(request.0);
             return finish(gw, down, req.service, failure.into()).await;
@@ -299,6 +305,7 @@ pub(crate) async fn serverless_leased<D: Downstream>(
     max_response: u64,
 ) -> D::Done {
     let started = Instant::now();
+    down.leased(&lease);
     let rules = Rules::new(lease.upstream.limits, max_response, started);
     if let Err(stop) = receive_body(gw, down, req.service, &rules, started).await {
         drop(lease);

@@ -31,6 +31,8 @@ pub trait Connect: Send + Sync + 'static {
 /// when the response has been sent (or the client went away).
 pub struct Lease {
     pub upstream: Upstream,
+    /// What the request waited for to get this instance.
+    pub wake: Wake,
     _guard: Box<dyn std::any::Any + Send + Sync>,
 }
 
@@ -39,7 +41,38 @@ impl Lease {
     pub fn new(upstream: Upstream, guard: impl std::any::Any + Send + Sync) -> Self {
         Self {
             upstream,
+            wake: Wake::Warm,
             _guard: Box::new(guard),
+        }
+    }
+
+    /// The request waited for the instance to start or thaw.
+    pub fn woke(mut self, wake: Wake) -> Self {
+        self.wake = wake;
+        self
+    }
+}
+
+/// What a request's instance had to do before it could take it: what the
+/// request log says of each request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Wake {
+    /// It was running.
+    #[default]
+    Warm,
+    /// It was suspended, and thawed for the request.
+    Thawed,
+    /// It was started for the request (the request was its first).
+    Cold,
+}
+
+impl Wake {
+    /// Its name in records: `None` for a warm instance.
+    pub fn as_str(self) -> Option<&'static str> {
+        match self {
+            Self::Warm => None,
+            Self::Thawed => Some("thawed"),
+            Self::Cold => Some("cold"),
         }
     }
 }
@@ -123,6 +156,7 @@ impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lease")
             .field("upstream", &self.upstream)
+            .field("wake", &self.wake)
             .finish()
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use skiff_gateway::{
     Connect, ConnectFuture, ConnectionLimits, ErrorKind, ExchangeLimits, Gateway, GatewayConfig,
-    Lease, Meters, Route, Router, Upstream,
+    Lease, Meters, Route, Router, Upstream, Wake,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -240,7 +240,8 @@ impl FakeRouter {
     /// An instance after `after`, held from now on (as the platform's
     /// waiter holds its place).
     fn wait(&self, service: &str, limits: ExchangeLimits, after: Duration) -> Route {
-        let lease = Lease::new(self.upstream_for(service, limits), Held::new(&self.held));
+        let lease =
+            Lease::new(self.upstream_for(service, limits), Held::new(&self.held)).woke(Wake::Cold);
         Route::Wait(Box::pin(async move {
             tokio::time::sleep(after).await;
             Route::Instance(lease)
@@ -610,6 +611,84 @@ async fn every_answer_is_counted_once_by_service_and_class() {
     assert_eq!(names, ["broken", "db", "fn"]);
     assert_eq!(snap.unrouted.by_class, [0, 0, 0, 2, 0]);
     assert_eq!(snap.unrouted.refused[kind(ErrorKind::UnknownService)], 2);
+}
+
+#[tokio::test]
+async fn each_request_has_an_id_the_service_sees_and_one_record() {
+    let setup = gateway(|_| {}).await;
+    let mut ids = Vec::new();
+    for (side, request) in both_sides("fn.test", "/headers") {
+        for sent in [None, Some("client-7"), Some("has space")] {
+            let request = match sent {
+                Some(id) => request.replace("\r\n\r\n", &format!("\r\nX-Request-Id: {id}\r\n\r\n")),
+                None => request.clone(),
+            };
+            let a = ask(setup.addr, &request).await;
+            assert_eq!(a.status, 200, "{side} {sent:?}: {a:?}");
+            let id = a
+                .field("x-request-id")
+                .expect("the answer names its id")
+                .to_string();
+            // The service saw exactly that id, once.
+            let seen: Vec<&str> = a
+                .body
+                .lines()
+                .filter(|l| l.to_ascii_lowercase().starts_with("x-request-id:"))
+                .collect();
+            assert_eq!(seen, [format!("x-request-id: {id}")], "{side} {sent:?}");
+            match sent {
+                Some("client-7") => assert_eq!(id, "client-7", "{side}: the client's is kept"),
+                _ => assert!(
+                    id.len() == 24 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+                    "{side} {sent:?}: a made id, got {id:?}"
+                ),
+            }
+            ids.push((side, id, a.body.len() as u64));
+        }
+    }
+    let made: std::collections::HashSet<_> = ids.iter().map(|i| &i.1).collect();
+    assert_eq!(made.len(), ids.len() - 1, "made ids differ: {ids:?}");
+    // A refusal, a request that waited for a start, and one for no service.
+    let refused = ask(setup.addr, &get("broken.test", "/")).await;
+    assert!(refused.field("x-request-id").is_some(), "{refused:?}");
+    assert_eq!(ask(setup.addr, &get("later.test", "/")).await.status, 200);
+    assert_eq!(ask(setup.addr, &get("nope.test", "/")).await.status, 404);
+
+    let (records, dropped) = setup.meters.take_records();
+    assert_eq!(dropped, 0);
+    let mut records: Vec<_> = records.into_iter().collect();
+    records.sort_by_key(|r| r.at);
+    assert_eq!(
+        records.len(),
+        ids.len() + 2,
+        "none for a name nobody deployed"
+    );
+    for (r, (side, id, body)) in records.iter().zip(&ids) {
+        assert_eq!(
+            (&*r.service, &*r.path, r.status),
+            ("fn", "/headers", 200),
+            "{side}"
+        );
+        assert_eq!(r.method, http::Method::GET);
+        assert_eq!(&*r.request_id, id.as_str(), "{side}");
+        assert_eq!(r.bytes_out, Some(*body), "{side}");
+        assert_eq!(
+            (r.bytes_in, r.wake, r.refused),
+            (0, Wake::Warm, None),
+            "{side}"
+        );
+        assert_eq!(r.instance.as_deref(), Some("fn"), "{side}");
+    }
+    let broken = &records[ids.len()];
+    assert_eq!((&*broken.service, broken.status), ("broken", 503));
+    assert_eq!(broken.refused, Some(ErrorKind::Unavailable));
+    assert_eq!(broken.instance, None);
+    let later = &records[ids.len() + 1];
+    assert_eq!(
+        (&*later.service, later.status, later.wake),
+        ("later", 200, Wake::Cold)
+    );
+    assert_eq!(later.instance.as_deref(), Some("later"));
 }
 
 #[tokio::test]

@@ -83,6 +83,8 @@ pub struct Metrics {
     builds: Family<Build, Counter>,
     build_duration: Histograms<Service>,
     instances: Family<InstanceState, Gauge>,
+    /// Request records the request log had no room for.
+    records_dropped: Counter,
     /// Held while the instance gauges are set and the text is made, so two
     /// scrapes at once do not mix.
     scrape: Mutex<()>,
@@ -239,6 +241,7 @@ impl Metrics {
         let builds = Family::<Build, Counter>::default();
         let build_duration = Histograms::<Service>::new_with_constructor(build_buckets);
         let instances = Family::<InstanceState, Gauge>::default();
+        let records_dropped = Counter::default();
         let gateway = Meters::new();
         let mut registry = Registry::default();
         registry.register_collector(Box::new(GatewayCollector(gateway.clone())));
@@ -283,8 +286,14 @@ impl Metrics {
             "Instances by state at the time of the scrape",
             instances.clone(),
         );
+        registry.register(
+            "skiff_request_records_dropped",
+            "Request records not kept: the request log fell behind the traffic",
+            records_dropped.clone(),
+        );
         Self {
             registry,
+            records_dropped,
             coldstarts,
             init_duration,
             start_phases,
@@ -301,6 +310,11 @@ impl Metrics {
     /// Where the gateway's threads count (`skiff_gateway::Meters`).
     pub(crate) fn gateway(&self) -> Arc<Meters> {
         self.gateway.clone()
+    }
+
+    /// `n` request records were dropped (`requests.rs`).
+    pub(crate) fn request_records_dropped(&self, n: u64) {
+        self.records_dropped.inc_by(n);
     }
 
     /// An instance of `service` started and answered its health check.
@@ -438,15 +452,22 @@ mod tests {
         m.build("api", "built", Some(Duration::from_secs(3)));
         m.build("web", "reused", None);
         let gateway = m.gateway().for_thread();
-        gateway.answered(Some("api"), 200, Duration::from_millis(2), None);
-        gateway.answered(Some("api"), 201, Duration::from_millis(20), None);
+        gateway.answered(Some("api"), 200, Duration::from_millis(2), None, None);
+        gateway.answered(Some("api"), 201, Duration::from_millis(20), None, None);
         gateway.answered(
             Some("api"),
             504,
             Duration::from_secs(30),
             Some(ErrorKind::RequestTimeout),
+            None,
         );
-        gateway.answered(None, 404, Duration::ZERO, Some(ErrorKind::UnknownService));
+        gateway.answered(
+            None,
+            404,
+            Duration::ZERO,
+            Some(ErrorKind::UnknownService),
+            None,
+        );
         let count = [("running", 1), ("suspended", 2), ("starting", 0)];
         let usage = vec![InstanceUsage {
             service: "api".into(),

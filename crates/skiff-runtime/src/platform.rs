@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use skiff_core::{EventKind, StartReport};
-use skiff_gateway::{GatewayConfig, GatewayError, GatewayThreads, Listeners};
+use skiff_gateway::{Counts, GatewayConfig, GatewayError, GatewayThreads, Listeners};
 
 use crate::metrics::InstanceUsage;
 use skiff_model::ServiceSpec;
@@ -22,8 +22,10 @@ use tracing::{info, warn};
 
 use crate::context::{lock, owner_is_gone, Context};
 use crate::events::Event;
+use crate::history::{History, Sample, SAMPLE_EVERY};
 use crate::images::build;
 use crate::images::image::ImageStore;
+use crate::requests;
 use crate::service::ServiceRuntime;
 use crate::table::{Entry, Table};
 
@@ -143,6 +145,8 @@ pub(crate) struct Shared {
     pub(crate) shutting_down: AtomicBool,
     /// Held while the platform runs: one platform per state directory.
     _state_lock: nix::fcntl::Flock<std::fs::File>,
+    /// The last hour of each service, for the console (`history.rs`).
+    history: History,
 }
 
 impl Shared {
@@ -200,6 +204,10 @@ pub struct Platform {
     running: watch::Sender<bool>,
     gateway: Option<GatewayThreads>,
     recorder: JoinHandle<()>,
+    /// Moves the gateway's request records to the store (`requests.rs`).
+    carrier: Option<requests::Carrier>,
+    /// Samples the services for the console's charts (`history.rs`).
+    sampler: JoinHandle<()>,
 }
 
 /// What the control API and the CLI do with a running platform; cheap to
@@ -247,7 +255,7 @@ impl Platform {
             nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
                 .map_err(|_| PlatformError::StateInUse(config.state_dir.clone()))?;
         let images = ImageStore::open(&config.state_dir).map_err(state_err(&config.state_dir))?;
-        let store = Store::open(&config.state_dir)?;
+        let store = Store::open_with(&config.state_dir, skiff_sandbox::background_priority)?;
         let unfinished = store.fail_unfinished(
             "the platform stopped while this version was being deployed; deploy it again",
         )?;
@@ -281,8 +289,14 @@ impl Platform {
             shutting_down: AtomicBool::new(false),
             images,
             _state_lock: state_lock,
+            history: History::default(),
         });
         let recorder = tokio::spawn(record_events(ctx.clone(), ctx.events.subscribe()));
+        let carrier =
+            requests::Carrier::start(ctx.clone()).map_err(|source| PlatformError::State {
+                dir: shared.config.state_dir.clone(),
+                source,
+            })?;
         let (accepting, accepting_rx) = watch::channel(true);
         let (running, running_rx) = watch::channel(true);
         let gateway = GatewayThreads::spawn(
@@ -300,12 +314,17 @@ impl Platform {
             dir: shared.config.state_dir.clone(),
             source,
         })?;
+        let sampler = tokio::spawn(sample_history(Handle {
+            shared: shared.clone(),
+        }));
         Ok(Self {
             handle: Handle { shared },
+            sampler,
             accepting,
             running,
             gateway: Some(gateway),
             recorder,
+            carrier: Some(carrier),
         })
     }
 
@@ -337,9 +356,15 @@ impl Platform {
         }
         while stopping.join_next().await.is_some() {}
         self.recorder.abort();
+        self.sampler.abort();
         let _ = self.running.send(false);
         if let Some(gateway) = self.gateway.take() {
             let _ = tokio::task::spawn_blocking(move || gateway.join()).await;
+        }
+        // The last requests' records, now that no more come.
+        if let Some(carrier) = self.carrier.take() {
+            let ctx = shared.ctx.clone();
+            let _ = tokio::task::spawn_blocking(move || carrier.finish(&ctx)).await;
         }
         // The last lines and notes reach the records before the process ends.
         shared.ctx.store.flush(Duration::from_secs(2)).await;
@@ -442,7 +467,44 @@ impl Handle {
     }
 }
 
+/// Samples every service for the console's charts, every `SAMPLE_EVERY`.
+async fn sample_history(handle: Handle) {
+    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        handle.sample_history();
+    }
+}
+
 impl Handle {
+    /// The last hour of each service (`history.rs`).
+    pub fn history(&self) -> &History {
+        &self.shared.history
+    }
+
+    fn sample_history(&self) {
+        let snapshot = self.shared.ctx.metrics.gateway().snapshot();
+        let names: Vec<String> = self.shared.table.read().keys().cloned().collect();
+        let now = SystemTime::now();
+        let none = Counts::default();
+        let samples = names
+            .into_iter()
+            .filter_map(|name| {
+                let live = self.status(&name)?;
+                let counts = snapshot
+                    .services
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map_or(&none, |(_, c)| c);
+                let i = &live.instances;
+                let sample = Sample::new(now, counts, (i.running, i.suspended, i.starting));
+                Some((name, sample))
+            })
+            .collect();
+        self.shared.history.record(samples);
+    }
+
     /// The platform's metrics in Prometheus's text format, with the
     /// instances of every service that has some at this moment.
     pub fn metrics(&self) -> String {

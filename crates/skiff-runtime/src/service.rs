@@ -5,13 +5,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::OFlag;
 use skiff_core::{diagnose, EventKind, StartReport};
 use skiff_gateway::{
-    Connect, ConnectFuture, ExchangeLimits, FailureFuture, Lease, Route, Upstream,
+    Connect, ConnectFuture, ExchangeLimits, FailureFuture, Lease, Route, Upstream, Wake,
 };
 use skiff_model::{format_duration, ServiceSpec};
 use skiff_sandbox::beneath::Tree;
@@ -108,6 +109,9 @@ fn work_after_answer(lines: &[String], cpu: Duration) -> Option<String> {
 struct Running {
     upstream: Upstream,
     stop: watch::Sender<bool>,
+    /// No request has been leased it yet: the first one that waited for
+    /// it is its cold start's (`Wake::Cold`).
+    fresh: AtomicBool,
 }
 
 pub(crate) struct ServiceRuntime {
@@ -527,24 +531,35 @@ impl ServiceRuntime {
                     // for it can be carried out before it exists.
                     let (tx, rx) = oneshot::channel();
                     lock(&this.waiters).insert(w, tx);
-                    return ((outcome, Some(rx)), actions);
+                    return ((outcome, Some(rx), false), actions);
                 }
-                ((outcome, None), actions)
+                let thawed = match outcome {
+                    Outcome::Dispatched(n) => actions.contains(&Action::Thaw(n)),
+                    _ => false,
+                };
+                ((outcome, None, thawed), actions)
             })
         };
         match outcome {
-            (Outcome::Dispatched(n), _) => self.lease(LeaseGuard {
-                service: self.clone(),
-                instance: n,
-            }),
-            (Outcome::Rejected(reason), _) => Route::Unavailable {
+            (Outcome::Dispatched(n), _, thawed) => {
+                let wake = if thawed { Wake::Thawed } else { Wake::Warm };
+                self.lease(
+                    LeaseGuard {
+                        service: self.clone(),
+                        instance: n,
+                    },
+                    wake,
+                )
+            }
+            (Outcome::Rejected(reason), ..) => Route::Unavailable {
                 reason: reason.to_string(),
             },
-            (Outcome::Queued(_), Some(rx)) => {
+            (Outcome::Queued(_), Some(rx), _) => {
                 let this = self.clone();
                 Route::Wait(Box::pin(async move {
                     match rx.await {
-                        Ok(Ok(guard)) => this.lease(guard),
+                        // Its instance's first request waited for it to start.
+                        Ok(Ok(guard)) => this.lease(guard, Wake::Cold),
                         Ok(Err(reason)) => Route::Unavailable {
                             reason: reason.to_string(),
                         },
@@ -554,18 +569,28 @@ impl ServiceRuntime {
                     }
                 }))
             }
-            (Outcome::Queued(_), None) => Route::Unavailable {
+            (Outcome::Queued(_), None, _) => Route::Unavailable {
                 reason: "internal error: a queued request without a waiter".into(),
             },
         }
     }
 
-    fn lease(&self, guard: LeaseGuard) -> Route {
-        let upstream = lock(&self.running)
+    /// A lease of `guard`'s instance. `wake` is what the request waited
+    /// for: `Wake::Cold` counts only for an instance's first request (a
+    /// request that waited for a slot on a running one waited for no
+    /// start).
+    fn lease(&self, guard: LeaseGuard, wake: Wake) -> Route {
+        let found = lock(&self.running)
             .get(&guard.instance)
-            .map(|r| r.upstream.clone());
-        match upstream {
-            Some(upstream) => Route::Instance(Lease::new(upstream, guard)),
+            .map(|r| (r.upstream.clone(), r.fresh.swap(false, Ordering::Relaxed)));
+        match found {
+            Some((upstream, fresh)) => {
+                let wake = match wake {
+                    Wake::Cold if !fresh => Wake::Warm,
+                    other => other,
+                };
+                Route::Instance(Lease::new(upstream, guard).woke(wake))
+            }
             None => Route::Unavailable {
                 reason: "its instance ended just now; retry the request".into(),
             },
@@ -673,6 +698,7 @@ impl ServiceRuntime {
             Running {
                 upstream,
                 stop: stop_tx,
+                fresh: AtomicBool::new(true),
             },
         );
         // The freezer first: on_ready may decide to freeze at once.

@@ -197,6 +197,21 @@ pub enum Identity {
     BuildRoot,
 }
 
+/// Puts the calling thread at the lowest nice level (19): it never
+/// preempts a thread of normal priority that wants the CPU, yet still gets
+/// a little under full load (unlike SCHED_IDLE), so what it holds (a
+/// database's write lock) is not held for ever. For the platform's
+/// background writers, so a burst of theirs costs the gateway no latency.
+/// Best effort, as `idle_priority`.
+pub fn background_priority() {
+    // SAFETY: setpriority on the calling thread (its id, from gettid,
+    // which cannot fail); nice is per thread on Linux.
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+    }
+}
+
 /// Puts the calling thread at idle priority (SCHED_IDLE): it runs only on
 /// a CPU nothing else wants. Best effort: a thread left at its priority
 /// works the same, only less politely.

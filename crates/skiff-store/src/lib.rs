@@ -8,6 +8,10 @@
 //! writer thread with its own connection that commits them in batches and
 //! announces the last committed id, which `skiff logs -f` waits on.
 
+mod requests;
+
+pub use requests::{RequestRecord, REQUEST_RETENTION};
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
@@ -96,6 +100,25 @@ CREATE TABLE IF NOT EXISTS service_users (
     n       INTEGER PRIMARY KEY AUTOINCREMENT,
     service TEXT NOT NULL UNIQUE
 );
+",
+    // 3: the request log.
+    "
+CREATE TABLE IF NOT EXISTS requests (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    service     TEXT NOT NULL,
+    at          INTEGER NOT NULL,
+    method      TEXT NOT NULL,
+    path        TEXT NOT NULL,
+    status      INTEGER NOT NULL,
+    duration_us INTEGER NOT NULL,
+    bytes_in    INTEGER NOT NULL,
+    bytes_out   INTEGER,
+    instance    TEXT,
+    wake        TEXT,
+    request_id  TEXT NOT NULL,
+    error       TEXT
+);
+CREATE INDEX IF NOT EXISTS requests_service ON requests(service, id);
 ",
 ];
 
@@ -311,6 +334,7 @@ pub struct Store {
     /// Log lines handed to the writer, and those it has dealt with.
     queued: Arc<AtomicU64>,
     written: Arc<AtomicU64>,
+    requests: requests::RequestLog,
 }
 
 fn ms(t: SystemTime) -> i64 {
@@ -339,6 +363,12 @@ fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
 impl Store {
     /// Opens (or creates) `<state_dir>/skiff.db` and starts the log writer.
     pub fn open(state_dir: &Path) -> Result<Arc<Self>, StoreError> {
+        Self::open_with(state_dir, || {})
+    }
+
+    /// `open`, with `background` run first on each writer thread (the
+    /// platform lowers their priority there).
+    pub fn open_with(state_dir: &Path, background: fn()) -> Result<Arc<Self>, StoreError> {
         let path = state_dir.join("skiff.db");
         let err = |source| StoreError {
             path: path.clone(),
@@ -349,6 +379,14 @@ impl Store {
         let last: i64 = conn
             .query_row("SELECT COALESCE(MAX(id), 0) FROM logs", [], |r| r.get(0))
             .map_err(err)?;
+        let last_request: i64 = conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM requests", [], |r| {
+                r.get(0)
+            })
+            .map_err(err)?;
+        let request_writer = open_connection(&path).map_err(err)?;
+        let requests = requests::RequestLog::start(request_writer, last_request, background)
+            .map_err(|e| err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
         let writer = open_connection(&path).map_err(err)?;
         let (tx, rx) = mpsc::sync_channel(LOG_QUEUE);
         let (last_tx, last_log) = watch::channel(last);
@@ -356,7 +394,10 @@ impl Store {
         let done = written.clone();
         std::thread::Builder::new()
             .name("skiff-log-writer".into())
-            .spawn(move || write_logs(writer, rx, last_tx, done))
+            .spawn(move || {
+                background();
+                write_logs(writer, rx, last_tx, done)
+            })
             .map_err(|e| err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
         Ok(Arc::new(Self {
             path,
@@ -365,6 +406,7 @@ impl Store {
             last_log,
             queued: Arc::new(AtomicU64::new(0)),
             written,
+            requests,
         }))
     }
 
@@ -521,14 +563,21 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
 
-    /// Forgets the service: its versions, logs and events.
+    /// Forgets the service: its versions, logs, events and requests.
     pub fn remove_service(&self, name: &str) -> Result<bool, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         let n = tx
             .execute("DELETE FROM services WHERE name = ?1", [name])
             .map_err(|e| self.err(e))?;
-        for table in ["versions", "logs", "events", "starts", "service_users"] {
+        for table in [
+            "versions",
+            "logs",
+            "events",
+            "starts",
+            "service_users",
+            "requests",
+        ] {
             tx.execute(&format!("DELETE FROM {table} WHERE service = ?1"), [name])
                 .map_err(|e| self.err(e))?;
         }

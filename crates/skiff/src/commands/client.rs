@@ -100,6 +100,12 @@ impl Paint {
         Self(std::io::stdout().is_terminal() && !no_color && !dumb)
     }
 
+    /// No colour, whatever the terminal (for tests).
+    #[cfg(test)]
+    pub fn plain() -> Self {
+        Self(false)
+    }
+
     fn paint(self, code: &str, text: &str) -> String {
         if self.0 {
             format!("\x1b[{code}m{text}\x1b[0m")

@@ -1,12 +1,12 @@
 //! `skiff logs NAME [-f] [--since]`: build and run output and the
-//! platform's notes, oldest first.
+//! platform's notes, oldest first; with `--requests`, the request log.
 
 use std::process::ExitCode;
 
 use bytes::Bytes;
 use clap::Args;
 use http::Method;
-use skiff_api::types::LogLine;
+use skiff_api::types::{LogLine, RequestLine};
 use skiff_runtime::diagnose::Diagnoser;
 
 use super::client::{ClientArgs, Paint};
@@ -26,6 +26,11 @@ pub struct LogsArgs {
     /// Only the last N lines (default 1000, unless --since is given).
     #[arg(long)]
     pub tail: Option<u32>,
+    /// The request log instead: one line per request the gateway routed
+    /// to the service (time, method, path, status, duration, bytes,
+    /// instance, cold start or thaw, request id).
+    #[arg(long)]
+    pub requests: bool,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -40,13 +45,24 @@ pub async fn run(args: LogsArgs) -> anyhow::Result<ExitCode> {
         pairs.push(("tail", t));
     }
     let path = format!(
-        "/v1/services/{}/logs?{}",
+        "/v1/services/{}/{}?{}",
         path_segment(&args.name)?,
+        if args.requests { "requests" } else { "logs" },
         skiff_api::client::query(pairs)
     );
     let client = args.client.client()?;
     let mut lines = client.stream(Method::GET, &path, Bytes::new()).await?;
     let p = Paint::stdout();
+    if args.requests {
+        while let Some(r) = lines.next::<RequestLine>().await? {
+            if args.client.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!("{}", request_line(&r, p));
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     // Known errors are explained under the line where they first show.
     let mut diagnoser = Diagnoser::default();
     while let Some(l) = lines.next::<LogLine>().await? {
@@ -86,4 +102,74 @@ pub async fn run(args: LogsArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One request as `logs --requests` prints it:
+/// `TIME METHOD PATH STATUS DURATION BYTES INSTANCE [cold|thawed] [error] id=ID`.
+fn request_line(r: &RequestLine, p: Paint) -> String {
+    let status = r.status.to_string();
+    let status = if r.status >= 500 {
+        p.red(&status)
+    } else {
+        p.bold(&status)
+    };
+    let out = r
+        .bytes_out
+        .map_or_else(|| "-".to_string(), |b| format!("{b} B"));
+    let mut line = format!(
+        "{} {} {} {status} {:.1} ms {out} {}",
+        p.dim(&r.at),
+        r.method,
+        r.path,
+        r.duration_ms,
+        r.instance.as_deref().unwrap_or("-"),
+    );
+    if let Some(w) = &r.wake {
+        line.push(' ');
+        line.push_str(w);
+    }
+    if let Some(e) = &r.error {
+        line.push(' ');
+        line.push_str(&p.red(&format!("({e})")));
+    }
+    line.push(' ');
+    line.push_str(&p.dim(&format!("id={}", r.request_id)));
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_reads_in_one_line() {
+        let mut r = RequestLine {
+            id: 1,
+            at: "2026-11-30T07:00:00.000Z".into(),
+            request_id: "abc".into(),
+            method: "GET".into(),
+            path: "/items?page=2".into(),
+            status: 200,
+            duration_ms: 3.26,
+            bytes_in: 0,
+            bytes_out: Some(512),
+            instance: Some("web-1-4".into()),
+            wake: Some("cold".into()),
+            error: None,
+        };
+        let plain = Paint::plain();
+        assert_eq!(
+            request_line(&r, plain),
+            "2026-11-30T07:00:00.000Z GET /items?page=2 200 3.3 ms 512 B web-1-4 cold id=abc"
+        );
+        r.status = 503;
+        r.error = Some("unavailable".into());
+        r.bytes_out = None;
+        r.instance = None;
+        r.wake = None;
+        assert_eq!(
+            request_line(&r, plain),
+            "2026-11-30T07:00:00.000Z GET /items?page=2 503 3.3 ms - - (unavailable) id=abc"
+        );
+    }
 }

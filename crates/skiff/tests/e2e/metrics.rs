@@ -1,6 +1,8 @@
-//! `GET /metrics` as its real consumer reads it: a Prometheus server (Debian's
-//! `prometheus`, which `.ci/run` unpacks) scrapes the daemon with its token,
-//! and its own query API then answers with skiff's series.
+//! What the platform shows of its services. `GET /metrics` as its real
+//! consumer reads it: a Prometheus server (Debian's `prometheus`, which
+//! `.ci/run` unpacks) scrapes the daemon with its token, and its own query
+//! API then answers with skiff's series. And the request log, as `skiff
+//! logs --requests` prints it.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -209,5 +211,90 @@ fn prometheus_scrapes_starts_thaws_and_instances_per_service() {
     // The scrape itself is healthy (Prometheus's own `up` series).
     let (ok, last) = prometheus.wait_for("up{job=\"skiff\"}", |v| v == 1.0);
     assert!(ok, "{last}");
+    drop(up);
+}
+
+#[test]
+fn every_request_is_in_the_request_log_with_its_id_and_what_it_woke() {
+    let name = unique("reqlog");
+    let app = App::new(
+        &format!(
+            "name = \"{name}\"\nstart = \"exec python3 app.py\"\n[limits]\nidle_stop = \"1s\"\n"
+        ),
+        &[("app.py", TICKER_APP)],
+    );
+    let mut up = Up::start(&[app.path()], &[]);
+    assert_eq!(up.wait_urls(1, FIRST_START).len(), 1, "{}", up.stderr());
+    // The deploy's instance is suspended at once (idle_suspend 0s): the
+    // first request thaws it. The service gets the id the client gets.
+    let thawed = up.get(&host(&name), "/request-id");
+    assert_eq!(thawed.status, 200, "{thawed:?}");
+    let made = thawed.header("x-request-id").expect("an id in the answer");
+    assert_eq!(
+        thawed.body, made,
+        "the service received the id the client got"
+    );
+    // Stopped when idle: the next request starts an instance, with an
+    // id the client chose.
+    assert!(
+        up.wait_output(
+            &format!("{name}: stopped idle instance"),
+            Duration::from_secs(15)
+        ),
+        "{}",
+        up.stderr()
+    );
+    let cold = up.get_with(
+        &host(&name),
+        "/request-id?from=zero",
+        "X-Request-Id: e2e-chosen-1\r\n",
+    );
+    assert_eq!(cold.body, "e2e-chosen-1", "{cold:?}");
+    assert_eq!(cold.header("x-request-id"), Some("e2e-chosen-1"));
+    // One the gateway answers itself is recorded too.
+    assert_eq!(up.get(&host(&name), "/exit?code=3").status, 502);
+
+    // The records reach the store within moments.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let records = loop {
+        let (status, out, err) = up.cli(&["logs", &name, "--requests", "--json"]);
+        assert!(status.success(), "{out}{err}");
+        let records: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        if records.len() >= 3 || Instant::now() > deadline {
+            break records;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(records.len(), 3, "{records:#?}");
+    let (first, second, broken) = (&records[0], &records[1], &records[2]);
+    assert_eq!(first["path"], "/request-id");
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["request_id"], made);
+    assert_eq!(first["wake"], "thawed", "{first}");
+    assert_eq!(first["bytes_out"], made.len() as u64);
+    assert!(
+        first["duration_ms"].as_f64().is_some_and(|d| d > 0.0),
+        "{first}"
+    );
+    assert_eq!(second["path"], "/request-id?from=zero");
+    assert_eq!(second["request_id"], "e2e-chosen-1");
+    assert_eq!(second["wake"], "cold", "{second}");
+    for r in [first, second] {
+        assert!(
+            r["instance"].as_str().is_some_and(|i| i.contains(&name)),
+            "{r}"
+        );
+    }
+    assert_ne!(first["instance"], second["instance"], "a new instance");
+    assert_eq!(broken["status"], 502);
+    assert_eq!(broken["error"], "upstream-failed", "{broken}");
+    // Read by people: one line per request.
+    let (_, out, _) = up.cli(&["logs", &name, "--requests", "--tail", "1"]);
+    assert!(out.contains(" GET /exit?code=3 502 "), "{out}");
+    assert!(out.contains("(upstream-failed)"), "{out}");
     drop(up);
 }

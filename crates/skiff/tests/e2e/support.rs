@@ -321,6 +321,11 @@ impl Up {
         http_get(self.port.expect("no gateway port yet"), host, path)
     }
 
+    /// `get` with more header fields (`Name: value\r\n` each).
+    pub fn get_with(&self, host: &str, path: &str, extra: &str) -> Response {
+        http_get_with(self.port.expect("no gateway port yet"), host, path, extra)
+    }
+
     pub fn state_dir(&self) -> PathBuf {
         self.state.clone()
     }
@@ -393,9 +398,14 @@ pub fn cli_at(state: &Path, args: &[&str]) -> (ExitStatus, String, String) {
 
 /// A plain HTTP/1.1 GET to the gateway on loopback with the given Host.
 pub fn http_get(port: u16, host: &str, path: &str) -> Response {
+    http_get_with(port, host, path, "")
+}
+
+/// `http_get` with more header fields (`extra`: `Name: value\r\n` each).
+pub fn http_get_with(port: u16, host: &str, path: &str, extra: &str) -> Response {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to gateway");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}Connection: close\r\n\r\n");
     s.write_all(req.as_bytes()).unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).expect("read response");
@@ -523,6 +533,8 @@ class H(BaseHTTPRequestHandler):
             body = open("/app/data.txt").read() if os.path.exists("/app/data.txt") else ""
         elif u.path == "/ticks":
             body = str(ticks)
+        elif u.path == "/request-id":
+            body = self.headers.get("x-request-id", "none")
         else:
             body = TOKEN
         data = body.encode()
