@@ -11,6 +11,8 @@
     s.textContent = text;
     return s;
   }
+  // The newest lines in view, as a terminal shows them.
+  box.scrollTop = box.scrollHeight;
   var source = new EventSource(box.dataset.stream);
   source.onmessage = function (event) {
     var l = JSON.parse(event.data);

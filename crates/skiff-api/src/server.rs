@@ -65,6 +65,9 @@ pub const ROUTES: &[(&str, &str)] = &[
 
 /// Log lines answered when the caller asks for no particular tail.
 const DEFAULT_TAIL: u32 = 1000;
+/// The most request records one call answers before following: each
+/// is read into memory first.
+const MAX_REQUESTS_ANSWERED: u32 = 10_000;
 /// Connections served at once, and from one address; more are closed at
 /// once. The API's callers are the CLI and scripts of the platform's
 /// operators, one connection per call (a `logs -f` holds one): 32 from one
@@ -250,7 +253,7 @@ impl Api {
         // The console signs in with a cookie of its own (`console.rs`);
         // the API's routes take the bearer token only.
         if console::owns(&path) {
-            return console::handle(&self, req).await;
+            return console::handle(self.clone(), req).await;
         }
         if req.method() == Method::GET && path == "/openapi.json" {
             return Response::builder()
@@ -506,7 +509,7 @@ impl Api {
     fn logs(&self, name: &str, q: &[(String, String)]) -> Response<ApiBody> {
         let store = self.platform.store().clone();
         let watch = store.log_watch();
-        self.records(name, q, watch, move |name, q| {
+        self.records(name, q, watch, u32::MAX, move |name, q| {
             let lines = store.logs(name, q)?;
             Ok(lines.iter().map(|l| (l.id, line(&log_line(l)))).collect())
         })
@@ -516,7 +519,7 @@ impl Api {
     fn requests(&self, name: &str, q: &[(String, String)]) -> Response<ApiBody> {
         let store = self.platform.store().clone();
         let watch = store.request_watch();
-        self.records(name, q, watch, move |name, q| {
+        self.records(name, q, watch, MAX_REQUESTS_ANSWERED, move |name, q| {
             let records = store.requests(name, q)?;
             Ok(records
                 .iter()
@@ -525,14 +528,16 @@ impl Api {
         })
     }
 
-    /// A service's stored records as NDJSON (`since`, `tail`), then, with
-    /// `follow`, each new one as `watch` announces it. `fetch` reads the
-    /// records a query matches, as (id, line).
+    /// A service's stored records as NDJSON (`since`, `tail`; at most
+    /// `cap` of them), then, with `follow`, each new one as `watch`
+    /// announces it. `fetch` reads the records a query matches, as (id,
+    /// line).
     fn records<F>(
         &self,
         name: &str,
         q: &[(String, String)],
         mut watch: tokio::sync::watch::Receiver<i64>,
+        cap: u32,
         fetch: F,
     ) -> Response<ApiBody>
     where
@@ -559,11 +564,10 @@ impl Api {
         let first = LogQuery {
             after: None,
             since,
-            limit: Some(tail.unwrap_or(if since.is_some() {
-                u32::MAX
-            } else {
-                DEFAULT_TAIL
-            })),
+            limit: Some(
+                tail.unwrap_or(if since.is_some() { cap } else { DEFAULT_TAIL })
+                    .min(cap),
+            ),
         };
         let lines = match fetch(name, &first) {
             Ok(l) => l,
@@ -977,7 +981,7 @@ fn finding(f: &skiff_runtime::diagnose::Finding) -> types::Finding {
     }
 }
 
-fn start(s: &skiff_runtime::store::StartRecord) -> types::Start {
+pub(crate) fn start(s: &skiff_runtime::store::StartRecord) -> types::Start {
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     types::Start {
         instance: s.instance.clone(),

@@ -423,7 +423,7 @@ impl Front {
         let gw = self.gw.clone();
         let entry = Entry {
             at: SystemTime::now(),
-            method: plan.method.clone(),
+            method: reqlog::logged_method(&plan.method),
             path: std::mem::take(&mut plan.path),
             bytes_in: plan.body_len as u64,
             bytes_out: None,

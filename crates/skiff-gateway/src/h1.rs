@@ -674,7 +674,9 @@ fn parse_head(buf: &[u8], head_only: bool) -> Result<Option<Head>, ExchangeError
             }
         } else if name.eq_ignore_ascii_case(b"date") {
             head.has_date = true;
-        } else if name.eq_ignore_ascii_case(b"x-request-id") {
+        } else if name.eq_ignore_ascii_case(b"x-request-id")
+            && !named.iter().any(|n| n.eq_ignore_ascii_case(name))
+        {
             head.has_request_id = true;
         } else if is_hop_by_hop(name) || named.iter().any(|n| n.eq_ignore_ascii_case(name)) {
             continue;

@@ -70,7 +70,7 @@ impl Gateway {
         }
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, remote: SocketAddr) -> Response<Body> {
         let started = Instant::now();
         let at = SystemTime::now();
         let json = wants_json(req.headers());
@@ -85,10 +85,7 @@ impl Gateway {
             reqlog::request_id(one)
         };
         let id_value = HeaderValue::from_str(&request_id).ok();
-        if let Some(v) = &id_value {
-            req.headers_mut().insert(X_REQUEST_ID, v.clone());
-        }
-        let method = req.method().clone();
+        let method = reqlog::logged_method(req.method());
         let path = reqlog::logged_path(req.uri().path_and_query().map_or("/", |p| p.as_str()));
         let announced = content_length(req.headers());
         // Its Host, or from HTTP/2 clients its target's authority: where
@@ -104,7 +101,10 @@ impl Gateway {
             .as_deref()
             .and_then(|h| host_to_service(h, &self.config().domain))
             .map(str::to_ascii_lowercase);
-        let mut resp = match self.forward(req, remote, json, host).await {
+        let mut resp = match self
+            .forward(req, remote, json, host, id_value.clone())
+            .await
+        {
             Ok(resp) => resp,
             Err(failure) => {
                 if let Some(service) = &service {
@@ -162,6 +162,7 @@ impl Gateway {
         remote: SocketAddr,
         json: bool,
         host: Option<String>,
+        request_id: Option<HeaderValue>,
     ) -> Result<Response<Body>, Failure> {
         // Request smuggling: hyper's HTTP/1 parser refuses Content-Length
         // values that disagree (400) and, for a body framed by both
@@ -191,6 +192,12 @@ impl Gateway {
         let client_side = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
         let headers = req.headers_mut();
         strip_hop_by_hop(headers);
+        // After the strip: a client's `Connection: x-request-id` cannot
+        // keep the id from the service.
+        headers.remove(X_REQUEST_ID);
+        if let Some(id) = request_id {
+            headers.insert(X_REQUEST_ID, id);
+        }
         if let Some(proto) = &upgrade {
             // The one hop-by-hop exchange that must pass: the upgrade itself.
             headers.insert(header::UPGRADE, proto.clone());

@@ -143,17 +143,19 @@ impl Meters {
     /// and how many were dropped because a thread held its most.
     pub fn take_records(&self) -> (Vec<Record>, u64) {
         let tables: Vec<_> = locked(&self.tables).clone();
-        let mut records = Vec::new();
+        let mut taken = Vec::with_capacity(tables.len());
         let mut dropped = 0;
         for table in tables {
+            // Each thread's buffer is swapped for an empty one under its
+            // lock, and merged after: the thread waits for no copy.
             let mut table = locked(&table);
             dropped += std::mem::take(&mut table.dropped);
-            if records.is_empty() {
-                // The thread's buffer is taken whole, a fresh one left.
-                records = std::mem::take(&mut table.records);
-            } else {
-                records.append(&mut table.records);
-            }
+            taken.push(std::mem::take(&mut table.records));
+        }
+        let mut taken = taken.into_iter();
+        let mut records = taken.next().unwrap_or_default();
+        for mut more in taken {
+            records.append(&mut more);
         }
         (records, dropped)
     }
@@ -163,11 +165,14 @@ impl Meters {
         self.retain(|name| name != service);
     }
 
-    /// Only the services `keep` names go on being counted (a request in
+    /// Only the services `keep` names go on being counted, and keep their
+    /// records not yet taken (a request in
     /// flight when its service was removed counts it again).
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
         for table in locked(&self.tables).iter() {
-            locked(table).services.retain(|name, _| keep(name));
+            let mut table = locked(table);
+            table.services.retain(|name, _| keep(name));
+            table.records.retain(|r| keep(&r.service));
         }
     }
 }

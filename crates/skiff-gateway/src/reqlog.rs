@@ -61,6 +61,18 @@ pub struct Entry {
     pub request_id: Box<str>,
 }
 
+/// The longest method a record keeps as it came: HTTP allows methods of
+/// any length, and a client must not make records large.
+pub const MAX_LOGGED_METHOD: usize = 16;
+
+/// A request's method as its record keeps it: longer ones as `OTHER`.
+pub fn logged_method(method: &http::Method) -> http::Method {
+    if method.as_str().len() <= MAX_LOGGED_METHOD {
+        return method.clone();
+    }
+    http::Method::from_bytes(b"OTHER").unwrap_or_default()
+}
+
 /// The longest target a record keeps (longer ones are cut, with `…`).
 pub const MAX_LOGGED_PATH: usize = 512;
 
@@ -140,6 +152,13 @@ mod tests {
             assert_eq!(id.len(), 24, "{bad:?} got {id}");
             assert!(id.bytes().all(|b| b.is_ascii_hexdigit()));
         }
+    }
+
+    #[test]
+    fn long_methods_are_recorded_as_other() {
+        assert_eq!(logged_method(&http::Method::PATCH), http::Method::PATCH);
+        let long = http::Method::from_bytes(&[b'A'; 60_000]).unwrap();
+        assert_eq!(logged_method(&long).as_str(), "OTHER");
     }
 
     #[test]

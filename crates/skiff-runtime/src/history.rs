@@ -109,11 +109,22 @@ impl History {
     }
 }
 
-/// Each minute's differences: the samples 6 apart (10 s each), the last
-/// sample closing the last minute.
+/// Each minute's differences, the last sample closing the last minute:
+/// from each end back to the latest sample a minute (less half a
+/// sample's time) before it, whatever delays the samples had.
 fn per_minute(samples: &[Sample]) -> Vec<Minute> {
-    let step = (60 / SAMPLE_EVERY.as_secs().max(1)) as usize;
-    let mut ends: Vec<usize> = (0..samples.len()).rev().step_by(step).collect();
+    let minute = Duration::from_secs(60) - SAMPLE_EVERY / 2;
+    let mut ends = Vec::new();
+    let mut end = samples.len().checked_sub(1);
+    while let Some(e) = end {
+        ends.push(e);
+        end = (0..e).rev().find(|&s| {
+            samples[e]
+                .at
+                .duration_since(samples[s].at)
+                .is_ok_and(|d| d >= minute)
+        });
+    }
     ends.reverse();
     ends.windows(2)
         .map(|w| {
@@ -218,6 +229,20 @@ mod tests {
         // A removed service's samples go.
         history.record(vec![]);
         assert!(history.minutes("api").is_empty());
+    }
+
+    #[test]
+    fn a_late_sample_does_not_stretch_the_minutes() {
+        let history = History::default();
+        // Samples at 0, 10, ..., 50 s, then late ones at 65 and 75 s.
+        for secs in [0, 10, 20, 30, 40, 50, 65, 75] {
+            history.record(vec![("api".into(), sample(secs, secs * 10, 0, 0, 1))]);
+        }
+        let minutes = history.minutes("api");
+        // From 75 s back to the latest sample 55 s or more before: 20 s
+        // (by index, six samples back, it would be 0 s: 75 s long).
+        assert_eq!(minutes.len(), 1);
+        assert_eq!(minutes[0].requests, 550);
     }
 
     #[test]

@@ -3,9 +3,11 @@
 //! whose writer thread commits them. Neither side waits for the other:
 //! a thread holds at most its bound, the store's queue too, and what
 //! does not fit is dropped and counted (`skiff_request_records_dropped_total`).
-//! The carrier is a thread of its own at background priority, as the
-//! writer is: a batch of theirs never takes a CPU from the gateway
-//! (at normal priority, the bursts showed in the gateway's p99).
+//! The carrier is a thread of its own in the batch scheduling class, as
+//! the store's writer is: their wake-ups do not preempt the gateway (as
+//! ordinary threads, their bursts showed in the gateway's p99), yet they
+//! keep their fair share under load, so the writer never holds the
+//! database's write lock long.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -35,7 +37,7 @@ impl Carrier {
         let thread = std::thread::Builder::new()
             .name("skiff-requests".into())
             .spawn(move || {
-                skiff_sandbox::background_priority();
+                skiff_sandbox::batch_priority();
                 while !stopped.load(Ordering::Relaxed) {
                     std::thread::sleep(CARRY_EVERY);
                     carry_once(&ctx);

@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -106,12 +105,22 @@ fn work_after_answer(lines: &[String], cpu: Duration) -> Option<String> {
 }
 
 /// A running instance as the executor knows it.
+/// What a request waited for before its lease (`ServiceRuntime::lease`).
+enum Woke {
+    Warm,
+    Thawed,
+    /// It was queued at this instant, for an instance to start or free up.
+    Cold {
+        queued: Instant,
+    },
+}
+
 struct Running {
     upstream: Upstream,
     stop: watch::Sender<bool>,
-    /// No request has been leased it yet: the first one that waited for
-    /// it is its cold start's (`Wake::Cold`).
-    fresh: AtomicBool,
+    /// When it was ready: a request queued before that waited for its
+    /// start (`Wake::Cold`).
+    ready_at: Instant,
 }
 
 pub(crate) struct ServiceRuntime {
@@ -531,7 +540,7 @@ impl ServiceRuntime {
                     // for it can be carried out before it exists.
                     let (tx, rx) = oneshot::channel();
                     lock(&this.waiters).insert(w, tx);
-                    return ((outcome, Some(rx), false), actions);
+                    return ((outcome, Some((rx, now)), false), actions);
                 }
                 let thawed = match outcome {
                     Outcome::Dispatched(n) => actions.contains(&Action::Thaw(n)),
@@ -542,7 +551,7 @@ impl ServiceRuntime {
         };
         match outcome {
             (Outcome::Dispatched(n), _, thawed) => {
-                let wake = if thawed { Wake::Thawed } else { Wake::Warm };
+                let wake = if thawed { Woke::Thawed } else { Woke::Warm };
                 self.lease(
                     LeaseGuard {
                         service: self.clone(),
@@ -554,12 +563,11 @@ impl ServiceRuntime {
             (Outcome::Rejected(reason), ..) => Route::Unavailable {
                 reason: reason.to_string(),
             },
-            (Outcome::Queued(_), Some(rx), _) => {
+            (Outcome::Queued(_), Some((rx, queued)), _) => {
                 let this = self.clone();
                 Route::Wait(Box::pin(async move {
                     match rx.await {
-                        // Its instance's first request waited for it to start.
-                        Ok(Ok(guard)) => this.lease(guard, Wake::Cold),
+                        Ok(Ok(guard)) => this.lease(guard, Woke::Cold { queued }),
                         Ok(Err(reason)) => Route::Unavailable {
                             reason: reason.to_string(),
                         },
@@ -575,19 +583,20 @@ impl ServiceRuntime {
         }
     }
 
-    /// A lease of `guard`'s instance. `wake` is what the request waited
-    /// for: `Wake::Cold` counts only for an instance's first request (a
-    /// request that waited for a slot on a running one waited for no
-    /// start).
-    fn lease(&self, guard: LeaseGuard, wake: Wake) -> Route {
+    /// A lease of `guard`'s instance, for a request that waited as `woke`
+    /// says.
+    fn lease(&self, guard: LeaseGuard, woke: Woke) -> Route {
         let found = lock(&self.running)
             .get(&guard.instance)
-            .map(|r| (r.upstream.clone(), r.fresh.swap(false, Ordering::Relaxed)));
+            .map(|r| (r.upstream.clone(), r.ready_at));
         match found {
-            Some((upstream, fresh)) => {
-                let wake = match wake {
-                    Wake::Cold if !fresh => Wake::Warm,
-                    other => other,
+            Some((upstream, ready_at)) => {
+                let wake = match woke {
+                    Woke::Thawed => Wake::Thawed,
+                    // It waited for a start: its instance became ready
+                    // after it came (not a slot freed on a running one).
+                    Woke::Cold { queued } if ready_at >= queued => Wake::Cold,
+                    _ => Wake::Warm,
                 };
                 Route::Instance(Lease::new(upstream, guard).woke(wake))
             }
@@ -698,7 +707,7 @@ impl ServiceRuntime {
             Running {
                 upstream,
                 stop: stop_tx,
-                fresh: AtomicBool::new(true),
+                ready_at: Instant::now(),
             },
         );
         // The freezer first: on_ready may decide to freeze at once.

@@ -197,18 +197,18 @@ pub enum Identity {
     BuildRoot,
 }
 
-/// Puts the calling thread at the lowest nice level (19): it never
-/// preempts a thread of normal priority that wants the CPU, yet still gets
-/// a little under full load (unlike SCHED_IDLE), so what it holds (a
-/// database's write lock) is not held for ever. For the platform's
-/// background writers, so a burst of theirs costs the gateway no latency.
-/// Best effort, as `idle_priority`.
-pub fn background_priority() {
-    // SAFETY: setpriority on the calling thread (its id, from gettid,
-    // which cannot fail); nice is per thread on Linux.
+/// Puts the calling thread in the batch class (SCHED_BATCH): its wake-ups
+/// do not preempt a running thread, so a burst of its work waits for the
+/// next tick instead of cutting into the gateway's; yet it keeps its fair
+/// share of the CPU under load (unlike SCHED_IDLE or a low nice level),
+/// so what it holds, such as a database's write lock, is never held long.
+/// For the platform's bulk writers. Best effort, as `idle_priority`.
+pub fn batch_priority() {
+    // SAFETY: sched_setscheduler on the calling thread (0) with a zeroed
+    // parameter, as SCHED_BATCH requires.
     unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+        let param: libc::sched_param = std::mem::zeroed();
+        libc::sched_setscheduler(0, libc::SCHED_BATCH, &param);
     }
 }
 

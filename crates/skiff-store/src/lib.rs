@@ -366,9 +366,9 @@ impl Store {
         Self::open_with(state_dir, || {})
     }
 
-    /// `open`, with `background` run first on each writer thread (the
-    /// platform lowers their priority there).
-    pub fn open_with(state_dir: &Path, background: fn()) -> Result<Arc<Self>, StoreError> {
+    /// `open`, with `setup` run first on the request log's writer thread
+    /// (the platform sets its scheduling there).
+    pub fn open_with(state_dir: &Path, setup: fn()) -> Result<Arc<Self>, StoreError> {
         let path = state_dir.join("skiff.db");
         let err = |source| StoreError {
             path: path.clone(),
@@ -385,7 +385,7 @@ impl Store {
             })
             .map_err(err)?;
         let request_writer = open_connection(&path).map_err(err)?;
-        let requests = requests::RequestLog::start(request_writer, last_request, background)
+        let requests = requests::RequestLog::start(request_writer, last_request, setup)
             .map_err(|e| err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
         let writer = open_connection(&path).map_err(err)?;
         let (tx, rx) = mpsc::sync_channel(LOG_QUEUE);
@@ -394,10 +394,7 @@ impl Store {
         let done = written.clone();
         std::thread::Builder::new()
             .name("skiff-log-writer".into())
-            .spawn(move || {
-                background();
-                write_logs(writer, rx, last_tx, done)
-            })
+            .spawn(move || write_logs(writer, rx, last_tx, done))
             .map_err(|e| err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
         Ok(Arc::new(Self {
             path,
@@ -722,11 +719,14 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
 
-    /// Waits (at most `limit`) until every log line sent so far is stored.
+    /// Waits (at most `limit`) until every log line and request record
+    /// sent so far is stored.
     pub async fn flush(&self, limit: Duration) {
         let target = self.queued.load(Ordering::SeqCst);
         let deadline = std::time::Instant::now() + limit;
-        while self.written.load(Ordering::SeqCst) < target && std::time::Instant::now() < deadline {
+        while (self.written.load(Ordering::SeqCst) < target || self.requests_pending() > 0)
+            && std::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

@@ -5,18 +5,23 @@
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 use std::time::{Duration, SystemTime};
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use rusqlite::{params, Connection};
 use tokio::sync::watch;
 
 use crate::{ms, time, LogQuery, Store, StoreError};
 
-/// Request records kept per service: at most about 300 bytes each (a
-/// target is cut at 512), so a busy service's records stay within tens
-/// of megabytes, and older ones are deleted as new ones come.
+/// Request records kept per service: up to about 1 KB each (a target is
+/// cut at 512 bytes, an id at 128, a method at 16), most far less, and
+/// older ones are deleted as new ones come.
 pub const REQUEST_RETENTION: i64 = 100_000;
-/// Batches waiting for the writer; beyond this a batch is dropped (and
-/// counted) rather than memory growing without bound.
+/// Batches waiting for the writer.
 pub(crate) const REQUEST_QUEUE: usize = 64;
+/// Records handed to the writer and not yet stored; beyond this a batch
+/// is dropped (and counted) rather than memory growing without bound.
+pub(crate) const MAX_PENDING: usize = 65_536;
 
 /// One request, as the request log keeps it.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,19 +53,23 @@ pub struct RequestRecord {
 pub(crate) struct RequestLog {
     pub tx: SyncSender<Vec<RequestRecord>>,
     pub last: watch::Receiver<i64>,
+    /// Records handed over and not yet stored.
+    pub pending: Arc<AtomicUsize>,
 }
 
 impl RequestLog {
-    pub fn start(conn: Connection, last_id: i64, background: fn()) -> std::io::Result<Self> {
+    pub fn start(conn: Connection, last_id: i64, setup: fn()) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel(REQUEST_QUEUE);
         let (last_tx, last) = watch::channel(last_id);
+        let pending = Arc::new(AtomicUsize::new(0));
+        let written = pending.clone();
         std::thread::Builder::new()
             .name("skiff-request-log".into())
             .spawn(move || {
-                background();
-                write_requests(conn, rx, last_tx)
+                setup();
+                write_requests(conn, rx, last_tx, &written)
             })?;
-        Ok(Self { tx, last })
+        Ok(Self { tx, last, pending })
     }
 }
 
@@ -71,11 +80,24 @@ impl Store {
         if batch.is_empty() {
             return 0;
         }
-        let n = batch.len() as u64;
-        match self.requests.tx.try_send(batch) {
-            Err(TrySendError::Full(_)) => n,
-            _ => 0,
+        let n = batch.len();
+        let pending = &self.requests.pending;
+        if pending.fetch_add(n, Ordering::SeqCst) + n > MAX_PENDING {
+            pending.fetch_sub(n, Ordering::SeqCst);
+            return n as u64;
         }
+        match self.requests.tx.try_send(batch) {
+            Ok(()) => 0,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                pending.fetch_sub(n, Ordering::SeqCst);
+                n as u64
+            }
+        }
+    }
+
+    /// Records handed to the writer and not yet stored.
+    pub(crate) fn requests_pending(&self) -> usize {
+        self.requests.pending.load(Ordering::SeqCst)
     }
 
     /// Changes to the id of the last stored request record.
@@ -131,6 +153,7 @@ fn write_requests(
     mut conn: Connection,
     rx: Receiver<Vec<RequestRecord>>,
     last: watch::Sender<i64>,
+    pending: &AtomicUsize,
 ) {
     let mut since_prune = 0usize;
     let mut touched = std::collections::HashSet::new();
@@ -143,11 +166,13 @@ fn write_requests(
             }
         }
         match insert(&mut conn, &batch) {
-            Ok(id) => {
+            Ok(id) if id > 0 => {
                 last.send_replace(id);
             }
+            Ok(_) => {}
             Err(e) => tracing::warn!("storing {} request records: {e}", batch.len()),
         }
+        pending.fetch_sub(batch.len(), Ordering::SeqCst);
         since_prune += batch.len();
         for r in batch {
             if !touched.contains(&r.service) {
@@ -174,13 +199,16 @@ fn insert(conn: &mut Connection, batch: &[RequestRecord]) -> rusqlite::Result<i6
     let tx = conn.transaction()?;
     let mut last_id = 0;
     {
+        // Only for a service still recorded: records that were on their
+        // way when it was removed do not come back.
         let mut stmt = tx.prepare_cached(
             "INSERT INTO requests(service, at, method, path, status, duration_us, bytes_in, \
              bytes_out, instance, wake, request_id, error) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12 \
+             WHERE EXISTS (SELECT 1 FROM services WHERE name = ?1)",
         )?;
         for r in batch {
-            stmt.execute(params![
+            let inserted = stmt.execute(params![
                 r.service,
                 ms(r.at),
                 r.method,
@@ -194,7 +222,9 @@ fn insert(conn: &mut Connection, batch: &[RequestRecord]) -> rusqlite::Result<i6
                 r.request_id,
                 r.error,
             ])?;
-            last_id = tx.last_insert_rowid();
+            if inserted > 0 {
+                last_id = tx.last_insert_rowid();
+            }
         }
     }
     tx.commit()?;
@@ -235,6 +265,15 @@ mod tests {
     async fn records_are_stored_in_order_per_service_and_go_with_it() {
         let state = tempfile::tempdir().unwrap();
         let store = Store::open(state.path()).unwrap();
+        for name in ["web", "api"] {
+            store
+                .conn()
+                .execute(
+                    "INSERT INTO services(name, created_at) VALUES (?1, 0)",
+                    [name],
+                )
+                .unwrap();
+        }
         let mut watch = store.request_watch();
         let batch = vec![record("web", "/a", 200), record("api", "/x", 500)];
         assert_eq!(store.add_requests(batch), 0);
@@ -270,5 +309,13 @@ mod tests {
             store.requests("api", &LogQuery::default()).unwrap().len(),
             1
         );
+        // Records on their way when it was removed do not bring it back.
+        assert_eq!(store.add_requests(vec![record("web", "/late", 200)]), 0);
+        store.flush(Duration::from_secs(5)).await;
+        assert!(store
+            .requests("web", &LogQuery::default())
+            .unwrap()
+            .is_empty());
+        assert_eq!(store.requests_pending(), 0);
     }
 }

@@ -21,7 +21,7 @@ mod pages;
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -123,18 +123,18 @@ pub(crate) fn owns(path: &str) -> bool {
 }
 
 /// Serves one request under `/console`.
-pub(crate) async fn handle(api: &Api, req: Request<Incoming>) -> Response<ApiBody> {
+pub(crate) async fn handle(api: Arc<Api>, req: Request<Incoming>) -> Response<ApiBody> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method.as_str(), segments.as_slice()) {
         ("GET", ["console", "assets", "console.css"]) => return asset(CSS, "text/css"),
         ("GET", ["console", "assets", "console.js"]) => return asset(JS, "text/javascript"),
-        ("GET", ["console", "login"]) => return pages::login(api, None, StatusCode::OK),
-        ("POST", ["console", "login"]) => return login(api, req).await,
+        ("GET", ["console", "login"]) => return pages::login(&api, None, StatusCode::OK),
+        ("POST", ["console", "login"]) => return login(&api, req).await,
         _ => {}
     }
-    let session = cookie(&req).and_then(|id| Some((api.sessions().csrf(&id)?, id)));
+    let session = session(&api, &req);
     let Some((csrf, id)) = session else {
         return see_other("/console/login");
     };
@@ -173,7 +173,7 @@ pub(crate) async fn handle(api: &Api, req: Request<Incoming>) -> Response<ApiBod
                 r
             }
             ["console", "services", name, "rollback"] => {
-                let flash = pages::rollback(api, name, form.get("version")).await;
+                let flash = pages::rollback(&api, name, form.get("version")).await;
                 api.sessions().set_flash(&id, flash);
                 see_other(&format!("/console/services/{name}"))
             }
@@ -185,7 +185,7 @@ pub(crate) async fn handle(api: &Api, req: Request<Incoming>) -> Response<ApiBod
                     );
                     return see_other(&format!("/console/services/{name}"));
                 }
-                match pages::remove(api, name).await {
+                match pages::remove(&api, name).await {
                     Ok(flash) => {
                         api.sessions().set_flash(&id, flash);
                         see_other("/console")
@@ -207,12 +207,38 @@ pub(crate) async fn handle(api: &Api, req: Request<Incoming>) -> Response<ApiBod
         );
     }
     let flash = api.sessions().take_flash(&id);
-    match segments.as_slice() {
-        ["console"] => pages::services(api, &csrf, flash),
-        ["console", "services", name] => pages::service(api, name, &csrf, flash),
-        ["console", "services", name, "live"] => live(api, name, &req),
-        _ => pages::not_found(),
-    }
+    let page = match segments.as_slice() {
+        ["console"] => Page::Services,
+        ["console", "services", name] => Page::Service(name.to_string()),
+        ["console", "services", name, "live"] => return live(api.clone(), name, &req, id),
+        _ => return pages::not_found(),
+    };
+    // The pages read the records (SQLite): off the async workers.
+    tokio::task::spawn_blocking(move || match page {
+        Page::Services => pages::services(&api, &csrf, flash),
+        Page::Service(name) => pages::service(&api, &name, &csrf, flash),
+    })
+    .await
+    .unwrap_or_else(|e| {
+        pages::message(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "The page could not be made",
+            &e.to_string(),
+        )
+    })
+}
+
+enum Page {
+    Services,
+    Service(String),
+}
+
+/// The request's live session: its form token and id. Any cookie of the
+/// console's name that is a live session will do (a page on another host
+/// under the same parent domain could add a cookie of that name, but not
+/// a live one).
+fn session(api: &Api, req: &Request<Incoming>) -> Option<(String, String)> {
+    cookies(req).find_map(|id| Some((api.sessions().csrf(&id)?, id)))
 }
 
 /// `POST /console/login`: the token, in a form.
@@ -257,20 +283,21 @@ async fn login(api: &Api, req: Request<Incoming>) -> Response<ApiBody> {
     r
 }
 
-/// The session id the request's cookie names.
-fn cookie(req: &Request<Incoming>) -> Option<String> {
+/// The session ids the request's cookies name.
+fn cookies(req: &Request<Incoming>) -> impl Iterator<Item = String> + '_ {
     req.headers()
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == COOKIE)
+        .filter(|(name, _)| *name == COOKIE)
         .map(|(_, value)| value.to_string())
 }
 
 /// A POST from one of the console's own pages: its `Origin`, when the
-/// browser sent one, is the address it was sent to.
+/// browser sent one, names the host it was sent to (over http, or https
+/// through a TLS proxy in front).
 fn same_origin(req: &Request<Incoming>) -> bool {
     let Some(origin) = req.headers().get(header::ORIGIN) else {
         return true;
@@ -279,10 +306,11 @@ fn same_origin(req: &Request<Incoming>) -> bool {
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok());
-    match (origin.to_str().ok(), host) {
-        (Some(origin), Some(host)) => origin.strip_prefix("http://") == Some(host),
-        _ => false,
-    }
+    let authority = origin.to_str().ok().and_then(|o| {
+        o.strip_prefix("http://")
+            .or_else(|| o.strip_prefix("https://"))
+    });
+    matches!((authority, host), (Some(a), Some(h)) if a.eq_ignore_ascii_case(h))
 }
 
 /// A urlencoded form body, at most `MAX_FORM` bytes.
@@ -317,8 +345,9 @@ fn see_other(to: &str) -> Response<ApiBody> {
 
 /// `GET /console/services/{name}/live?after=ID`: the service's new log
 /// lines as server-sent events, each with the diagnosis of the line when
-/// it explains a known error. A comment every 15 s keeps it open.
-fn live(api: &Api, name: &str, req: &Request<Incoming>) -> Response<ApiBody> {
+/// it explains a known error. A comment every 15 s keeps it open; it ends
+/// when the session does, or the service goes.
+fn live(api: Arc<Api>, name: &str, req: &Request<Incoming>, session: String) -> Response<ApiBody> {
     if api.platform().status(name).is_none() {
         return pages::not_found();
     }
@@ -348,7 +377,6 @@ fn live(api: &Api, name: &str, req: &Request<Incoming>) -> Response<ApiBody> {
                 &name,
                 &skiff_runtime::store::LogQuery {
                     after: Some(last),
-                    limit: Some(500),
                     ..Default::default()
                 },
             );
@@ -363,7 +391,8 @@ fn live(api: &Api, name: &str, req: &Request<Incoming>) -> Response<ApiBody> {
                 changed = watch.changed() => if changed.is_err() { return },
                 _ = tx.closed() => return,
                 _ = beat.tick() => {
-                    if platform.status(&name).is_none()
+                    if api.sessions().csrf(&session).is_none()
+                        || platform.status(&name).is_none()
                         || tx.send(Bytes::from_static(b": still here\n\n")).await.is_err()
                     {
                         return;

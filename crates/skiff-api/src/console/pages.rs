@@ -267,7 +267,6 @@ pub(crate) fn service(
     let Some(s) = api.service_status(name) else {
         return not_found();
     };
-    let doctor = api.doctor_report(name);
     let store = api.platform().store();
     let (rate, errors) = rates(api, name);
     // Versions that served before the serving one: what a rollback may
@@ -282,7 +281,11 @@ pub(crate) fn service(
     let series = |f: &dyn Fn(&skiff_runtime::history::Minute) -> Option<f64>| {
         minutes.iter().map(f).collect::<Vec<_>>()
     };
-    let span = "60 min ago";
+    let span = match minutes.len() {
+        0 => "an hour ago".to_string(),
+        n => format!("{n} min ago"),
+    };
+    let span = span.as_str();
     let charts = vec![
         Chart {
             title: "Requests per minute",
@@ -344,7 +347,15 @@ pub(crate) fn service(
             ),
         },
     ];
-    let (findings, starts) = doctor.map_or((Vec::new(), Vec::new()), |d| (d.findings, d.starts));
+    // The diagnosis `status` made (the same as `doctor`'s), and the
+    // starts `doctor` shows.
+    let findings = s.findings.clone();
+    let starts: Vec<types::Start> = store
+        .starts(name, 5)
+        .unwrap_or_default()
+        .iter()
+        .map(crate::server::start)
+        .collect();
     let waterfall = if starts.is_empty() {
         String::new()
     } else {

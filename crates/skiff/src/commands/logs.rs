@@ -119,8 +119,8 @@ fn request_line(r: &RequestLine, p: Paint) -> String {
     let mut line = format!(
         "{} {} {} {status} {:.1} ms {out} {}",
         p.dim(&r.at),
-        r.method,
-        r.path,
+        printable(&r.method),
+        printable(&r.path),
         r.duration_ms,
         r.instance.as_deref().unwrap_or("-"),
     );
@@ -133,8 +133,26 @@ fn request_line(r: &RequestLine, p: Paint) -> String {
         line.push_str(&p.red(&format!("({e})")));
     }
     line.push(' ');
-    line.push_str(&p.dim(&format!("id={}", r.request_id)));
+    line.push_str(&p.dim(&format!("id={}", printable(&r.request_id))));
     line
+}
+
+/// What a client sent, safe for a terminal: control characters (C0, DEL
+/// and C1, which a URL's UTF-8 may carry) written as escapes.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 #[cfg(test)]
@@ -162,6 +180,10 @@ mod tests {
             request_line(&r, plain),
             "2026-11-30T07:00:00.000Z GET /items?page=2 200 3.3 ms 512 B web-1-4 cold id=abc"
         );
+        // A client's control characters reach no terminal.
+        r.path = "/a\u{9b}31mred".into();
+        assert!(request_line(&r, plain).contains("/a\\u{9b}31mred"));
+        r.path = "/items?page=2".into();
         r.status = 503;
         r.error = Some("unavailable".into());
         r.bytes_out = None;

@@ -4,6 +4,7 @@
 //! tests fetch from PyPI, npm and Debian, as users' builds do.
 
 mod build;
+mod console;
 mod daemon;
 mod diagnose;
 mod doctor;
