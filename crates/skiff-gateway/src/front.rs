@@ -444,7 +444,7 @@ impl Front {
             closing,
             unread: true,
             started: Instant::now(),
-            entry: Some(entry),
+            entry: gw.config().request_log.then_some(entry),
         };
         pipeline::serverless(&gw, &mut down, &req, rules).await
     }

@@ -57,6 +57,9 @@ pub struct GatewayConfig {
     /// Peers whose `X-Forwarded-For` is kept and appended to; anyone
     /// else's is replaced by the peer's address.
     pub trusted_proxies: Arc<[Cidr]>,
+    /// Whether each request gets a record in the request log (`reqlog.rs`;
+    /// its `x-request-id` it gets in any case).
+    pub request_log: bool,
 }
 
 impl GatewayConfig {
@@ -70,6 +73,7 @@ impl GatewayConfig {
             max_header_bytes: 64 * 1024,
             connections: ConnectionLimits::default(),
             trusted_proxies: Arc::from([]),
+            request_log: true,
         }
     }
 

@@ -127,7 +127,7 @@ impl Gateway {
             }
         }
         let served = resp.extensions_mut().remove::<Served>();
-        let entry = service.is_some().then(|| Entry {
+        let entry = (service.is_some() && self.config().request_log).then(|| Entry {
             at,
             method,
             path,

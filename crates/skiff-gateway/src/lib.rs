@@ -26,7 +26,7 @@ mod upstream_io;
 pub use admission::{Admitted, Cidr, CidrError, ConnectionLimits, ConnectionTable, Refused};
 pub use error::{status, Cause, ErrorKind, Failure, Source};
 pub use gateway::{Gateway, GatewayConfig, GatewayError};
-pub use meter::{Counts, Meters, Snapshot, ThreadMeter, DURATION_BUCKETS};
+pub use meter::{Buffers, Counts, Meters, Snapshot, Taken, ThreadMeter, DURATION_BUCKETS};
 pub use reqlog::{Entry, Record, MAX_REQUEST_ID};
 pub use route::{
     host_to_service, Connect, ConnectFuture, ExchangeLimits, FailureFuture, Lease, Route,

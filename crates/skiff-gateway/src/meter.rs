@@ -14,7 +14,11 @@
 //! The same tables hold the request log's records (`reqlog.rs`) until the
 //! platform takes them ([`Meters::take_records`]), up to
 //! [`RECORDS_PER_THREAD`] each: beyond that, a record is dropped and
-//! counted, so a platform that falls behind costs no memory.
+//! counted, so a platform that falls behind costs no memory. A record's
+//! text (path, id) is copied into one buffer of the thread's: a request
+//! leaves no allocation of its thread for another thread to free (a free
+//! of another thread's memory takes that thread's allocator lock, and a
+//! thread of low priority holding it would stall the gateway).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -87,9 +91,91 @@ impl Counts {
 struct Table {
     services: HashMap<Arc<str>, Counts>,
     unrouted: Counts,
-    records: Vec<Record>,
+    records: Vec<Raw>,
+    /// The records' paths and ids, one after another.
+    text: String,
     /// Records dropped since the platform last took them.
     dropped: u64,
+}
+
+/// One thread's records as `Meters::swap_out` took them: they go back,
+/// emptied, as the next spares, so a busy thread's buffers are not made
+/// anew every time.
+#[derive(Debug, Default)]
+pub struct Buffers {
+    records: Vec<Raw>,
+    text: String,
+}
+
+/// Records swapped out of the threads' tables.
+#[derive(Debug)]
+pub struct Taken {
+    buffers: Vec<Buffers>,
+    /// Records dropped because a thread held its most.
+    pub dropped: u64,
+}
+
+impl Taken {
+    /// How many records.
+    pub fn len(&self) -> usize {
+        self.buffers.iter().map(|b| b.records.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The records, oldest first per thread; the buffers stay, emptied.
+    pub fn records(&mut self) -> Vec<Record> {
+        let mut out = Vec::with_capacity(self.len());
+        for b in &mut self.buffers {
+            out.extend(b.records.drain(..).map(|r| r.record(&b.text)));
+            b.text.clear();
+        }
+        out
+    }
+
+    /// The emptied buffers, for `Meters::swap_out`.
+    pub fn into_spares(self) -> Vec<Buffers> {
+        self.buffers
+    }
+}
+
+/// A record as a thread holds it: its text in the table's buffer.
+#[derive(Debug)]
+struct Raw {
+    service: Arc<str>,
+    at: std::time::SystemTime,
+    method: http::Method,
+    path: std::ops::Range<usize>,
+    request_id: std::ops::Range<usize>,
+    status: u16,
+    took: Duration,
+    bytes_in: u64,
+    bytes_out: Option<u64>,
+    instance: Option<Arc<str>>,
+    wake: crate::route::Wake,
+    refused: Option<ErrorKind>,
+}
+
+impl Raw {
+    fn record(self, text: &str) -> Record {
+        let cut = |r: std::ops::Range<usize>| text.get(r).unwrap_or_default().into();
+        Record {
+            service: self.service,
+            at: self.at,
+            method: self.method,
+            path: cut(self.path),
+            status: self.status,
+            took: self.took,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            instance: self.instance,
+            wake: self.wake,
+            request_id: cut(self.request_id),
+            refused: self.refused,
+        }
+    }
 }
 
 /// Every gateway thread's counts.
@@ -142,22 +228,31 @@ impl Meters {
     /// The request records since the last call, oldest first per thread,
     /// and how many were dropped because a thread held its most.
     pub fn take_records(&self) -> (Vec<Record>, u64) {
+        let mut taken = self.swap_out(&mut Vec::new());
+        let records = taken.records();
+        (records, taken.dropped)
+    }
+
+    /// Swaps each thread's records out for `spares` (buffers a `Taken`
+    /// gave back, emptied) or empty buffers: under each thread's lock,
+    /// only a swap. The records are made from them later, on any thread
+    /// (`Taken::records`).
+    pub fn swap_out(&self, spares: &mut Vec<Buffers>) -> Taken {
         let tables: Vec<_> = locked(&self.tables).clone();
-        let mut taken = Vec::with_capacity(tables.len());
-        let mut dropped = 0;
+        let mut taken = Taken {
+            buffers: Vec::with_capacity(tables.len()),
+            dropped: 0,
+        };
         for table in tables {
-            // Each thread's buffer is swapped for an empty one under its
-            // lock, and merged after: the thread waits for no copy.
+            let mut spare = spares.pop().unwrap_or_default();
             let mut table = locked(&table);
-            dropped += std::mem::take(&mut table.dropped);
-            taken.push(std::mem::take(&mut table.records));
+            taken.dropped += std::mem::take(&mut table.dropped);
+            std::mem::swap(&mut table.records, &mut spare.records);
+            std::mem::swap(&mut table.text, &mut spare.text);
+            drop(table);
+            taken.buffers.push(spare);
         }
-        let mut taken = taken.into_iter();
-        let mut records = taken.next().unwrap_or_default();
-        for mut more in taken {
-            records.append(&mut more);
-        }
-        (records, dropped)
+        taken
     }
 
     /// A removed service's counts go.
@@ -217,20 +312,28 @@ impl ThreadMeter {
             table.dropped += 1;
             return;
         }
-        table.records.push(Record {
+        let mut copy = |s: &str| {
+            let start = table.text.len();
+            table.text.push_str(s);
+            start..table.text.len()
+        };
+        let path = copy(&e.path);
+        let request_id = copy(&e.request_id);
+        table.records.push(Raw {
             service,
             at: e.at,
             method: e.method,
-            path: e.path,
+            path,
+            request_id,
             status,
             took,
             bytes_in: e.bytes_in,
             bytes_out: e.bytes_out,
             instance: e.instance,
             wake: e.wake,
-            request_id: e.request_id,
             refused,
         });
+        // The entry's own text is freed here, by the thread that made it.
     }
 }
 

@@ -692,6 +692,21 @@ async fn each_request_has_an_id_the_service_sees_and_one_record() {
 }
 
 #[tokio::test]
+async fn with_the_request_log_off_requests_keep_their_ids_and_leave_no_record() {
+    let setup = gateway(|c| c.request_log = false).await;
+    for (side, request) in both_sides("fn.test", "/headers") {
+        let a = ask(setup.addr, &request).await;
+        assert_eq!(a.status, 200, "{side}");
+        let id = a.field("x-request-id").expect("an id all the same");
+        assert!(a.body.contains(&format!("x-request-id: {id}")), "{side}");
+    }
+    let (records, dropped) = setup.meters.take_records();
+    assert!(records.is_empty() && dropped == 0, "{records:?}");
+    // Counted for /metrics all the same.
+    assert_eq!(setup.meters.snapshot().services[0].1.count(), 2);
+}
+
+#[tokio::test]
 async fn requests_on_one_connection_are_answered_in_turn() {
     let setup = gateway(|_| {}).await;
     let mut s = TcpStream::connect(setup.addr).await.unwrap();

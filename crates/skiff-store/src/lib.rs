@@ -101,25 +101,6 @@ CREATE TABLE IF NOT EXISTS service_users (
     service TEXT NOT NULL UNIQUE
 );
 ",
-    // 3: the request log.
-    "
-CREATE TABLE IF NOT EXISTS requests (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    service     TEXT NOT NULL,
-    at          INTEGER NOT NULL,
-    method      TEXT NOT NULL,
-    path        TEXT NOT NULL,
-    status      INTEGER NOT NULL,
-    duration_us INTEGER NOT NULL,
-    bytes_in    INTEGER NOT NULL,
-    bytes_out   INTEGER,
-    instance    TEXT,
-    wake        TEXT,
-    request_id  TEXT NOT NULL,
-    error       TEXT
-);
-CREATE INDEX IF NOT EXISTS requests_service ON requests(service, id);
-",
 ];
 
 /// The first host uid (and gid) given to a service. Services get uids from
@@ -176,20 +157,26 @@ struct NewerSchema {
 
 /// Brings the database's schema up to date (see [`MIGRATIONS`]).
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    run_migrations(conn, MIGRATIONS)
+}
+
+/// Runs the `migrations` a database has not run yet (its `user_version`
+/// says how many it has).
+fn run_migrations(conn: &mut Connection, migrations: &[&str]) -> rusqlite::Result<()> {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if version > MIGRATIONS.len() as i64 {
+    if version > migrations.len() as i64 {
         return Err(rusqlite::Error::ToSqlConversionFailure(Box::new(
             NewerSchema {
                 found: version,
-                known: MIGRATIONS.len(),
+                known: migrations.len(),
             },
         )));
     }
     let tx = conn.transaction()?;
-    for migration in &MIGRATIONS[version.max(0) as usize..] {
+    for migration in &migrations[version.max(0) as usize..] {
         tx.execute_batch(migration)?;
     }
-    tx.pragma_update(None, "user_version", MIGRATIONS.len() as i64)?;
+    tx.pragma_update(None, "user_version", migrations.len() as i64)?;
     tx.commit()
 }
 
@@ -379,14 +366,7 @@ impl Store {
         let last: i64 = conn
             .query_row("SELECT COALESCE(MAX(id), 0) FROM logs", [], |r| r.get(0))
             .map_err(err)?;
-        let last_request: i64 = conn
-            .query_row("SELECT COALESCE(MAX(id), 0) FROM requests", [], |r| {
-                r.get(0)
-            })
-            .map_err(err)?;
-        let request_writer = open_connection(&path).map_err(err)?;
-        let requests = requests::RequestLog::start(request_writer, last_request, setup)
-            .map_err(|e| err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        let requests = requests::RequestLog::open(state_dir, setup)?;
         let writer = open_connection(&path).map_err(err)?;
         let (tx, rx) = mpsc::sync_channel(LOG_QUEUE);
         let (last_tx, last_log) = watch::channel(last);
@@ -567,18 +547,12 @@ impl Store {
         let n = tx
             .execute("DELETE FROM services WHERE name = ?1", [name])
             .map_err(|e| self.err(e))?;
-        for table in [
-            "versions",
-            "logs",
-            "events",
-            "starts",
-            "service_users",
-            "requests",
-        ] {
+        for table in ["versions", "logs", "events", "starts", "service_users"] {
             tx.execute(&format!("DELETE FROM {table} WHERE service = ?1"), [name])
                 .map_err(|e| self.err(e))?;
         }
         tx.commit().map_err(|e| self.err(e))?;
+        self.requests.forget(name);
         Ok(n > 0)
     }
 

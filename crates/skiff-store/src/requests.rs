@@ -1,17 +1,56 @@
 //! The request log: one record per request the gateway routed to a
-//! service, written by a thread of its own in batches, the newest
-//! [`REQUEST_RETENTION`] kept per service.
+//! service, in a database of its own (`<state>/requests.db`), written by
+//! a thread of its own in batches, the newest [`REQUEST_RETENTION`] kept
+//! per service.
+//!
+//! A database of its own, because its writer runs at idle priority
+//! (the platform's choice, `Store::open_with`): on a busy machine it may
+//! wait long for a CPU, and the write lock it holds then must not be the
+//! one deploys and log lines need. Reads never wait for it (WAL).
 
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
-use std::time::{Duration, SystemTime};
-
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use rusqlite::{params, Connection};
 use tokio::sync::watch;
 
-use crate::{ms, time, LogQuery, Store, StoreError};
+use crate::{ms, open_connection, time, LogQuery, Store, StoreError};
+
+/// The request log's schema, as its migrations (see `MIGRATIONS` in
+/// `lib.rs`; the same rules).
+const MIGRATIONS: &[&str] = &[
+    // 1: the records. One b-tree, by service and id (the writer gives
+    // the ids, increasing): an insert writes one, where a rowid table
+    // with an index on (service, id) writes two.
+    "
+CREATE TABLE IF NOT EXISTS requests (
+    service     TEXT NOT NULL,
+    id          INTEGER NOT NULL,
+    at          INTEGER NOT NULL,
+    method      TEXT NOT NULL,
+    path        TEXT NOT NULL,
+    status      INTEGER NOT NULL,
+    duration_us INTEGER NOT NULL,
+    bytes_in    INTEGER NOT NULL,
+    bytes_out   INTEGER,
+    instance    TEXT,
+    wake        TEXT,
+    request_id  TEXT NOT NULL,
+    error       TEXT,
+    PRIMARY KEY (service, id)
+) WITHOUT ROWID;
+",
+];
+/// Records in one transaction at most: the write lock is held briefly.
+const PER_TRANSACTION: usize = 1024;
+/// Records per INSERT statement (13 values each).
+const PER_STATEMENT: usize = 32;
+/// The columns, in the order `insert` binds them.
+const COLUMNS: &str = "service, id, at, method, path, status, duration_us, bytes_in, \
+     bytes_out, instance, wake, request_id, error";
 
 /// Request records kept per service: up to about 1 KB each (a target is
 /// cut at 512 bytes, an id at 128, a method at 16), most far less, and
@@ -49,33 +88,90 @@ pub struct RequestRecord {
     pub error: Option<String>,
 }
 
-/// The writer's side of the request log, held by the `Store`.
+/// What the writer is asked to do, in order.
+enum Write {
+    Records(Vec<RequestRecord>),
+    /// A removed service's records go: those stored, and those handed
+    /// over before it (a later deploy of the name keeps its own).
+    Forget(String),
+}
+
+/// The request log, held by the `Store`.
 pub(crate) struct RequestLog {
-    pub tx: SyncSender<Vec<RequestRecord>>,
-    pub last: watch::Receiver<i64>,
-    /// Records handed over and not yet stored.
-    pub pending: Arc<AtomicUsize>,
+    tx: SyncSender<Write>,
+    last: watch::Receiver<i64>,
+    /// Records (and removals) handed over and not yet done.
+    pending: Arc<AtomicUsize>,
+    /// For reading.
+    conn: Mutex<Connection>,
 }
 
 impl RequestLog {
-    pub fn start(conn: Connection, last_id: i64, setup: fn()) -> std::io::Result<Self> {
+    /// Opens (or creates) `<state_dir>/requests.db` and starts its
+    /// writer, which runs `setup` first.
+    pub fn open(state_dir: &Path, setup: fn()) -> Result<Self, StoreError> {
+        let path = state_dir.join("requests.db");
+        let err = |source| StoreError {
+            path: path.clone(),
+            source,
+        };
+        let mut conn = open_connection(&path).map_err(err)?;
+        crate::run_migrations(&mut conn, MIGRATIONS).map_err(err)?;
+        let last_id: i64 = conn
+            .query_row("SELECT COALESCE(MAX(id), 0) FROM requests", [], |r| {
+                r.get(0)
+            })
+            .map_err(err)?;
+        let writer = open_connection(&path).map_err(err)?;
         let (tx, rx) = std::sync::mpsc::sync_channel(REQUEST_QUEUE);
         let (last_tx, last) = watch::channel(last_id);
         let pending = Arc::new(AtomicUsize::new(0));
-        let written = pending.clone();
+        let done = pending.clone();
         std::thread::Builder::new()
             .name("skiff-request-log".into())
             .spawn(move || {
                 setup();
-                write_requests(conn, rx, last_tx, &written)
-            })?;
-        Ok(Self { tx, last, pending })
+                write_requests(writer, rx, last_tx, last_id, &done)
+            })
+            .map_err(|e| err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        Ok(Self {
+            tx,
+            last,
+            pending,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Has the writer delete `service`'s records after those queued.
+    pub fn forget(&self, service: &str) {
+        self.pending.fetch_add(1, Ordering::SeqCst);
+        match self.tx.try_send(Write::Forget(service.to_string())) {
+            Ok(()) => {}
+            Err(TrySendError::Full(w)) => {
+                // Behind a full queue: sent when there is room, without
+                // holding up the removal.
+                let tx = self.tx.clone();
+                let pending = self.pending.clone();
+                std::thread::spawn(move || {
+                    if tx.send(w).is_err() {
+                        pending.fetch_sub(1, Ordering::SeqCst);
+                    }
+                });
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                self.pending.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
     }
 }
 
 impl Store {
     /// Hands records to the writer; never blocks. Returns how many were
-    /// dropped: a batch the writer has no room for.
+    /// dropped: those the writer has no room for.
     pub fn add_requests(&self, batch: Vec<RequestRecord>) -> u64 {
         if batch.is_empty() {
             return 0;
@@ -86,7 +182,7 @@ impl Store {
             pending.fetch_sub(n, Ordering::SeqCst);
             return n as u64;
         }
-        match self.requests.tx.try_send(batch) {
+        match self.requests.tx.try_send(Write::Records(batch)) {
             Ok(()) => 0,
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 pending.fetch_sub(n, Ordering::SeqCst);
@@ -107,7 +203,11 @@ impl Store {
 
     /// Stored request records of `service`, oldest first.
     pub fn requests(&self, service: &str, q: &LogQuery) -> Result<Vec<RequestRecord>, StoreError> {
-        let conn = self.conn();
+        let err = |source| StoreError {
+            path: self.path.with_file_name("requests.db"),
+            source,
+        };
+        let conn = self.requests.conn();
         let mut stmt = conn
             .prepare_cached(
                 "SELECT id, service, at, method, path, status, duration_us, bytes_in, \
@@ -115,7 +215,7 @@ impl Store {
                  (SELECT * FROM requests WHERE service = ?1 AND id > ?2 AND at >= ?3 \
                   ORDER BY id DESC LIMIT ?4) ORDER BY id",
             )
-            .map_err(|e| self.err(e))?;
+            .map_err(err)?;
         let rows = stmt
             .query_map(
                 params![
@@ -142,42 +242,54 @@ impl Store {
                     })
                 },
             )
-            .map_err(|e| self.err(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+            .map_err(err)?;
+        rows.collect::<Result<_, _>>().map_err(err)
     }
 }
 
-/// The writer thread: each batch in one transaction; old records pruned
-/// now and then. Ends when the store is gone.
+/// The writer thread: records in transactions of at most
+/// `PER_TRANSACTION`; old records pruned now and then; removals in
+/// their turn. Ends when the store is gone.
 fn write_requests(
     mut conn: Connection,
-    rx: Receiver<Vec<RequestRecord>>,
+    rx: Receiver<Write>,
     last: watch::Sender<i64>,
+    mut last_id: i64,
     pending: &AtomicUsize,
 ) {
     let mut since_prune = 0usize;
     let mut touched = std::collections::HashSet::new();
-    while let Ok(mut batch) = rx.recv() {
-        // What else waits goes in the same transaction.
-        while batch.len() < 16_384 {
-            match rx.try_recv() {
-                Ok(mut more) => batch.append(&mut more),
-                Err(_) => break,
+    while let Ok(write) = rx.recv() {
+        let batch = match write {
+            Write::Forget(service) => {
+                touched.remove(&service);
+                if let Err(e) = conn.execute("DELETE FROM requests WHERE service = ?1", [&service])
+                {
+                    tracing::warn!("deleting the request records of {service}: {e}");
+                }
+                pending.fetch_sub(1, Ordering::SeqCst);
+                continue;
             }
-        }
-        match insert(&mut conn, &batch) {
-            Ok(id) if id > 0 => {
-                last.send_replace(id);
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!("storing {} request records: {e}", batch.len()),
-        }
-        pending.fetch_sub(batch.len(), Ordering::SeqCst);
+            Write::Records(batch) => batch,
+        };
         since_prune += batch.len();
-        for r in batch {
+        for r in &batch {
             if !touched.contains(&r.service) {
-                touched.insert(r.service);
+                touched.insert(r.service.clone());
             }
+        }
+        let mut batch = batch.into_iter().peekable();
+        while batch.peek().is_some() {
+            let chunk: Vec<RequestRecord> = batch.by_ref().take(PER_TRANSACTION).collect();
+            let n = chunk.len();
+            match insert(&mut conn, chunk, last_id + 1) {
+                Ok(()) => {
+                    last_id += n as i64;
+                    last.send_replace(last_id);
+                }
+                Err(e) => tracing::warn!("storing {n} request records: {e}"),
+            }
+            pending.fetch_sub(n, Ordering::SeqCst);
         }
         if since_prune >= 8192 {
             since_prune = 0;
@@ -195,40 +307,44 @@ fn write_requests(
     }
 }
 
-fn insert(conn: &mut Connection, batch: &[RequestRecord]) -> rusqlite::Result<i64> {
+/// Stores `batch` in one transaction, with ids from `first` on, in
+/// statements of `PER_STATEMENT` records (fewer statements to run).
+fn insert(conn: &mut Connection, batch: Vec<RequestRecord>, first: i64) -> rusqlite::Result<()> {
+    use rusqlite::types::Value::{Integer, Null, Text};
+    let int = |n: u64| Integer(i64::try_from(n).unwrap_or(i64::MAX));
+    let text = |t: Option<String>| t.map_or(Null, Text);
     let tx = conn.transaction()?;
-    let mut last_id = 0;
     {
-        // Only for a service still recorded: records that were on their
-        // way when it was removed do not come back.
-        let mut stmt = tx.prepare_cached(
-            "INSERT INTO requests(service, at, method, path, status, duration_us, bytes_in, \
-             bytes_out, instance, wake, request_id, error) \
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12 \
-             WHERE EXISTS (SELECT 1 FROM services WHERE name = ?1)",
-        )?;
-        for r in batch {
-            let inserted = stmt.execute(params![
-                r.service,
-                ms(r.at),
-                r.method,
-                r.path,
-                r.status,
-                i64::try_from(r.duration.as_micros()).unwrap_or(i64::MAX),
-                i64::try_from(r.bytes_in).unwrap_or(i64::MAX),
-                r.bytes_out.map(|b| i64::try_from(b).unwrap_or(i64::MAX)),
-                r.instance,
-                r.wake,
-                r.request_id,
-                r.error,
-            ])?;
-            if inserted > 0 {
-                last_id = tx.last_insert_rowid();
+        let mut id = first;
+        let mut batch = batch.into_iter().peekable();
+        while batch.peek().is_some() {
+            let mut values: Vec<rusqlite::types::Value> = Vec::with_capacity(PER_STATEMENT * 13);
+            for r in batch.by_ref().take(PER_STATEMENT) {
+                values.extend([
+                    Text(r.service),
+                    Integer(id),
+                    Integer(ms(r.at)),
+                    Text(r.method),
+                    Text(r.path),
+                    Integer(i64::from(r.status)),
+                    int(u64::try_from(r.duration.as_micros()).unwrap_or(u64::MAX)),
+                    int(r.bytes_in),
+                    r.bytes_out.map_or(Null, int),
+                    text(r.instance),
+                    text(r.wake),
+                    Text(r.request_id),
+                    text(r.error),
+                ]);
+                id += 1;
             }
+            let rows =
+                vec!["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"; values.len() / 13].join(", ");
+            let mut stmt =
+                tx.prepare_cached(&format!("INSERT INTO requests({COLUMNS}) VALUES {rows}"))?;
+            stmt.execute(rusqlite::params_from_iter(values))?;
         }
     }
-    tx.commit()?;
-    Ok(last_id)
+    tx.commit()
 }
 
 impl std::fmt::Debug for RequestLog {
@@ -265,15 +381,6 @@ mod tests {
     async fn records_are_stored_in_order_per_service_and_go_with_it() {
         let state = tempfile::tempdir().unwrap();
         let store = Store::open(state.path()).unwrap();
-        for name in ["web", "api"] {
-            store
-                .conn()
-                .execute(
-                    "INSERT INTO services(name, created_at) VALUES (?1, 0)",
-                    [name],
-                )
-                .unwrap();
-        }
         let mut watch = store.request_watch();
         let batch = vec![record("web", "/a", 200), record("api", "/x", 500)];
         assert_eq!(store.add_requests(batch), 0);
@@ -301,6 +408,7 @@ mod tests {
         assert_eq!(store.requests("web", &after).unwrap().len(), 1);
 
         store.remove_service("web").unwrap();
+        store.flush(Duration::from_secs(5)).await;
         assert!(store
             .requests("web", &LogQuery::default())
             .unwrap()
@@ -309,13 +417,23 @@ mod tests {
             store.requests("api", &LogQuery::default()).unwrap().len(),
             1
         );
-        // Records on their way when it was removed do not bring it back.
-        assert_eq!(store.add_requests(vec![record("web", "/late", 200)]), 0);
+        // Records handed over before the removal go with it; a later
+        // service of the name keeps its own.
+        assert_eq!(store.add_requests(vec![record("api", "/late", 200)]), 0);
+        store.remove_service("api").unwrap();
+        assert_eq!(store.add_requests(vec![record("api", "/new", 200)]), 0);
         store.flush(Duration::from_secs(5)).await;
-        assert!(store
-            .requests("web", &LogQuery::default())
-            .unwrap()
-            .is_empty());
+        let api = store.requests("api", &LogQuery::default()).unwrap();
+        assert_eq!(api.len(), 1);
+        assert_eq!(api[0].path, "/new");
         assert_eq!(store.requests_pending(), 0);
+        // In a file of its own, kept across a reopening.
+        drop(store);
+        let store = Store::open(state.path()).unwrap();
+        assert_eq!(
+            store.requests("api", &LogQuery::default()).unwrap().len(),
+            1
+        );
+        assert!(state.path().join("requests.db").is_file());
     }
 }

@@ -141,6 +141,10 @@ pub struct PlatformArgs {
         value_delimiter = ','
     )]
     pub trusted_proxies: Vec<skiff_gateway::Cidr>,
+    /// Keep a record of each request (`skiff logs NAME --requests`): `on`
+    /// or `off` (requests still get their x-request-id).
+    #[arg(long, default_value = "on", value_parser = parse_switch, env = "SKIFF_REQUEST_LOG")]
+    pub request_log: bool,
     /// Debian mirror used once to build the base image.
     #[arg(
         long,
@@ -167,6 +171,7 @@ impl PlatformArgs {
             min_body_rate: self.min_body_rate,
             connections,
             trusted_proxies: self.trusted_proxies.clone().into(),
+            request_log: self.request_log,
             ..skiff_gateway::GatewayConfig::new(&domain)
         };
         Ok(skiff_runtime::PlatformConfig {
@@ -278,6 +283,15 @@ fn parse_size(s: &str) -> Result<u64, String> {
 
 /// The default state directory, as the README gives it.
 pub const DEFAULT_STATE: &str = "/var/lib/skiff";
+
+/// `on` or `off` (also `true`/`false`, `yes`/`no`, `1`/`0`).
+fn parse_switch(s: &str) -> Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("{s:?} is neither on nor off")),
+    }
+}
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     skiff_model::parse_duration(s)
