@@ -659,10 +659,14 @@ impl Api {
         let result = self.receive(req, &staging.0, &overrides).await;
         let (spec, unpacked) = match result {
             Ok(r) => r,
-            Err(response) => return response,
+            Err(response) => {
+                staging.remove().await;
+                return response;
+            }
         };
         let name = spec.name.to_string();
         if let Some((version, _)) = self.platform.status(&name).and_then(|s| s.deploying) {
+            staging.remove().await;
             return answer(Failure::DeployInProgress {
                 service: name,
                 version,
@@ -689,8 +693,9 @@ impl Api {
                 r = &mut deploying => r,
                 _ = &mut forwarding => deploying.await,
             };
-            // The image store has its own copy by now.
-            drop(staging);
+            // The image store has its own copy by now; gone before the
+            // answer says the deploy is over.
+            staging.remove().await;
             let message = match result {
                 Ok(d) => DeployMessage::Ready {
                     version: d.version,
@@ -769,12 +774,30 @@ fn too_big(max: u64) -> Response<ApiBody> {
     answer(Failure::UploadTooLarge { max })
 }
 
-/// An upload's staging directory, removed when dropped.
+/// An upload's staging directory, removed when dropped (or at once,
+/// with `remove`).
 struct Staging(PathBuf);
+
+impl Staging {
+    /// Removes the directory off the async threads; done when this is.
+    async fn remove(mut self) {
+        let dir = std::mem::take(&mut self.0);
+        let removed = tokio::task::spawn_blocking(move || {
+            skiff_runtime::remove_tree(&dir).map_err(|e| (dir, e))
+        });
+        if let Ok(Err((dir, e))) = removed.await {
+            warn!("removing {}: {e}", dir.display());
+        }
+    }
+}
 
 impl Drop for Staging {
     fn drop(&mut self) {
         let dir = std::mem::take(&mut self.0);
+        if dir.as_os_str().is_empty() {
+            // Removed already (`remove`).
+            return;
+        }
         let remove = move || {
             if let Err(e) = skiff_runtime::remove_tree(&dir) {
                 warn!("removing {}: {e}", dir.display());

@@ -116,6 +116,11 @@ pub struct Taken {
 }
 
 impl Taken {
+    /// How many gateway threads they come from.
+    pub fn threads(&self) -> usize {
+        self.buffers.len()
+    }
+
     /// How many records.
     pub fn len(&self) -> usize {
         self.buffers.iter().map(|b| b.records.len()).sum()
@@ -266,8 +271,19 @@ impl Meters {
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
         for table in locked(&self.tables).iter() {
             let mut table = locked(table);
-            table.services.retain(|name, _| keep(name));
-            table.records.retain(|r| keep(&r.service));
+            let gone: Vec<Arc<str>> = table
+                .services
+                .keys()
+                .filter(|name| !keep(name))
+                .cloned()
+                .collect();
+            if gone.is_empty() {
+                continue;
+            }
+            for name in &gone {
+                table.services.remove(name);
+            }
+            table.records.retain(|r| !gone.contains(&r.service));
         }
     }
 }

@@ -62,8 +62,9 @@ pub struct Entry {
 }
 
 /// The longest method a record keeps as it came: HTTP allows methods of
-/// any length, and a client must not make records large.
-pub const MAX_LOGGED_METHOD: usize = 16;
+/// any length, and a client must not make records large (15 bytes: what
+/// `http::Method` holds without an allocation).
+pub const MAX_LOGGED_METHOD: usize = 15;
 
 /// A request's method as its record keeps it: longer ones as `OTHER`.
 pub fn logged_method(method: &http::Method) -> http::Method {

@@ -255,7 +255,7 @@ impl Platform {
             nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
                 .map_err(|_| PlatformError::StateInUse(config.state_dir.clone()))?;
         let images = ImageStore::open(&config.state_dir).map_err(state_err(&config.state_dir))?;
-        let store = Store::open_with(&config.state_dir, skiff_sandbox::idle_priority)?;
+        let store = Store::open_with(&config.state_dir, skiff_sandbox::batch_priority)?;
         let unfinished = store.fail_unfinished(
             "the platform stopped while this version was being deployed; deploy it again",
         )?;

@@ -6,13 +6,12 @@
 //! Two threads: the swapper, an ordinary thread that only swaps each
 //! gateway thread's buffers for emptied ones (under that thread's lock:
 //! it must never be starved while it holds one), and the converter, at
-//! idle priority as the store's writer is, which makes the records,
-//! hands them to the store and gives the emptied buffers back to be the
-//! next spares. Making and storing records takes only CPU time the
-//! gateway and the services leave: as ordinary threads, they cost the
-//! gateway a tenth of its throughput at saturation on two cores, and its
-//! p99 at one connection. Under full load records wait, then are
-//! dropped and counted.
+//! idle priority (it holds no lock anyone else needs), which makes the
+//! records, hands them to the store and gives the emptied buffers back
+//! to be the next spares. The store's writer is in the batch class: its
+//! wake-ups do not preempt the gateway, but it is never starved, since
+//! it holds SQLite's locks (some of which are process-wide). Under full
+//! load records wait, then are dropped and counted.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
@@ -29,7 +28,9 @@ use crate::context::Context;
 const CARRY_EVERY: Duration = Duration::from_millis(200);
 /// Swaps waiting for the converter; beyond this their records are
 /// dropped (and counted).
-const WAITING: usize = 8;
+const WAITING: usize = 2;
+/// How long a stopping platform waits for the converter.
+const FINISH_WITHIN: Duration = Duration::from_secs(3);
 
 /// The carrier's threads.
 #[derive(Debug)]
@@ -37,6 +38,7 @@ pub(crate) struct Carrier {
     stop: Arc<AtomicBool>,
     swapper: Option<JoinHandle<()>>,
     converter: Option<JoinHandle<()>>,
+    ctx: Arc<Context>,
 }
 
 impl Carrier {
@@ -55,39 +57,41 @@ impl Carrier {
                 })?
         };
         let stopped = stop.clone();
+        let swap_ctx = ctx.clone();
         let swapper = std::thread::Builder::new()
             .name("skiff-req-swap".into())
             .spawn(move || {
                 let mut spare = Vec::new();
-                loop {
-                    let last = stopped.load(Ordering::Relaxed);
-                    if !last {
-                        std::thread::sleep(CARRY_EVERY);
-                    }
-                    swap(&ctx, &to_convert, &spares, &mut spare);
-                    if last {
-                        // Dropping the sender ends the converter once it
-                        // has what was sent.
-                        return;
-                    }
+                while !stopped.load(Ordering::Relaxed) {
+                    std::thread::sleep(CARRY_EVERY);
+                    swap(&swap_ctx, &to_convert, &spares, &mut spare);
                 }
+                // Dropping the sender ends the converter once it has
+                // what was sent.
             })?;
         Ok(Self {
             stop,
             swapper: Some(swapper),
             converter: Some(converter),
+            ctx,
         })
     }
 
     /// Stops, once the last records are handed to the store (call when no
-    /// more come).
+    /// more come): the last ones are made on the calling thread, and the
+    /// converter is given `FINISH_WITHIN` for what it holds.
     pub fn finish(mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        for t in [self.swapper.take(), self.converter.take()]
-            .into_iter()
-            .flatten()
-        {
+        if let Some(t) = self.swapper.take() {
             let _ = t.join();
+        }
+        let mut last = self.ctx.metrics.gateway().swap_out(&mut Vec::new());
+        hand_over(&self.ctx, last.records(), last.dropped);
+        if let Some(t) = self.converter.take() {
+            let deadline = std::time::Instant::now() + FINISH_WITHIN;
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
     }
 }
@@ -109,6 +113,8 @@ fn swap(
         spare.append(&mut back);
     }
     let taken = ctx.metrics.gateway().swap_out(spare);
+    // Spares for one swap are enough; more would only hold memory.
+    spare.truncate(taken.threads());
     if taken.dropped > 0 {
         ctx.metrics.request_records_dropped(taken.dropped);
     }
@@ -128,14 +134,20 @@ fn swap(
 /// store, and gives the buffers back.
 fn convert(ctx: &Context, taken: &Receiver<Taken>, give_back: &mpsc::Sender<Vec<Buffers>>) {
     while let Ok(mut t) = taken.recv() {
-        let mut records = t.records();
+        let records = t.records();
         let _ = give_back.send(t.into_spares());
-        records.sort_by_key(|r| r.at);
-        let batch: Vec<RequestRecord> = records.into_iter().map(stored).collect();
-        let dropped = ctx.store.add_requests(batch);
-        if dropped > 0 {
-            ctx.metrics.request_records_dropped(dropped);
-        }
+        hand_over(ctx, records, 0);
+    }
+}
+
+/// Gives `records` to the store, in the order their requests came;
+/// counts what was dropped.
+fn hand_over(ctx: &Context, mut records: Vec<Record>, dropped: u64) {
+    records.sort_by_key(|r| r.at);
+    let batch: Vec<RequestRecord> = records.into_iter().map(stored).collect();
+    let dropped = dropped + ctx.store.add_requests(batch);
+    if dropped > 0 {
+        ctx.metrics.request_records_dropped(dropped);
     }
 }
 

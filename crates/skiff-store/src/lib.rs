@@ -101,6 +101,12 @@ CREATE TABLE IF NOT EXISTS service_users (
     service TEXT NOT NULL UNIQUE
 );
 ",
+    // 3: the request log moved to a database of its own (requests.db);
+    // a database that had it here during development loses the table.
+    "
+DROP INDEX IF EXISTS requests_service;
+DROP TABLE IF EXISTS requests;
+",
 ];
 
 /// The first host uid (and gid) given to a service. Services get uids from

@@ -88,13 +88,13 @@ pub struct RequestRecord {
     pub error: Option<String>,
 }
 
-/// What the writer is asked to do, in order.
-enum Write {
-    Records(Vec<RequestRecord>),
-    /// A removed service's records go: those stored, and those handed
-    /// over before it (a later deploy of the name keeps its own).
-    Forget(String),
-}
+/// Records for the writer.
+type Write = Vec<RequestRecord>;
+
+/// Removed services and when: their records go, those stored and those
+/// still on their way (made before the removal); a later service of the
+/// name keeps its own.
+type Removals = Arc<Mutex<Vec<(String, SystemTime)>>>;
 
 /// The request log, held by the `Store`.
 pub(crate) struct RequestLog {
@@ -102,6 +102,8 @@ pub(crate) struct RequestLog {
     last: watch::Receiver<i64>,
     /// Records (and removals) handed over and not yet done.
     pending: Arc<AtomicUsize>,
+    /// Removals the writer has not carried out yet.
+    removals: Removals,
     /// For reading.
     conn: Mutex<Connection>,
 }
@@ -127,17 +129,20 @@ impl RequestLog {
         let (last_tx, last) = watch::channel(last_id);
         let pending = Arc::new(AtomicUsize::new(0));
         let done = pending.clone();
+        let removals = Removals::default();
+        let to_remove = removals.clone();
         std::thread::Builder::new()
             .name("skiff-request-log".into())
             .spawn(move || {
                 setup();
-                write_requests(writer, rx, last_tx, last_id, &done)
+                write_requests(writer, rx, last_tx, last_id, &done, &to_remove)
             })
             .map_err(|e| err(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
         Ok(Self {
             tx,
             last,
             pending,
+            removals,
             conn: Mutex::new(conn),
         })
     }
@@ -146,26 +151,14 @@ impl RequestLog {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Has the writer delete `service`'s records after those queued.
+    /// Has the writer delete `service`'s records: those it stored, and
+    /// those made before now that are still on their way.
     pub fn forget(&self, service: &str) {
         self.pending.fetch_add(1, Ordering::SeqCst);
-        match self.tx.try_send(Write::Forget(service.to_string())) {
-            Ok(()) => {}
-            Err(TrySendError::Full(w)) => {
-                // Behind a full queue: sent when there is room, without
-                // holding up the removal.
-                let tx = self.tx.clone();
-                let pending = self.pending.clone();
-                std::thread::spawn(move || {
-                    if tx.send(w).is_err() {
-                        pending.fetch_sub(1, Ordering::SeqCst);
-                    }
-                });
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                self.pending.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
+        self.removals
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((service.to_string(), SystemTime::now()));
     }
 }
 
@@ -176,17 +169,22 @@ impl Store {
         if batch.is_empty() {
             return 0;
         }
-        let n = batch.len();
+        let mut batch = batch;
         let pending = &self.requests.pending;
-        if pending.fetch_add(n, Ordering::SeqCst) + n > MAX_PENDING {
-            pending.fetch_sub(n, Ordering::SeqCst);
-            return n as u64;
+        // What fits under the bound goes; the rest is dropped.
+        let room = MAX_PENDING.saturating_sub(pending.load(Ordering::SeqCst));
+        let dropped = batch.len().saturating_sub(room);
+        batch.truncate(room);
+        if batch.is_empty() {
+            return dropped as u64;
         }
-        match self.requests.tx.try_send(Write::Records(batch)) {
-            Ok(()) => 0,
+        let n = batch.len();
+        pending.fetch_add(n, Ordering::SeqCst);
+        match self.requests.tx.try_send(batch) {
+            Ok(()) => dropped as u64,
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 pending.fetch_sub(n, Ordering::SeqCst);
-                n as u64
+                (dropped + n) as u64
             }
         }
     }
@@ -256,22 +254,38 @@ fn write_requests(
     last: watch::Sender<i64>,
     mut last_id: i64,
     pending: &AtomicUsize,
+    removals: &Mutex<Vec<(String, SystemTime)>>,
 ) {
     let mut since_prune = 0usize;
     let mut touched = std::collections::HashSet::new();
-    while let Ok(write) = rx.recv() {
-        let batch = match write {
-            Write::Forget(service) => {
-                touched.remove(&service);
-                if let Err(e) = conn.execute("DELETE FROM requests WHERE service = ?1", [&service])
-                {
-                    tracing::warn!("deleting the request records of {service}: {e}");
-                }
-                pending.fetch_sub(1, Ordering::SeqCst);
-                continue;
-            }
-            Write::Records(batch) => batch,
+    // Services removed lately, and when: records made before then that
+    // come later are dropped (kept an hour).
+    let mut removed: Vec<(String, SystemTime)> = Vec::new();
+    loop {
+        let write = match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(w) => Some(w),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
         };
+        let now: Vec<_> = std::mem::take(&mut *removals.lock().unwrap_or_else(|p| p.into_inner()));
+        for (service, at) in now {
+            touched.remove(&service);
+            let deleted = conn.execute(
+                "DELETE FROM requests WHERE service = ?1 AND at <= ?2",
+                params![service, ms(at)],
+            );
+            if let Err(e) = deleted {
+                tracing::warn!("deleting the request records of {service}: {e}");
+            }
+            removed.push((service, at));
+            pending.fetch_sub(1, Ordering::SeqCst);
+        }
+        let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        removed.retain(|(_, at)| *at > hour_ago);
+        let Some(mut batch) = write else { continue };
+        let n = batch.len();
+        batch.retain(|r| !removed.iter().any(|(s, at)| *s == r.service && r.at <= *at));
+        pending.fetch_sub(n - batch.len(), Ordering::SeqCst);
         since_prune += batch.len();
         for r in &batch {
             if !touched.contains(&r.service) {
@@ -282,9 +296,12 @@ fn write_requests(
         while batch.peek().is_some() {
             let chunk: Vec<RequestRecord> = batch.by_ref().take(PER_TRANSACTION).collect();
             let n = chunk.len();
-            match insert(&mut conn, chunk, last_id + 1) {
+            let stored = insert(&mut conn, chunk, last_id + 1);
+            // The ids are used either way: a rolled-back chunk's are never
+            // given again.
+            last_id += n as i64;
+            match stored {
                 Ok(()) => {
-                    last_id += n as i64;
                     last.send_replace(last_id);
                 }
                 Err(e) => tracing::warn!("storing {n} request records: {e}"),

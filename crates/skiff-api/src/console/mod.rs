@@ -372,11 +372,15 @@ fn live(api: Arc<Api>, name: &str, req: &Request<Incoming>, session: String) -> 
         let mut last = after;
         let mut lines = pages::LiveLines::default();
         let mut beat = tokio::time::interval(Duration::from_secs(15));
+        // The browser's `after` may be anything: at first, the newest
+        // lines after it only.
+        let mut first = Some(1000);
         loop {
             let next = store.logs(
                 &name,
                 &skiff_runtime::store::LogQuery {
                     after: Some(last),
+                    limit: first.take(),
                     ..Default::default()
                 },
             );

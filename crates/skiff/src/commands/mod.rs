@@ -143,7 +143,13 @@ pub struct PlatformArgs {
     pub trusted_proxies: Vec<skiff_gateway::Cidr>,
     /// Keep a record of each request (`skiff logs NAME --requests`): `on`
     /// or `off` (requests still get their x-request-id).
-    #[arg(long, default_value = "on", value_parser = parse_switch, env = "SKIFF_REQUEST_LOG")]
+    #[arg(
+        long,
+        default_value = "on",
+        value_parser = parse_switch,
+        action = clap::ArgAction::Set,
+        env = "SKIFF_REQUEST_LOG"
+    )]
     pub request_log: bool,
     /// Debian mirror used once to build the base image.
     #[arg(
@@ -354,5 +360,31 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rm(args) => runtime.block_on(rm::run(args)),
         Command::Rollback(args) => runtime.block_on(rollback::run(args)),
         Command::Doctor(args) => runtime.block_on(doctor::run(args)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        platform: PlatformArgs,
+    }
+
+    #[test]
+    fn the_request_log_is_on_unless_switched_off() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("skiff").chain(args.iter().copied()))
+                .map(|c| c.platform.request_log)
+        };
+        assert!(parse(&[]).unwrap());
+        assert!(!parse(&["--request-log", "off"]).unwrap());
+        assert!(parse(&["--request-log=on"]).unwrap());
+        let wrong = parse(&["--request-log", "maybe"]).unwrap_err().to_string();
+        assert!(wrong.contains("neither on nor off"), "{wrong}");
     }
 }
