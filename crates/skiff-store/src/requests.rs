@@ -286,8 +286,9 @@ fn write_requests(
             removed.push((service, at));
             pending.fetch_sub(1, Ordering::SeqCst);
         }
-        let hour_ago = SystemTime::now() - Duration::from_secs(3600);
-        removed.retain(|(_, at)| *at > hour_ago);
+        if let Some(hour_ago) = SystemTime::now().checked_sub(Duration::from_secs(3600)) {
+            removed.retain(|(_, at)| *at > hour_ago);
+        }
         let Some(mut batch) = write else { continue };
         let n = batch.len();
         batch.retain(|r| !removed.iter().any(|(s, at)| *s == r.service && r.at <= *at));
