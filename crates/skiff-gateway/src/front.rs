@@ -416,7 +416,7 @@ impl Front {
     /// an error when the client is gone.
     async fn serve(
         &mut self,
-        mut plan: Plan,
+        plan: Plan,
         timer: Pin<&mut tokio::time::Sleep>,
         closing: &watch::Receiver<bool>,
     ) -> io::Result<Close> {
@@ -424,12 +424,12 @@ impl Front {
         let entry = Entry {
             at: SystemTime::now(),
             method: reqlog::logged_method(&plan.method),
-            path: std::mem::take(&mut plan.path),
+            path: &plan.path,
             bytes_in: plan.body_len as u64,
             bytes_out: None,
             instance: None,
             wake: Wake::Warm,
-            request_id: plan.request_id.clone(),
+            request_id: &plan.request_id,
         };
         let req = Serverless {
             service: &plan.service,
@@ -563,7 +563,7 @@ struct Fast<'f, 't> {
     /// When its head had been read.
     started: Instant,
     /// What its record says of it (taken when it is answered).
-    entry: Option<Entry>,
+    entry: Option<Entry<'f>>,
 }
 
 impl Fast<'_, '_> {

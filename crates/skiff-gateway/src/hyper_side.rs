@@ -130,7 +130,7 @@ impl Gateway {
         let entry = (service.is_some() && self.config().request_log).then(|| Entry {
             at,
             method,
-            path,
+            path: &path,
             bytes_in: served
                 .as_ref()
                 .and_then(|s| s.bytes_in)
@@ -141,7 +141,7 @@ impl Gateway {
                 .or_else(|| content_length(resp.headers())),
             instance: served.as_ref().map(|s| s.instance.clone()),
             wake: served.map_or(Wake::Warm, |s| s.wake),
-            request_id,
+            request_id: &request_id,
         });
         self.meter().answered(
             service.as_deref(),

@@ -305,7 +305,7 @@ impl ThreadMeter {
         status: u16,
         took: Duration,
         refused: Option<ErrorKind>,
-        entry: Option<Entry>,
+        entry: Option<Entry<'_>>,
     ) {
         let mut guard = locked(&self.table);
         let table = &mut *guard;
@@ -333,8 +333,8 @@ impl ThreadMeter {
             table.text.push_str(s);
             start..table.text.len()
         };
-        let path = copy(&e.path);
-        let request_id = copy(&e.request_id);
+        let path = copy(e.path);
+        let request_id = copy(e.request_id);
         table.records.push(Raw {
             service,
             at: e.at,
@@ -349,7 +349,6 @@ impl ThreadMeter {
             wake: e.wake,
             refused,
         });
-        // The entry's own text is freed here, by the thread that made it.
     }
 }
 
@@ -402,16 +401,16 @@ mod tests {
         assert!(meters.snapshot().services.is_empty());
     }
 
-    fn entry(path: &str) -> Entry {
+    fn entry(path: &str) -> Entry<'_> {
         Entry {
             at: std::time::SystemTime::now(),
             method: http::Method::GET,
-            path: path.into(),
+            path,
             bytes_in: 0,
             bytes_out: Some(2),
             instance: Some(Arc::from("i1")),
             wake: crate::route::Wake::Cold,
-            request_id: "r1".into(),
+            request_id: "r1",
         }
     }
 

@@ -48,17 +48,18 @@ pub struct Record {
     pub refused: Option<ErrorKind>,
 }
 
-/// What a request brings to its record besides its service and answer.
+/// What a request brings to its record besides its service and answer
+/// (its text borrowed: the thread's table copies it).
 #[derive(Debug, Clone)]
-pub struct Entry {
+pub struct Entry<'a> {
     pub at: SystemTime,
     pub method: http::Method,
-    pub path: Box<str>,
+    pub path: &'a str,
     pub bytes_in: u64,
     pub bytes_out: Option<u64>,
     pub instance: Option<Arc<str>>,
     pub wake: Wake,
-    pub request_id: Box<str>,
+    pub request_id: &'a str,
 }
 
 /// The longest method a record keeps as it came: HTTP allows methods of

@@ -484,40 +484,50 @@ impl Handle {
 
     fn sample_history(&self) {
         let snapshot = self.shared.ctx.metrics.gateway().snapshot();
-        let names: Vec<String> = self.shared.table.read().keys().cloned().collect();
+        let (names, runtimes) = self.deployed();
         let now = SystemTime::now();
         let none = Counts::default();
         let samples = names
             .into_iter()
-            .filter_map(|name| {
-                let live = self.status(&name)?;
+            .map(|name| {
                 let counts = snapshot
                     .services
                     .iter()
                     .find(|(n, _)| *n == name)
                     .map_or(&none, |(_, c)| c);
-                let i = &live.instances;
-                let sample = Sample::new(now, counts, (i.running, i.suspended, i.starting));
-                Some((name, sample))
+                let mut instances = (0, 0, 0);
+                for (_, rt) in runtimes.iter().filter(|(n, _)| *n == name) {
+                    let (running, suspended, starting) = rt.counts();
+                    instances.0 += running;
+                    instances.1 += suspended;
+                    instances.2 += starting;
+                }
+                let sample = Sample::new(now, counts, instances);
+                (name, sample)
             })
             .collect();
         self.shared.history.record(samples);
     }
 
+    /// Every service in the table, and the runtimes of its serving and
+    /// draining versions (whose instances `status` counts), read under
+    /// the table's lock once.
+    fn deployed(&self) -> (Vec<String>, Vec<(String, Arc<ServiceRuntime>)>) {
+        let table = self.shared.table.read();
+        let runtimes = table
+            .iter()
+            .flat_map(|(name, e)| {
+                let versions = e.serving.iter().chain(&e.draining);
+                versions.map(move |(_, rt)| (name.clone(), rt.clone()))
+            })
+            .collect();
+        (table.keys().cloned().collect(), runtimes)
+    }
+
     /// The platform's metrics in Prometheus's text format, with the
     /// instances of every service that has some at this moment.
     pub fn metrics(&self) -> String {
-        let (names, runtimes): (Vec<String>, Vec<_>) = {
-            let table = self.shared.table.read();
-            let runtimes = table
-                .iter()
-                .flat_map(|(name, e)| {
-                    let versions = e.serving.iter().chain(&e.draining);
-                    versions.map(move |(_, rt)| (name.clone(), rt.clone()))
-                })
-                .collect();
-            (table.keys().cloned().collect(), runtimes)
-        };
+        let (names, runtimes) = self.deployed();
         // Counts of services no longer deployed (a request in flight while
         // one was removed) go.
         self.shared

@@ -1,5 +1,5 @@
 //! The request log's carrier: every 200 ms the records the gateway's
-//! threads made (`skiff_gateway::Meters::take_records`) go to the store,
+//! threads made (`skiff_gateway::Meters::swap_out`) go to the store,
 //! whose writer thread commits them. Neither side waits for the other:
 //! a thread holds at most its bound, the store's queue too, and what
 //! does not fit is dropped and counted (`skiff_request_records_dropped_total`).

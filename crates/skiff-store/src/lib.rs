@@ -319,6 +319,22 @@ pub struct LogQuery {
     pub limit: Option<u32>,
 }
 
+impl LogQuery {
+    /// The query's bounds as its SQL takes them (`id > ?`, `at >= ?`,
+    /// `LIMIT ?`; -1: no limit).
+    fn after(&self) -> i64 {
+        self.after.unwrap_or(0)
+    }
+
+    fn since_ms(&self) -> i64 {
+        self.since.map(ms).unwrap_or(0)
+    }
+
+    fn limit_or_all(&self) -> i64 {
+        self.limit.map_or(-1, i64::from)
+    }
+}
+
 pub struct Store {
     path: PathBuf,
     conn: Mutex<Connection>,
@@ -739,12 +755,7 @@ impl Store {
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map(
-                params![
-                    service,
-                    q.after.unwrap_or(0),
-                    q.since.map(ms).unwrap_or(0),
-                    q.limit.map_or(-1, i64::from)
-                ],
+                params![service, q.after(), q.since_ms(), q.limit_or_all()],
                 |r| {
                     Ok(LogRecord {
                         id: r.get(0)?,

@@ -222,12 +222,7 @@ impl Store {
             .map_err(err)?;
         let rows = stmt
             .query_map(
-                params![
-                    service,
-                    q.after.unwrap_or(0),
-                    q.since.map(ms).unwrap_or(0),
-                    q.limit.map_or(-1, i64::from)
-                ],
+                params![service, q.after(), q.since_ms(), q.limit_or_all()],
                 |r| {
                     Ok(RequestRecord {
                         id: r.get(0)?,
